@@ -1,0 +1,1 @@
+//! Aperture agent: the node daemon

@@ -1,0 +1,1 @@
+//! Aperture aggregator: ingress, shards, storage writers and the HTTP API

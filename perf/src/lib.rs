@@ -1,0 +1,1 @@
+//! Aperture performance harness

@@ -1,0 +1,1 @@
+//! Aperture probes: BPF programs, loader and per-CPU perf-buffer reader

@@ -1,0 +1,1 @@
+//! Aperture transport: the session protocol over QUIC and gRPC
