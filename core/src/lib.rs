@@ -10,5 +10,7 @@
 //! [`config::AggregatorConfig`].
 
 pub mod frame;
+pub mod ledger;
 pub mod model;
 pub mod ring;
+pub mod shard;

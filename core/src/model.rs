@@ -249,6 +249,19 @@ impl LockKind {
     }
 }
 
+impl ArchivedLockKind {
+    /// The native value of an archived lock kind.
+    pub fn to_native(&self) -> LockKind {
+        match self {
+            ArchivedLockKind::Futex => LockKind::Futex,
+            ArchivedLockKind::KernelSpin => LockKind::KernelSpin,
+            ArchivedLockKind::KernelMutex => LockKind::KernelMutex,
+            ArchivedLockKind::KernelRwsem => LockKind::KernelRwsem,
+            ArchivedLockKind::KernelOther => LockKind::KernelOther,
+        }
+    }
+}
+
 /// On-CPU samples of one stack in one process.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[rkyv(derive(Debug))]

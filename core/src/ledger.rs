@@ -1,0 +1,225 @@
+//! The frame ledger: which frames the aggregator holds and which it has
+//! committed, so a frame resent after a reconnect is acknowledged without
+//! being counted twice.
+//!
+//! Frames of one agent run (agent id, boot id) carry sequence numbers from 1
+//! without gaps, and agents resend in order, so committed frames are kept as
+//! a watermark (every sequence at or below it is committed) plus the few
+//! committed above it out of order. Memory is bounded by the number of runs
+//! remembered ([`FrameLedger::new`]); the least recently seen run is
+//! forgotten first.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::frame::FrameId;
+
+/// What the ledger says of an arriving frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Not seen before: fold it in. It is now in flight.
+    New,
+    /// Already folded in and not yet committed: drop the copy, the ack will follow.
+    InFlight,
+    /// Already committed: acknowledge again, do not fold.
+    Committed,
+}
+
+/// Committed state of one agent run, as persisted by the stores.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RunState {
+    /// Every sequence `<= watermark` is committed.
+    pub watermark: u64,
+    /// Committed sequences above the watermark.
+    pub above: BTreeSet<u64>,
+}
+
+impl RunState {
+    fn is_committed(&self, seq: u64) -> bool {
+        seq <= self.watermark || self.above.contains(&seq)
+    }
+
+    fn commit(&mut self, seq: u64) {
+        if seq <= self.watermark {
+            return;
+        }
+        self.above.insert(seq);
+        while self.above.remove(&(self.watermark + 1)) {
+            self.watermark += 1;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Run {
+    committed: RunState,
+    in_flight: BTreeSet<u64>,
+    last_used: u64,
+}
+
+/// Key of an agent run.
+pub type RunKey = ([u8; 16], [u8; 16]);
+
+/// Tracks frames per agent run. Pure state: the caller persists
+/// [`FrameLedger::committed_runs`] with its data and restores it at start.
+#[derive(Debug)]
+pub struct FrameLedger {
+    runs: HashMap<RunKey, Run>,
+    max_runs: usize,
+    tick: u64,
+}
+
+impl FrameLedger {
+    /// A ledger remembering at most `max_runs` agent runs.
+    pub fn new(max_runs: usize) -> FrameLedger {
+        FrameLedger { runs: HashMap::new(), max_runs: max_runs.max(1), tick: 0 }
+    }
+
+    /// Classifies an arriving frame and, if new, marks it in flight.
+    pub fn admit(&mut self, id: FrameId) -> Admit {
+        self.tick += 1;
+        let tick = self.tick;
+        let run = self.run_mut((id.agent_id, id.boot_id));
+        run.last_used = tick;
+        if run.committed.is_committed(id.sequence) {
+            Admit::Committed
+        } else if !run.in_flight.insert(id.sequence) {
+            Admit::InFlight
+        } else {
+            Admit::New
+        }
+    }
+
+    /// Records that the frames are committed to storage.
+    pub fn commit(&mut self, ids: &[FrameId]) {
+        for id in ids {
+            let run = self.run_mut((id.agent_id, id.boot_id));
+            run.in_flight.remove(&id.sequence);
+            run.committed.commit(id.sequence);
+        }
+    }
+
+    /// Forgets in-flight frames whose data was lost (so a resend is taken again).
+    pub fn abandon(&mut self, ids: &[FrameId]) {
+        for id in ids {
+            if let Some(run) = self.runs.get_mut(&(id.agent_id, id.boot_id)) {
+                run.in_flight.remove(&id.sequence);
+            }
+        }
+    }
+
+    /// Restores the committed state of a run (from storage, at start).
+    pub fn restore(&mut self, key: RunKey, state: RunState) {
+        let run = self.run_mut(key);
+        for seq in state.above.iter().copied() {
+            run.committed.commit(seq);
+        }
+        if state.watermark > run.committed.watermark {
+            run.committed.watermark = state.watermark;
+            let w = state.watermark;
+            run.committed.above.retain(|s| *s > w);
+        }
+    }
+
+    /// The committed state of the given runs, for persisting with a flush.
+    pub fn committed_runs<'a>(&self, keys: impl IntoIterator<Item = &'a RunKey>) -> Vec<(RunKey, RunState)> {
+        let mut out: Vec<(RunKey, RunState)> =
+            keys.into_iter().filter_map(|k| self.runs.get(k).map(|r| (*k, r.committed.clone()))).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.dedup_by(|a, b| a.0 == b.0);
+        out
+    }
+
+    /// Number of runs remembered.
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Whether no run is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    fn run_mut(&mut self, key: RunKey) -> &mut Run {
+        if !self.runs.contains_key(&key) && self.runs.len() >= self.max_runs {
+            // Evict the least recently used run without frames in flight.
+            let victim = self
+                .runs
+                .iter()
+                .filter(|(_, r)| r.in_flight.is_empty())
+                .min_by_key(|(_, r)| r.last_used)
+                .map(|(k, _)| *k);
+            if let Some(v) = victim {
+                self.runs.remove(&v);
+            }
+        }
+        self.runs.entry(key).or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(boot: u8, seq: u64) -> FrameId {
+        FrameId { agent_id: [1; 16], boot_id: [boot; 16], sequence: seq }
+    }
+
+    #[test]
+    fn resent_frames_are_recognised() {
+        let mut l = FrameLedger::new(16);
+        assert_eq!(l.admit(id(1, 1)), Admit::New);
+        assert_eq!(l.admit(id(1, 2)), Admit::New);
+        assert_eq!(l.admit(id(1, 1)), Admit::InFlight);
+        l.commit(&[id(1, 1)]);
+        assert_eq!(l.admit(id(1, 1)), Admit::Committed);
+        assert_eq!(l.admit(id(1, 2)), Admit::InFlight);
+        // Another run of the same agent starts its sequence again.
+        assert_eq!(l.admit(id(2, 1)), Admit::New);
+    }
+
+    #[test]
+    fn out_of_order_commits_advance_the_watermark() {
+        let mut l = FrameLedger::new(16);
+        for s in 1..=4 {
+            l.admit(id(1, s));
+        }
+        l.commit(&[id(1, 3), id(1, 4)]);
+        let key = ([1; 16], [1; 16]);
+        let state = &l.committed_runs([&key])[0].1;
+        assert_eq!(state.watermark, 0);
+        assert_eq!(state.above, BTreeSet::from([3, 4]));
+        l.commit(&[id(1, 1), id(1, 2)]);
+        let state = &l.committed_runs([&key])[0].1;
+        assert_eq!(state.watermark, 4);
+        assert!(state.above.is_empty());
+    }
+
+    #[test]
+    fn abandoned_frames_are_taken_again() {
+        let mut l = FrameLedger::new(16);
+        l.admit(id(1, 1));
+        l.abandon(&[id(1, 1)]);
+        assert_eq!(l.admit(id(1, 1)), Admit::New);
+    }
+
+    #[test]
+    fn restored_state_survives_a_restart() {
+        let mut l = FrameLedger::new(16);
+        l.restore(([1; 16], [1; 16]), RunState { watermark: 10, above: BTreeSet::from([12]) });
+        assert_eq!(l.admit(id(1, 10)), Admit::Committed);
+        assert_eq!(l.admit(id(1, 12)), Admit::Committed);
+        assert_eq!(l.admit(id(1, 11)), Admit::New);
+    }
+
+    #[test]
+    fn memory_is_bounded_by_runs() {
+        let mut l = FrameLedger::new(2);
+        for boot in 1..=3 {
+            l.admit(id(boot, 1));
+            l.commit(&[id(boot, 1)]);
+        }
+        assert_eq!(l.len(), 2);
+        // The oldest run was forgotten.
+        assert_eq!(l.admit(id(1, 1)), Admit::New);
+    }
+}
