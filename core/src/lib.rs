@@ -9,6 +9,7 @@
 //! [`ring::ring`], [`shard::Shard`], [`config::AgentConfig`] and
 //! [`config::AggregatorConfig`].
 
+pub mod config;
 pub mod frame;
 pub mod ledger;
 pub mod model;

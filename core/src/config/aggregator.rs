@@ -1,0 +1,265 @@
+//! Configuration of `aperture aggregator`. Every key, its default and its env
+//! var are listed in `docs/configuration.md`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::load::Layered;
+use super::values::{ByteSize, HumanDuration, Percent, Secret};
+
+/// Configuration of the aggregator.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// Listening addresses.
+    pub listen: Listen,
+    /// Authentication of agents and API clients.
+    pub auth: Auth,
+    /// Directory for the embedded store, the generated TLS certificate and state.
+    pub data_dir: PathBuf,
+    /// In-memory buffering between ingress and storage.
+    pub buffer: BufferSettings,
+    /// Number of aggregation shards; 0 means one per CPU core.
+    pub shards: usize,
+    /// Width of an aggregation window: samples are stored per window.
+    pub window: HumanDuration,
+    /// When shards hand their rows to the writer.
+    pub flush: FlushSettings,
+    /// ClickHouse store; without an endpoint the embedded store is used.
+    pub clickhouse: ClickHouse,
+    /// How long data is kept.
+    pub retention: HumanDuration,
+    /// TLS certificate for QUIC (and gRPC when enabled).
+    pub tls: Tls,
+    /// Limits on what clients may send.
+    pub limits: Limits,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            listen: Listen::default(),
+            auth: Auth::default(),
+            data_dir: PathBuf::from("/var/lib/aperture"),
+            buffer: BufferSettings::default(),
+            shards: 0,
+            window: HumanDuration::secs(10),
+            flush: FlushSettings::default(),
+            clickhouse: ClickHouse::default(),
+            retention: HumanDuration::secs(7 * 86_400),
+            tls: Tls::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Listening addresses.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// gRPC ingress (TCP).
+    pub grpc: String,
+    /// QUIC ingress (UDP).
+    pub quic: String,
+    /// HTTP: REST API, UI, `/metrics`, `/healthz`, `/readyz`.
+    pub http: String,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen { grpc: "0.0.0.0:50051".into(), quic: "0.0.0.0:50051".into(), http: "0.0.0.0:9090".into() }
+    }
+}
+
+/// Authentication.
+#[derive(Clone, Debug, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// Bearer token agents and API clients must present (`APERTURE_AUTH_TOKEN`).
+    pub token: Secret,
+    /// Run without authentication. Must be set explicitly when no token is configured.
+    pub disabled: bool,
+}
+
+/// In-memory buffering.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferSettings {
+    /// Upper bound on buffered data (`APERTURE_BUFFER_CAPACITY`), with a unit.
+    pub capacity: ByteSize,
+    /// Above this share of the capacity, agents get no more credit and `/readyz` answers 503.
+    pub high_water_percent: Percent,
+}
+
+impl Default for BufferSettings {
+    fn default() -> Self {
+        BufferSettings { capacity: ByteSize::mib(256), high_water_percent: Percent(80) }
+    }
+}
+
+/// Flush policy of the shards.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushSettings {
+    /// Hand rows to the writer once a shard holds this many.
+    pub max_rows: usize,
+    /// Hand rows to the writer at the latest this long after they arrived.
+    pub max_age: HumanDuration,
+}
+
+impl Default for FlushSettings {
+    fn default() -> Self {
+        FlushSettings { max_rows: 50_000, max_age: HumanDuration::secs(1) }
+    }
+}
+
+/// ClickHouse connection.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouse {
+    /// HTTP URL, e.g. `http://clickhouse:8123` (`APERTURE_CLICKHOUSE_ENDPOINT`). Empty: use the embedded store.
+    pub endpoint: String,
+    /// Database, created if missing (`APERTURE_CLICKHOUSE_DATABASE`).
+    pub database: String,
+    /// User.
+    pub user: String,
+    /// Password (`APERTURE_CLICKHOUSE_PASSWORD`).
+    pub password: Secret,
+}
+
+impl Default for ClickHouse {
+    fn default() -> Self {
+        ClickHouse {
+            endpoint: String::new(),
+            database: "aperture".into(),
+            user: "default".into(),
+            password: Secret::default(),
+        }
+    }
+}
+
+/// TLS material.
+#[derive(Clone, Debug, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// Certificate chain (PEM). Without it a self-signed certificate is created in `data_dir`.
+    pub cert_file: Option<PathBuf>,
+    /// Private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// Serve gRPC with TLS too (default: plaintext inside the cluster).
+    pub grpc: bool,
+}
+
+/// Limits on clients.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame accepted.
+    pub max_frame_size: ByteSize,
+    /// Most agent connections at once, per carrier.
+    pub max_connections: usize,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Longest time an HTTP request may take.
+    pub http_request_timeout: HumanDuration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_size: ByteSize::mib(4),
+            max_connections: 4096,
+            idle_timeout: HumanDuration::secs(60),
+            http_request_timeout: HumanDuration::secs(30),
+        }
+    }
+}
+
+impl Layered for AggregatorConfig {
+    const ENV: &'static [(&'static str, &'static str)] = &[
+        ("APERTURE_AUTH_TOKEN", "auth.token"),
+        ("APERTURE_CLICKHOUSE_ENDPOINT", "clickhouse.endpoint"),
+        ("APERTURE_CLICKHOUSE_DATABASE", "clickhouse.database"),
+        ("APERTURE_CLICKHOUSE_USER", "clickhouse.user"),
+        ("APERTURE_CLICKHOUSE_PASSWORD", "clickhouse.password"),
+        ("APERTURE_BUFFER_CAPACITY", "buffer.capacity"),
+        ("APERTURE_DATA_DIR", "data_dir"),
+    ];
+
+    fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        match key {
+            "auth.token" => self.auth.token = Secret(value.to_owned()),
+            "auth.disabled" => {
+                self.auth.disabled =
+                    value.parse().map_err(|_| format!("invalid value `{value}`: expected true or false"))?
+            }
+            "clickhouse.endpoint" => self.clickhouse.endpoint = value.to_owned(),
+            "clickhouse.database" => self.clickhouse.database = value.to_owned(),
+            "clickhouse.user" => self.clickhouse.user = value.to_owned(),
+            "clickhouse.password" => self.clickhouse.password = Secret(value.to_owned()),
+            "buffer.capacity" => self.buffer.capacity = value.parse()?,
+            "data_dir" => self.data_dir = PathBuf::from(value),
+            "listen.grpc" => self.listen.grpc = value.to_owned(),
+            "listen.quic" => self.listen.quic = value.to_owned(),
+            "listen.http" => self.listen.http = value.to_owned(),
+            "retention" => self.retention = value.parse()?,
+            other => return Err(format!("`{other}` cannot be set from the command line or environment")),
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.auth.token.is_empty() && !self.auth.disabled {
+            return Err((
+                "auth.token".into(),
+                "no token configured: set APERTURE_AUTH_TOKEN (or auth.token), or set auth.disabled: true to accept unauthenticated agents".into(),
+            ));
+        }
+        for (key, addr) in
+            [("listen.grpc", &self.listen.grpc), ("listen.quic", &self.listen.quic), ("listen.http", &self.listen.http)]
+        {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err((
+                    key.into(),
+                    format!("invalid listen address `{addr}`: expected ip:port, e.g. 0.0.0.0:9090"),
+                ));
+            }
+        }
+        let ch = &self.clickhouse;
+        if !ch.endpoint.is_empty() && !(ch.endpoint.starts_with("http://") || ch.endpoint.starts_with("https://")) {
+            return Err((
+                "clickhouse.endpoint".into(),
+                format!(
+                    "invalid endpoint `{}`: expected the HTTP URL of ClickHouse, e.g. http://clickhouse:8123",
+                    ch.endpoint
+                ),
+            ));
+        }
+        if ch.database.is_empty() || !ch.database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err((
+                "clickhouse.database".into(),
+                format!("invalid database name `{}`: use letters, digits and underscores", ch.database),
+            ));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(("tls".into(), "cert_file and key_file must be given together".into()));
+        }
+        if self.buffer.capacity < ByteSize::mib(1) {
+            return Err(("buffer.capacity".into(), format!("{} is too small: at least 1MiB", self.buffer.capacity)));
+        }
+        if self.flush.max_rows == 0 {
+            return Err(("flush.max_rows".into(), "must be at least 1".into()));
+        }
+        if self.window.0.as_secs() == 0 || self.window.0.subsec_nanos() != 0 {
+            return Err(("window".into(), format!("{} must be a whole number of seconds, at least 1s", self.window)));
+        }
+        if self.retention.0 < self.window.0 {
+            return Err((
+                "retention".into(),
+                format!("{} is shorter than the window ({})", self.retention, self.window),
+            ));
+        }
+        Ok(())
+    }
+}
