@@ -1,1 +1,61 @@
-//! Aperture transport: the session protocol over QUIC and gRPC
+//! Aperture transport: how frames get from agents to the aggregator.
+//!
+//! One session protocol — hello with identity and token, frames with
+//! sequence numbers, selective acknowledgements, credit for backpressure,
+//! close with a reason — runs over two carriers: QUIC (quinn, UDP 50051,
+//! the primary) and gRPC (tonic, TCP 50051, for networks without UDP). The
+//! rules live in sans-IO state machines ([`session`]); the carriers are thin
+//! drivers around them.
+//!
+//! What it is for: delivering already-encoded frames (see
+//! [`aperture_core::frame`]) with at-least-once semantics and bounded memory
+//! on both ends. What it is not for: building, aggregating or storing
+//! batches — the agent and the aggregator do that — and it never re-encodes
+//! a frame.
+//!
+//! Entry types:
+//! - aggregator side: [`server::serve`] with a [`server::ServerConfig`] and an
+//!   [`server::IngressSink`], returning a [`server::ServerHandle`];
+//! - agent side: [`client::Client::start`] with a [`client::ClientConfig`];
+//! - the protocol itself: [`session::ServerSession`], [`session::ClientSession`]
+//!   and the [`control`] message encoding.
+
+pub mod auth;
+pub mod control;
+pub mod session;
+
+/// Which carrier a session runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Carrier {
+    /// QUIC over UDP.
+    Quic,
+    /// gRPC over TCP (HTTP/2).
+    Grpc,
+}
+
+impl Carrier {
+    /// Stable label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Carrier::Quic => "quic",
+            Carrier::Grpc => "grpc",
+        }
+    }
+}
+
+impl std::fmt::Display for Carrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Lower-case hex of `bytes` (ids and fingerprints in messages and logs).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
