@@ -1,1 +1,39 @@
-//! Aperture probes: BPF programs, loader and per-CPU perf-buffer reader
+//! Aperture probes: the kernel side of the profiler.
+//!
+//! This crate loads Aperture's BPF programs (C, CO-RE, compiled by
+//! `probes/build-bpf.sh` and embedded), attaches them per mode, reads their
+//! per-CPU perf buffers with batched wakeups, drains their in-kernel
+//! aggregates, symbolizes stacks and checks at start-up that the node can
+//! run them.
+//!
+//! It is **not** where records are batched for the network, labelled with
+//! Kubernetes metadata or shipped: that is the agent's job. Nothing here
+//! allocates per event on the hot path or runs an async runtime.
+//!
+//! Entry types:
+//! - [`preflight::check`] — start-up checks with distinct exit codes.
+//! - [`Probes`] — load ([`Probes::load`]), [`Probes::start_reader`],
+//!   [`Probes::attach`]; drop to detach everything.
+//! - [`PerfReader`] / [`BatchSink`] / [`RecordBatch`] — decoded events
+//!   (cpu samples, slow lock waits, slow syscalls) with raw stacks.
+//! - [`Probes::drain_syscall_stats`], [`Probes::drain_lock_stats`],
+//!   [`Probes::drop_counts`] — in-kernel aggregates and drop counters.
+//! - [`Symbolizer`] — raw stacks to [`aperture_core::model::Stack`].
+//! - [`syscall_name`] — x86_64 syscall numbers to names.
+//! - [`bench`] — pieces for the perf harness (BPF run-time stats, reader
+//!   throughput).
+
+pub mod abi;
+pub mod bench;
+mod drain;
+mod loader;
+pub mod preflight;
+pub mod reader;
+mod symbolize;
+mod syscalls;
+
+pub use drain::{DrainError, DropCount, LockStats, SLOT_GRACE, SyscallStats, lock_kind};
+pub use loader::{AttachError, Attachment, Filter, Flavour, LoadError, Modes, ProbeConfig, Probes, object_bytes};
+pub use reader::{BatchSink, EventRecord, PerfReader, ReaderConfig, ReaderError, ReaderStats, RecordBatch};
+pub use symbolize::{SymbolizeStats, Symbolizer};
+pub use syscalls::syscall_name;

@@ -1,0 +1,388 @@
+//! Loading the embedded BPF objects and attaching them per mode.
+//!
+//! [`Probes`] owns one aya [`Ebpf`] per loaded mode. Every attachment is an
+//! fd-based link owned by it, so dropping [`Probes`] — or the process ending
+//! in any way, SIGKILL included — detaches everything; nothing is pinned.
+
+mod config;
+mod sys;
+
+use std::io;
+use std::os::fd::AsFd;
+
+use aperture_core::model::Mode;
+use aya::maps::{HashMap, Map, MapError};
+use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+use aya::programs::{BtfTracePoint, PerfEvent, ProgramError, RawTracePoint, TracePoint};
+use aya::{Btf, Ebpf, EbpfError, EbpfLoader, include_bytes_aligned};
+
+pub use config::{Filter, Modes, ProbeConfig};
+
+use crate::reader::{BatchSink, PerfBuffer, PerfReader, ReaderConfig, ReaderError};
+
+/// `cpu.bpf.o`, built by `probes/build-bpf.sh`.
+static CPU_OBJECT: &[u8] = include_bytes_aligned!("../../bpf/obj/cpu.bpf.o");
+/// `lock.bpf.o`.
+static LOCK_OBJECT: &[u8] = include_bytes_aligned!("../../bpf/obj/lock.bpf.o");
+/// `syscall.bpf.o`.
+static SYSCALL_OBJECT: &[u8] = include_bytes_aligned!("../../bpf/obj/syscall.bpf.o");
+
+/// The embedded object of a mode.
+pub fn object_bytes(mode: Mode) -> &'static [u8] {
+    match mode {
+        Mode::Cpu => CPU_OBJECT,
+        Mode::Lock => LOCK_OBJECT,
+        Mode::Syscall => SYSCALL_OBJECT,
+    }
+}
+
+/// Why loading the programs failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// No mode was requested.
+    #[error("no probe mode requested; set APERTURE_MODE to cpu, lock, syscall or all")]
+    NoMode,
+    /// The kernel's BTF could not be read.
+    #[error(
+        "reading the kernel BTF (/sys/kernel/btf/vmlinux) failed: {0}; a kernel built with CONFIG_DEBUG_INFO_BTF=y is required"
+    )]
+    Btf(#[source] aya::BtfError),
+    /// aya rejected the object or creating its maps failed.
+    #[error("loading the {mode} BPF object failed: {source}")]
+    Object {
+        /// The mode of the object.
+        mode: Mode,
+        /// aya's error.
+        #[source]
+        source: EbpfError,
+    },
+    /// Filling the pid/cgroup filter maps failed.
+    #[error("filling filter map {map} of the {mode} object failed: {source}; at most 4096 pids and 4096 cgroups fit")]
+    Filter {
+        /// The mode of the object.
+        mode: Mode,
+        /// Map name.
+        map: &'static str,
+        /// aya's error.
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Why attaching a program failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// A program expected in the embedded object is missing or of another type.
+    #[error("program {0} is missing from the embedded object or has an unexpected type (build mismatch)")]
+    Missing(&'static str),
+    /// The verifier or the kernel refused every flavour of a program.
+    #[error("no attach flavour of {what} worked; last error from {program}: {source}")]
+    Attach {
+        /// What was being attached, e.g. `sys_enter`.
+        what: &'static str,
+        /// The last program tried.
+        program: &'static str,
+        /// aya's error (contains the verifier log for load failures).
+        #[source]
+        source: ProgramError,
+    },
+    /// Listing the online CPUs failed.
+    #[error("reading the online CPUs from {path} failed: {source}")]
+    Cpus {
+        /// The file read.
+        path: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How a program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    /// BTF-enabled raw tracepoint (`tp_btf`), the cheapest.
+    BtfRawTracepoint,
+    /// Raw tracepoint.
+    RawTracepoint,
+    /// Classic tracepoint (needs tracefs).
+    Tracepoint,
+    /// perf_event program on a cpu-clock event per CPU.
+    PerfEvent,
+}
+
+/// One attached program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// The mode it serves.
+    pub mode: Mode,
+    /// The program (kernel name, all start with `ap_`).
+    pub program: &'static str,
+    /// The hook, e.g. `sys_enter` or `cpu-clock`.
+    pub point: &'static str,
+    /// How it is attached.
+    pub flavour: Flavour,
+}
+
+pub(crate) struct LoadedObject {
+    pub(crate) mode: Mode,
+    pub(crate) ebpf: Ebpf,
+}
+
+/// The loaded (and, after [`Probes::attach`], attached) BPF programs.
+pub struct Probes {
+    pub(crate) objects: Vec<LoadedObject>,
+    config: ProbeConfig,
+    attachments: Vec<Attachment>,
+    btf: Btf,
+}
+
+impl std::fmt::Debug for Probes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probes")
+            .field("modes", &self.objects.iter().map(|o| o.mode).collect::<Vec<_>>())
+            .field("attachments", &self.attachments)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Probes {
+    /// Loads the objects of `config.modes` and creates their maps, with the
+    /// thresholds and filter of `config`. Nothing is attached yet.
+    pub fn load(config: &ProbeConfig) -> Result<Probes, LoadError> {
+        if config.modes.is_empty() {
+            return Err(LoadError::NoMode);
+        }
+        let btf = Btf::from_sys_fs().map_err(LoadError::Btf)?;
+        let filter_enabled = u32::from(config.filter.is_some());
+        let ignore_tgid = if config.ignore_self { std::process::id() } else { 0 };
+        let lock_ns = duration_ns(config.lock_threshold);
+        let slow_ns = duration_ns(config.slow_syscall_threshold);
+        let mut objects = Vec::new();
+        for mode in config.modes.iter() {
+            let mut loader = EbpfLoader::new();
+            loader.btf(Some(&btf)).override_global("ap_filter_enabled", &filter_enabled, true).override_global(
+                "ap_ignore_tgid",
+                &ignore_tgid,
+                true,
+            );
+            match mode {
+                Mode::Lock => loader.override_global("ap_lock_threshold_ns", &lock_ns, true),
+                Mode::Syscall => loader.override_global("ap_slow_threshold_ns", &slow_ns, true),
+                Mode::Cpu => &mut loader,
+            };
+            let mut ebpf = loader.load(object_bytes(mode)).map_err(|source| LoadError::Object { mode, source })?;
+            if let Some(filter) = &config.filter {
+                fill_filter(&mut ebpf, mode, filter)?;
+            }
+            objects.push(LoadedObject { mode, ebpf });
+        }
+        Ok(Probes { objects, config: config.clone(), attachments: Vec::new(), btf })
+    }
+
+    /// Loads the programs into the kernel and attaches them. On error, what
+    /// was attached stays attached until `self` is dropped.
+    pub fn attach(&mut self) -> Result<(), AttachError> {
+        for i in 0..self.objects.len() {
+            let mode = self.objects[i].mode;
+            let ebpf = &mut self.objects[i].ebpf;
+            let new = match mode {
+                Mode::Cpu => attach_cpu(ebpf, self.config.frequency_hz)?,
+                Mode::Lock => attach_lock(ebpf, &self.btf)?,
+                Mode::Syscall => attach_syscall(ebpf, &self.btf)?,
+            };
+            self.attachments.extend(new);
+        }
+        Ok(())
+    }
+
+    /// What is attached, and how.
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// The modes loaded.
+    pub fn modes(&self) -> Modes {
+        self.objects.iter().map(|o| o.mode).collect()
+    }
+
+    /// Opens one perf ring per online CPU for every loaded object, registers
+    /// them in the objects' `ap_events` maps and starts the reader thread
+    /// delivering to `sink`. Call it before [`Probes::attach`] so no early
+    /// event is dropped. The reader keeps running if `self` is dropped (it
+    /// then sees no new events).
+    pub fn start_reader<S: BatchSink>(&mut self, config: &ReaderConfig, sink: S) -> Result<PerfReader, ReaderError> {
+        let cpus = aya::util::online_cpus().map_err(|(_, e)| ReaderError::OpenRing { cpu: 0, source: e })?;
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let watermark = config.watermark_for(config.pages_per_cpu * page);
+        let mut buffers = Vec::new();
+        for obj in &mut self.objects {
+            let Some(Map::PerfEventArray(map)) = obj.ebpf.map("ap_events") else {
+                return Err(ReaderError::Register {
+                    cpu: 0,
+                    map: format!("{}/ap_events", obj.mode),
+                    source: io::Error::new(io::ErrorKind::NotFound, "map missing from the object"),
+                });
+            };
+            for &cpu in &cpus {
+                let buf = PerfBuffer::open(cpu, config.pages_per_cpu, watermark)
+                    .map_err(|source| ReaderError::OpenRing { cpu, source })?;
+                sys::map_update_fd(map.fd().as_fd(), buf.cpu(), buf.as_fd())
+                    .map_err(|source| ReaderError::Register { cpu, map: format!("{}/ap_events", obj.mode), source })?;
+                buffers.push(buf);
+            }
+        }
+        PerfReader::spawn(buffers, config, sink)
+    }
+
+    pub(crate) fn object_mut(&mut self, mode: Mode) -> Option<&mut Ebpf> {
+        self.objects.iter_mut().find(|o| o.mode == mode).map(|o| &mut o.ebpf)
+    }
+
+    pub(crate) fn objects_mut(&mut self) -> impl Iterator<Item = (Mode, &mut Ebpf)> {
+        self.objects.iter_mut().map(|o| (o.mode, &mut o.ebpf))
+    }
+}
+
+fn duration_ns(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn fill_filter(ebpf: &mut Ebpf, mode: Mode, filter: &Filter) -> Result<(), LoadError> {
+    let err = |map: &'static str| move |source| LoadError::Filter { mode, map, source };
+    let map = ebpf.map_mut("ap_filter_pids").ok_or(MapError::InvalidName { name: "ap_filter_pids".into() });
+    let mut pids: HashMap<_, u32, u8> =
+        HashMap::try_from(map.map_err(err("ap_filter_pids"))?).map_err(err("ap_filter_pids"))?;
+    for pid in &filter.pids {
+        pids.insert(pid, 1, 0).map_err(err("ap_filter_pids"))?;
+    }
+    let map = ebpf.map_mut("ap_filter_cgroups").ok_or(MapError::InvalidName { name: "ap_filter_cgroups".into() });
+    let mut cgroups: HashMap<_, u64, u8> =
+        HashMap::try_from(map.map_err(err("ap_filter_cgroups"))?).map_err(err("ap_filter_cgroups"))?;
+    for cg in &filter.cgroups {
+        cgroups.insert(cg, 1, 0).map_err(err("ap_filter_cgroups"))?;
+    }
+    Ok(())
+}
+
+fn attach_cpu(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<Vec<Attachment>, AttachError> {
+    const NAME: &str = "ap_cpu_sample";
+    let cpus = aya::util::online_cpus().map_err(|(path, source)| AttachError::Cpus { path, source })?;
+    let prog: &mut PerfEvent = program(ebpf, NAME)?;
+    let fail = |source| AttachError::Attach { what: "cpu-clock", program: NAME, source };
+    prog.load().map_err(fail)?;
+    for cpu in cpus {
+        prog.attach(
+            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Frequency(frequency_hz.max(1)),
+            false,
+        )
+        .map_err(fail)?;
+    }
+    Ok(vec![Attachment { mode: Mode::Cpu, program: NAME, point: "cpu-clock", flavour: Flavour::PerfEvent }])
+}
+
+/// The names of one hook's three flavours (any may be absent).
+struct Flavours {
+    what: &'static str,
+    btf: Option<&'static str>,
+    raw: Option<&'static str>,
+    tracepoint: Option<(&'static str, &'static str, &'static str)>,
+}
+
+/// Attaches the first flavour of a hook the kernel accepts.
+fn attach_first(ebpf: &mut Ebpf, btf: &Btf, mode: Mode, f: &Flavours) -> Result<Attachment, AttachError> {
+    let mut last = None;
+    if let Some(name) = f.btf {
+        let prog: &mut BtfTracePoint = program(ebpf, name)?;
+        match prog.load(f.what, btf).and_then(|()| prog.attach()) {
+            Ok(_) => return Ok(Attachment { mode, program: name, point: f.what, flavour: Flavour::BtfRawTracepoint }),
+            Err(e) => {
+                tracing::debug!(program = name, error = %e, "tp_btf flavour refused, trying the next");
+                last = Some((name, e));
+            }
+        }
+    }
+    if let Some(name) = f.raw {
+        let prog: &mut RawTracePoint = program(ebpf, name)?;
+        match prog.load().and_then(|()| prog.attach(f.what)) {
+            Ok(_) => return Ok(Attachment { mode, program: name, point: f.what, flavour: Flavour::RawTracepoint }),
+            Err(e) => {
+                tracing::debug!(program = name, error = %e, "raw_tracepoint flavour refused, trying the next");
+                last = Some((name, e));
+            }
+        }
+    }
+    if let Some((name, category, event)) = f.tracepoint {
+        let prog: &mut TracePoint = program(ebpf, name)?;
+        match prog.load().and_then(|()| prog.attach(category, event)) {
+            Ok(_) => return Ok(Attachment { mode, program: name, point: f.what, flavour: Flavour::Tracepoint }),
+            Err(e) => last = Some((name, e)),
+        }
+    }
+    match last {
+        Some((program, source)) => Err(AttachError::Attach { what: f.what, program, source }),
+        None => Err(AttachError::Missing(f.what)),
+    }
+}
+
+fn attach_syscall(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<Attachment>, AttachError> {
+    // Exit first: an exit without a recorded enter is ignored, so no call is
+    // half-counted while attaching.
+    let exit = Flavours {
+        what: "sys_exit",
+        btf: Some("ap_sysexit_btf"),
+        raw: Some("ap_sysexit_raw"),
+        tracepoint: Some(("ap_sysexit_tp", "raw_syscalls", "sys_exit")),
+    };
+    let enter = Flavours {
+        what: "sys_enter",
+        btf: Some("ap_sysent_btf"),
+        raw: Some("ap_sysent_raw"),
+        tracepoint: Some(("ap_sysent_tp", "raw_syscalls", "sys_enter")),
+    };
+    Ok(vec![attach_first(ebpf, btf, Mode::Syscall, &exit)?, attach_first(ebpf, btf, Mode::Syscall, &enter)?])
+}
+
+fn attach_lock(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<Attachment>, AttachError> {
+    let futex_exit = Flavours {
+        what: "sys_exit_futex",
+        btf: None,
+        raw: None,
+        tracepoint: Some(("ap_futex_exit", "syscalls", "sys_exit_futex")),
+    };
+    let futex_enter = Flavours {
+        what: "sys_enter_futex",
+        btf: None,
+        raw: None,
+        tracepoint: Some(("ap_futex_enter", "syscalls", "sys_enter_futex")),
+    };
+    let end =
+        Flavours { what: "contention_end", btf: Some("ap_lockend_btf"), raw: Some("ap_lockend_raw"), tracepoint: None };
+    let begin = Flavours {
+        what: "contention_begin",
+        btf: Some("ap_lockbeg_btf"),
+        raw: Some("ap_lockbeg_raw"),
+        tracepoint: None,
+    };
+    let mut out =
+        vec![attach_first(ebpf, btf, Mode::Lock, &futex_exit)?, attach_first(ebpf, btf, Mode::Lock, &futex_enter)?];
+    // lock:contention_* exist since 5.19; without them only futex waits are seen.
+    match attach_first(ebpf, btf, Mode::Lock, &end) {
+        Ok(a) => {
+            out.push(a);
+            out.push(attach_first(ebpf, btf, Mode::Lock, &begin)?);
+        }
+        Err(e) => tracing::warn!(error = %e, "kernel lock contention not available; recording futex waits only"),
+    }
+    Ok(out)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    let prog = ebpf.program_mut(name).ok_or(AttachError::Missing(name))?;
+    prog.try_into().map_err(|_| AttachError::Missing(name))
+}
