@@ -1,0 +1,133 @@
+//! Throughput of the core hot path, in samples per second: frame encode,
+//! decode + validate, ring hand-off between threads, shard aggregation.
+//!
+//! Run: `cargo bench -p aperture-core --bench core`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use aperture_core::frame::{DecodeLimits, FrameId, decode, encode_batch};
+use aperture_core::model::{Batch, CpuSample, Stack, StackFrame, Target};
+use aperture_core::ring::ring;
+use aperture_core::shard::{Shard, ShardConfig};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+
+/// A batch shaped like ten seconds of a busy node: 10k CPU sample records
+/// over 500 distinct stacks of 12-24 frames and 40 processes.
+fn realistic_batch(records: usize) -> Batch {
+    let targets: Vec<Target> = (0..40)
+        .map(|i| Target {
+            pid: 1000 + i,
+            process: format!("worker-{i}"),
+            namespace: "shop".into(),
+            pod: format!("checkout-7d9f8-{i:05}"),
+            container: "app".into(),
+        })
+        .collect();
+    let stacks: Vec<Stack> = (0..500u64)
+        .map(|s| {
+            let depth = 12 + (s % 13) as usize;
+            Stack::new(
+                (0..depth)
+                    .map(|d| StackFrame {
+                        address: 0x5555_0000_0000 + s * 0x1000 + d as u64 * 0x40,
+                        module_offset: s * 0x1000 + d as u64 * 0x40,
+                        symbol: format!("app::module{}::function_{}", d % 7, (s + d as u64) % 97),
+                        module: "checkout".into(),
+                        file: String::new(),
+                        line: 0,
+                        kernel: d < 2,
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let cpu = (0..records)
+        .map(|i| CpuSample {
+            time_ns: 1_700_000_000_000_000_000 + i as u64 * 1_000_000,
+            target: (i % 40) as u32,
+            stack: (i * 7 % 500) as u32,
+            count: 1,
+            period_ns: 10_101_010,
+        })
+        .collect();
+    Batch { node: "node-17".into(), targets, stacks, cpu, ..Default::default() }
+}
+
+fn id(seq: u64) -> FrameId {
+    FrameId { agent_id: [1; 16], boot_id: [2; 16], sequence: seq }
+}
+
+fn frame_codec(c: &mut Criterion) {
+    let batch = realistic_batch(10_000);
+    let limits = DecodeLimits::default();
+    let buf = encode_batch(&batch, id(1), 0, &limits).expect("encode");
+    let mut g = c.benchmark_group("frame");
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("encode_10k", |b| b.iter(|| encode_batch(black_box(&batch), id(1), 0, &limits).expect("encode")));
+    g.bench_function("decode_validate_10k", |b| {
+        b.iter(|| {
+            let view = decode(black_box(&buf), &limits).expect("decode");
+            black_box(view.batch.cpu.len())
+        })
+    });
+    g.finish();
+}
+
+fn ring_handoff(c: &mut Criterion) {
+    // Batches of 256 events, as a reader thread hands them over.
+    const BATCH: usize = 256;
+    const BATCHES: usize = 1_000;
+    let mut g = c.benchmark_group("ring");
+    g.throughput(Throughput::Elements((BATCH * BATCHES) as u64));
+    g.bench_function("handoff_256_event_batches", |b| {
+        b.iter_batched(
+            || (0..BATCHES).map(|i| vec![i as u64; BATCH]).collect::<Vec<_>>(),
+            |batches| {
+                // Room for every batch: this measures hand-off, not drops.
+                let (tx, rx) = ring::<Vec<u64>>(BATCHES);
+                let producer = std::thread::spawn(move || {
+                    for b in batches {
+                        let _ = tx.push(b);
+                    }
+                });
+                let mut got = 0usize;
+                loop {
+                    match rx.pop_timeout(Duration::from_millis(50)) {
+                        aperture_core::ring::Pop::Batch(b) => got += b.len(),
+                        aperture_core::ring::Pop::Empty => {}
+                        aperture_core::ring::Pop::Closed => break,
+                    }
+                }
+                let _ = producer.join();
+                black_box(got)
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+fn shard_aggregation(c: &mut Criterion) {
+    let batch = realistic_batch(10_000);
+    let limits = DecodeLimits::default();
+    let buf = encode_batch(&batch, id(1), 0, &limits).expect("encode");
+    let mut g = c.benchmark_group("shard");
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("ingest_10k_then_flush", |b| {
+        let mut shard = Shard::new(ShardConfig::default());
+        let mut seq = 0;
+        b.iter(|| {
+            seq += 1;
+            let view = decode(&buf, &limits).expect("decode");
+            shard.ingest(0, id(seq), view.batch).expect("ingest");
+            if seq % 10 == 0 {
+                black_box(shard.take());
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, frame_codec, ring_handoff, shard_aggregation);
+criterion_main!(benches);
