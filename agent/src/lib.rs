@@ -19,5 +19,6 @@
 //! - [`metrics`]: the agent's own `/metrics` and `/healthz`.
 
 pub mod attribution;
+pub mod budget;
 pub mod kube;
 pub mod selection;
