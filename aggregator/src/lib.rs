@@ -1,1 +1,38 @@
-//! Aperture aggregator: ingress, shards, storage writers and the HTTP API
+//! The Aperture aggregator: receives frames from agents, aggregates them in
+//! sharded buffers, writes them to ClickHouse or an embedded SQLite store,
+//! and serves the query API, health and metrics over HTTP.
+//!
+//! ```text
+//! transport ──admit──► ShardedIngress ──bounded queues──► shard threads (core Shard)
+//!    ▲                   (ledger per lane)                       │ flushes
+//!    └──────────── acks ◄── writer thread ◄──────────────────────┘
+//!                              │ WriteBatch (rows + stacks + ledger state)
+//!                              ▼
+//!                     Store: SqliteStore | ClickHouseStore ◄── HTTP API (axum)
+//! ```
+//!
+//! What it is not: the transport (QUIC/gRPC sessions live in
+//! `aperture-transport`, which calls [`IngressSink::admit`] and sends the
+//! acknowledgements given to [`Acknowledge::ack`]), nor the configuration
+//! parser (the binary maps its config onto [`Settings`]).
+//!
+//! Entry points: [`run`] for the `aperture aggregator` command;
+//! [`Aggregator::start`] → [`AggregatorHandle`] (ingress, HTTP address,
+//! shutdown) for embedding and tests.
+//!
+//! Invariant: a frame is acknowledged only after the rows built from it
+//! and the ledger state recording it are committed to the store.
+
+mod app;
+pub mod http;
+pub mod ingress;
+pub mod metrics;
+pub mod query;
+mod settings;
+mod shards;
+pub mod store;
+mod writer;
+
+pub use app::{Aggregator, AggregatorHandle, run};
+pub use ingress::{Acknowledge, Admission, Carrier, IngressSink, ReceivedFrame, ShardedIngress};
+pub use settings::{ClickHouseSettings, HttpLimits, Settings};

@@ -1,0 +1,281 @@
+//! Wiring: opens the store, restores the ledger, starts the shard threads,
+//! the writer thread, the background tasks and the HTTP server, and stops
+//! them in order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use aperture_core::frame::DecodeLimits;
+use aperture_core::shard::ShardConfig;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::http::{AppState, StoreStatus, router, token_digest};
+use crate::ingress::{Acknowledge, Buffer, ShardedIngress, Shared};
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::shards::spawn_shard;
+use crate::store::clickhouse::ClickHouseStore;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+use crate::writer::{WriterConfig, spawn_writer};
+
+/// Entry point for the `aperture aggregator` command: runs until `shutdown`
+/// completes, then stops in order (HTTP, ingress, shards, writer).
+pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let handle = Aggregator::start(settings).await?;
+    tracing::info!(http = %handle.http_addr(), store = handle.store().kind().as_str(), "aggregator started");
+    shutdown.await;
+    handle.shutdown().await
+}
+
+/// Constructor of running aggregators.
+#[derive(Debug)]
+pub struct Aggregator;
+
+/// A running aggregator.
+#[derive(Debug)]
+pub struct AggregatorHandle {
+    ingress: Arc<ShardedIngress>,
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    shard_threads: Vec<JoinHandle<()>>,
+    writer_thread: Option<JoinHandle<()>>,
+}
+
+fn unix_now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Aggregator {
+    /// Opens the store (creating and migrating it), restores the frame
+    /// ledger from it, starts the pipeline and binds the HTTP listener.
+    /// Must be called inside a multi-threaded tokio runtime.
+    pub async fn start(settings: Settings) -> anyhow::Result<AggregatorHandle> {
+        let store: Arc<dyn Store> = match &settings.clickhouse {
+            Some(ch) => Arc::new(
+                ClickHouseStore::open(ch)
+                    .await
+                    .with_context(|| format!("opening ClickHouse at {} (database {})", ch.endpoint, ch.database))?,
+            ),
+            None => {
+                let dir = settings.data_dir.clone();
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+                    .await
+                    .context("opening the embedded store")??;
+                Arc::new(store)
+            }
+        };
+        Aggregator::start_with_store(settings, store).await
+    }
+
+    /// Like [`Aggregator::start`] with an already opened store.
+    pub async fn start_with_store(settings: Settings, store: Arc<dyn Store>) -> anyhow::Result<AggregatorHandle> {
+        let metrics = Metrics::new()?;
+        let buffer = Buffer::new(settings.buffer_capacity_bytes, settings.high_water_bytes());
+        metrics.buffer_capacity.set(i64::try_from(buffer.capacity()).unwrap_or(i64::MAX));
+        metrics.buffer_high_water.set(i64::try_from(buffer.high_water()).unwrap_or(i64::MAX));
+        metrics.store_up.set(1);
+        let lanes = settings.shard_count();
+        let shared = Arc::new(Shared::new(lanes, settings.ledger_max_runs, buffer, metrics, settings.agent_idle));
+
+        let since = unix_now_s().saturating_sub(settings.retention.as_secs());
+        let runs = store.load_ledger(since).await.context("loading the frame ledger from the store")?;
+        let restored = runs.len();
+        for (key, state) in runs {
+            shared.lane(shared.lane_of(&key.0)).ledger.restore(key, state);
+        }
+        tracing::info!(runs = restored, "frame ledger restored");
+
+        let (flush_tx, flush_rx) = crossbeam_channel::unbounded();
+        let shard_config = ShardConfig {
+            window_ns: u64::try_from(settings.window.as_nanos()).unwrap_or(u64::MAX).max(1),
+            max_rows: settings.flush_max_rows.max(1),
+            max_age_ns: u64::try_from(settings.flush_max_age.as_nanos()).unwrap_or(u64::MAX),
+        };
+        let mut queues = Vec::with_capacity(lanes);
+        let mut shard_threads = Vec::with_capacity(lanes);
+        for i in 0..lanes {
+            let (tx, rx) = crossbeam_channel::bounded(settings.shard_queue_frames.max(1));
+            queues.push(tx);
+            let t = spawn_shard(i, shard_config, DecodeLimits::default(), rx, flush_tx.clone(), Arc::clone(&shared))
+                .context("starting a shard thread")?;
+            shard_threads.push(t);
+        }
+        drop(flush_tx);
+        let writer_config = WriterConfig {
+            batch_rows: settings.writer_batch_rows.max(1),
+            max_delay: settings.writer_max_delay,
+            min_backoff: Duration::from_millis(100).min(settings.writer_max_backoff),
+            max_backoff: settings.writer_max_backoff,
+            shutdown_grace: settings.shutdown_grace,
+        };
+        let writer_thread = spawn_writer(
+            writer_config,
+            flush_rx,
+            Arc::clone(&store),
+            Arc::clone(&shared),
+            tokio::runtime::Handle::current(),
+        )
+        .context("starting the writer thread")?;
+        let ingress = Arc::new(ShardedIngress::new(Arc::clone(&shared), queues));
+
+        let status = Arc::new(StoreStatus::default());
+        let state = AppState {
+            store: Arc::clone(&store),
+            shared: Arc::clone(&shared),
+            status: Arc::clone(&status),
+            token_digest: settings.auth_token.as_deref().map(token_digest),
+            limits: settings.http_limits,
+            started: Instant::now(),
+        };
+        let listener = tokio::net::TcpListener::bind(settings.http_listen)
+            .await
+            .with_context(|| format!("binding the HTTP listener on {}", settings.http_listen))?;
+        let http_addr = listener.local_addr().context("reading the HTTP listener address")?;
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let app = router(state);
+        let mut http_stop = stopped.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tasks.spawn(health_checker(Arc::clone(&store), Arc::clone(&shared), status, stopped.clone()));
+        tasks.spawn(retention(Arc::clone(&store), Arc::clone(&shared), settings.clone(), stopped));
+        Ok(AggregatorHandle {
+            ingress,
+            shared,
+            store,
+            http_addr,
+            stop,
+            tasks,
+            shard_threads,
+            writer_thread: Some(writer_thread),
+        })
+    }
+}
+
+/// Pings the store every few seconds so health reflects it even when idle.
+async fn health_checker(
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    status: Arc<StoreStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match tokio::time::timeout(Duration::from_secs(5), store.ping()).await {
+            Ok(Ok(())) => {
+                status.set(None);
+                shared.metrics.store_up.set(1);
+            }
+            Ok(Err(e)) => {
+                status.set(Some(e.to_string()));
+                shared.metrics.store_up.set(0);
+            }
+            Err(_) => {
+                status.set(Some("no answer within 5 s".to_owned()));
+                shared.metrics.store_up.set(0);
+            }
+        }
+    }
+}
+
+/// Deletes data older than the retention period, on a timer.
+async fn retention(store: Arc<dyn Store>, shared: Arc<Shared>, settings: Settings, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(settings.retention_interval.max(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let cutoff = unix_now_s().saturating_sub(settings.retention.as_secs());
+        match store.apply_retention(cutoff).await {
+            Ok(report) => {
+                shared.metrics.retention_runs.with_label_values(&["ok"]).inc();
+                tracing::debug!(cutoff, removed = report.removed, "retention pass");
+            }
+            Err(e) => {
+                shared.metrics.retention_runs.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %e, "retention pass failed; retried at the next interval");
+            }
+        }
+    }
+}
+
+impl AggregatorHandle {
+    /// The ingress to hand to the transport (`transport::server::serve`).
+    pub fn ingress(&self) -> Arc<ShardedIngress> {
+        Arc::clone(&self.ingress)
+    }
+
+    /// Where acknowledgements go (the transport's acker); frames committed
+    /// before one is set are not acknowledged to anyone.
+    pub fn set_acker(&self, acker: Arc<dyn Acknowledge>) {
+        *self.shared.acker.lock().unwrap_or_else(|p| p.into_inner()) = Some(acker);
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The store in use.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Bytes buffered between ingress and store.
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.buffer.used()
+    }
+
+    /// Stops taking frames, flushes the shards, lets the writer commit what
+    /// it holds (within the shutdown grace period), then stops HTTP and the
+    /// background tasks.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let ingress = Arc::clone(&self.ingress);
+        let shards = std::mem::take(&mut self.shard_threads);
+        let writer = self.writer_thread.take();
+        tokio::task::spawn_blocking(move || {
+            ingress.close();
+            for t in shards {
+                let _ = t.join();
+            }
+            if let Some(w) = writer {
+                let _ = w.join();
+            }
+        })
+        .await
+        .context("joining the pipeline threads")?;
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Stops without flushing or committing anything buffered, as a crash
+    /// would (tests of restart behaviour). Threads are detached.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+        let _ = self.stop.send(true);
+        self.shared.acker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.ingress.close();
+        self.shard_threads.clear();
+        self.writer_thread.take();
+    }
+}

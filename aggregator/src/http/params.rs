@@ -1,0 +1,271 @@
+//! Query-parameter parsing for the `/api/v1` routes. Every error names the
+//! parameter, the value and what is accepted, and becomes a 400.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aperture_core::model::Mode;
+
+use crate::store::{LabelFilter, Selector};
+
+/// A query parameter that could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParamError {
+    /// The value does not parse.
+    #[error("parameter `{name}`: {value:?} is not valid: expected {expected}")]
+    Invalid {
+        /// Parameter name.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// A required parameter is missing.
+    #[error("parameter `{name}` is required: expected {expected}")]
+    Missing {
+        /// Parameter name.
+        name: &'static str,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// A parameter this route does not take (often a typo).
+    #[error("parameter `{name}` is not known here; accepted: {accepted}")]
+    Unknown {
+        /// The name given.
+        name: String,
+        /// What this route accepts.
+        accepted: String,
+    },
+    /// `from` is not before `to`.
+    #[error("parameter `{name}`: the range start ({from}) must be before its end ({to})")]
+    EmptyRange {
+        /// Which start parameter.
+        name: &'static str,
+        /// Start, Unix seconds.
+        from: u64,
+        /// End, Unix seconds.
+        to: u64,
+    },
+}
+
+const TIME_EXPECTED: &str = "unix seconds, RFC 3339 (2024-05-01T12:00:00Z), `now`, or relative like -15m";
+
+/// The query string of one request, consumed parameter by parameter.
+#[derive(Debug)]
+pub struct Params {
+    values: HashMap<String, String>,
+    now_s: u64,
+}
+
+/// The filter parameters every data route accepts.
+pub const FILTERS: [&str; 6] = ["node", "namespace", "pod", "container", "process", "pid"];
+
+impl Params {
+    /// Wraps a parsed query string; `now_s` anchors relative times.
+    pub fn new(values: HashMap<String, String>, now_s: u64) -> Params {
+        Params { values, now_s }
+    }
+
+    /// Wraps a parsed query string at the current time.
+    pub fn at_now(values: HashMap<String, String>) -> Params {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Params::new(values, now)
+    }
+
+    /// The current time used for relative values, Unix seconds.
+    pub fn now_s(&self) -> u64 {
+        self.now_s
+    }
+
+    /// Fails if any parameter outside `accepted` was given.
+    pub fn reject_unknown(&self, accepted: &[&str]) -> Result<(), ParamError> {
+        let mut names: Vec<&String> = self.values.keys().collect();
+        names.sort();
+        match names.into_iter().find(|n| !accepted.contains(&n.as_str())) {
+            Some(name) => Err(ParamError::Unknown { name: name.clone(), accepted: accepted.join(", ") }),
+            None => Ok(()),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    /// `mode` (required): cpu, lock or syscall.
+    pub fn mode(&self) -> Result<Mode, ParamError> {
+        const EXPECTED: &str = "cpu, lock or syscall";
+        let value = self.get("mode").ok_or(ParamError::Missing { name: "mode", expected: EXPECTED })?;
+        Mode::parse(value).ok_or_else(|| ParamError::Invalid { name: "mode", value: value.into(), expected: EXPECTED })
+    }
+
+    /// An optional `mode`.
+    pub fn optional_mode(&self) -> Result<Option<Mode>, ParamError> {
+        if self.get("mode").is_some() { self.mode().map(Some) } else { Ok(None) }
+    }
+
+    /// A time parameter, or `default` when absent.
+    pub fn time(&self, name: &'static str, default: u64) -> Result<u64, ParamError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => parse_time(v, self.now_s).ok_or_else(|| ParamError::Invalid {
+                name,
+                value: v.into(),
+                expected: TIME_EXPECTED,
+            }),
+        }
+    }
+
+    /// A `[from, to)` pair named `from_name`/`to_name`; default the last 15 minutes.
+    pub fn range(&self, from_name: &'static str, to_name: &'static str) -> Result<(u64, u64), ParamError> {
+        let to = self.time(to_name, self.now_s)?;
+        let from = self.time(from_name, to.saturating_sub(15 * 60))?;
+        if from >= to {
+            return Err(ParamError::EmptyRange { name: from_name, from, to });
+        }
+        Ok((from, to))
+    }
+
+    /// The label filters.
+    pub fn filter(&self) -> Result<LabelFilter, ParamError> {
+        let text = |n: &str| self.get(n).map(str::to_owned);
+        let pid = match self.get("pid") {
+            None => None,
+            Some(v) => Some(v.parse::<u32>().map_err(|_| ParamError::Invalid {
+                name: "pid",
+                value: v.into(),
+                expected: "a process id (unsigned integer)",
+            })?),
+        };
+        Ok(LabelFilter {
+            node: text("node"),
+            namespace: text("namespace"),
+            pod: text("pod"),
+            container: text("container"),
+            process: text("process"),
+            pid,
+        })
+    }
+
+    /// `from`/`to` and the filters.
+    pub fn selector(&self) -> Result<Selector, ParamError> {
+        let (from_s, to_s) = self.range("from", "to")?;
+        Ok(Selector { from_s, to_s, filter: self.filter()? })
+    }
+
+    /// A positive integer `limit`, default `default`, at most `max`.
+    pub fn limit(&self, default: usize, max: usize) -> Result<usize, ParamError> {
+        const EXPECTED: &str = "an integer from 1 to 10000";
+        match self.get("limit") {
+            None => Ok(default),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => Err(ParamError::Invalid { name: "limit", value: v.into(), expected: EXPECTED }),
+            },
+        }
+    }
+
+    /// A parameter restricted to a fixed set of values.
+    pub fn choice(
+        &self,
+        name: &'static str,
+        choices: &'static [&'static str],
+        expected: &'static str,
+    ) -> Result<&'static str, ParamError> {
+        match self.get(name) {
+            None => Ok(choices[0]),
+            Some(v) => choices
+                .iter()
+                .find(|c| **c == v)
+                .copied()
+                .ok_or_else(|| ParamError::Invalid { name, value: v.into(), expected }),
+        }
+    }
+}
+
+/// Parses unix seconds, RFC 3339, `now`, or `-<duration>` relative to `now_s`.
+pub fn parse_time(value: &str, now_s: u64) -> Option<u64> {
+    let value = value.trim();
+    if value == "now" {
+        return Some(now_s);
+    }
+    if let Some(rel) = value.strip_prefix('-') {
+        let d = humantime::parse_duration(rel).ok()?;
+        return Some(now_s.saturating_sub(d.as_secs()));
+    }
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return value.parse().ok();
+    }
+    // humantime reads UTC (`Z`) only; a numeric offset is applied here.
+    let (base, offset_s) = split_offset(value)?;
+    let t = humantime::parse_rfc3339_weak(base).ok()?;
+    let utc = t.duration_since(UNIX_EPOCH).ok().map(|d: Duration| d.as_secs())?;
+    u64::try_from(i64::try_from(utc).ok()? - offset_s).ok()
+}
+
+/// Splits a trailing `+HH:MM`/`-HH:MM` offset off an RFC 3339 time.
+fn split_offset(value: &str) -> Option<(&str, i64)> {
+    let n = value.len();
+    if n > 6 && value.is_char_boundary(n - 6) {
+        let tail = value[n - 6..].as_bytes();
+        if (tail[0] == b'+' || tail[0] == b'-') && tail[3] == b':' {
+            let digits = |a: u8, b: u8| -> Option<i64> {
+                (a.is_ascii_digit() && b.is_ascii_digit()).then(|| i64::from((a - b'0') * 10 + (b - b'0')))
+            };
+            let h = digits(tail[1], tail[2])?;
+            let m = digits(tail[4], tail[5])?;
+            let sign = if tail[0] == b'+' { 1 } else { -1 };
+            return Some((&value[..n - 6], sign * (h * 3600 + m * 60)));
+        }
+    }
+    Some((value, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> Params {
+        Params::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), 10_000)
+    }
+
+    #[test]
+    fn times_accept_the_documented_forms() {
+        for (input, want) in [
+            ("1700000000", Some(1_700_000_000)),
+            ("now", Some(10_000)),
+            ("-15m", Some(10_000 - 900)),
+            ("-1h 30m", Some(10_000 - 5400)),
+            ("2024-05-01T12:00:00Z", Some(1_714_564_800)),
+            ("2024-05-01T14:00:00+02:00", Some(1_714_564_800)),
+            ("yesterday", None),
+            ("-", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_time(input, 10_000), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_parameter() {
+        let e = params(&[("mode", "gpu")]).mode().unwrap_err();
+        assert!(e.to_string().contains("`mode`") && e.to_string().contains("gpu"), "{e}");
+        let e = params(&[("from", "soon")]).selector().unwrap_err();
+        assert!(e.to_string().contains("`from`"), "{e}");
+        let e = params(&[("from", "200"), ("to", "100")]).selector().unwrap_err();
+        assert!(matches!(e, ParamError::EmptyRange { name: "from", .. }));
+        let e = params(&[("pid", "-1")]).filter().unwrap_err();
+        assert!(e.to_string().contains("`pid`"));
+        let e = params(&[("limit", "0")]).limit(10, 100).unwrap_err();
+        assert!(e.to_string().contains("`limit`"));
+        let e = params(&[("nodee", "x")]).reject_unknown(&["node"]).unwrap_err();
+        assert!(e.to_string().contains("`nodee`"));
+        assert!(matches!(params(&[]).mode(), Err(ParamError::Missing { name: "mode", .. })));
+    }
+
+    #[test]
+    fn range_defaults_to_the_last_fifteen_minutes() {
+        let s = params(&[]).selector().expect("selector");
+        assert_eq!((s.from_s, s.to_s), (10_000 - 900, 10_000));
+    }
+}

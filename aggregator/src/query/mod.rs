@@ -1,0 +1,195 @@
+//! What the query API computes from a [`Store`]'s aggregates, once for both
+//! stores: merged profiles (flame-graph tree, folded stacks, pprof, SVG), top
+//! functions, per-stack diffs, syscall latency quantiles and lock call sites.
+//!
+//! The value of a stack in a profile depends on the mode: CPU profiles count
+//! samples; lock profiles sum wait time in ns; syscall profiles sum the time
+//! of slow calls in ns (see [`profile_value`]).
+
+mod pprof;
+mod profile;
+
+pub use pprof::encode_pprof;
+pub use profile::{DiffEntry, FlameNode, TopEntry, diff, flame_tree, folded, svg, top};
+
+use std::collections::HashMap;
+
+use aperture_core::model::{Mode, StackHash, histogram_quantile};
+use serde::Serialize;
+
+use crate::store::{QueryError, Selector, StackTotal, Store, profile_kind};
+
+/// A merged profile: every selected stack with its frames resolved, root first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Profile {
+    /// What was profiled.
+    pub mode: Option<Mode>,
+    /// Stacks, each as function names from the root to the leaf, with the
+    /// stack's frames for pprof (leaf first, as stored).
+    pub stacks: Vec<ProfileStack>,
+}
+
+/// One stack of a [`Profile`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileStack {
+    /// Stack identity.
+    pub hash: StackHash,
+    /// Frame names from the root (outermost caller) to the leaf.
+    pub names: Vec<String>,
+    /// Frames as stored, leaf first (empty when the stack is unknown to the store).
+    pub frames: Vec<aperture_core::model::StackFrame>,
+    /// Samples, waits or calls.
+    pub count: u64,
+    /// CPU, wait or call time, ns.
+    pub total_ns: u64,
+}
+
+impl ProfileStack {
+    /// The stack's value in a flame graph of `mode`.
+    pub fn value(&self, mode: Mode) -> u64 {
+        profile_value(mode, self.count, self.total_ns)
+    }
+}
+
+/// Samples for CPU profiles; nanoseconds for lock and syscall profiles.
+pub fn profile_value(mode: Mode, count: u64, total_ns: u64) -> u64 {
+    match mode {
+        Mode::Cpu => count,
+        Mode::Lock | Mode::Syscall => total_ns,
+    }
+}
+
+/// Unit of [`profile_value`].
+pub fn profile_unit(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Cpu => "samples",
+        Mode::Lock | Mode::Syscall => "nanoseconds",
+    }
+}
+
+/// Name shown for a stack the store has no frames for (should not happen;
+/// visible rather than silently dropped).
+fn unknown_stack(hash: StackHash) -> String {
+    format!("[unknown stack {hash}]")
+}
+
+/// Resolves stack totals into a [`Profile`].
+pub async fn resolve(store: &dyn Store, mode: Mode, totals: Vec<StackTotal>) -> Result<Profile, QueryError> {
+    let hashes: Vec<StackHash> = totals.iter().map(|t| t.stack).collect();
+    let stacks = store.stacks(&hashes).await?;
+    let by_hash: HashMap<StackHash, aperture_core::model::Stack> = stacks.into_iter().map(|s| (s.hash, s)).collect();
+    let mut out: Vec<ProfileStack> = totals
+        .into_iter()
+        .map(|t| {
+            let (names, frames) = match by_hash.get(&t.stack) {
+                Some(s) if !s.frames.is_empty() => {
+                    (s.frames.iter().rev().map(|f| f.display_name()).collect(), s.frames.clone())
+                }
+                _ => (vec![unknown_stack(t.stack)], Vec::new()),
+            };
+            ProfileStack { hash: t.stack, names, frames, count: t.count, total_ns: t.total_ns }
+        })
+        .collect();
+    out.sort_by(|a, b| a.names.cmp(&b.names).then(a.hash.cmp(&b.hash)));
+    Ok(Profile { mode: Some(mode), stacks: out })
+}
+
+/// Loads the merged profile of `mode` over `sel`.
+pub async fn load_profile(store: &dyn Store, mode: Mode, sel: &Selector) -> Result<Profile, QueryError> {
+    let totals = store.stack_totals(profile_kind(mode), sel).await?;
+    resolve(store, mode, totals).await
+}
+
+/// Per-syscall summary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SyscallSummary {
+    /// Syscall name.
+    pub name: String,
+    /// Calls.
+    pub count: u64,
+    /// Calls that returned an error.
+    pub errors: u64,
+    /// Time in the calls, ns.
+    pub total_ns: u64,
+    /// Median latency estimated from the merged log2 histogram, ns.
+    pub p50_ns: u64,
+    /// 90th percentile, ns.
+    pub p90_ns: u64,
+    /// 99th percentile, ns.
+    pub p99_ns: u64,
+}
+
+/// Per-syscall counts and quantiles, by total time, largest first.
+pub async fn syscalls(store: &dyn Store, sel: &Selector, limit: usize) -> Result<Vec<SyscallSummary>, QueryError> {
+    let mut out: Vec<SyscallSummary> = store
+        .syscall_totals(sel)
+        .await?
+        .into_iter()
+        .map(|t| SyscallSummary {
+            p50_ns: histogram_quantile(&t.histogram, 0.5),
+            p90_ns: histogram_quantile(&t.histogram, 0.9),
+            p99_ns: histogram_quantile(&t.histogram, 0.99),
+            name: t.name,
+            count: t.count,
+            errors: t.errors,
+            total_ns: t.total_ns,
+        })
+        .collect();
+    out.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then_with(|| a.name.cmp(&b.name)));
+    out.truncate(limit);
+    Ok(out)
+}
+
+/// A contended call site.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LockSite {
+    /// The leaf function of the stack at the wait.
+    pub function: String,
+    /// The whole stack, root first, `;`-separated.
+    pub stack: String,
+    /// Lock kind.
+    pub kind: String,
+    /// Waits.
+    pub count: u64,
+    /// Time waited, ns.
+    pub wait_ns: u64,
+    /// Longest single wait, ns.
+    pub max_wait_ns: u64,
+}
+
+/// Call sites by total wait time, longest first.
+pub async fn locks(store: &dyn Store, sel: &Selector, limit: usize) -> Result<Vec<LockSite>, QueryError> {
+    let totals = store.lock_totals(sel).await?;
+    let mut hashes: Vec<StackHash> = totals.iter().map(|t| t.stack).collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    let stacks = store.stacks(&hashes).await?;
+    let by_hash: HashMap<StackHash, aperture_core::model::Stack> = stacks.into_iter().map(|s| (s.hash, s)).collect();
+    let mut out: Vec<LockSite> = totals
+        .into_iter()
+        .map(|t| {
+            let (function, stack) = match by_hash.get(&t.stack) {
+                Some(s) if !s.frames.is_empty() => (
+                    s.frames[0].display_name(),
+                    s.frames.iter().rev().map(|f| f.display_name()).collect::<Vec<_>>().join(";"),
+                ),
+                _ => (unknown_stack(t.stack), unknown_stack(t.stack)),
+            };
+            LockSite { function, stack, kind: t.kind, count: t.count, wait_ns: t.total_ns, max_wait_ns: t.max_ns }
+        })
+        .collect();
+    out.sort_by(|a, b| b.wait_ns.cmp(&a.wait_ns).then_with(|| a.stack.cmp(&b.stack)).then_with(|| a.kind.cmp(&b.kind)));
+    out.truncate(limit);
+    Ok(out)
+}
+
+/// Sorts label values for a picker: non-empty, numerically for pids, else lexically.
+pub fn sort_label_values(mut values: Vec<String>, numeric: bool) -> Vec<String> {
+    values.retain(|v| !v.is_empty());
+    values.sort_unstable();
+    values.dedup();
+    if numeric {
+        values.sort_by_key(|v| v.parse::<u64>().unwrap_or(u64::MAX));
+    }
+    values
+}

@@ -1,0 +1,106 @@
+//! The ClickHouse store, split by concern:
+//! - [`config`]: endpoint checks and client construction;
+//! - [`schema`]: versioned, idempotent migrations;
+//! - [`request_builder`]: rows of each table, built from a write batch;
+//! - [`service`]: the staged insert and failure classification (retry or reject);
+//! - [`queries`]: the reads behind the API, the ledger and retention.
+//!
+//! Integration tests against a real server live in `tests/clickhouse.rs`.
+
+mod config;
+mod queries;
+mod request_builder;
+pub(crate) mod schema;
+mod service;
+
+use std::time::Duration;
+
+use aperture_core::ledger::{RunKey, RunState};
+use aperture_core::model::{Mode, Stack, StackHash};
+use aperture_core::shard::RowKind;
+use clickhouse::Client;
+
+use super::{
+    LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, StackTotal, Store, StoreFuture, StoreKind,
+    SyscallTotal, WriteBatch, WriteError,
+};
+use crate::settings::ClickHouseSettings;
+
+/// The ClickHouse store.
+#[derive(Clone)]
+pub struct ClickHouseStore {
+    client: Client,
+    database: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ClickHouseStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouseStore").field("database", &self.database).finish_non_exhaustive()
+    }
+}
+
+impl ClickHouseStore {
+    /// Connects, creates the database if needed and applies migrations.
+    pub async fn open(settings: &ClickHouseSettings) -> Result<ClickHouseStore, OpenError> {
+        let (admin, client) = config::clients(settings)?;
+        schema::migrate(&admin, &client, &settings.database).await?;
+        Ok(ClickHouseStore { client, database: settings.database.clone(), timeout: settings.request_timeout })
+    }
+}
+
+impl Store for ClickHouseStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::ClickHouse
+    }
+
+    fn write<'a>(&'a self, batch: &'a WriteBatch) -> StoreFuture<'a, Result<(), WriteError>> {
+        Box::pin(service::write(&self.client, batch, self.timeout))
+    }
+
+    fn load_ledger(&self, since_s: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>> {
+        Box::pin(queries::ledger(&self.client, since_s))
+    }
+
+    fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>> {
+        Box::pin(async move {
+            self.client.query("SELECT 1").fetch_one::<u8>().await.map(|_| ()).map_err(queries::query_err)
+        })
+    }
+
+    fn stack_totals<'a>(
+        &'a self,
+        kind: RowKind,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<StackTotal>, QueryError>> {
+        Box::pin(queries::stack_totals(&self.client, kind, sel))
+    }
+
+    fn stacks<'a>(&'a self, hashes: &'a [StackHash]) -> StoreFuture<'a, Result<Vec<Stack>, QueryError>> {
+        Box::pin(queries::stacks(&self.client, hashes))
+    }
+
+    fn syscall_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<SyscallTotal>, QueryError>> {
+        Box::pin(queries::syscall_totals(&self.client, sel))
+    }
+
+    fn lock_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<LockTotal>, QueryError>> {
+        Box::pin(queries::lock_totals(&self.client, sel))
+    }
+
+    fn label_values<'a>(
+        &'a self,
+        label: LabelName,
+        mode: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        Box::pin(queries::label_values(&self.client, label, mode, sel))
+    }
+
+    fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>> {
+        Box::pin(async move {
+            let removed = queries::retention(&self.client, &self.database, cutoff_s).await?;
+            Ok(RetentionReport { removed })
+        })
+    }
+}

@@ -1,0 +1,281 @@
+//! Reads: the aggregate queries behind the API, the ledger, retention.
+//!
+//! Label filter values are bound as parameters (the client escapes them);
+//! stack hashes and times are integers formatted into the SQL.
+
+use aperture_core::model::{Mode, StackHash};
+use aperture_core::shard::RowKind;
+use clickhouse::{Client, Row};
+use serde::Deserialize;
+
+use crate::store::{LabelName, LockTotal, QueryError, Selector, StackTotal, SyscallTotal, mode_kinds};
+
+const STORE: &str = "clickhouse";
+
+pub(crate) fn query_err(e: impl std::fmt::Display) -> QueryError {
+    QueryError::Store { store: STORE, reason: e.to_string() }
+}
+
+/// A `WHERE` clause over `samples` with `?` placeholders, and the values to bind.
+pub(crate) struct Where {
+    pub sql: String,
+    pub binds: Vec<String>,
+    pub pid: Option<u32>,
+}
+
+pub(crate) fn where_clause(kinds: &[RowKind], sel: &Selector) -> Where {
+    let mut sql = format!(
+        "window_start >= toDateTime({}) AND window_start < toDateTime({})",
+        sel.from_s.min(u64::from(u32::MAX)),
+        sel.to_s.min(u64::from(u32::MAX))
+    );
+    if !kinds.is_empty() {
+        let names: Vec<String> = kinds.iter().map(|k| format!("'{}'", k.as_str())).collect();
+        sql.push_str(&format!(" AND kind IN ({})", names.join(", ")));
+    }
+    let mut binds = Vec::new();
+    for (column, value) in sel.filter.string_columns() {
+        sql.push_str(&format!(" AND {column} = ?"));
+        binds.push(value.to_owned());
+    }
+    if sel.filter.pid.is_some() {
+        sql.push_str(" AND pid = ?");
+    }
+    Where { sql, binds, pid: sel.filter.pid }
+}
+
+fn bound(client: &Client, sql: &str, w: &Where) -> clickhouse::query::Query {
+    let mut q = client.query(sql);
+    for b in &w.binds {
+        q = q.bind(b.as_str());
+    }
+    if let Some(pid) = w.pid {
+        q = q.bind(pid);
+    }
+    q
+}
+
+#[derive(Row, Deserialize)]
+struct StackSum {
+    stack_hash: u64,
+    count: u64,
+    total_ns: u64,
+}
+
+pub(crate) async fn stack_totals(client: &Client, kind: RowKind, sel: &Selector) -> Result<Vec<StackTotal>, QueryError> {
+    let w = where_clause(&[kind], sel);
+    let sql = format!(
+        "SELECT stack_hash, sum(count) AS count, sum(total_ns) AS total_ns FROM samples
+         WHERE {} AND stack_hash != 0 GROUP BY stack_hash",
+        w.sql
+    );
+    let rows = bound(client, &sql, &w).fetch_all::<StackSum>().await.map_err(query_err)?;
+    Ok(rows.into_iter().map(|r| StackTotal { stack: StackHash(r.stack_hash), count: r.count, total_ns: r.total_ns }).collect())
+}
+
+#[derive(Row, Deserialize)]
+struct StackFrames {
+    hash: u64,
+    symbols: Vec<String>,
+    modules: Vec<String>,
+    files: Vec<String>,
+    lines: Vec<u32>,
+    offsets: Vec<u64>,
+    addresses: Vec<u64>,
+    kernel: Vec<u8>,
+}
+
+pub(crate) async fn stacks(client: &Client, hashes: &[StackHash]) -> Result<Vec<aperture_core::model::Stack>, QueryError> {
+    let mut out = Vec::with_capacity(hashes.len());
+    for chunk in hashes.chunks(5000) {
+        let list: Vec<String> = chunk.iter().map(|h| h.0.to_string()).collect();
+        let sql = format!(
+            "SELECT hash, any(symbols), any(modules), any(files), any(lines), any(offsets), any(addresses), any(kernel)
+             FROM stacks WHERE hash IN ({}) GROUP BY hash",
+            list.join(",")
+        );
+        let rows = client.query(&sql).fetch_all::<StackFrames>().await.map_err(query_err)?;
+        for r in rows {
+            let n = r.symbols.len();
+            let frames = (0..n)
+                .map(|i| aperture_core::model::StackFrame {
+                    address: r.addresses.get(i).copied().unwrap_or(0),
+                    module_offset: r.offsets.get(i).copied().unwrap_or(0),
+                    symbol: r.symbols[i].clone(),
+                    module: r.modules.get(i).cloned().unwrap_or_default(),
+                    file: r.files.get(i).cloned().unwrap_or_default(),
+                    line: r.lines.get(i).copied().unwrap_or(0),
+                    kernel: r.kernel.get(i).is_some_and(|k| *k != 0),
+                })
+                .collect();
+            out.push(aperture_core::model::Stack { hash: StackHash(r.hash), frames });
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Row, Deserialize)]
+struct SyscallSum {
+    name: String,
+    count: u64,
+    errors: u64,
+    total_ns: u64,
+    histogram: Vec<u64>,
+}
+
+pub(crate) async fn syscall_totals(client: &Client, sel: &Selector) -> Result<Vec<SyscallTotal>, QueryError> {
+    let w = where_clause(&[RowKind::Syscall], sel);
+    let sql = format!(
+        "SELECT name, sum(count), sum(errors), sum(total_ns), sumForEach(histogram) FROM samples
+         WHERE {} GROUP BY name",
+        w.sql
+    );
+    let rows = bound(client, &sql, &w).fetch_all::<SyscallSum>().await.map_err(query_err)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| SyscallTotal { name: r.name, count: r.count, errors: r.errors, total_ns: r.total_ns, histogram: r.histogram })
+        .collect())
+}
+
+#[derive(Row, Deserialize)]
+struct LockSum {
+    stack_hash: u64,
+    name: String,
+    count: u64,
+    total_ns: u64,
+    max_ns: u64,
+}
+
+pub(crate) async fn lock_totals(client: &Client, sel: &Selector) -> Result<Vec<LockTotal>, QueryError> {
+    let w = where_clause(&[RowKind::Lock], sel);
+    let sql = format!(
+        "SELECT stack_hash, name, sum(count), sum(total_ns), max(max_ns) FROM samples
+         WHERE {} GROUP BY stack_hash, name",
+        w.sql
+    );
+    let rows = bound(client, &sql, &w).fetch_all::<LockSum>().await.map_err(query_err)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| LockTotal {
+            stack: StackHash(r.stack_hash),
+            kind: r.name,
+            count: r.count,
+            total_ns: r.total_ns,
+            max_ns: r.max_ns,
+        })
+        .collect())
+}
+
+pub(crate) async fn label_values(
+    client: &Client,
+    label: LabelName,
+    mode: Option<Mode>,
+    sel: &Selector,
+) -> Result<Vec<String>, QueryError> {
+    let kinds = mode.map(mode_kinds).unwrap_or(&[]);
+    let w = where_clause(kinds, sel);
+    let sql = format!("SELECT DISTINCT toString({}) FROM samples WHERE {}", label.as_str(), w.sql);
+    bound(client, &sql, &w).fetch_all::<String>().await.map_err(query_err)
+}
+
+#[derive(Row, Deserialize)]
+struct LedgerState {
+    agent_id: String,
+    boot_id: String,
+    watermark: u64,
+    above: Vec<u64>,
+}
+
+pub(crate) async fn ledger(
+    client: &Client,
+    since_s: u64,
+) -> Result<Vec<(aperture_core::ledger::RunKey, aperture_core::ledger::RunState)>, QueryError> {
+    let sql = format!(
+        "SELECT agent_id, boot_id, argMax(watermark, version), argMax(above, version) FROM frame_ledger
+         WHERE updated >= toDateTime({}) GROUP BY agent_id, boot_id",
+        since_s.min(u64::from(u32::MAX))
+    );
+    let rows = client.query(&sql).fetch_all::<LedgerState>().await.map_err(query_err)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let key = (crate::store::id_from_hex(&r.agent_id)?, crate::store::id_from_hex(&r.boot_id)?);
+            Some((key, aperture_core::ledger::RunState { watermark: r.watermark, above: r.above.into_iter().collect() }))
+        })
+        .collect())
+}
+
+/// Days since 1970-01-01 to a `YYYYMMDD` number (proleptic Gregorian, UTC),
+/// matching ClickHouse's `toYYYYMMDD`.
+pub(crate) fn yyyymmdd(unix_s: u64) -> u32 {
+    let days = (unix_s / 86_400) as i64;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y * 10_000 + m * 100 + d) as u32
+}
+
+/// Drops every daily partition of `samples` entirely older than `cutoff_s`
+/// and ledger rows not updated since then. Returns partitions dropped.
+pub(crate) async fn retention(client: &Client, database: &str, cutoff_s: u64) -> Result<u64, QueryError> {
+    let cutoff_day = yyyymmdd(cutoff_s);
+    let partitions: Vec<String> = client
+        .query("SELECT DISTINCT partition FROM system.parts WHERE database = ? AND table = 'samples' AND active")
+        .bind(database)
+        .fetch_all::<String>()
+        .await
+        .map_err(query_err)?;
+    let mut dropped = 0;
+    for p in partitions {
+        let Ok(day) = p.trim_matches('\'').parse::<u32>() else { continue };
+        if day < cutoff_day {
+            client
+                .query(&format!("ALTER TABLE samples DROP PARTITION {day}"))
+                .execute()
+                .await
+                .map_err(query_err)?;
+            dropped += 1;
+        }
+    }
+    client
+        .query(&format!(
+            "ALTER TABLE frame_ledger DELETE WHERE updated < toDateTime({})",
+            cutoff_s.min(u64::from(u32::MAX))
+        ))
+        .execute()
+        .await
+        .map_err(query_err)?;
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_match_clickhouse_partition_ids() {
+        assert_eq!(yyyymmdd(0), 19_700_101);
+        assert_eq!(yyyymmdd(951_782_400), 20_000_229); // leap day 2000
+        assert_eq!(yyyymmdd(1_714_564_800), 20_240_501);
+        assert_eq!(yyyymmdd(1_735_689_599), 20_241_231);
+    }
+
+    #[test]
+    fn filters_become_bound_parameters() {
+        let sel = Selector {
+            from_s: 10,
+            to_s: 20,
+            filter: crate::store::LabelFilter { pod: Some("p'; DROP".into()), pid: Some(3), ..Default::default() },
+        };
+        let w = where_clause(&[RowKind::Cpu], &sel);
+        assert!(w.sql.contains("pod = ?") && w.sql.contains("pid = ?") && w.sql.contains("kind IN ('cpu')"));
+        assert_eq!(w.binds, vec!["p'; DROP".to_owned()]);
+    }
+}

@@ -1,0 +1,105 @@
+//! Versioned, idempotent migrations. Each runs once, in order, and is
+//! recorded in `schema_migrations`; every statement is also written to be
+//! harmless if run twice (`IF NOT EXISTS`), so two aggregators starting at
+//! once against one database both succeed.
+//!
+//! The schema runs on ClickHouse 18.16 (Debian's package, used in tests) and
+//! on current releases, which rules out `LowCardinality` (experimental
+//! before 19.x) and table `TTL` (19.6+): retention drops daily partitions
+//! instead. Column by column documentation is in `docs/storage.md`.
+
+use clickhouse::Client;
+
+use crate::store::OpenError;
+
+const STORE: &str = "clickhouse";
+
+/// `(version, name, statements)`.
+pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[(
+    1,
+    "initial schema",
+    &[
+        "CREATE TABLE IF NOT EXISTS samples (
+            window_start DateTime,
+            kind Enum8('cpu' = 0, 'lock' = 1, 'syscall' = 2, 'slow_call' = 3),
+            node String,
+            namespace String,
+            pod String,
+            container String,
+            process String,
+            pid UInt32,
+            stack_hash UInt64,
+            detail UInt32,
+            name String,
+            count UInt64,
+            total_ns UInt64,
+            errors UInt64,
+            max_ns UInt64,
+            histogram Array(UInt64)
+        ) ENGINE = MergeTree
+        PARTITION BY toYYYYMMDD(window_start)
+        ORDER BY (kind, window_start, node, namespace, pod, process, stack_hash)",
+        "CREATE TABLE IF NOT EXISTS stacks (
+            hash UInt64,
+            symbols Array(String),
+            modules Array(String),
+            files Array(String),
+            lines Array(UInt32),
+            offsets Array(UInt64),
+            addresses Array(UInt64),
+            kernel Array(UInt8),
+            inserted DateTime
+        ) ENGINE = ReplacingMergeTree(inserted)
+        ORDER BY hash",
+        "CREATE TABLE IF NOT EXISTS frame_ledger (
+            agent_id String,
+            boot_id String,
+            watermark UInt64,
+            above Array(UInt64),
+            updated DateTime,
+            version UInt64
+        ) ENGINE = ReplacingMergeTree(version)
+        ORDER BY (agent_id, boot_id)",
+    ],
+)];
+
+fn failed(version: u32, name: &'static str, e: impl std::fmt::Display) -> OpenError {
+    OpenError::Migration { store: STORE, version, name, reason: e.to_string() }
+}
+
+/// Creates the database if needed and applies missing migrations.
+pub(crate) async fn migrate(admin: &Client, db: &Client, database: &str) -> Result<(), OpenError> {
+    admin
+        .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+        .execute()
+        .await
+        .map_err(|e| failed(0, "create database", e))?;
+    db.query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, applied DateTime)
+         ENGINE = MergeTree ORDER BY version",
+    )
+    .execute()
+    .await
+    .map_err(|e| failed(0, "schema_migrations", e))?;
+    let applied: Vec<u32> = db
+        .query("SELECT DISTINCT version FROM schema_migrations")
+        .fetch_all::<u32>()
+        .await
+        .map_err(|e| failed(0, "read schema_migrations", e))?;
+    for &(version, name, statements) in MIGRATIONS {
+        if applied.contains(&version) {
+            continue;
+        }
+        for sql in statements {
+            db.query(sql).execute().await.map_err(|e| failed(version, name, e))?;
+        }
+        db.query("INSERT INTO schema_migrations (version, name, applied) SELECT ?, ?, now()")
+            .bind(version)
+            .bind(name)
+            .execute()
+            .await
+            .map_err(|e| failed(version, name, e))?;
+        tracing::info!(version, name, "ClickHouse migration applied");
+    }
+    Ok(())
+}

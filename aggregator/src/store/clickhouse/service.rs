@@ -1,0 +1,104 @@
+//! Executing a write against ClickHouse and deciding what a failure means.
+//!
+//! A batch is three inserts: stacks, then samples, then ledger state.
+//! ClickHouse has no transaction across them, so progress is recorded in
+//! [`WriteBatch::progress`] and a retry of the same batch resumes after the
+//! last insert that succeeded. Stacks go first so that rows never reference
+//! a stack that is missing; re-inserting a stack is harmless
+//! (ReplacingMergeTree keeps one per hash). The ledger goes last: if the
+//! aggregator dies after the samples insert and before the ledger insert, a
+//! frame resent after the restart is counted again. That window is one
+//! insert long and is documented in `docs/storage.md`.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clickhouse::{Client, Row, RowWrite};
+
+use super::request_builder::{ledger_rows, sample_rows, stack_rows};
+use crate::store::{WriteBatch, WriteError};
+
+const STORE: &str = "clickhouse";
+
+/// Server error codes that mean the data itself cannot be inserted
+/// (parse and type errors, values out of range); anything else (network,
+/// timeouts, memory limits, too many parts, missing tables) may pass and is
+/// retried.
+const DATA_ERROR_CODES: &[u32] = &[6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 128, 131];
+
+/// Classifies a client error.
+pub(crate) fn classify(e: clickhouse::error::Error) -> WriteError {
+    use clickhouse::error::Error as E;
+    let reason = e.to_string();
+    let rejected = match &e {
+        E::BadResponse(text) => server_code(text).is_some_and(|c| DATA_ERROR_CODES.contains(&c)),
+        E::DataFormat(_) | E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_) => true,
+        _ => false,
+    };
+    if rejected { WriteError::Rejected { store: STORE, reason } } else { WriteError::Unavailable { store: STORE, reason } }
+}
+
+/// Extracts `N` from a ClickHouse error text `Code: N, ...`.
+pub(crate) fn server_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + 6..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+async fn insert_all<T: Row + RowWrite>(
+    client: &Client,
+    table: &str,
+    rows: &[T::Value<'_>],
+    timeout: Duration,
+) -> Result<(), WriteError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client.insert::<T>(table).await.map_err(classify)?.with_timeouts(Some(timeout), Some(timeout));
+    for row in rows {
+        insert.write(row).await.map_err(classify)?;
+    }
+    insert.end().await.map_err(classify)
+}
+
+/// Runs the inserts of `batch` not yet done.
+pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration) -> Result<(), WriteError> {
+    if batch.progress.load(Ordering::Acquire) < 1 {
+        let rows = stack_rows(batch);
+        insert_all::<super::request_builder::StackRow<'static>>(client, "stacks", &rows, timeout).await?;
+        batch.progress.store(1, Ordering::Release);
+    }
+    if batch.progress.load(Ordering::Acquire) < 2 {
+        let rows = sample_rows(batch)?;
+        insert_all::<super::request_builder::SampleRow<'static>>(client, "samples", &rows, timeout).await?;
+        batch.progress.store(2, Ordering::Release);
+    }
+    if batch.progress.load(Ordering::Acquire) < 3 {
+        let version = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let rows = ledger_rows(batch, version);
+        insert_all::<super::request_builder::LedgerRow>(client, "frame_ledger", &rows, timeout).await?;
+        batch.progress.store(3, Ordering::Release);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_codes_are_read_from_error_text() {
+        assert_eq!(server_code("bad response: Code: 27, e.displayText() = DB::Exception: Cannot parse"), Some(27));
+        assert_eq!(server_code("Code: 241. DB::Exception: Memory limit"), Some(241));
+        assert_eq!(server_code("connection refused"), None);
+    }
+
+    #[test]
+    fn parse_errors_are_rejected_and_overload_is_retried() {
+        let bad = classify(clickhouse::error::Error::BadResponse("Code: 27, Cannot parse input".into()));
+        assert!(!bad.is_retryable());
+        let busy = classify(clickhouse::error::Error::BadResponse("Code: 252, Too many parts".into()));
+        assert!(busy.is_retryable());
+        assert!(classify(clickhouse::error::Error::TimedOut).is_retryable());
+    }
+}

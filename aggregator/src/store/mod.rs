@@ -1,0 +1,380 @@
+//! Storage: one [`Store`] trait, two implementations.
+//!
+//! - [`sqlite::SqliteStore`]: the embedded default, `<data_dir>/aperture.db`.
+//! - [`clickhouse::ClickHouseStore`]: production, when a ClickHouse endpoint is set.
+//!
+//! Both store the same three things: aggregated rows (one per window, kind,
+//! label set, stack and detail, see [`aperture_core::shard::RowKey`]), stacks
+//! (once per [`StackHash`]) and the committed state of the frame ledger, so a
+//! restart knows which frames it has already stored. The query side of the
+//! trait returns small, store-independent aggregates; everything the HTTP API
+//! derives from them (flame graphs, top functions, diffs, quantiles) is
+//! computed once, in [`crate::query`], so both stores give the same answers.
+//! The schemas are documented in `docs/storage.md`.
+
+pub mod clickhouse;
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use aperture_core::ledger::{RunKey, RunState};
+use aperture_core::model::{Mode, Stack, StackHash};
+use aperture_core::shard::{Flush, RowKind};
+
+/// A boxed future borrowing the store: what every [`Store`] method returns,
+/// so the trait stays object-safe (`Arc<dyn Store>`).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Which implementation is behind a [`Store`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded SQLite store.
+    Sqlite,
+    /// ClickHouse.
+    ClickHouse,
+}
+
+impl StoreKind {
+    /// Name used in `/api/health` and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::ClickHouse => "clickhouse",
+        }
+    }
+}
+
+/// What the writer commits in one go: the rows of one or more shard flushes
+/// and the ledger state of every agent run that contributed to them
+/// (already including the frames of these flushes).
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    /// Flushes, written in order.
+    pub flushes: Vec<Flush>,
+    /// Committed state of each run touched by the flushes, after this batch.
+    pub runs: Vec<(RunKey, RunState)>,
+    /// Commit time, Unix seconds (stored with ledger rows for retention).
+    pub now_s: u64,
+    /// Steps of a multi-step write already done, for stores that cannot
+    /// commit a batch atomically (ClickHouse): a retry of the same batch
+    /// skips them. Zero for a fresh batch.
+    pub progress: std::sync::atomic::AtomicU8,
+}
+
+impl WriteBatch {
+    /// Number of data rows.
+    pub fn row_count(&self) -> usize {
+        self.flushes.iter().map(|f| f.rows.len()).sum()
+    }
+
+    /// Number of stacks carried.
+    pub fn stack_count(&self) -> usize {
+        self.flushes.iter().map(|f| f.stacks.len()).sum()
+    }
+}
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The store could not be reached or failed in a way that may pass
+    /// (network, server restarting, disk busy): keep the batch and retry.
+    #[error("{store} is unavailable: {reason}; the batch is kept and retried")]
+    Unavailable {
+        /// Which store.
+        store: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The store refused the data itself: retrying cannot help. The rows are
+    /// counted as rejected and their frames acknowledged.
+    #[error("{store} rejected the data: {reason}; the rows are dropped and counted")]
+    Rejected {
+        /// Which store.
+        store: &'static str,
+        /// What the store said.
+        reason: String,
+    },
+}
+
+impl WriteError {
+    /// Whether the same batch may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, WriteError::Unavailable { .. })
+    }
+}
+
+/// Why a read (query, ledger load, health check, retention) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The store could not answer.
+    #[error("{store} query failed: {reason}")]
+    Store {
+        /// Which store.
+        store: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Why opening a store (connecting, migrating) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The SQLite file could not be opened or created.
+    #[error("cannot open the embedded store at {path}: {reason}; check that the data directory exists and is writable")]
+    Sqlite {
+        /// Database file.
+        path: String,
+        /// What SQLite said.
+        reason: String,
+    },
+    /// A schema migration failed.
+    #[error("{store} migration {version} ({name}) failed: {reason}")]
+    Migration {
+        /// Which store.
+        store: &'static str,
+        /// Migration version.
+        version: u32,
+        /// Migration name.
+        name: &'static str,
+        /// What the store said.
+        reason: String,
+    },
+    /// The ClickHouse endpoint is not a usable URL.
+    #[error("ClickHouse endpoint {endpoint:?} is invalid: {reason}; expected e.g. http://clickhouse:8123")]
+    Endpoint {
+        /// The endpoint as configured.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Filters on the labels of stored rows; `None` matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelFilter {
+    /// Node name.
+    pub node: Option<String>,
+    /// Kubernetes namespace.
+    pub namespace: Option<String>,
+    /// Pod name.
+    pub pod: Option<String>,
+    /// Container name.
+    pub container: Option<String>,
+    /// Process name.
+    pub process: Option<String>,
+    /// Process id.
+    pub pid: Option<u32>,
+}
+
+impl LabelFilter {
+    /// The string-valued filters as (column, value) pairs, in a fixed order.
+    pub fn string_columns(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("node", &self.node),
+            ("namespace", &self.namespace),
+            ("pod", &self.pod),
+            ("container", &self.container),
+            ("process", &self.process),
+        ]
+        .into_iter()
+        .filter_map(|(c, v)| v.as_deref().map(|v| (c, v)))
+        .collect()
+    }
+}
+
+/// Which rows a query reads: a time range and label filters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    /// Rows whose window starts at or after this, Unix seconds.
+    pub from_s: u64,
+    /// Rows whose window starts before this, Unix seconds.
+    pub to_s: u64,
+    /// Label filters.
+    pub filter: LabelFilter,
+}
+
+/// The row kind whose stacks make up a mode's profile: CPU samples, lock
+/// waits, and for syscalls the individual slow calls (syscall statistics
+/// carry no stack).
+pub fn profile_kind(mode: Mode) -> RowKind {
+    match mode {
+        Mode::Cpu => RowKind::Cpu,
+        Mode::Lock => RowKind::Lock,
+        Mode::Syscall => RowKind::SlowCall,
+    }
+}
+
+/// Sum over the selected rows of one stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackTotal {
+    /// The stack.
+    pub stack: StackHash,
+    /// Samples, waits or calls.
+    pub count: u64,
+    /// CPU time, wait time or call time, ns.
+    pub total_ns: u64,
+}
+
+/// Sum over the selected syscall-statistics rows of one syscall.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyscallTotal {
+    /// Syscall name.
+    pub name: String,
+    /// Calls.
+    pub count: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// Time in the calls, ns.
+    pub total_ns: u64,
+    /// Merged log2 latency histogram.
+    pub histogram: Vec<u64>,
+}
+
+/// Sum over the selected lock rows of one (stack, lock kind).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockTotal {
+    /// Stack at the wait.
+    pub stack: StackHash,
+    /// Lock kind name (`futex`, `kernel_mutex`...).
+    pub kind: String,
+    /// Waits.
+    pub count: u64,
+    /// Time waited, ns.
+    pub total_ns: u64,
+    /// Longest single wait, ns.
+    pub max_ns: u64,
+}
+
+/// A label a filter picker can list values of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabelName {
+    /// Node name.
+    Node,
+    /// Kubernetes namespace.
+    Namespace,
+    /// Pod name.
+    Pod,
+    /// Container name.
+    Container,
+    /// Process name.
+    Process,
+    /// Process id.
+    Pid,
+}
+
+impl LabelName {
+    /// Every label.
+    pub const ALL: [LabelName; 6] =
+        [LabelName::Node, LabelName::Namespace, LabelName::Pod, LabelName::Container, LabelName::Process, LabelName::Pid];
+
+    /// Column (and API) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabelName::Node => "node",
+            LabelName::Namespace => "namespace",
+            LabelName::Pod => "pod",
+            LabelName::Container => "container",
+            LabelName::Process => "process",
+            LabelName::Pid => "pid",
+        }
+    }
+
+    /// The inverse of [`LabelName::as_str`].
+    pub fn parse(s: &str) -> Option<LabelName> {
+        LabelName::ALL.into_iter().find(|l| l.as_str() == s)
+    }
+}
+
+/// What a retention pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Rows, partitions or ledger entries removed (store-specific unit, for logs).
+    pub removed: u64,
+}
+
+/// A place rows are written to and read from. Methods return boxed futures
+/// so the trait can be used as `Arc<dyn Store>`; blocking implementations
+/// move their work to tokio's blocking pool.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Which implementation this is.
+    fn kind(&self) -> StoreKind;
+
+    /// Commits a batch: rows, new stacks and ledger state. SQLite does it in
+    /// one transaction; ClickHouse inserts stacks, then rows, then ledger
+    /// state (see `docs/storage.md` for the crash window this leaves).
+    fn write<'a>(&'a self, batch: &'a WriteBatch) -> StoreFuture<'a, Result<(), WriteError>>;
+
+    /// The committed ledger state of every run updated at or after `since_s`.
+    fn load_ledger(&self, since_s: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>>;
+
+    /// Cheap round trip proving the store answers.
+    fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>>;
+
+    /// Per-stack sums of the rows of `kind` selected by `sel`.
+    fn stack_totals<'a>(
+        &'a self,
+        kind: RowKind,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<StackTotal>, QueryError>>;
+
+    /// The frames of the given stacks; unknown hashes are left out.
+    fn stacks<'a>(&'a self, hashes: &'a [StackHash]) -> StoreFuture<'a, Result<Vec<Stack>, QueryError>>;
+
+    /// Per-syscall sums of the syscall-statistics rows selected by `sel`.
+    fn syscall_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<SyscallTotal>, QueryError>>;
+
+    /// Per (stack, lock kind) sums of the lock rows selected by `sel`.
+    fn lock_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<LockTotal>, QueryError>>;
+
+    /// Distinct values of `label` among rows of `kind` (all kinds if `None`) selected by `sel`, sorted.
+    fn label_values<'a>(
+        &'a self,
+        label: LabelName,
+        kind: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>>;
+
+    /// Removes rows whose window started before `cutoff_s`, and ledger state
+    /// not updated since then.
+    fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>>;
+}
+
+/// Row kinds belonging to a mode, for label listing.
+pub fn mode_kinds(mode: Mode) -> &'static [RowKind] {
+    match mode {
+        Mode::Cpu => &[RowKind::Cpu],
+        Mode::Lock => &[RowKind::Lock],
+        Mode::Syscall => &[RowKind::Syscall, RowKind::SlowCall],
+    }
+}
+
+/// Hex form of an agent or boot id, as stored.
+pub fn id_hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses [`id_hex`] output; `None` for anything else.
+pub fn id_from_hex(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_through_hex() {
+        let id = [0xab; 16];
+        assert_eq!(id_from_hex(&id_hex(&id)), Some(id));
+        assert_eq!(id_from_hex("zz"), None);
+        assert_eq!(id_from_hex(&"g".repeat(32)), None);
+    }
+}

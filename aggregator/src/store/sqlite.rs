@@ -1,0 +1,515 @@
+//! The embedded store: one SQLite file (`<data_dir>/aperture.db`, WAL mode,
+//! `synchronous=FULL` so an acknowledged batch survives a power cut), used
+//! when no ClickHouse endpoint is configured.
+//!
+//! Tables (see `docs/storage.md` for the SQL a user would run):
+//! - `samples`: one row per (window, kind, labels, stack, detail), values
+//!   summed; `histogram` is a JSON array of the 32 log2 latency buckets.
+//! - `stacks`: one row per stack hash; `frames` is a JSON array, leaf first.
+//! - `frame_ledger`: committed frames per agent run (watermark + the few
+//!   committed above it), written in the same transaction as the rows.
+//! - `schema_migrations`: applied schema versions.
+//!
+//! SQLite integers are signed 64-bit: stack hashes are stored bit-cast to
+//! `i64` (so they may read negative in SQL), other counters saturate.
+//!
+//! Writes run on the caller's thread (the dedicated writer thread); reads run
+//! on tokio's blocking pool over a second connection, which WAL lets proceed
+//! while a write is in progress.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aperture_core::ledger::{RunKey, RunState};
+use aperture_core::model::{LATENCY_BUCKETS, Mode, Stack, StackFrame, StackHash};
+use aperture_core::shard::RowKind;
+use rusqlite::types::Value;
+use rusqlite::{Connection, ErrorCode, OpenFlags, params, params_from_iter};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, StackTotal, Store, StoreFuture, StoreKind,
+    SyscallTotal, WriteBatch, WriteError, id_from_hex, id_hex, mode_kinds,
+};
+
+const STORE: &str = "sqlite";
+
+/// Versioned schema changes, applied in order, each exactly once (recorded
+/// in `schema_migrations` in the same transaction).
+const MIGRATIONS: &[(u32, &str, &str)] = &[(
+    1,
+    "initial schema",
+    "CREATE TABLE IF NOT EXISTS samples (
+        window_start INTEGER NOT NULL,
+        kind INTEGER NOT NULL,
+        node TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        pod TEXT NOT NULL,
+        container TEXT NOT NULL,
+        process TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        stack_hash INTEGER NOT NULL,
+        detail INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        total_ns INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        max_ns INTEGER NOT NULL,
+        histogram TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS samples_kind_time ON samples (kind, window_start);
+    CREATE INDEX IF NOT EXISTS samples_time ON samples (window_start);
+    CREATE TABLE IF NOT EXISTS stacks (
+        hash INTEGER PRIMARY KEY,
+        frames TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS frame_ledger (
+        agent_id TEXT NOT NULL,
+        boot_id TEXT NOT NULL,
+        watermark INTEGER NOT NULL,
+        above TEXT NOT NULL,
+        updated_s INTEGER NOT NULL,
+        PRIMARY KEY (agent_id, boot_id)
+    );",
+)];
+
+/// One stack frame as stored in `stacks.frames`.
+#[derive(Serialize, Deserialize)]
+struct FrameJson {
+    symbol: String,
+    module: String,
+    file: String,
+    line: u32,
+    offset: u64,
+    address: u64,
+    kernel: bool,
+}
+
+/// The embedded SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn open_err(path: &Path, e: impl std::fmt::Display) -> OpenError {
+    OpenError::Sqlite { path: path.display().to_string(), reason: e.to_string() }
+}
+
+fn query_err(e: impl std::fmt::Display) -> QueryError {
+    QueryError::Store { store: STORE, reason: e.to_string() }
+}
+
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A panic while holding the connection leaves it usable (every write is a
+    // transaction that rolls back on drop), so a poisoned lock is recovered.
+    conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_i64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `<data_dir>/aperture.db` and applies migrations.
+    pub fn open(data_dir: &Path) -> Result<SqliteStore, OpenError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| open_err(data_dir, e))?;
+        let path = data_dir.join("aperture.db");
+        let writer = Connection::open(&path).map_err(|e| open_err(&path, e))?;
+        configure(&writer).map_err(|e| open_err(&path, e))?;
+        migrate(&writer)?;
+        let reader = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(|e| open_err(&path, e))?;
+        reader.busy_timeout(Duration::from_secs(5)).map_err(|e| open_err(&path, e))?;
+        Ok(SqliteStore { path, writer: Arc::new(Mutex::new(writer)), reader: Arc::new(Mutex::new(reader)) })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> StoreFuture<'static, Result<T, QueryError>> {
+        let reader = Arc::clone(&self.reader);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&lock(&reader)).map_err(query_err))
+                .await
+                .map_err(|e| query_err(format!("query task failed: {e}")))?
+        })
+    }
+
+    fn write_sync(&self, batch: &WriteBatch) -> Result<(), WriteError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction().map_err(classify)?;
+        {
+            let mut insert_row = tx
+                .prepare_cached(
+                    "INSERT INTO samples (window_start, kind, node, namespace, pod, container, process, pid,
+                        stack_hash, detail, name, count, total_ns, errors, max_ns, histogram)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                )
+                .map_err(classify)?;
+            for flush in &batch.flushes {
+                for (key, value) in &flush.rows {
+                    let Some(labels) = flush.labels.get(key.labels as usize) else {
+                        return Err(WriteError::Rejected {
+                            store: STORE,
+                            reason: format!("row refers to label set {} of {}", key.labels, flush.labels.len()),
+                        });
+                    };
+                    let histogram = histogram_json(&value.histogram);
+                    insert_row
+                        .execute(params![
+                            to_i64(key.window_start_s),
+                            key.kind as u8,
+                            labels.node,
+                            labels.namespace,
+                            labels.pod,
+                            labels.container,
+                            labels.process,
+                            labels.pid,
+                            key.stack.0 as i64, // bit cast, see the module doc
+                            key.detail,
+                            value.name,
+                            to_i64(value.count),
+                            to_i64(value.total_ns),
+                            to_i64(value.errors),
+                            to_i64(value.max_ns),
+                            histogram,
+                        ])
+                        .map_err(classify)?;
+                }
+            }
+            let mut insert_stack =
+                tx.prepare_cached("INSERT OR IGNORE INTO stacks (hash, frames) VALUES (?1, ?2)").map_err(classify)?;
+            for stack in batch.flushes.iter().flat_map(|f| &f.stacks) {
+                insert_stack.execute(params![stack.hash.0 as i64, frames_json(stack)]).map_err(classify)?;
+            }
+            let mut upsert_run = tx
+                .prepare_cached(
+                    "INSERT INTO frame_ledger (agent_id, boot_id, watermark, above, updated_s)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (agent_id, boot_id) DO UPDATE SET
+                        watermark = excluded.watermark, above = excluded.above, updated_s = excluded.updated_s",
+                )
+                .map_err(classify)?;
+            for ((agent, boot), state) in &batch.runs {
+                let above = serde_json::to_string(&state.above).unwrap_or_else(|_| "[]".into());
+                upsert_run
+                    .execute(params![id_hex(agent), id_hex(boot), to_i64(state.watermark), above, to_i64(batch.now_s)])
+                    .map_err(classify)?;
+            }
+        }
+        tx.commit().map_err(classify)
+    }
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> Result<(), OpenError> {
+    let fail = |version, name, e: rusqlite::Error| OpenError::Migration {
+        store: STORE,
+        version,
+        name,
+        reason: e.to_string(),
+    };
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_s INTEGER NOT NULL)",
+    )
+    .map_err(|e| fail(0, "schema_migrations", e))?;
+    for &(version, name, sql) in MIGRATIONS {
+        let applied: bool = conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = ?1)", [version], |r| r.get(0))
+            .map_err(|e| fail(version, name, e))?;
+        if applied {
+            continue;
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let run = || -> rusqlite::Result<()> {
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            conn.execute_batch(sql)?;
+            conn.execute(
+                "INSERT OR IGNORE INTO schema_migrations (version, name, applied_s) VALUES (?1, ?2, ?3)",
+                params![version, name, to_i64(now)],
+            )?;
+            conn.execute_batch("COMMIT")
+        };
+        if let Err(e) = run() {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(fail(version, name, e));
+        }
+    }
+    Ok(())
+}
+
+/// Failures that may pass (busy, locked, full disk, I/O) are retried;
+/// anything else means the statement or data cannot be stored.
+fn classify(e: rusqlite::Error) -> WriteError {
+    let retryable = matches!(
+        e.sqlite_error_code(),
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::CannotOpen
+                | ErrorCode::OutOfMemory
+                | ErrorCode::FileLockingProtocolFailed
+                | ErrorCode::ReadOnly
+        )
+    );
+    if retryable {
+        WriteError::Unavailable { store: STORE, reason: e.to_string() }
+    } else {
+        WriteError::Rejected { store: STORE, reason: e.to_string() }
+    }
+}
+
+fn histogram_json(h: &[u64]) -> String {
+    if h.is_empty() { "[]".to_owned() } else { serde_json::to_string(h).unwrap_or_else(|_| "[]".to_owned()) }
+}
+
+fn frames_json(stack: &Stack) -> String {
+    let frames: Vec<FrameJson> = stack
+        .frames
+        .iter()
+        .map(|f| FrameJson {
+            symbol: f.symbol.clone(),
+            module: f.module.clone(),
+            file: f.file.clone(),
+            line: f.line,
+            offset: f.module_offset,
+            address: f.address,
+            kernel: f.kernel,
+        })
+        .collect();
+    serde_json::to_string(&frames).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn frames_from_json(hash: i64, text: &str) -> Option<Stack> {
+    let frames: Vec<FrameJson> = serde_json::from_str(text).ok()?;
+    Some(Stack {
+        hash: StackHash(hash as u64),
+        frames: frames
+            .into_iter()
+            .map(|f| StackFrame {
+                address: f.address,
+                module_offset: f.offset,
+                symbol: f.symbol,
+                module: f.module,
+                file: f.file,
+                line: f.line,
+                kernel: f.kernel,
+            })
+            .collect(),
+    })
+}
+
+/// `WHERE` clause and parameters for a selector over the given kinds.
+fn where_clause(kinds: &[RowKind], sel: &Selector) -> (String, Vec<Value>) {
+    let mut sql = String::from("window_start >= ? AND window_start < ?");
+    let mut params = vec![Value::Integer(to_i64(sel.from_s)), Value::Integer(to_i64(sel.to_s))];
+    if !kinds.is_empty() {
+        let marks = vec!["?"; kinds.len()].join(", ");
+        sql.push_str(&format!(" AND kind IN ({marks})"));
+        params.extend(kinds.iter().map(|k| Value::Integer(i64::from(*k as u8))));
+    }
+    for (column, value) in sel.filter.string_columns() {
+        sql.push_str(&format!(" AND {column} = ?"));
+        params.push(Value::Text(value.to_owned()));
+    }
+    if let Some(pid) = sel.filter.pid {
+        sql.push_str(" AND pid = ?");
+        params.push(Value::Integer(i64::from(pid)));
+    }
+    (sql, params)
+}
+
+impl Store for SqliteStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Sqlite
+    }
+
+    fn write<'a>(&'a self, batch: &'a WriteBatch) -> StoreFuture<'a, Result<(), WriteError>> {
+        // Runs on the calling thread: the writer thread owns the write path
+        // and blocks on it by design.
+        Box::pin(async move { self.write_sync(batch) })
+    }
+
+    fn load_ledger(&self, since_s: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>> {
+        self.read(move |conn| {
+            let mut stmt =
+                conn.prepare("SELECT agent_id, boot_id, watermark, above FROM frame_ledger WHERE updated_s >= ?1")?;
+            let rows = stmt.query_map([to_i64(since_s)], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (agent, boot, watermark, above) = row?;
+                let (Some(agent), Some(boot)) = (id_from_hex(&agent), id_from_hex(&boot)) else { continue };
+                let above: BTreeSet<u64> = serde_json::from_str(&above).unwrap_or_default();
+                out.push(((agent, boot), RunState { watermark: from_i64(watermark), above }));
+            }
+            Ok(out)
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>> {
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
+    }
+
+    fn stack_totals<'a>(
+        &'a self,
+        kind: RowKind,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<StackTotal>, QueryError>> {
+        let (cond, params) = where_clause(&[kind], sel);
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT stack_hash, SUM(count), SUM(total_ns) FROM samples WHERE {cond} AND stack_hash != 0
+                 GROUP BY stack_hash"
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(params_from_iter(params), |r| {
+                Ok(StackTotal {
+                    stack: StackHash(r.get::<_, i64>(0)? as u64),
+                    count: from_i64(r.get(1)?),
+                    total_ns: from_i64(r.get(2)?),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn stacks<'a>(&'a self, hashes: &'a [StackHash]) -> StoreFuture<'a, Result<Vec<Stack>, QueryError>> {
+        let hashes: Vec<i64> = hashes.iter().map(|h| h.0 as i64).collect();
+        self.read(move |conn| {
+            let mut out = Vec::with_capacity(hashes.len());
+            for chunk in hashes.chunks(500) {
+                let marks = vec!["?"; chunk.len()].join(", ");
+                let mut stmt = conn.prepare(&format!("SELECT hash, frames FROM stacks WHERE hash IN ({marks})"))?;
+                let rows = stmt.query_map(params_from_iter(chunk), |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    let (hash, text) = row?;
+                    out.extend(frames_from_json(hash, &text));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn syscall_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<SyscallTotal>, QueryError>> {
+        let (cond, params) = where_clause(&[RowKind::Syscall], sel);
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT name, SUM(count), SUM(errors), SUM(total_ns) FROM samples WHERE {cond} GROUP BY name"
+            );
+            let mut totals: BTreeMap<String, SyscallTotal> = BTreeMap::new();
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(params_from_iter(params.iter()), |r| {
+                Ok(SyscallTotal {
+                    name: r.get(0)?,
+                    count: from_i64(r.get(1)?),
+                    errors: from_i64(r.get(2)?),
+                    total_ns: from_i64(r.get(3)?),
+                    histogram: vec![0; LATENCY_BUCKETS],
+                })
+            })?;
+            for row in rows {
+                let row = row?;
+                totals.insert(row.name.clone(), row);
+            }
+            let sql = format!(
+                "SELECT name, CAST(b.key AS INTEGER), SUM(b.value) FROM samples, json_each(samples.histogram) AS b
+                 WHERE {cond} GROUP BY name, b.key"
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(params_from_iter(params.iter()), |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })?;
+            for row in rows {
+                let (name, bucket, n) = row?;
+                if let (Some(t), Ok(bucket)) = (totals.get_mut(&name), usize::try_from(bucket))
+                    && let Some(slot) = t.histogram.get_mut(bucket)
+                {
+                    *slot = from_i64(n);
+                }
+            }
+            Ok(totals.into_values().collect())
+        })
+    }
+
+    fn lock_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<LockTotal>, QueryError>> {
+        let (cond, params) = where_clause(&[RowKind::Lock], sel);
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT stack_hash, name, SUM(count), SUM(total_ns), MAX(max_ns) FROM samples WHERE {cond}
+                 GROUP BY stack_hash, name"
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(params_from_iter(params), |r| {
+                Ok(LockTotal {
+                    stack: StackHash(r.get::<_, i64>(0)? as u64),
+                    kind: r.get(1)?,
+                    count: from_i64(r.get(2)?),
+                    total_ns: from_i64(r.get(3)?),
+                    max_ns: from_i64(r.get(4)?),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn label_values<'a>(
+        &'a self,
+        label: LabelName,
+        mode: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        let kinds = mode.map(mode_kinds).unwrap_or(&[]);
+        let (cond, params) = where_clause(kinds, sel);
+        let column = label.as_str();
+        self.read(move |conn| {
+            let sql = format!("SELECT DISTINCT CAST({column} AS TEXT) FROM samples WHERE {cond}");
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(params_from_iter(params), |r| r.get::<_, String>(0))?;
+            rows.collect()
+        })
+    }
+
+    fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>> {
+        let writer = Arc::clone(&self.writer);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = lock(&writer);
+                let rows = conn.execute("DELETE FROM samples WHERE window_start < ?1", [to_i64(cutoff_s)])?;
+                let runs = conn.execute("DELETE FROM frame_ledger WHERE updated_s < ?1", [to_i64(cutoff_s)])?;
+                Ok::<_, rusqlite::Error>(RetentionReport { removed: (rows + runs) as u64 })
+            })
+            .await
+            .map_err(|e| query_err(format!("retention task failed: {e}")))?
+            .map_err(query_err)
+        })
+    }
+}
