@@ -1,0 +1,101 @@
+//! Helpers shared by the kernel tests: root check, building the C test
+//! programs, running them under control, collecting reader batches.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+
+use aperture_probes::RecordBatch;
+
+/// True when the test can use the kernel; otherwise prints the skip line
+/// the CI counts and returns false.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    println!("SKIPPED: {test}: needs root");
+    false
+}
+
+/// Compiles `tests/programs/<name>.c` (frame pointers, leaf frame pointers included, as distributions that
+/// build with frame pointers do; debug info) and
+/// returns the binary's path.
+pub fn build_program(name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{name}.c"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ap-{name}"));
+    let status = Command::new("cc")
+        .args(["-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer", "-O1", "-g", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc runs");
+    assert!(status.success(), "compiling {} failed", src.display());
+    out
+}
+
+/// A test program waiting for the go byte on stdin.
+pub struct Program {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Program {
+    pub fn spawn(path: &Path, args: &[&str]) -> Program {
+        let mut child = Command::new(path)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("test program starts");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Program { child, stdin, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lets the program start its work.
+    pub fn go(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(b"g").expect("write go");
+        stdin.flush().expect("flush go");
+    }
+
+    /// The next line the program prints (it prints once its work is done).
+    pub fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.stdout.read_line(&mut s).expect("read program output");
+        s.trim().to_owned()
+    }
+
+    /// Closes stdin so the program exits, and waits for it.
+    pub fn finish(mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A sink that forwards batches to a channel the test reads.
+pub fn channel_sink() -> (impl FnMut(RecordBatch) + Send + 'static, mpsc::Receiver<RecordBatch>) {
+    let (tx, rx) = mpsc::channel();
+    (
+        move |b: RecordBatch| {
+            let _ = tx.send(b);
+        },
+        rx,
+    )
+}
