@@ -19,6 +19,7 @@
 //! - [`metrics`]: the agent's own `/metrics` and `/healthz`.
 
 pub mod attribution;
+pub mod batcher;
 pub mod budget;
 pub mod kube;
 pub mod selection;
