@@ -297,7 +297,7 @@ pub fn decode<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<FrameView<'a
     if bytes.len() > needed {
         return Err(DecodeError::TrailingBytes { extra: bytes.len() - needed });
     }
-    if (bytes.as_ptr() as usize) % PAYLOAD_ALIGN != 0 {
+    if !(bytes.as_ptr() as usize).is_multiple_of(PAYLOAD_ALIGN) {
         return Err(DecodeError::Misaligned);
     }
     let payload = &bytes[HEADER_LEN..];

@@ -124,7 +124,7 @@ impl FrameLedger {
     pub fn committed_runs<'a>(&self, keys: impl IntoIterator<Item = &'a RunKey>) -> Vec<(RunKey, RunState)> {
         let mut out: Vec<(RunKey, RunState)> =
             keys.into_iter().filter_map(|k| self.runs.get(k).map(|r| (*k, r.committed.clone()))).collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|a| a.0);
         out.dedup_by(|a, b| a.0 == b.0);
         out
     }

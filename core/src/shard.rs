@@ -417,7 +417,7 @@ impl Shard {
             return None;
         }
         let mut rows: Vec<(RowKey, RowValue)> = self.rows.drain().collect();
-        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows.sort_unstable_by_key(|a| a.0);
         if self.known_stacks.len() > KNOWN_STACKS_LIMIT {
             self.known_stacks.clear();
         }
@@ -619,7 +619,7 @@ mod tests {
                 }
                 ingest(&mut shard, seq as u64, &cpu_batch(&recs), seq as u64 + 1);
                 if let Some(f) = shard.poll_flush(seq as u64) { collect(f, &mut got); }
-                if flush_after[seq] { if let Some(f) = shard.take() { collect(f, &mut got); } }
+                if flush_after[seq] && let Some(f) = shard.take() { collect(f, &mut got); }
             }
             if let Some(f) = shard.take() { collect(f, &mut got); }
             prop_assert_eq!(got, model);

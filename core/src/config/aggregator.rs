@@ -227,7 +227,7 @@ impl Layered for AggregatorConfig {
             }
         }
         let ch = &self.clickhouse;
-        if !ch.endpoint.is_empty() && !(ch.endpoint.starts_with("http://") || ch.endpoint.starts_with("https://")) {
+        if !ch.endpoint.is_empty() && !ch.endpoint.starts_with("http://") && !ch.endpoint.starts_with("https://") {
             return Err((
                 "clickhouse.endpoint".into(),
                 format!(

@@ -1,1 +1,0 @@
-//! Aperture performance harness
