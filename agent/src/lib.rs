@@ -21,5 +21,8 @@
 pub mod attribution;
 pub mod batcher;
 pub mod budget;
+pub mod clock;
+pub mod identity;
 pub mod kube;
+pub mod metrics;
 pub mod selection;
