@@ -18,9 +18,9 @@ use crate::ingress::{Acknowledge, Buffer, ShardedIngress, Shared};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::shards::spawn_shard;
+use crate::store::Store;
 use crate::store::clickhouse::ClickHouseStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::Store;
 use crate::writer::{WriterConfig, spawn_writer};
 
 /// Entry point for the `aperture aggregator` command: runs until `shutdown`
@@ -271,6 +271,7 @@ impl AggregatorHandle {
     /// Stops without flushing or committing anything buffered, as a crash
     /// would (tests of restart behaviour). Threads are detached.
     pub fn abort(mut self) {
+        self.shared.halted.store(true, std::sync::atomic::Ordering::SeqCst);
         self.tasks.abort_all();
         let _ = self.stop.send(true);
         self.shared.acker.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -166,6 +166,9 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     pub acker: Mutex<Option<Arc<dyn Acknowledge>>>,
     pub agent_idle: Duration,
+    /// Set by [`crate::AggregatorHandle::abort`]: threads stop at once and
+    /// write nothing more, as if the process had died.
+    pub halted: AtomicBool,
 }
 
 impl std::fmt::Debug for dyn Acknowledge {
@@ -179,13 +182,17 @@ impl Shared {
         Shared {
             lanes: (0..lanes)
                 .map(|_| {
-                    Mutex::new(Lane { ledger: FrameLedger::new(ledger_max_runs / lanes.max(1)), agents: HashMap::new() })
+                    Mutex::new(Lane {
+                        ledger: FrameLedger::new(ledger_max_runs / lanes.max(1)),
+                        agents: HashMap::new(),
+                    })
                 })
                 .collect(),
             buffer,
             metrics,
             acker: Mutex::new(None),
             agent_idle,
+            halted: AtomicBool::new(false),
         }
     }
 
@@ -222,9 +229,14 @@ impl Shared {
         by_lane
     }
 
+    /// Whether [`Shared::halted`] is set.
+    pub fn is_halted(&self) -> bool {
+        self.halted.load(Ordering::SeqCst)
+    }
+
     /// Sends acknowledgements, if a transport is attached.
     pub fn ack(&self, frames: &[FrameId]) {
-        if frames.is_empty() {
+        if frames.is_empty() || self.is_halted() {
             return;
         }
         let acker = self.acker.lock().unwrap_or_else(|p| p.into_inner()).clone();

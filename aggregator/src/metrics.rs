@@ -138,7 +138,11 @@ impl Metrics {
             shard_frames: counter_vec("aperture_shard_frames_total", "Frames folded by a shard.", &["shard"])?,
             shard_flushes: counter_vec("aperture_shard_flushes_total", "Flushes handed to the writer.", &["shard"])?,
             shard_rows: counter_vec("aperture_shard_rows_flushed_total", "Rows handed to the writer.", &["shard"])?,
-            shard_bytes: gauge_vec("aperture_shard_buffered_bytes", "Bytes of aggregated state in a shard.", &["shard"])?,
+            shard_bytes: gauge_vec(
+                "aperture_shard_buffered_bytes",
+                "Bytes of aggregated state in a shard.",
+                &["shard"],
+            )?,
             shard_queue: gauge_vec("aperture_shard_queue_frames", "Frames waiting in a shard's queue.", &["shard"])?,
             writer_batches: counter_vec(
                 "aperture_writer_batches_total",

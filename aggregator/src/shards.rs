@@ -79,6 +79,9 @@ impl ShardThread {
 
     fn run(mut self, input: Receiver<ShardInput>) {
         loop {
+            if self.shared.is_halted() {
+                return;
+            }
             let wait = match self.shard.poll_timeout() {
                 Some(due) => Duration::from_nanos(due.saturating_sub(self.now_ns())),
                 // Nothing buffered: wake up now and then anyway to keep the

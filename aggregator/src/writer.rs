@@ -47,17 +47,8 @@ pub(crate) fn spawn_writer(
     runtime: Handle,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name(format!("aperture-writer-{}", store.kind().as_str())).spawn(move || {
-        Writer {
-            config,
-            store,
-            shared,
-            runtime,
-            pending: VecDeque::new(),
-            pending_rows: 0,
-            oldest: None,
-            failed: None,
-        }
-        .run(input)
+        Writer { config, store, shared, runtime, pending: VecDeque::new(), pending_rows: 0, oldest: None, failed: None }
+            .run(input)
     })
 }
 
@@ -88,6 +79,9 @@ impl Writer {
     fn run(mut self, input: Receiver<FlushMsg>) {
         let mut closed_at: Option<Instant> = None;
         loop {
+            if self.shared.is_halted() {
+                return;
+            }
             if let Some(t) = closed_at
                 && (self.is_idle() || t.elapsed() >= self.config.shutdown_grace)
             {
@@ -192,6 +186,9 @@ impl Writer {
         let store_name = self.store.kind().as_str();
         let m = &self.shared.metrics;
         let started = Instant::now();
+        if self.shared.is_halted() {
+            return;
+        }
         let result = self.runtime.block_on(self.store.write(&batch));
         m.writer_duration.observe(started.elapsed().as_secs_f64());
         let frames: Vec<_> = batch.flushes.iter().flat_map(|f| f.frames.iter().copied()).collect();
@@ -242,7 +239,7 @@ impl Writer {
             }
             out.extend(states);
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|a| a.0);
         out
     }
 }

@@ -174,11 +174,11 @@ impl Params {
     ) -> Result<&'static str, ParamError> {
         match self.get(name) {
             None => Ok(choices[0]),
-            Some(v) => choices
-                .iter()
-                .find(|c| **c == v)
-                .copied()
-                .ok_or_else(|| ParamError::Invalid { name, value: v.into(), expected }),
+            Some(v) => choices.iter().find(|c| **c == v).copied().ok_or_else(|| ParamError::Invalid {
+                name,
+                value: v.into(),
+                expected,
+            }),
         }
     }
 }
@@ -207,7 +207,7 @@ pub fn parse_time(value: &str, now_s: u64) -> Option<u64> {
 fn split_offset(value: &str) -> Option<(&str, i64)> {
     let n = value.len();
     if n > 6 && value.is_char_boundary(n - 6) {
-        let tail = value[n - 6..].as_bytes();
+        let tail = &value.as_bytes()[n - 6..];
         if (tail[0] == b'+' || tail[0] == b'-') && tail[3] == b':' {
             let digits = |a: u8, b: u8| -> Option<i64> {
                 (a.is_ascii_digit() && b.is_ascii_digit()).then(|| i64::from((a - b'0') * 10 + (b - b'0')))

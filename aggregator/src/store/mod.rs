@@ -265,8 +265,14 @@ pub enum LabelName {
 
 impl LabelName {
     /// Every label.
-    pub const ALL: [LabelName; 6] =
-        [LabelName::Node, LabelName::Namespace, LabelName::Pod, LabelName::Container, LabelName::Process, LabelName::Pid];
+    pub const ALL: [LabelName; 6] = [
+        LabelName::Node,
+        LabelName::Namespace,
+        LabelName::Pod,
+        LabelName::Container,
+        LabelName::Process,
+        LabelName::Pid,
+    ];
 
     /// Column (and API) name.
     pub fn as_str(self) -> &'static str {

@@ -225,12 +225,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 fn migrate(conn: &Connection) -> Result<(), OpenError> {
-    let fail = |version, name, e: rusqlite::Error| OpenError::Migration {
-        store: STORE,
-        version,
-        name,
-        reason: e.to_string(),
-    };
+    let fail =
+        |version, name, e: rusqlite::Error| OpenError::Migration { store: STORE, version, name, reason: e.to_string() };
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
             version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_s INTEGER NOT NULL)",
@@ -407,9 +403,8 @@ impl Store for SqliteStore {
             for chunk in hashes.chunks(500) {
                 let marks = vec!["?"; chunk.len()].join(", ");
                 let mut stmt = conn.prepare(&format!("SELECT hash, frames FROM stacks WHERE hash IN ({marks})"))?;
-                let rows = stmt.query_map(params_from_iter(chunk), |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                })?;
+                let rows =
+                    stmt.query_map(params_from_iter(chunk), |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
                 for row in rows {
                     let (hash, text) = row?;
                     out.extend(frames_from_json(hash, &text));
@@ -422,9 +417,8 @@ impl Store for SqliteStore {
     fn syscall_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<SyscallTotal>, QueryError>> {
         let (cond, params) = where_clause(&[RowKind::Syscall], sel);
         self.read(move |conn| {
-            let sql = format!(
-                "SELECT name, SUM(count), SUM(errors), SUM(total_ns) FROM samples WHERE {cond} GROUP BY name"
-            );
+            let sql =
+                format!("SELECT name, SUM(count), SUM(errors), SUM(total_ns) FROM samples WHERE {cond} GROUP BY name");
             let mut totals: BTreeMap<String, SyscallTotal> = BTreeMap::new();
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map(params_from_iter(params.iter()), |r| {

@@ -62,7 +62,11 @@ struct StackSum {
     total_ns: u64,
 }
 
-pub(crate) async fn stack_totals(client: &Client, kind: RowKind, sel: &Selector) -> Result<Vec<StackTotal>, QueryError> {
+pub(crate) async fn stack_totals(
+    client: &Client,
+    kind: RowKind,
+    sel: &Selector,
+) -> Result<Vec<StackTotal>, QueryError> {
     let w = where_clause(&[kind], sel);
     let sql = format!(
         "SELECT stack_hash, sum(count) AS count, sum(total_ns) AS total_ns FROM samples
@@ -70,7 +74,10 @@ pub(crate) async fn stack_totals(client: &Client, kind: RowKind, sel: &Selector)
         w.sql
     );
     let rows = bound(client, &sql, &w).fetch_all::<StackSum>().await.map_err(query_err)?;
-    Ok(rows.into_iter().map(|r| StackTotal { stack: StackHash(r.stack_hash), count: r.count, total_ns: r.total_ns }).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| StackTotal { stack: StackHash(r.stack_hash), count: r.count, total_ns: r.total_ns })
+        .collect())
 }
 
 #[derive(Row, Deserialize)]
@@ -85,7 +92,10 @@ struct StackFrames {
     kernel: Vec<u8>,
 }
 
-pub(crate) async fn stacks(client: &Client, hashes: &[StackHash]) -> Result<Vec<aperture_core::model::Stack>, QueryError> {
+pub(crate) async fn stacks(
+    client: &Client,
+    hashes: &[StackHash],
+) -> Result<Vec<aperture_core::model::Stack>, QueryError> {
     let mut out = Vec::with_capacity(hashes.len());
     for chunk in hashes.chunks(5000) {
         let list: Vec<String> = chunk.iter().map(|h| h.0.to_string()).collect();
@@ -133,7 +143,13 @@ pub(crate) async fn syscall_totals(client: &Client, sel: &Selector) -> Result<Ve
     let rows = bound(client, &sql, &w).fetch_all::<SyscallSum>().await.map_err(query_err)?;
     Ok(rows
         .into_iter()
-        .map(|r| SyscallTotal { name: r.name, count: r.count, errors: r.errors, total_ns: r.total_ns, histogram: r.histogram })
+        .map(|r| SyscallTotal {
+            name: r.name,
+            count: r.count,
+            errors: r.errors,
+            total_ns: r.total_ns,
+            histogram: r.histogram,
+        })
         .collect())
 }
 
@@ -200,7 +216,10 @@ pub(crate) async fn ledger(
         .into_iter()
         .filter_map(|r| {
             let key = (crate::store::id_from_hex(&r.agent_id)?, crate::store::id_from_hex(&r.boot_id)?);
-            Some((key, aperture_core::ledger::RunState { watermark: r.watermark, above: r.above.into_iter().collect() }))
+            Some((
+                key,
+                aperture_core::ledger::RunState { watermark: r.watermark, above: r.above.into_iter().collect() },
+            ))
         })
         .collect())
 }
@@ -236,11 +255,7 @@ pub(crate) async fn retention(client: &Client, database: &str, cutoff_s: u64) ->
     for p in partitions {
         let Ok(day) = p.trim_matches('\'').parse::<u32>() else { continue };
         if day < cutoff_day {
-            client
-                .query(&format!("ALTER TABLE samples DROP PARTITION {day}"))
-                .execute()
-                .await
-                .map_err(query_err)?;
+            client.query(&format!("ALTER TABLE samples DROP PARTITION {day}")).execute().await.map_err(query_err)?;
             dropped += 1;
         }
     }

@@ -35,7 +35,11 @@ pub(crate) fn classify(e: clickhouse::error::Error) -> WriteError {
         E::DataFormat(_) | E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_) => true,
         _ => false,
     };
-    if rejected { WriteError::Rejected { store: STORE, reason } } else { WriteError::Unavailable { store: STORE, reason } }
+    if rejected {
+        WriteError::Rejected { store: STORE, reason }
+    } else {
+        WriteError::Unavailable { store: STORE, reason }
+    }
 }
 
 /// Extracts `N` from a ClickHouse error text `Code: N, ...`.

@@ -1,0 +1,181 @@
+//! Shared helpers of the integration tests: a deterministic data set with
+//! known totals, frame building, an acknowledgement recorder, a minimal HTTP
+//! client, and a throwaway ClickHouse server.
+
+#![allow(dead_code, reason = "each test binary uses a different subset of the helpers")]
+
+pub mod clickhouse_server;
+pub mod http;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aperture_aggregator::{Acknowledge, Admission, Carrier, IngressSink, ReceivedFrame, ShardedIngress};
+use aperture_core::frame::{DecodeLimits, FrameBuf, FrameHeader, FrameId, encode_batch};
+use aperture_core::model::{
+    Batch, CpuSample, LATENCY_BUCKETS, LockKind, LockWait, SlowCall, Stack, StackFrame, SyscallStat, Target,
+};
+
+/// Records every acknowledged frame.
+#[derive(Debug, Default)]
+pub struct Acks {
+    seen: Mutex<Vec<FrameId>>,
+}
+
+impl Acknowledge for Acks {
+    fn ack(&self, frames: &[FrameId]) {
+        self.seen.lock().expect("acks lock").extend_from_slice(frames);
+    }
+}
+
+impl Acks {
+    pub fn set(&self) -> HashSet<FrameId> {
+        self.seen.lock().expect("acks lock").iter().copied().collect()
+    }
+
+    /// Waits until every frame in `want` is acknowledged; panics after `limit`.
+    pub fn wait_for(&self, want: &[FrameId], limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let seen = self.set();
+            let missing = want.iter().filter(|f| !seen.contains(f)).count();
+            if missing == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{missing} of {} frames not acknowledged within {limit:?}", want.len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
+}
+
+pub fn frame_id(agent: u8, boot: u8, seq: u64) -> FrameId {
+    FrameId { agent_id: [agent; 16], boot_id: [boot; 16], sequence: seq }
+}
+
+pub fn frame(id: FrameId, batch: &Batch) -> ReceivedFrame {
+    let bytes: FrameBuf = encode_batch(batch, id, 0, &DecodeLimits::default()).expect("encode");
+    let header = FrameHeader::parse(&bytes, &DecodeLimits::default()).expect("header");
+    ReceivedFrame { header, bytes, carrier: Carrier::Local, peer: SocketAddr::from(([127, 0, 0, 1], 1)) }
+}
+
+/// Offers a frame until the ingress takes it (it may push back).
+pub fn push(ingress: &ShardedIngress, id: FrameId, batch: &Batch) -> Admission {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match ingress.admit(frame(id, batch)) {
+            Admission::Busy => {
+                assert!(Instant::now() < deadline, "ingress stayed busy for 120 s");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn stack(names: &[&str]) -> Stack {
+    Stack::new(
+        names
+            .iter()
+            .map(|n| StackFrame { symbol: (*n).into(), module: "app".into(), line: 1, ..Default::default() })
+            .collect(),
+    )
+}
+
+/// The data set: every frame of every agent carries the same records, so
+/// totals are simple multiples. Stacks are leaf first.
+///
+/// per frame:
+/// - cpu: api (pid 100, pod api-1) `main;handle;compute` x3; db (pid 200, pod db-0) `main;handle;read_disk` x2
+/// - lock: api `main;lock_acquire;futex_wait`, 2 waits, 1000 ns, max 700 ns
+/// - syscall stats: api `read`, 10 calls, 1 error, 5000 ns, all in bucket 8
+/// - slow call: db `read` at `main;read_disk;sys_read`, 2 ms, failed
+pub fn batch(node: &str, time_s: u64) -> Batch {
+    let t = time_s * 1_000_000_000;
+    let mut hist = [0u64; LATENCY_BUCKETS];
+    hist[8] = 10;
+    Batch {
+        node: node.into(),
+        targets: vec![
+            Target {
+                pid: 100,
+                process: "api".into(),
+                namespace: "prod".into(),
+                pod: "api-1".into(),
+                container: "api".into(),
+            },
+            Target {
+                pid: 200,
+                process: "db".into(),
+                namespace: "prod".into(),
+                pod: "db-0".into(),
+                container: "pg".into(),
+            },
+        ],
+        stacks: vec![
+            stack(&["compute", "handle", "main"]),
+            stack(&["read_disk", "handle", "main"]),
+            stack(&["futex_wait", "lock_acquire", "main"]),
+            stack(&["sys_read", "read_disk", "main"]),
+        ],
+        cpu: vec![
+            CpuSample { time_ns: t, target: 0, stack: 0, count: 3, period_ns: 10_000_000 },
+            CpuSample { time_ns: t, target: 1, stack: 1, count: 2, period_ns: 10_000_000 },
+        ],
+        locks: vec![LockWait {
+            time_ns: t,
+            target: 0,
+            stack: 2,
+            kind: LockKind::Futex,
+            count: 2,
+            wait_ns: 1000,
+            max_wait_ns: 700,
+        }],
+        syscalls: vec![SyscallStat {
+            time_ns: t,
+            target: 0,
+            nr: 0,
+            name: "read".into(),
+            count: 10,
+            errors: 1,
+            total_ns: 5000,
+            histogram: hist,
+        }],
+        slow_calls: vec![SlowCall {
+            time_ns: t,
+            target: 1,
+            tid: 201,
+            stack: 3,
+            nr: 0,
+            name: "read".into(),
+            duration_ns: 2_000_000,
+            ret: -5,
+        }],
+    }
+}
+
+/// Samples (observations) in one [`batch`]: 3 + 2 cpu, 2 waits, 10 calls, 1 slow call.
+pub const SAMPLES_PER_BATCH: u64 = 18;
+
+/// Installs the recorder as the aggregator's acker.
+pub fn acks(handle: &aperture_aggregator::AggregatorHandle) -> Arc<Acks> {
+    let acks = Arc::new(Acks::default());
+    handle.set_acker(acks.clone());
+    acks
+}
+
+/// Settings for a test: loopback HTTP on a free port, two shards, short delays.
+pub fn settings(data_dir: &std::path::Path) -> aperture_aggregator::Settings {
+    let mut s = aperture_aggregator::Settings::new(data_dir);
+    s.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    s.shards = 2;
+    s.flush_max_age = Duration::from_millis(100);
+    s.writer_max_delay = Duration::from_millis(100);
+    s.writer_max_backoff = Duration::from_millis(500);
+    s
+}
