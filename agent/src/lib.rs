@@ -25,4 +25,5 @@ pub mod clock;
 pub mod identity;
 pub mod kube;
 pub mod metrics;
+pub mod pipeline;
 pub mod selection;
