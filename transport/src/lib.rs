@@ -21,8 +21,13 @@
 //!   and the [`control`] message encoding.
 
 pub mod auth;
+pub mod client;
 pub mod control;
+pub mod grpc;
+mod quic;
+pub mod server;
 pub mod session;
+pub mod tls;
 
 /// Which carrier a session runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]

@@ -1,0 +1,86 @@
+//! QUIC client adapter: connect, open the session stream, read the server's
+//! control messages on a task.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aperture_core::frame::DecodeLimits;
+use quinn::{ConnectionError, Endpoint};
+use tokio::sync::mpsc;
+
+use super::wire::{ReadError, WireMsg, read_message};
+use crate::Carrier;
+use crate::client::link::{ConnectError, Link, LinkEvent, LinkTx};
+use crate::control::RejectReason;
+
+/// What a QUIC client needs to connect.
+#[derive(Clone)]
+pub(crate) struct QuicConnector {
+    pub crypto: Arc<quinn::crypto::rustls::QuicClientConfig>,
+    pub transport: Arc<quinn::TransportConfig>,
+    pub server_name: String,
+    pub timeout: Duration,
+    pub insecure: bool,
+}
+
+impl QuicConnector {
+    /// Connects and opens the session stream.
+    pub(crate) async fn connect(&self, endpoint: &Endpoint, addr: SocketAddr) -> Result<Link, ConnectError> {
+        if self.insecure {
+            tracing::warn!(%addr, "connecting over QUIC WITHOUT verifying the server certificate (insecure_skip_verify)");
+        }
+        let mut cfg = quinn::ClientConfig::new(self.crypto.clone());
+        cfg.transport_config(Arc::clone(&self.transport));
+        let connecting = endpoint
+            .connect_with(cfg, addr, &self.server_name)
+            .map_err(|e| ConnectError::Unreachable(format!("QUIC connect to {addr}: {e}")))?;
+        let conn = match tokio::time::timeout(self.timeout, connecting).await {
+            Err(_) => {
+                return Err(ConnectError::Unreachable(format!(
+                    "QUIC handshake with {addr} timed out after {:?} (is UDP blocked?)",
+                    self.timeout
+                )));
+            }
+            Ok(Err(e)) => return Err(ConnectError::Unreachable(format!("QUIC handshake with {addr}: {e}"))),
+            Ok(Ok(c)) => c,
+        };
+        let (send, mut recv) =
+            conn.open_bi().await.map_err(|e| ConnectError::Unreachable(format!("opening a QUIC stream: {e}")))?;
+        let (tx, rx) = mpsc::channel(16);
+        let watched = conn.clone();
+        tokio::spawn(async move {
+            // The server sends only control messages: small limits.
+            let limits = DecodeLimits { max_payload: 0 };
+            loop {
+                let ev = match read_message(&mut recv, &limits, false).await {
+                    Ok(WireMsg::Control(c)) => LinkEvent::Control(c),
+                    Ok(WireMsg::Frame(..)) => LinkEvent::Lost("server sent a frame".into()),
+                    Err(ReadError::Malformed { detail, .. }) => LinkEvent::Lost(format!("malformed server message: {detail}")),
+                    Err(ReadError::End | ReadError::Lost(_)) => LinkEvent::Lost(describe_close(&watched.closed().await)),
+                };
+                let last = matches!(ev, LinkEvent::Lost(_));
+                if tx.send(ev).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Link { carrier: Carrier::Quic, tx: LinkTx::Quic { send, conn, buf: Vec::with_capacity(256) }, rx })
+    }
+}
+
+/// Says why a connection closed, naming Aperture's application codes.
+fn describe_close(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ApplicationClosed(c) => {
+            let code = u16::try_from(c.error_code.into_inner()).ok();
+            let name = code
+                .and_then(RejectReason::from_u16)
+                .map(|r| r.as_str())
+                .or_else(|| code.and_then(crate::control::CloseReason::from_u16).map(|r| r.as_str()))
+                .unwrap_or("unknown");
+            format!("server closed the connection: {name} ({})", String::from_utf8_lossy(&c.reason))
+        }
+        other => format!("QUIC connection lost: {other}"),
+    }
+}

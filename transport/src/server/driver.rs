@@ -1,0 +1,240 @@
+//! Drives one [`ServerSession`] for one connection, whatever the carrier:
+//! inbound messages arrive on a channel fed by the carrier's reader task,
+//! outbound messages go through [`Outbound`], acks arrive from the
+//! [`Acker`](super::Acker) through the [`Registry`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aperture_core::frame::{FrameBuf, FrameHeader};
+use tokio::sync::mpsc;
+
+use super::{Admission, PeerInfo, ReceivedFrame, Shared};
+use crate::Carrier;
+use crate::control::{CloseReason, Control, Hello, RejectReason};
+use crate::session::{FrameOutcome, ServerEvent, ServerSession};
+
+/// What a carrier's reader produced.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// A decoded control message.
+    Control(Control),
+    /// A validated frame.
+    Frame(FrameHeader, FrameBuf),
+    /// Bytes that failed to decode; the connection is closed.
+    Malformed {
+        /// Metrics label.
+        reason: &'static str,
+        /// Detail for the log and the close message.
+        detail: String,
+    },
+}
+
+/// Where a session's outbound messages go.
+pub(crate) trait Outbound: Send {
+    /// Sends one message; `Err` when the connection is gone.
+    fn send(&mut self, msg: Control) -> impl Future<Output = Result<(), ()>> + Send;
+}
+
+/// Commands to a running session from outside.
+#[derive(Debug)]
+pub(crate) enum SessionCmd {
+    /// The sink committed these sequences.
+    Ack(Vec<u64>),
+    /// A newer session of the same agent run took over.
+    Superseded,
+}
+
+type RunKey = ([u8; 16], [u8; 16]);
+
+/// Routes acks to the live session of each (agent id, boot id).
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    next_id: AtomicU64,
+    sessions: Mutex<HashMap<RunKey, (u64, mpsc::UnboundedSender<SessionCmd>)>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, (u64, mpsc::UnboundedSender<SessionCmd>)>> {
+        // A poisoned map is still a valid map: entries are inserted and
+        // removed whole.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, key: RunKey, tx: mpsc::UnboundedSender<SessionCmd>) -> u64 {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        if let Some((_, old)) = self.lock().insert(key, (id, tx)) {
+            let _ = old.send(SessionCmd::Superseded);
+        }
+        id
+    }
+
+    fn deregister(&self, key: RunKey, id: u64) {
+        let mut map = self.lock();
+        if map.get(&key).is_some_and(|(i, _)| *i == id) {
+            map.remove(&key);
+        }
+    }
+
+    /// Delivers acks; returns how many sequences found a live session.
+    pub(crate) fn route(&self, key: RunKey, seqs: Vec<u64>) -> usize {
+        let map = self.lock();
+        match map.get(&key) {
+            Some((_, tx)) => {
+                let n = seqs.len();
+                if tx.send(SessionCmd::Ack(seqs)).is_ok() { n } else { 0 }
+            }
+            None => 0,
+        }
+    }
+}
+
+/// How a session ended, for the carrier's connection close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SessionEnd {
+    /// The hello was refused.
+    Rejected(RejectReason),
+    /// The server closed the session.
+    Closed(CloseReason, String),
+    /// The client closed it, or the connection went away.
+    Peer,
+}
+
+/// Runs a session to its end. `hello`: a hello the carrier already read and
+/// authenticated (gRPC); `None` when the session must read its own (QUIC).
+pub(crate) async fn run_session<O: Outbound>(
+    shared: Arc<Shared>,
+    carrier: Carrier,
+    addr: SocketAddr,
+    mut inbound: mpsc::Receiver<Inbound>,
+    out: &mut O,
+    hello: Option<Hello>,
+) -> SessionEnd {
+    let mut session = ServerSession::new(Instant::now(), shared.session_cfg.clone(), shared.auth.clone());
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
+    let mut accepting = shared.accepting.subscribe();
+    let mut shutdown = shared.shutdown.subscribe();
+    session.set_accepting(Instant::now(), *accepting.borrow_and_update());
+    if *shutdown.borrow_and_update() {
+        session.close(Instant::now(), CloseReason::ShuttingDown, "server shutting down");
+    } else if let Some(h) = hello {
+        session.handle_preauthenticated_hello(Instant::now(), h);
+    }
+    let c = &shared.counters;
+    let mut peer: Option<Arc<PeerInfo>> = None;
+    let mut registration: Option<(RunKey, u64)> = None;
+    let mut end = SessionEnd::Peer;
+    'run: loop {
+        while let Some(ev) = session.poll_event() {
+            let now = Instant::now();
+            match ev {
+                ServerEvent::Authenticated(p) => {
+                    let key = (p.agent_id, p.boot_id);
+                    registration = Some((key, shared.registry.register(key, cmd_tx.clone())));
+                    c.sessions_opened.fetch_add(1, Relaxed);
+                    c.connected(carrier).fetch_add(1, Relaxed);
+                    tracing::info!(
+                        carrier = carrier.as_str(), %addr, node = %p.node, agent = %crate::hex(&p.agent_id),
+                        version = %p.agent_version, "agent session opened"
+                    );
+                    peer = Some(Arc::new(PeerInfo {
+                        agent_id: p.agent_id,
+                        boot_id: p.boot_id,
+                        node: p.node,
+                        agent_version: p.agent_version,
+                        addr,
+                        carrier,
+                    }));
+                }
+                ServerEvent::Rejected(r) => {
+                    c.rejection(r.as_str());
+                    tracing::warn!(carrier = carrier.as_str(), %addr, reason = r.as_str(), "agent session rejected");
+                    end = SessionEnd::Rejected(r);
+                }
+                ServerEvent::Admit { header, frame } => {
+                    let Some(p) = &peer else { continue };
+                    let rf = ReceivedFrame { header, bytes: frame, carrier, peer: Arc::clone(p) };
+                    match shared.sink.admit(rf) {
+                        Admission::Queued => {
+                            c.frames_queued.fetch_add(1, Relaxed);
+                            session.handle_admitted(now, &header, false);
+                        }
+                        Admission::AlreadyCommitted => {
+                            c.frames_already_committed.fetch_add(1, Relaxed);
+                            session.handle_admitted(now, &header, true);
+                        }
+                        Admission::Busy(rf) => {
+                            c.frames_busy.fetch_add(1, Relaxed);
+                            session.handle_busy(now, rf.header, rf.bytes);
+                        }
+                    }
+                }
+                ServerEvent::Closed { reason, by_peer } => {
+                    c.closed(reason.as_str(), by_peer);
+                    if !by_peer {
+                        end = SessionEnd::Closed(reason, String::new());
+                    }
+                }
+            }
+        }
+        while let Some(msg) = session.poll_transmit() {
+            if let Control::Ack(a) = &msg {
+                c.frames_acked.fetch_add(a.len(), Relaxed);
+            }
+            if let (Control::Close(cl), SessionEnd::Closed(_, m)) = (&msg, &mut end) {
+                m.clone_from(&cl.message);
+            }
+            if out.send(msg).await.is_err() {
+                break 'run;
+            }
+        }
+        if session.is_closed() {
+            break;
+        }
+        let wake = session.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            m = inbound.recv() => {
+                let now = Instant::now();
+                match m {
+                    Some(Inbound::Control(msg)) => session.handle_control(now, msg),
+                    Some(Inbound::Frame(header, frame)) => {
+                        c.frames_received.fetch_add(1, Relaxed);
+                        c.bytes_received.fetch_add(frame.len() as u64, Relaxed);
+                        match session.handle_frame(now, header, frame) {
+                            FrameOutcome::Admitted { gap: true } => { c.sequence_gaps.fetch_add(1, Relaxed); }
+                            FrameOutcome::Duplicate => { c.frames_duplicate_in_session.fetch_add(1, Relaxed); }
+                            FrameOutcome::Admitted { gap: false } | FrameOutcome::Refused(_) => {}
+                        }
+                    }
+                    Some(Inbound::Malformed { reason, detail }) => {
+                        c.decode_error(reason);
+                        tracing::warn!(carrier = carrier.as_str(), %addr, reason, %detail, "malformed input; closing connection");
+                        session.close(now, CloseReason::Malformed, &detail);
+                    }
+                    None => {
+                        c.closed("connection_lost", true);
+                        break 'run;
+                    }
+                }
+            }
+            Some(cmd) = cmd_rx.recv() => match cmd {
+                SessionCmd::Ack(seqs) => session.handle_acks(Instant::now(), seqs),
+                SessionCmd::Superseded => {
+                    session.close(Instant::now(), CloseReason::Superseded, "a newer session of this agent run took over");
+                }
+            },
+            Ok(()) = accepting.changed() => session.set_accepting(Instant::now(), *accepting.borrow_and_update()),
+            _ = shutdown.changed() => session.close(Instant::now(), CloseReason::ShuttingDown, "server shutting down"),
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => session.handle_timeout(Instant::now()),
+        }
+    }
+    if let Some((key, id)) = registration {
+        shared.registry.deregister(key, id);
+        c.connected(carrier).fetch_sub(1, Relaxed);
+        tracing::info!(carrier = carrier.as_str(), %addr, "agent session ended");
+    }
+    end
+}
