@@ -39,7 +39,8 @@ pub struct PipelineStats {
     pub filtered: u64,
     /// Individual lock events not batched (their totals come from the drain).
     pub lock_events_ignored: u64,
-    /// Rows added: cpu, lock, syscall, slow_call.
+    /// Records added, by table (cpu, lock, syscall, slow_call); CPU samples
+    /// count one each, before they merge into rows.
     pub rows: [u64; 4],
     /// Batches flushed by size, age, shutdown.
     pub batches: [u64; 3],
@@ -384,7 +385,7 @@ mod tests {
         assert_eq!(lock_stack, [false, false], "futex waits carry a user stack");
         let s = p.stats();
         assert_eq!(s.captured, [4, 1, 1]);
-        assert_eq!((s.perf_lost, s.lock_events_ignored, s.rows), (4, 1, [2, 1, 0, 1]));
+        assert_eq!((s.perf_lost, s.lock_events_ignored, s.rows), (4, 1, [4, 1, 0, 1]));
         assert_eq!(p.stack_cache().stats().hits, 2);
     }
 
