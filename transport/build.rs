@@ -5,8 +5,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/aperture/v1/ingest.proto";
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["proto"])?;
-    tonic_prost_build::configure()
-        .bytes(".aperture.v1.PushRequest.frame")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().bytes(".aperture.v1.PushRequest.frame").compile_fds(fds)?;
     Ok(())
 }

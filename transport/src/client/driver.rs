@@ -66,11 +66,9 @@ impl Connectors {
         };
         let authorization = match cfg.token.as_deref().filter(|t| !t.is_empty()) {
             None => None,
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| StartError::BadToken { reason: "it must be printable ASCII to travel in a gRPC header".into() })?,
-            ),
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| StartError::BadToken {
+                reason: "it must be printable ASCII to travel in a gRPC header".into(),
+            })?),
         };
         let (grpc_tls, insecure) = if cfg.tls.grpc {
             let (c, mode) = tls::client_config(&cfg.tls, b"h2")?;
@@ -212,8 +210,11 @@ pub(crate) async fn run(inner: Arc<Inner>, c: Connectors) {
                         on_grpc = false;
                     }
                 }
-                let probe = (on_grpc && c.choice == CarrierChoice::Auto && c.quic.is_some())
-                    .then(|| Probe { connectors: &c, eps: &eps, every: c.quic_retry });
+                let probe = (on_grpc && c.choice == CarrierChoice::Auto && c.quic.is_some()).then(|| Probe {
+                    connectors: &c,
+                    eps: &eps,
+                    every: c.quic_retry,
+                });
                 match run_link(&inner, link, &mut stop, probe).await {
                     LinkEnd::Stopped => break,
                     LinkEnd::Switch(l) => {
@@ -276,7 +277,12 @@ struct Probe<'a> {
     every: Duration,
 }
 
-async fn run_link(inner: &Inner, mut link: Link, stop: &mut watch::Receiver<bool>, probe: Option<Probe<'_>>) -> LinkEnd {
+async fn run_link(
+    inner: &Inner,
+    mut link: Link,
+    stop: &mut watch::Receiver<bool>,
+    probe: Option<Probe<'_>>,
+) -> LinkEnd {
     let carrier = link.carrier;
     inner.session().handle_connected(Instant::now());
     inner.set_carrier(Some(carrier));
@@ -316,7 +322,8 @@ async fn run_link(inner: &Inner, mut link: Link, stop: &mut watch::Receiver<bool
             }
         }
         let wake = inner.session().poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let probe_wake = probe_at.filter(|_| probe_task.is_none()).unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let probe_wake =
+            probe_at.filter(|_| probe_task.is_none()).unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             ev = link.rx.recv() => match ev {
                 Some(LinkEvent::Control(c)) => inner.session().handle_control(Instant::now(), c),

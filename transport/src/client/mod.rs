@@ -254,7 +254,8 @@ impl Client {
             fallbacks: AtomicU64::new(0),
             rejections: AtomicU64::new(0),
         });
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Runtime)?;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Runtime)?;
         let driver_inner = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
             .name("aperture-transport".into())

@@ -29,7 +29,8 @@ pub(crate) struct GrpcConnector {
 impl GrpcConnector {
     /// Connects and starts the `Push` call.
     pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Link, ConnectError> {
-        let unreachable = |what: &str, e: &dyn std::fmt::Display| ConnectError::Unreachable(format!("gRPC {what} {addr}: {e}"));
+        let unreachable =
+            |what: &str, e: &dyn std::fmt::Display| ConnectError::Unreachable(format!("gRPC {what} {addr}: {e}"));
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| unreachable("address", &e))?
             .connect_timeout(self.timeout)

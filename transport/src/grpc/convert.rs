@@ -64,7 +64,9 @@ pub(crate) fn inbound_from_pb(req: pb::PushRequest, limits: &DecodeLimits) -> In
             }
         }
         Some(Body::Close(c)) => Inbound::Control(Control::Close(close_from_pb(c))),
-        Some(Body::Hello(_)) => Inbound::Malformed { reason: "second_hello", detail: "a second hello in one call".into() },
+        Some(Body::Hello(_)) => {
+            Inbound::Malformed { reason: "second_hello", detail: "a second hello in one call".into() }
+        }
         None => Inbound::Malformed { reason: "empty_message", detail: "a PushRequest without a body".into() },
     }
 }
@@ -79,9 +81,9 @@ pub(crate) fn response_to_pb(msg: &Control) -> Option<pb::PushResponse> {
             credit: Some(credit_to_pb(w.credit)),
             server_version: w.server_version.clone(),
         }),
-        Control::Ack(a) => {
-            Body::Ack(pb::Ack { ranges: a.ranges.iter().map(|r| pb::SeqRange { first: r.first, last: r.last }).collect() })
-        }
+        Control::Ack(a) => Body::Ack(pb::Ack {
+            ranges: a.ranges.iter().map(|r| pb::SeqRange { first: r.first, last: r.last }).collect(),
+        }),
         Control::Credit(c) => Body::Credit(credit_to_pb(*c)),
         Control::Close(c) => Body::Close(close_to_pb(c)),
         Control::Hello(_) | Control::Reject(_) => return None,

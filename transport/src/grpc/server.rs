@@ -82,9 +82,10 @@ impl Outbound for GrpcOut {
 fn end_status(end: &SessionEnd) -> Option<Status> {
     match end {
         SessionEnd::Rejected(r) => Some(reject_status(*r, &format!("session refused: {r}"))),
-        SessionEnd::Closed(CloseReason::Malformed | CloseReason::ProtocolViolation | CloseReason::CreditExceeded, m) => {
-            Some(Status::invalid_argument(m.clone()))
-        }
+        SessionEnd::Closed(
+            CloseReason::Malformed | CloseReason::ProtocolViolation | CloseReason::CreditExceeded,
+            m,
+        ) => Some(Status::invalid_argument(m.clone())),
         SessionEnd::Closed(CloseReason::HandshakeTimeout, m) => Some(Status::deadline_exceeded(m.clone())),
         SessionEnd::Closed(..) | SessionEnd::Peer => None,
     }

@@ -56,8 +56,12 @@ impl QuicConnector {
                 let ev = match read_message(&mut recv, &limits, false).await {
                     Ok(WireMsg::Control(c)) => LinkEvent::Control(c),
                     Ok(WireMsg::Frame(..)) => LinkEvent::Lost("server sent a frame".into()),
-                    Err(ReadError::Malformed { detail, .. }) => LinkEvent::Lost(format!("malformed server message: {detail}")),
-                    Err(ReadError::End | ReadError::Lost(_)) => LinkEvent::Lost(describe_close(&watched.closed().await)),
+                    Err(ReadError::Malformed { detail, .. }) => {
+                        LinkEvent::Lost(format!("malformed server message: {detail}"))
+                    }
+                    Err(ReadError::End | ReadError::Lost(_)) => {
+                        LinkEvent::Lost(describe_close(&watched.closed().await))
+                    }
                 };
                 let last = matches!(ev, LinkEvent::Lost(_));
                 if tx.send(ev).await.is_err() || last {

@@ -28,9 +28,10 @@ pub(crate) enum ReadError {
 fn read_err(e: ReadExactError, at_start: bool) -> ReadError {
     match e {
         ReadExactError::FinishedEarly(0) if at_start => ReadError::End,
-        ReadExactError::FinishedEarly(n) => {
-            ReadError::Malformed { reason: "truncated", detail: format!("stream ended inside a message after {n} bytes") }
-        }
+        ReadExactError::FinishedEarly(n) => ReadError::Malformed {
+            reason: "truncated",
+            detail: format!("stream ended inside a message after {n} bytes"),
+        },
         ReadExactError::ReadError(e) => ReadError::Lost(e.to_string()),
     }
 }

@@ -361,10 +361,13 @@ pub async fn serve(config: ServerConfig, sink: Arc<dyn IngressSink>) -> Result<S
     let mut tasks = Vec::new();
     let mut grpc_addr = None;
     if let Some(addr) = config.grpc_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind { carrier: Carrier::Grpc, addr, source })?;
-        let bound = listener.local_addr().map_err(|source| ServeError::Bind { carrier: Carrier::Grpc, addr, source })?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind {
+            carrier: Carrier::Grpc,
+            addr,
+            source,
+        })?;
+        let bound =
+            listener.local_addr().map_err(|source| ServeError::Bind { carrier: Carrier::Grpc, addr, source })?;
         let tls = config.tls.grpc.then_some(&identity);
         tasks.push(crate::grpc::server::spawn(Arc::clone(&shared), listener, tls)?);
         tracing::info!(addr = %bound, tls = config.tls.grpc, "gRPC ingress listening");
@@ -383,7 +386,8 @@ pub async fn serve(config: ServerConfig, sink: Arc<dyn IngressSink>) -> Result<S
             }
         }
         let endpoint = crate::quic::server::endpoint(&shared, &identity, addr)?;
-        let bound = endpoint.local_addr().map_err(|source| ServeError::Bind { carrier: Carrier::Quic, addr, source })?;
+        let bound =
+            endpoint.local_addr().map_err(|source| ServeError::Bind { carrier: Carrier::Quic, addr, source })?;
         tasks.push(crate::quic::server::spawn(Arc::clone(&shared), endpoint.clone()));
         tracing::info!(addr = %bound, "QUIC ingress listening");
         quic_addr = Some(bound);
