@@ -13,7 +13,7 @@ use aperture_core::shard::ShardConfig;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::http::{AppState, StoreStatus, router, token_digest};
+use crate::http::{AppState, router, token_digest};
 use crate::ingress::{Acknowledge, Buffer, ShardedIngress, Shared};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -126,11 +126,9 @@ impl Aggregator {
         .context("starting the writer thread")?;
         let ingress = Arc::new(ShardedIngress::new(Arc::clone(&shared), queues));
 
-        let status = Arc::new(StoreStatus::default());
         let state = AppState {
             store: Arc::clone(&store),
             shared: Arc::clone(&shared),
-            status: Arc::clone(&status),
             token_digest: settings.auth_token.as_deref().map(token_digest),
             limits: settings.http_limits,
             started: Instant::now(),
@@ -151,7 +149,7 @@ impl Aggregator {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
-        tasks.spawn(health_checker(Arc::clone(&store), Arc::clone(&shared), status, stopped.clone()));
+        tasks.spawn(health_checker(Arc::clone(&store), Arc::clone(&shared), stopped.clone()));
         tasks.spawn(retention(Arc::clone(&store), Arc::clone(&shared), settings.clone(), stopped));
         Ok(AggregatorHandle {
             ingress,
@@ -167,32 +165,19 @@ impl Aggregator {
 }
 
 /// Pings the store every few seconds so health reflects it even when idle.
-async fn health_checker(
-    store: Arc<dyn Store>,
-    shared: Arc<Shared>,
-    status: Arc<StoreStatus>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn health_checker(store: Arc<dyn Store>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match tokio::time::timeout(Duration::from_secs(5), store.ping()).await {
-            Ok(Ok(())) => {
-                status.set(None);
-                shared.metrics.store_up.set(1);
-            }
-            Ok(Err(e)) => {
-                status.set(Some(e.to_string()));
-                shared.metrics.store_up.set(0);
-            }
-            Err(_) => {
-                status.set(Some("no answer within 5 s".to_owned()));
-                shared.metrics.store_up.set(0);
-            }
-        }
+        let error = match tokio::time::timeout(Duration::from_secs(5), store.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("no answer within 5 s".to_owned()),
+        };
+        shared.set_store_error(error);
     }
 }
 

@@ -169,6 +169,9 @@ pub(crate) struct Shared {
     /// Set by [`crate::AggregatorHandle::abort`]: threads stop at once and
     /// write nothing more, as if the process had died.
     pub halted: AtomicBool,
+    /// The last store failure seen by the writer or the health checker;
+    /// `None` once either reached the store again.
+    pub store_error: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for dyn Acknowledge {
@@ -193,6 +196,7 @@ impl Shared {
             acker: Mutex::new(None),
             agent_idle,
             halted: AtomicBool::new(false),
+            store_error: Mutex::new(None),
         }
     }
 
@@ -227,6 +231,17 @@ impl Shared {
             by_lane.entry(self.lane_of(&id.agent_id)).or_default().push(*id);
         }
         by_lane
+    }
+
+    /// Records whether the store was reachable just now.
+    pub fn set_store_error(&self, error: Option<String>) {
+        self.metrics.store_up.set(i64::from(error.is_none()));
+        *self.store_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    /// The last store failure, if the store has not been reached since.
+    pub fn store_error(&self) -> Option<String> {
+        self.store_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether [`Shared::halted`] is set.

@@ -198,19 +198,19 @@ impl Writer {
                 m.writer_rows.with_label_values(&[store_name]).inc_by(batch.row_count() as u64);
                 m.writer_stacks.with_label_values(&[store_name]).inc_by(batch.stack_count() as u64);
                 m.writer_last_success.set(i64::try_from(unix_now_s()).unwrap_or(i64::MAX));
-                m.store_up.set(1);
+                self.shared.set_store_error(None);
                 self.finish(&frames, charged);
             }
             Err(WriteError::Rejected { reason, .. }) => {
                 tracing::error!(rows = batch.row_count(), %reason, "store rejected a batch; rows dropped");
                 m.writer_batches.with_label_values(&[store_name, "rejected"]).inc();
                 m.writer_rows_rejected.with_label_values(&[store_name]).inc_by(batch.row_count() as u64);
-                m.store_up.set(1);
+                self.shared.set_store_error(None);
                 self.finish(&frames, charged);
             }
             Err(e @ WriteError::Unavailable { .. }) => {
                 m.writer_batches.with_label_values(&[store_name, "error"]).inc();
-                m.store_up.set(0);
+                self.shared.set_store_error(Some(e.to_string()));
                 let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
                 tracing::warn!(error = %e, retry_in_ms = jittered.as_millis() as u64, "write failed");
                 self.failed = Some(Failed { batch, charged, retry_at: Instant::now() + jittered, backoff });
@@ -219,9 +219,9 @@ impl Writer {
     }
 
     fn finish(&self, frames: &[aperture_core::frame::FrameId], charged: usize) {
+        self.shared.buffer.release(charged);
         self.shared.commit(frames);
         self.shared.ack(frames);
-        self.shared.buffer.release(charged);
     }
 
     /// The committed state each run touched by `flushes` will have once they

@@ -19,7 +19,7 @@ pub(crate) async fn healthz() -> &'static str {
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let b = &state.shared.buffer;
     if b.above_high_water() {
-        let store = match state.status.error() {
+        let store = match state.shared.store_error() {
             Some(e) => format!("; store {} unreachable: {e}", state.store.kind().as_str()),
             None => String::new(),
         };
@@ -52,16 +52,16 @@ pub(crate) async fn api_health(State(state): State<AppState>) -> Response {
         .map(|c| (c.as_str().to_owned(), json!(agents.get(&c).copied().unwrap_or(0))))
         .collect();
     let kind = state.store.kind().as_str();
-    let store_error = state.status.error();
+    let store_error = state.shared.store_error();
     let last_write = m.writer_last_success.get();
     let b = &state.shared.buffer;
     let body = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs(),
-        "push_total_ok": queued + in_flight + committed,
+        "push_total_ok": queued.saturating_sub(rejected) + in_flight + committed,
         "push_total_err": busy + rejected,
         "frames": {
-            "received": queued + in_flight + committed + busy + rejected,
+            "received": queued + in_flight + committed + busy,
             "queued": queued,
             "in_flight_duplicates": in_flight,
             "already_committed": committed,
@@ -69,7 +69,7 @@ pub(crate) async fn api_health(State(state): State<AppState>) -> Response {
             "rejected": rejected,
             "acknowledged": m.writer_frames_acked.get(),
         },
-        "frames_received": queued + in_flight + committed + busy + rejected,
+        "frames_received": queued + in_flight + committed + busy,
         "samples_received": m.ingress_samples.get(),
         "buffer": {
             "used_bytes": b.used(),
@@ -79,7 +79,7 @@ pub(crate) async fn api_health(State(state): State<AppState>) -> Response {
         },
         "store": {
             "kind": kind,
-            "status": if store_error.is_none() && m.store_up.get() == 1 { "up" } else { "down" },
+            "status": if store_error.is_none() { "up" } else { "down" },
             "error": store_error,
             "last_write_unix_s": if last_write > 0 { json!(last_write) } else { json!(null) },
             "rows_written": m.writer_rows.with_label_values(&[kind]).get(),

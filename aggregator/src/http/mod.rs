@@ -9,10 +9,12 @@
 //! (compared as SHA-256 digests in constant time).
 
 mod api;
+mod flame;
 mod health;
 pub mod params;
+mod ui;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -33,26 +35,9 @@ use crate::store::Store;
 pub(crate) struct AppState {
     pub store: Arc<dyn Store>,
     pub shared: Arc<Shared>,
-    pub status: Arc<StoreStatus>,
     pub token_digest: Option<[u8; 32]>,
     pub limits: HttpLimits,
     pub started: Instant,
-}
-
-/// The store's reachability as last observed by the health checker.
-#[derive(Debug, Default)]
-pub(crate) struct StoreStatus {
-    pub last_error: Mutex<Option<String>>,
-}
-
-impl StoreStatus {
-    pub fn set(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
-    }
-
-    pub fn error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
 }
 
 /// A JSON error body `{"error": "..."}` with a status.
@@ -70,6 +55,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/locks", get(api::locks))
         .route("/labels/{name}/values", get(api::label_values))
         .route("/diff", get(api::diff))
+        .route("/flamegraph", get(flame::flamegraph))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(health::healthz))
@@ -77,6 +63,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/health", get(health::api_health))
         .route("/metrics", get(health::metrics))
         .nest("/api/v1", api)
+        .merge(ui::router())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
