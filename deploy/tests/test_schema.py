@@ -77,3 +77,27 @@ def test_validator_catches_mistakes():
     wrong["spec"]["replicas"] = "one"
     with pytest.raises(kv.ValidationError):
         kv.validate(wrong, "1.30", strict=True)
+
+
+def test_generated_certificate_serves_the_dns_name(tmp_path):
+    """gen-secret.sh's certificate chains to its CA, is a server certificate
+    for the name agents dial, and matches its key."""
+    from conftest import DNS_NAME
+
+    out = tmp_path / "secret.yml"
+    subprocess.run(["bash", str(K8S / "gen-secret.sh"), str(out)], check=True, capture_output=True)
+    with open(out, encoding="utf-8") as f:
+        tls = [d for d in yaml.safe_load_all(f) if d][1]["stringData"]
+    for k in ("ca.crt", "tls.crt", "tls.key"):
+        (tmp_path / k).write_text(tls[k], encoding="utf-8")
+    ok = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), "-purpose", "sslserver",
+                         "-verify_hostname", DNS_NAME, str(tmp_path / "tls.crt")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"),
+                          "-verify_hostname", "other.example", str(tmp_path / "tls.crt")], capture_output=True)
+    assert bad.returncode != 0
+    cert_pub = subprocess.run(["openssl", "x509", "-noout", "-pubkey", "-in", str(tmp_path / "tls.crt")],
+                              check=True, capture_output=True).stdout
+    key_pub = subprocess.run(["openssl", "pkey", "-pubout", "-in", str(tmp_path / "tls.key")],
+                             check=True, capture_output=True).stdout
+    assert cert_pub == key_pub
