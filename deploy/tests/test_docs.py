@@ -83,3 +83,52 @@ def test_env_tables_match_the_manifests(doc):
     for kind, name, cname in (("Deployment", "aperture-aggregator", "aggregator"), ("DaemonSet", "aperture-agent", "agent")):
         for var in env_of(container(find(kind, name, docs), cname)):
             assert f"| `{var}` |" in doc, var
+
+
+PREFLIGHT = ROOT / "probes" / "src" / "preflight.rs"
+
+# Start of each start-up check's message, as docs/deploy.md quotes it.
+PREFLIGHT_MESSAGES = {
+    "KernelTooOld": "is older than 5.10, the oldest Aperture supports; run the agent on nodes with Linux 5.10 or newer",
+    "KernelUnknown": "cannot tell the kernel version from release ",
+    "NoBtf": "is missing: the kernel was built without BTF (CONFIG_DEBUG_INFO_BTF=y), which Aperture needs",
+    "NoTracefs": "tracefs is not mounted at ",
+    "MissingPrivileges": "missing privileges: effective capabilities ",
+    "PerfParanoid": "which forbids system-wide sampling without CAP_PERFMON/CAP_SYS_ADMIN",
+}
+
+
+def preflight_source():
+    text = PREFLIGHT.read_text(encoding="utf-8") if PREFLIGHT.exists() else ""
+    if "enum PreflightError" not in text:
+        pytest.skip("probes/src/preflight.rs has no PreflightError yet")
+    return text
+
+
+def test_preflight_messages_are_quoted(doc):
+    src = preflight_source()
+    flat = re.sub(r"\s+", " ", doc)
+    for variant, fragment in PREFLIGHT_MESSAGES.items():
+        assert variant in src, f"PreflightError::{variant} is gone; update docs/deploy.md"
+        assert fragment in src, f"the {variant} message changed; update docs/deploy.md"
+        assert fragment in flat, f"docs/deploy.md does not quote the {variant} message"
+
+
+def test_preflight_exit_codes_are_documented(doc):
+    src = preflight_source()
+    codes = dict(re.findall(r"PreflightError::(\w+) \{ \.\. \} => (\d+)", src))
+    assert set(codes) == set(PREFLIGHT_MESSAGES), "a start-up check was added or removed; update docs/deploy.md"
+    table = dict(re.findall(r"^\| (\d+) \| [^|]+ \| `([^`]+)`", doc, re.M))
+    for variant, code in codes.items():
+        assert code in table, f"exit code {code} ({variant}) is not in the table of docs/deploy.md"
+        assert TABLE_WORDS[variant] in table[code], f"exit code {code} ({variant}) is documented as: {table[code]}"
+
+
+TABLE_WORDS = {
+    "KernelTooOld": "older than 5.10",
+    "KernelUnknown": "cannot tell the kernel version",
+    "NoBtf": "without BTF",
+    "NoTracefs": "tracefs is not mounted",
+    "MissingPrivileges": "missing privileges",
+    "PerfParanoid": "perf_event_paranoid is",
+}
