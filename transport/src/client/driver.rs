@@ -11,7 +11,7 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::link::{ConnectError, Link, LinkEvent};
+use super::link::{ConnectError, Link, LinkEvent, LinkTx};
 use super::{CarrierChoice, ClientConfig, Inner, StartError};
 use crate::Carrier;
 use crate::control::CloseReason;
@@ -210,7 +210,7 @@ pub(crate) async fn run(inner: Arc<Inner>, c: Connectors) {
                         on_grpc = false;
                     }
                 }
-                let probe = (on_grpc && c.choice == CarrierChoice::Auto && c.quic.is_some()).then(|| Probe {
+                let probe = (on_grpc && c.choice == CarrierChoice::Auto && c.quic.is_some()).then_some(Probe {
                     connectors: &c,
                     eps: &eps,
                     every: c.quic_retry,
@@ -290,13 +290,9 @@ async fn run_link(
     let mut probe_at = probe.as_ref().map(|p| Instant::now() + p.every);
     let mut probe_task: Option<JoinHandle<Result<Link, ConnectError>>> = None;
     let end = 'run: loop {
-        loop {
-            let t = inner.session().poll_transmit(Instant::now());
-            let Some(t) = t else { break };
-            if let Err(e) = link.tx.send(t).await {
-                tracing::warn!(carrier = carrier.as_str(), error = %e, "connection to the aggregator lost");
-                break 'run LinkEnd::Lost { established };
-            }
+        if let Err(e) = flush(inner, &mut link.tx).await {
+            tracing::warn!(carrier = carrier.as_str(), error = %e, "connection to the aggregator lost");
+            break 'run LinkEnd::Lost { established };
         }
         let events: Vec<ClientEvent> = {
             let mut s = inner.session();
@@ -337,11 +333,7 @@ async fn run_link(
             () = tokio::time::sleep_until(wake.into()) => inner.session().handle_timeout(Instant::now()),
             _ = stop.changed() => {
                 inner.session().close(Instant::now(), CloseReason::Normal, "agent shutting down");
-                while let Some(t) = inner.session().poll_transmit(Instant::now()) {
-                    if link.tx.send(t).await.is_err() {
-                        break;
-                    }
-                }
+                let _ = flush(inner, &mut link.tx).await;
                 break 'run LinkEnd::Stopped;
             }
             () = tokio::time::sleep_until(probe_wake.into()), if probe_at.is_some() && probe_task.is_none() => {
@@ -364,11 +356,7 @@ async fn run_link(
                     Ok(Ok(quic)) => {
                         tracing::info!("QUIC is reachable again; moving the session off gRPC");
                         inner.session().close(Instant::now(), CloseReason::Normal, "switching to QUIC");
-                        while let Some(t) = inner.session().poll_transmit(Instant::now()) {
-                            if link.tx.send(t).await.is_err() {
-                                break;
-                            }
-                        }
+                        let _ = flush(inner, &mut link.tx).await;
                         break 'run LinkEnd::Switch(quic);
                     }
                     Ok(Err(e)) => {
@@ -390,6 +378,16 @@ async fn run_link(
     inner.set_carrier(None);
     link.tx.close().await;
     end
+}
+
+/// Sends everything the session has to send now. The session lock is taken
+/// per item and never held across an await.
+async fn flush(inner: &Inner, tx: &mut LinkTx) -> Result<(), String> {
+    loop {
+        let next = inner.session().poll_transmit(Instant::now());
+        let Some(t) = next else { return Ok(()) };
+        tx.send(t).await?;
+    }
 }
 
 fn probe_endpoint(p: &Probe<'_>, addr: SocketAddr) -> Result<quinn::Endpoint, ConnectError> {
