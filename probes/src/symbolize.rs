@@ -168,12 +168,12 @@ impl Symbolizer {
             let file_offset = addr - m.start + m.offset;
             let module = Path::new(&m.path).file_name().map_or_else(|| m.path.clone(), |n| n.to_string_lossy().into());
             let key = FileOffsetKey { dev: m.dev, inode: m.inode, offset: file_offset };
-            if m.inode != 0 {
-                if let Some(f) = self.user.get(&key) {
-                    self.stats.cache_hits += 1;
-                    out.push(StackFrame { address: addr, ..f.clone() });
-                    continue;
-                }
+            if m.inode != 0
+                && let Some(f) = self.user.get(&key)
+            {
+                self.stats.cache_hits += 1;
+                out.push(StackFrame { address: addr, ..f.clone() });
+                continue;
             }
             let mut frame = StackFrame { address: addr, module_offset: file_offset, module, ..StackFrame::default() };
             let path = if m.inode == 0 { None } else { self.openable_path(pid, &m) };
@@ -316,13 +316,18 @@ mod tests {
         assert!(!exec);
     }
 
+    #[inline(never)]
+    fn symbolize_me() -> u64 {
+        std::hint::black_box(7)
+    }
+
     #[test]
     fn own_function_resolves_and_unknown_addresses_are_kept() {
         let mut s = Symbolizer::new();
-        let addr = parses_maps_line as fn() as usize as u64;
+        let addr = symbolize_me as fn() -> u64 as usize as u64;
         let stack = s.stack(std::process::id(), &[], &[addr, 0x10]);
         assert_eq!(stack.frames.len(), 2);
-        assert!(stack.frames[0].symbol.contains("parses_maps_line"), "{:?}", stack.frames[0]);
+        assert!(stack.frames[0].symbol.contains("symbolize_me"), "{:?}", stack.frames[0]);
         assert!(!stack.frames[0].module.is_empty());
         assert_eq!(stack.frames[1].address, 0x10);
         assert!(stack.frames[1].symbol.is_empty());

@@ -189,3 +189,14 @@ fn syscall_counts_are_exact_and_slow_calls_come_with_their_stack() -> anyhow::Re
     assert!(stack.iter().any(|s| s == "main"), "stack {stack:?}");
     Ok(())
 }
+
+#[test]
+fn preflight_passes_on_this_node() -> anyhow::Result<()> {
+    if !require_root("preflight_passes_on_this_node") {
+        return Ok(());
+    }
+    let report = aperture_probes::preflight::check()?;
+    println!("{report:?}");
+    assert!(report.kernel_version >= aperture_probes::preflight::MIN_KERNEL);
+    Ok(())
+}

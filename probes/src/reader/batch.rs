@@ -172,13 +172,13 @@ pub(crate) mod tests {
 
     #[test]
     fn decodes_header_and_both_stacks() {
-        let bytes = encode(&event(7, EventKind::Cpu), &[0xffff_1, 0xffff_2], &[0x401000, 0x402000, 0x403000]);
+        let bytes = encode(&event(7, EventKind::Cpu), &[0xffff_0001, 0xffff_0002], &[0x401000, 0x402000, 0x403000]);
         let mut batch = RecordBatch::default();
         batch.push_sample(SplitBytes::new(&bytes[..50], &bytes[50..])).expect("decodes");
         let e = batch.events[0];
         assert_eq!(e.raw.pid, 7);
         assert_eq!(e.kind, EventKind::Cpu);
-        assert_eq!(batch.kernel_stack(&e), &[0xffff_1, 0xffff_2]);
+        assert_eq!(batch.kernel_stack(&e), &[0xffff_0001, 0xffff_0002]);
         assert_eq!(batch.user_stack(&e), &[0x401000, 0x402000, 0x403000]);
     }
 

@@ -292,10 +292,10 @@ fn run<S: BatchSink>(
     let mut last_sweep = Instant::now();
     loop {
         let timeout = flush_interval.saturating_sub(last_sweep.elapsed());
-        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(ReaderError::Poll(e));
-            }
+        if let Err(e) = poll.poll(&mut events, Some(timeout))
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            return Err(ReaderError::Poll(e));
         }
         collector.stats.wakeups.fetch_add(1, Ordering::Relaxed);
         let stopping = stop.load(Ordering::Acquire);
