@@ -35,7 +35,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use aperture_aggregator::{Acknowledge, Admission, Aggregator, Carrier, IngressSink, ReceivedFrame, Settings};
+use aperture_aggregator::{
+    Acknowledge, Admission, Aggregator, Carrier, IngressSink, PeerInfo, ReceivedFrame, Settings,
+};
 use aperture_core::frame::{DecodeLimits, FrameHeader, FrameId, encode_batch};
 use aperture_core::model::{
     Batch, CpuSample, LATENCY_BUCKETS, LockKind, LockWait, SlowCall, Stack, StackFrame, SyscallStat, Target,
@@ -249,7 +251,15 @@ fn received(id: FrameId, batch: &Batch) -> anyhow::Result<ReceivedFrame> {
     let limits = DecodeLimits::default();
     let bytes = encode_batch(batch, id, 0, &limits).context("encoding a frame")?;
     let header = FrameHeader::parse(&bytes, &limits).context("parsing the frame header")?;
-    Ok(ReceivedFrame { header, bytes, carrier: Carrier::Local, peer: SocketAddr::from(([127, 0, 0, 1], 1)) })
+    let peer = Arc::new(PeerInfo {
+        agent_id: id.agent_id,
+        boot_id: id.boot_id,
+        node: "fixture".into(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+        carrier: Carrier::Grpc,
+    });
+    Ok(ReceivedFrame { header, bytes, carrier: Carrier::Grpc, peer })
 }
 
 #[tokio::main]
@@ -279,8 +289,8 @@ async fn main() -> anyhow::Result<()> {
     for (id, batch) in &frames {
         loop {
             match ingress.admit(received(*id, batch)?) {
-                Admission::Busy if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
-                Admission::Busy => bail!("the ingress stayed busy for 60 s"),
+                Admission::Busy(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                Admission::Busy(_) => bail!("the ingress stayed busy for 60 s"),
                 Admission::Queued | Admission::AlreadyCommitted => break,
             }
         }

@@ -17,81 +17,40 @@
 //! dropped silently: every outcome is counted in
 //! `aperture_ingress_frames_total{result}`.
 //!
-//! The [`IngressSink`] trait, [`ReceivedFrame`] and [`Admission`] mirror the
-//! transport crate's server API; they are defined here until that crate
-//! provides them.
+//! [`IngressSink`], [`ReceivedFrame`] and [`Admission`] are the transport
+//! crate's server API (`aperture_transport::server`); the transport calls
+//! `admit` from its session tasks, so it never blocks.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aperture_core::frame::{FrameBuf, FrameHeader, FrameId};
+use aperture_core::frame::{FrameBuf, FrameId};
 use aperture_core::ledger::{Admit, FrameLedger};
 use crossbeam_channel::{Sender, TrySendError};
 
 use crate::metrics::{Metrics, frame_result};
 
-/// How a frame reached the aggregator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Carrier {
-    /// QUIC (UDP), the primary carrier.
-    Quic,
-    /// gRPC (TCP), the compatibility carrier.
-    Grpc,
-    /// Handed to the ingress directly (tests, embedding).
-    Local,
-}
+pub use aperture_transport::Carrier;
+pub use aperture_transport::server::{Admission, IngressSink, PeerInfo, ReceivedFrame};
 
-impl Carrier {
-    /// Every carrier.
-    pub const ALL: [Carrier; 3] = [Carrier::Quic, Carrier::Grpc, Carrier::Local];
+/// Every carrier, for reporting connected agents.
+pub const CARRIERS: [Carrier; 2] = [Carrier::Quic, Carrier::Grpc];
 
-    /// Name used in metrics labels and `/api/health`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Carrier::Quic => "quic",
-            Carrier::Grpc => "grpc",
-            Carrier::Local => "local",
-        }
-    }
-}
-
-/// A frame the transport has received and validated (header and archive).
-#[derive(Debug)]
-pub struct ReceivedFrame {
-    /// The parsed header.
-    pub header: FrameHeader,
-    /// The whole frame, aligned for in-place reading.
-    pub bytes: FrameBuf,
-    /// How it arrived.
-    pub carrier: Carrier,
-    /// Who sent it.
-    pub peer: SocketAddr,
-}
-
-/// The ingress's answer to a frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admission {
-    /// Taken; it will be acknowledged once its rows are committed.
-    Queued,
-    /// Already committed earlier: acknowledge it again now, it is not counted twice.
-    AlreadyCommitted,
-    /// Not taken: the buffer is above high water. Withhold credit and offer it again later.
-    Busy,
-}
-
-/// What the transport hands frames to.
-pub trait IngressSink: Send + Sync + 'static {
-    /// Offers one validated frame.
-    fn admit(&self, frame: ReceivedFrame) -> Admission;
-}
-
-/// What acknowledgements are sent through (the transport's acker).
+/// What acknowledgements are sent through: the transport's
+/// [`aperture_transport::server::Acker`], or a recorder in tests.
 pub trait Acknowledge: Send + Sync + 'static {
     /// Acknowledges committed frames to their agents.
     fn ack(&self, frames: &[FrameId]);
+}
+
+impl Acknowledge for aperture_transport::server::Acker {
+    fn ack(&self, frames: &[FrameId]) {
+        // Frames of agents no longer connected are not delivered; they resend
+        // and get `AlreadyCommitted`.
+        let _delivered = aperture_transport::server::Acker::ack(self, frames);
+    }
 }
 
 /// Bytes held between the ingress and the store, against a capacity.
@@ -263,7 +222,7 @@ impl Shared {
 
     /// Agents heard from within the idle time, by carrier; forgets older ones.
     pub fn connected_agents(&self) -> HashMap<Carrier, usize> {
-        let mut out: HashMap<Carrier, usize> = Carrier::ALL.into_iter().map(|c| (c, 0)).collect();
+        let mut out: HashMap<Carrier, usize> = CARRIERS.into_iter().map(|c| (c, 0)).collect();
         for i in 0..self.lanes.len() {
             let mut lane = self.lane(i);
             let idle = self.agent_idle;
@@ -322,7 +281,7 @@ impl IngressSink for ShardedIngress {
         let id = frame.header.id;
         if self.closed.load(Ordering::Relaxed) || self.shared.buffer.above_high_water() {
             self.count(frame_result::BUSY);
-            return Admission::Busy;
+            return Admission::Busy(frame);
         }
         let lane_index = self.shared.lane_of(&id.agent_id);
         let charged = frame.bytes.len();
@@ -348,17 +307,22 @@ impl IngressSink for ShardedIngress {
             // same frame sees it in flight and the buffer in one state.
             self.shared.buffer.charge(charged);
         }
-        match self.queues[lane_index].try_send(ShardInput::Frame { id, bytes: frame.bytes, charged }) {
+        let ReceivedFrame { header, bytes, carrier, peer } = frame;
+        match self.queues[lane_index].try_send(ShardInput::Frame { id, bytes, charged }) {
             Ok(()) => {
                 self.shared.metrics.ingress_bytes.inc_by(charged as u64);
                 self.count(frame_result::QUEUED);
                 Admission::Queued
             }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(input) | TrySendError::Disconnected(input)) => {
                 self.shared.lane(lane_index).ledger.abandon(&[id]);
                 self.shared.buffer.release(charged);
                 self.count(frame_result::BUSY);
-                Admission::Busy
+                match input {
+                    ShardInput::Frame { bytes, .. } => Admission::Busy(ReceivedFrame { header, bytes, carrier, peer }),
+                    // Only frames are sent by `admit`.
+                    ShardInput::Stop => Admission::Queued,
+                }
             }
         }
     }

@@ -34,5 +34,5 @@ pub mod store;
 mod writer;
 
 pub use app::{Aggregator, AggregatorHandle, run};
-pub use ingress::{Acknowledge, Admission, Carrier, IngressSink, ReceivedFrame, ShardedIngress};
+pub use ingress::{Acknowledge, Admission, Carrier, IngressSink, PeerInfo, ReceivedFrame, ShardedIngress};
 pub use settings::{ClickHouseSettings, HttpLimits, Settings};

@@ -6,9 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use aperture_aggregator::{Admission, Aggregator, ClickHouseSettings, Settings};
+use aperture_aggregator::{Aggregator, ClickHouseSettings, Settings};
 use common::http::{get, get_with};
-use common::{SAMPLES_PER_BATCH, acks, batch, frame_id, now_s, push};
+use common::{SAMPLES_PER_BATCH, Taken, acks, batch, frame_id, now_s, push};
 
 const FRAMES_PER_AGENT: u64 = 5;
 
@@ -27,7 +27,7 @@ async fn suite(settings: Settings, store_kind: &str) {
         for (agent, node) in [(1u8, "n1"), (2u8, "n2")] {
             for seq in 1..=FRAMES_PER_AGENT {
                 let id = frame_id(agent, 1, seq);
-                assert_eq!(push(&ingress, id, &batch(node, t0 + seq)), Admission::Queued);
+                assert_eq!(push(&ingress, id, &batch(node, t0 + seq)), Taken::Queued);
                 ids.push(id);
             }
         }
@@ -156,7 +156,7 @@ async fn suite(settings: Settings, store_kind: &str) {
     let again = tokio::task::spawn_blocking(move || push(&ingress, frame_id(1, 1, 1), &batch("n1", t0 + 1)))
         .await
         .expect("resend");
-    assert_eq!(again, Admission::AlreadyCommitted);
+    assert_eq!(again, Taken::AlreadyCommitted);
     let r = get(addr, &format!("/api/v1/profile?mode=cpu&{range}")).await;
     assert_eq!(r.json()["root"]["value"], frames * 5);
 
@@ -169,7 +169,7 @@ async fn suite(settings: Settings, store_kind: &str) {
     assert_eq!(h["store"]["status"], "up");
     assert_eq!(h["store"]["kind"], store_kind);
     assert!(h["store"]["last_write_unix_s"].as_u64().is_some());
-    assert_eq!(h["agents"]["local"], 2);
+    assert_eq!(h["agents"]["grpc"], 2);
 
     // Bad requests.
     for (path, param) in [

@@ -14,7 +14,7 @@ use aperture_aggregator::{Admission, Aggregator, ClickHouseSettings, IngressSink
 use aperture_core::frame::FrameId;
 use aperture_core::model::{Batch, CpuSample};
 use common::http::get;
-use common::{acks, batch, frame, frame_id, now_s, push};
+use common::{Taken, acks, batch, frame, frame_id, now_s, push};
 
 /// Total CPU samples the store holds for `[from, to)`.
 async fn cpu_total(addr: std::net::SocketAddr, from: u64, to: u64) -> u64 {
@@ -58,7 +58,7 @@ async fn clickhouse_outage_loses_nothing_acknowledged() {
         while !stop_agent.load(Ordering::Relaxed) {
             seq += 1;
             let admitted = push(&ingress, frame_id(7, 1, seq), &batch("n1", t0 + seq % 300));
-            assert_eq!(admitted, Admission::Queued);
+            assert_eq!(admitted, Taken::Queued);
             std::thread::sleep(Duration::from_millis(2));
         }
         seq
@@ -164,11 +164,11 @@ async fn restart_mid_stream(settings: Settings) {
     for (i, o) in outcomes.iter().enumerate() {
         let id = ids[i];
         if acked.contains(&id) {
-            assert_eq!(*o, Admission::AlreadyCommitted, "frame {} was acknowledged before the crash", id.sequence);
+            assert_eq!(*o, Taken::AlreadyCommitted, "frame {} was acknowledged before the crash", id.sequence);
         }
     }
     let pending: Vec<FrameId> =
-        ids.iter().zip(&outcomes).filter(|(_, o)| **o == Admission::Queued).map(|(id, _)| *id).collect();
+        ids.iter().zip(&outcomes).filter(|(_, o)| **o == Taken::Queued).map(|(id, _)| *id).collect();
     let a = acks_second.clone();
     tokio::task::spawn_blocking(move || a.wait_for(&pending, Duration::from_secs(60))).await.expect("acks");
     assert_eq!(cpu_total(addr, t0 - 20, t0 + FRAMES + 1).await, FRAMES * 5, "every frame exactly once");
@@ -233,8 +233,11 @@ async fn metrics_parse_and_health_moves() {
     let ingress2 = Arc::clone(&ingress);
     let bad2 = bad.clone();
     tokio::task::spawn_blocking(move || {
-        assert_eq!(push(&ingress2, ok_id, &batch("n1", t0)), Admission::Queued);
-        assert_eq!(ingress2.admit(frame(bad_id, &bad2)), Admission::Queued, "the ingress queues, the shard rejects");
+        assert_eq!(push(&ingress2, ok_id, &batch("n1", t0)), Taken::Queued);
+        assert!(
+            matches!(ingress2.admit(frame(bad_id, &bad2)), Admission::Queued),
+            "the ingress queues, the shard rejects"
+        );
     })
     .await
     .expect("push");
@@ -264,7 +267,7 @@ async fn metrics_parse_and_health_moves() {
     assert_eq!(value("aperture_writer_frames_acked_total", None), Some(2.0));
     assert_eq!(value("aperture_buffer_capacity_bytes", None), Some((256 * 1024 * 1024) as f64));
     assert_eq!(value("aperture_store_up", None), Some(1.0));
-    assert!(value("aperture_ingress_connected_agents", Some(("carrier", "local"))).is_some());
+    assert!(value("aperture_ingress_connected_agents", Some(("carrier", "grpc"))).is_some());
     for s in &scrape.samples {
         assert!(s.metric.starts_with("aperture_"), "{}", s.metric);
     }

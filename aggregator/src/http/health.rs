@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
-use crate::ingress::Carrier;
+use crate::ingress::CARRIERS;
 use crate::metrics::frame_result;
 
 /// `GET /healthz`: liveness, never depends on the store.
@@ -47,10 +47,8 @@ pub(crate) async fn api_health(State(state): State<AppState>) -> Response {
         frames(frame_result::REJECTED),
     );
     let agents = state.shared.connected_agents();
-    let agents_json: serde_json::Map<String, serde_json::Value> = Carrier::ALL
-        .into_iter()
-        .map(|c| (c.as_str().to_owned(), json!(agents.get(&c).copied().unwrap_or(0))))
-        .collect();
+    let agents_json: serde_json::Map<String, serde_json::Value> =
+        CARRIERS.into_iter().map(|c| (c.as_str().to_owned(), json!(agents.get(&c).copied().unwrap_or(0)))).collect();
     let kind = state.store.kind().as_str();
     let store_error = state.shared.store_error();
     let last_write = m.writer_last_success.get();

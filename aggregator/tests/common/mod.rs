@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aperture_aggregator::{Acknowledge, Admission, Carrier, IngressSink, ReceivedFrame, ShardedIngress};
+use aperture_aggregator::{Acknowledge, Admission, Carrier, IngressSink, PeerInfo, ReceivedFrame, ShardedIngress};
 use aperture_core::frame::{DecodeLimits, FrameBuf, FrameHeader, FrameId, encode_batch};
 use aperture_core::model::{
     Batch, CpuSample, LATENCY_BUCKETS, LockKind, LockWait, SlowCall, Stack, StackFrame, SyscallStat, Target,
@@ -61,19 +61,37 @@ pub fn frame_id(agent: u8, boot: u8, seq: u64) -> FrameId {
 pub fn frame(id: FrameId, batch: &Batch) -> ReceivedFrame {
     let bytes: FrameBuf = encode_batch(batch, id, 0, &DecodeLimits::default()).expect("encode");
     let header = FrameHeader::parse(&bytes, &DecodeLimits::default()).expect("header");
-    ReceivedFrame { header, bytes, carrier: Carrier::Local, peer: SocketAddr::from(([127, 0, 0, 1], 1)) }
+    let peer = Arc::new(PeerInfo {
+        agent_id: id.agent_id,
+        boot_id: id.boot_id,
+        node: "test".into(),
+        agent_version: "test".into(),
+        addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+        carrier: Carrier::Grpc,
+    });
+    ReceivedFrame { header, bytes, carrier: Carrier::Grpc, peer }
+}
+
+/// What the ingress finally did with a pushed frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Queued; an ack follows once committed.
+    Queued,
+    /// Committed earlier; acknowledged again.
+    AlreadyCommitted,
 }
 
 /// Offers a frame until the ingress takes it (it may push back).
-pub fn push(ingress: &ShardedIngress, id: FrameId, batch: &Batch) -> Admission {
+pub fn push(ingress: &ShardedIngress, id: FrameId, batch: &Batch) -> Taken {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match ingress.admit(frame(id, batch)) {
-            Admission::Busy => {
+            Admission::Busy(_) => {
                 assert!(Instant::now() < deadline, "ingress stayed busy for 120 s");
                 std::thread::sleep(Duration::from_millis(10));
             }
-            other => return other,
+            Admission::Queued => return Taken::Queued,
+            Admission::AlreadyCommitted => return Taken::AlreadyCommitted,
         }
     }
 }
