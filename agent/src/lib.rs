@@ -26,4 +26,7 @@ pub mod identity;
 pub mod kube;
 pub mod metrics;
 pub mod pipeline;
+mod run;
 pub mod selection;
+
+pub use run::{ExitReport, LocalAggregator, ProbeStartError, Shutdown, kernel_filter, run, run_local};

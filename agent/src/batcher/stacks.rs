@@ -17,6 +17,12 @@ pub trait Symbolize {
     fn stack(&mut self, pid: u32, kernel: &[u64], user: &[u64]) -> Stack;
 }
 
+impl Symbolize for aperture_probes::Symbolizer {
+    fn stack(&mut self, pid: u32, kernel: &[u64], user: &[u64]) -> Stack {
+        aperture_probes::Symbolizer::stack(self, pid, kernel, user)
+    }
+}
+
 /// Entries beyond which the cache is emptied (bounds memory; processes
 /// come and go, so old stacks are not worth an LRU).
 const MAX_ENTRIES: usize = 65_536;

@@ -58,7 +58,7 @@ pub struct PipelineStats {
 pub struct Pipeline {
     attributor: Attributor,
     stacks: StackCache,
-    symbolizer: Box<dyn Symbolize + Send>,
+    symbolizer: Box<dyn Symbolize>,
     batcher: Batcher,
     clock: BootClock,
     identity: Identity,
@@ -82,7 +82,7 @@ impl Pipeline {
     /// A pipeline stamping frames with `identity`, sampling at `frequency_hz`.
     pub fn new(
         attributor: Attributor,
-        symbolizer: Box<dyn Symbolize + Send>,
+        symbolizer: Box<dyn Symbolize>,
         batcher: Batcher,
         identity: Identity,
         frequency_hz: u32,
