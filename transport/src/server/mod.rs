@@ -358,8 +358,9 @@ pub async fn serve(config: ServerConfig, sink: Arc<dyn IngressSink>) -> Result<S
         live_quic: Default::default(),
         live_grpc: Default::default(),
     });
-    let mut tasks = Vec::new();
-    let mut grpc_addr = None;
+    // Bind everything before spawning anything, so a failed bind leaves no
+    // listener running behind an error.
+    let mut grpc = None;
     if let Some(addr) = config.grpc_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind {
             carrier: Carrier::Grpc,
@@ -368,13 +369,10 @@ pub async fn serve(config: ServerConfig, sink: Arc<dyn IngressSink>) -> Result<S
         })?;
         let bound =
             listener.local_addr().map_err(|source| ServeError::Bind { carrier: Carrier::Grpc, addr, source })?;
-        let tls = config.tls.grpc.then_some(&identity);
-        tasks.push(crate::grpc::server::spawn(Arc::clone(&shared), listener, tls)?);
-        tracing::info!(addr = %bound, tls = config.tls.grpc, "gRPC ingress listening");
-        grpc_addr = Some(bound);
+        grpc = Some((listener, bound));
     }
-    let mut quic_addr = None;
-    let mut quic_endpoint = None;
+    let grpc_addr = grpc.as_ref().map(|(_, a)| *a);
+    let mut quic = None;
     if let Some(mut addr) = config.quic_listen {
         if addr.port() == 0
             && let Some(g) = grpc_addr.filter(|g| g.ip() == addr.ip())
@@ -388,10 +386,19 @@ pub async fn serve(config: ServerConfig, sink: Arc<dyn IngressSink>) -> Result<S
         let endpoint = crate::quic::server::endpoint(&shared, &identity, addr)?;
         let bound =
             endpoint.local_addr().map_err(|source| ServeError::Bind { carrier: Carrier::Quic, addr, source })?;
+        quic = Some((endpoint, bound));
+    }
+    let quic_addr = quic.as_ref().map(|(_, a)| *a);
+    let mut tasks = Vec::new();
+    if let Some((listener, bound)) = grpc {
+        let tls = config.tls.grpc.then_some(&identity);
+        tasks.push(crate::grpc::server::spawn(Arc::clone(&shared), listener, tls)?);
+        tracing::info!(addr = %bound, tls = config.tls.grpc, "gRPC ingress listening");
+    }
+    let quic_endpoint = quic.map(|(endpoint, bound)| {
         tasks.push(crate::quic::server::spawn(Arc::clone(&shared), endpoint.clone()));
         tracing::info!(addr = %bound, "QUIC ingress listening");
-        quic_addr = Some(bound);
-        quic_endpoint = Some(endpoint);
-    }
+        endpoint
+    });
     Ok(ServerHandle { shared, quic_addr, grpc_addr, fingerprint: identity.fingerprint, quic_endpoint, tasks })
 }

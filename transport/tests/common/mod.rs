@@ -90,7 +90,21 @@ pub fn server_config(data_dir: &Path) -> ServerConfig {
 }
 
 pub async fn start(cfg: ServerConfig, sink: Arc<RecordingSink>) -> ServerHandle {
-    serve(cfg, sink).await.expect("server starts")
+    // A restarted server rebinds the ports of the previous one; quinn
+    // releases its UDP socket shortly after shutdown, so retry a little.
+    let mut tries = 0;
+    loop {
+        match serve(cfg.clone(), sink.clone()).await {
+            Ok(s) => return s,
+            Err(aperture_transport::server::ServeError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && tries < 100 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("server starts: {e}"),
+        }
+    }
 }
 
 /// A client pinned to the server's certificate, using only `carrier`.
