@@ -409,8 +409,7 @@ mod tests {
         assert!(!s.selects(&c(7, Some("/system.slice/web.service2"))));
         assert!(!s.selects(&c(8, Some("/system.slice/web.service"))));
         assert!(!s.selects(&c(7, None)));
-        let mut f = Filter::default();
-        f.cgroups = vec![PathBuf::from("/tmp/x")];
+        let f = Filter { cgroups: vec![PathBuf::from("/tmp/x")], ..Filter::default() };
         assert_eq!(
             Selection::new(&f).unwrap_err().to_string(),
             "filter.cgroups: `/tmp/x` is not a directory under /sys/fs/cgroup; give paths like /sys/fs/cgroup/system.slice/nginx.service"

@@ -280,8 +280,7 @@ mod tests {
             (1, "0::/init.scope\n"),
             (100, &format!("0::/kubepods/burstable/pod5f0c8b1e-6d2a-4c3b-9e8f-1a2b3c4d5e6f/{WEB_ID}\n")),
         ]);
-        let mut filter = Filter::default();
-        filter.namespaces = vec!["shop".into()];
+        let filter = Filter { namespaces: vec!["shop".into()], ..Filter::default() };
         let dir = pods();
         let mut a = Attributor::new(proc.path(), Some(dir.view()), Selection::new(&filter).expect("valid"));
         assert!(!a.resolve(1, "systemd", 0).selected);
