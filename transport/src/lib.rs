@@ -23,6 +23,8 @@
 pub mod auth;
 pub mod client;
 pub mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 mod quic;
 pub mod server;

@@ -9,4 +9,4 @@ pub mod pb {
 pub(crate) mod client;
 mod convert;
 pub(crate) mod server;
-pub(crate) use convert::request_to_pb;
+pub(crate) use convert::{hello_from_pb, inbound_from_pb, request_to_pb};
