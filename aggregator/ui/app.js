@@ -1,0 +1,304 @@
+// Aperture web UI: wires the controls, the URL state, the views and the
+// token prompt together.
+
+import * as api from './api.js';
+import { h, fill } from './dom.js';
+import * as fmt from './format.js';
+import * as st from './state.js';
+import { FlameView, DiffView, SyscallsView, LocksView, errorState, showState } from './views.js';
+
+const FILTER_LABELS = { node: 'Node', namespace: 'Namespace', pod: 'Pod', container: 'Container', process: 'Process' };
+const FILTER_ALL = { node: 'All nodes', namespace: 'All namespaces', pod: 'All pods', container: 'All containers', process: 'All processes' };
+const VIEW_USES_MODE = { flame: true, diff: true, syscalls: false, locks: false };
+
+class App {
+  constructor() {
+    this.api = api;
+    this.state = st.parse(location.search);
+    this.tooltip = document.getElementById('tooltip');
+    this.controller = null;
+    this.tokenWaiters = null;
+    this.views = {
+      flame: new FlameView(this),
+      diff: new DiffView(this),
+      syscalls: new SyscallsView(this),
+      locks: new LocksView(this),
+    };
+    this.buildControls();
+    this.buildTokenDialog();
+    window.addEventListener('popstate', () => {
+      this.state = st.parse(location.search);
+      this.syncControls();
+      this.load();
+    });
+    history.replaceState(null, '', st.serialize(this.state) || location.pathname);
+    this.syncControls();
+    this.load();
+  }
+
+  // ---------------------------------------------------------------- state
+
+  /**
+   * Changes the state, records it in the URL (a new history entry unless
+   * `replace`), and reloads the data unless `reload` is false.
+   */
+  update(patch, { reload = true, replace = false } = {}) {
+    const next = { ...this.state, ...patch };
+    if ('mode' in patch || 'range' in patch || 'from' in patch || st.FILTERS.some((f) => f in patch)) {
+      if (!('focus' in patch)) next.focus = '';
+    }
+    this.state = next;
+    const url = st.serialize(next) || location.pathname;
+    if (url !== location.search) {
+      if (replace) history.replaceState(null, '', url);
+      else history.pushState(null, '', url);
+    }
+    this.syncControls();
+    if (reload) this.load();
+    else this.views[next.view].applyLocal(next);
+  }
+
+  clearFilters() {
+    const patch = {};
+    for (const f of st.FILTERS) patch[f] = '';
+    this.update(patch);
+  }
+
+  reload() {
+    this.load();
+  }
+
+  // ------------------------------------------------------------- requests
+
+  /** GET JSON, asking for a token (and retrying) when the API answers 401. */
+  get(path, params, signal) {
+    return this.withAuth(() => api.getJson(path, params, signal));
+  }
+
+  async withAuth(run) {
+    for (;;) {
+      try {
+        const r = await run();
+        this.setSignedIn(!!api.token.get());
+        return r;
+      } catch (e) {
+        if (e.status !== 401) throw e;
+        await this.askToken(api.token.get() ? 'The aggregator rejected this token. Check it and try again.' : null);
+      }
+    }
+  }
+
+  async load() {
+    if (this.controller) this.controller.abort();
+    const controller = new AbortController();
+    this.controller = controller;
+    const state = this.state;
+    const view = this.views[state.view];
+    this.loadFilters(state, controller.signal);
+    try {
+      await view.load(state, controller.signal);
+    } catch (e) {
+      if (e.name === 'AbortError' || controller.signal.aborted) return;
+      const host = document.getElementById(`${state.view}-state`);
+      showState(host, errorState(this, e));
+    }
+  }
+
+  // -------------------------------------------------------------- filters
+
+  async loadFilters(state, signal) {
+    const base = { ...st.apiRange(state) };
+    if (VIEW_USES_MODE[state.view]) base.mode = state.mode;
+    await Promise.all(
+      st.FILTERS.map(async (name) => {
+        const select = this.filterSelects[name];
+        try {
+          const r = await this.get(`labels/${name}/values`, { ...base, ...st.apiFilters(state, name) }, signal);
+          this.fillSelect(select, name, r.values, state[name]);
+        } catch (e) {
+          if (e.name === 'AbortError') return;
+          this.fillSelect(select, name, [], state[name]);
+          select.title = `Could not load values: ${e.message}`;
+        }
+      }),
+    );
+  }
+
+  fillSelect(select, name, values, current) {
+    const all = h('option', { value: '' }, FILTER_ALL[name]);
+    const opts = values.map((v) => h('option', { value: v }, v));
+    if (current && !values.includes(current)) opts.unshift(h('option', { value: current }, `${current} (no data)`));
+    fill(select, all, opts);
+    select.value = current;
+    select.disabled = !values.length && !current;
+    select.title = values.length ? `${values.length} ${values.length === 1 ? 'value' : 'values'} in this range` : 'No values in this range';
+    select.closest('.filter').classList.toggle('active', !!current);
+  }
+
+  // ------------------------------------------------------------- controls
+
+  buildControls() {
+    for (const b of document.querySelectorAll('[data-view]')) {
+      b.addEventListener('click', () => this.update({ view: b.dataset.view }));
+    }
+    for (const b of document.querySelectorAll('[data-mode]')) {
+      b.addEventListener('click', () => this.update({ mode: b.dataset.mode, q: '' }));
+    }
+    const presets = document.getElementById('presets');
+    for (const p of st.PRESETS) {
+      presets.append(h('button', { type: 'button', dataset: { range: p.key }, title: `The ${p.phrase.replace('in the ', '')}`, onclick: () => this.update({ range: p.key, from: null, to: null }) }, p.label));
+    }
+    presets.append(h('button', { type: 'button', dataset: { range: 'custom' }, title: 'Pick a start and an end', onclick: () => this.openCustom() }, 'Custom'));
+    document.getElementById('custom-apply').addEventListener('click', () => {
+      const from = fmt.fromLocalInput(document.getElementById('custom-from').value);
+      const to = fmt.fromLocalInput(document.getElementById('custom-to').value);
+      if (!(from < to)) {
+        this.toast('The range must start before it ends.');
+        return;
+      }
+      this.update({ range: 'custom', from, to });
+    });
+    document.getElementById('custom-cancel').addEventListener('click', () => {
+      document.getElementById('custom-range').hidden = true;
+      this.syncControls();
+    });
+    document.getElementById('refresh').addEventListener('click', () => this.reload());
+    const filters = document.getElementById('filter-list');
+    this.filterSelects = {};
+    for (const name of st.FILTERS) {
+      const select = h('select', { id: `filter-${name}`, name, onchange: () => this.update({ [name]: select.value }) }, h('option', { value: '' }, FILTER_ALL[name]));
+      this.filterSelects[name] = select;
+      filters.append(h('label', { class: 'filter' }, h('span', { class: 'filter-label' }, FILTER_LABELS[name]), select));
+    }
+    document.getElementById('clear-filters').addEventListener('click', () => this.clearFilters());
+    document.addEventListener('keydown', (e) => {
+      if (e.key === '/' && document.activeElement.tagName !== 'INPUT' && this.state.view === 'flame') {
+        e.preventDefault();
+        document.getElementById('search').focus();
+      }
+    });
+  }
+
+  openCustom() {
+    const box = document.getElementById('custom-range');
+    box.hidden = false;
+    const now = Math.floor(Date.now() / 1000);
+    const s = this.state;
+    const from = s.range === 'custom' ? s.from : now - st.rangeSecs(s);
+    const to = s.range === 'custom' ? s.to : now;
+    document.getElementById('custom-from').value = fmt.toLocalInput(from);
+    document.getElementById('custom-to').value = fmt.toLocalInput(to);
+    for (const b of document.querySelectorAll('#presets button')) b.setAttribute('aria-pressed', String(b.dataset.range === 'custom'));
+    document.getElementById('custom-from').focus();
+  }
+
+  syncControls() {
+    const s = this.state;
+    for (const b of document.querySelectorAll('[data-view]')) {
+      const on = b.dataset.view === s.view;
+      b.setAttribute('aria-selected', String(on));
+      b.classList.toggle('active', on);
+    }
+    for (const v of st.VIEWS) document.getElementById(`view-${v}`).hidden = v !== s.view;
+    for (const b of document.querySelectorAll('[data-mode]')) b.setAttribute('aria-pressed', String(b.dataset.mode === s.mode));
+    const modeGroup = document.getElementById('mode-group');
+    modeGroup.classList.toggle('inactive', !VIEW_USES_MODE[s.view]);
+    modeGroup.title = VIEW_USES_MODE[s.view] ? '' : 'This view does not depend on the mode';
+    for (const b of document.querySelectorAll('#presets button')) b.setAttribute('aria-pressed', String(b.dataset.range === s.range));
+    const custom = document.getElementById('custom-range');
+    if (s.range === 'custom') {
+      custom.hidden = false;
+      document.getElementById('custom-from').value = fmt.toLocalInput(s.from);
+      document.getElementById('custom-to').value = fmt.toLocalInput(s.to);
+    } else if (!custom.contains(document.activeElement)) {
+      custom.hidden = true;
+    }
+    let active = 0;
+    for (const f of st.FILTERS) {
+      const sel = this.filterSelects[f];
+      if (s[f] && !Array.from(sel.options).some((o) => o.value === s[f])) sel.append(h('option', { value: s[f] }, s[f]));
+      sel.value = s[f];
+      sel.closest('.filter').classList.toggle('active', !!s[f]);
+      if (s[f]) active++;
+    }
+    document.getElementById('clear-filters').hidden = !active;
+    const m = fmt.MODES[s.mode];
+    const viewTitle = { flame: m.title, diff: `${m.title} diff`, syscalls: 'System calls', locks: 'Lock contention' }[s.view];
+    document.title = `${viewTitle} · Aperture`;
+  }
+
+  // ---------------------------------------------------------------- token
+
+  buildTokenDialog() {
+    this.dialog = document.getElementById('token-dialog');
+    const form = document.getElementById('token-form');
+    const input = document.getElementById('token-input');
+    form.addEventListener('submit', (e) => {
+      e.preventDefault();
+      const t = input.value.trim();
+      if (!t) {
+        this.tokenError('Enter the token first.');
+        return;
+      }
+      api.token.set(t);
+      this.dialog.close();
+      const waiters = this.tokenWaiters || [];
+      this.tokenWaiters = null;
+      for (const w of waiters) w();
+    });
+    this.dialog.addEventListener('cancel', (e) => e.preventDefault());
+    document.getElementById('token-button').addEventListener('click', () => {
+      api.token.clear();
+      this.setSignedIn(false);
+      this.reload();
+    });
+  }
+
+  tokenError(message) {
+    const el = document.getElementById('token-error');
+    el.textContent = message || '';
+    el.hidden = !message;
+  }
+
+  /** Shows the token prompt; resolves once a token was entered. */
+  askToken(message) {
+    return new Promise((resolve) => {
+      if (this.tokenWaiters) {
+        this.tokenWaiters.push(resolve);
+        return;
+      }
+      this.tokenWaiters = [resolve];
+      this.tokenError(message);
+      const input = document.getElementById('token-input');
+      input.value = '';
+      if (!this.dialog.open) this.dialog.showModal();
+      input.focus();
+      for (const v of st.VIEWS) {
+        const host = document.getElementById(`${v}-state`);
+        if (host && !host.hidden && host.classList.contains('state-loading')) showState(host, { kind: 'loading', title: 'Waiting for an access token…' });
+      }
+    });
+  }
+
+  setSignedIn(on) {
+    document.getElementById('token-button').hidden = !on;
+  }
+
+  toast(message) {
+    const t = document.getElementById('toast');
+    t.textContent = message;
+    t.hidden = false;
+    clearTimeout(this.toastTimer);
+    this.toastTimer = setTimeout(() => {
+      t.hidden = true;
+    }, 5000);
+  }
+}
+
+const app = new App();
+// For tests and the browser console.
+window.aperture = {
+  app,
+  flame: app.views.flame.graph,
+  diff: app.views.diff.graph,
+};

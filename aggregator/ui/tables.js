@@ -95,5 +95,5 @@ function cell(col, row) {
   const share = Math.max(0, Math.min(1, col.share(row) || 0));
   const bar = h('span', { class: 'bar-fill' });
   bar.style.width = `${(share * 100).toFixed(2)}%`;
-  return h('td', { class: `${cls} with-bar` }, h('div', { class: 'bar' }, bar, h('span', { class: 'bar-text' }, content)));
+  return h('td', { class: `${cls} with-bar` }, h('div', { class: 'bar' }, h('span', { class: 'bar-track', 'aria-hidden': 'true' }, bar), h('span', { class: 'bar-text' }, content)));
 }

@@ -11,11 +11,15 @@ import { apiRange, apiFilters, apiBase, rangePhrase, FILTERS, BASES } from './st
 
 /** Shows (or clears, with null) a loading / empty / error message over a panel body. */
 export function showState(host, s) {
+  const body = host.parentElement;
+  body.classList.remove('has-empty', 'has-error', 'has-loading');
   if (!s) {
     host.hidden = true;
+    host.className = 'state';
     host.replaceChildren();
     return;
   }
+  body.classList.add(`has-${s.kind}`);
   host.hidden = false;
   host.className = `state state-${s.kind}`;
   fill(
@@ -85,6 +89,7 @@ export class FlameView {
     this.legend = document.getElementById('flame-legend');
     this.topHost = document.getElementById('top-table');
     this.topState = document.getElementById('top-state');
+    this.topPanel = this.topHost.closest('.panel');
     this.data = null;
     this.graph = new FlameGraph(document.getElementById('flame-host'), {
       tooltip: app.tooltip,
@@ -134,6 +139,7 @@ export class FlameView {
 
   cellValue(v) {
     const m = fmt.MODES[this.mode];
+    if (!v) return h('span', { class: 'muted' }, '–', h('span', { class: 'pct' }, ''));
     return h('span', {}, m.short(v), h('span', { class: 'muted pct' }, fmt.pct(this.share(v))));
   }
 
@@ -145,24 +151,42 @@ export class FlameView {
     showState(this.stateHost, loadingState(`Loading ${m.what} ${phrase}…`));
     this.el.classList.add('is-loading');
     const params = { mode: state.mode, ...apiRange(state), ...apiFilters(state) };
+    this.el.dataset.mode = state.mode;
     const top = this.loadTop(state, signal);
-    const fg = await this.app.get('flamegraph', params, signal);
-    this.el.classList.remove('is-loading');
+    let fg;
+    try {
+      fg = await this.app.get('flamegraph', params, signal);
+    } catch (e) {
+      if (e.name !== 'AbortError') this.clear();
+      throw e;
+    } finally {
+      this.el.classList.remove('is-loading');
+    }
     this.data = prepare(fg.root);
     this.data.response = fg;
     if (!fg.root.value) {
-      this.graph.setData(prepare({ name: 'root', value: 0, self: 0, children: [] }));
-      this.summary.textContent = '';
-      this.crumbs.replaceChildren();
+      this.clear();
+      this.summary.replaceChildren(h('span', { class: 'muted' }, `No data · ${fmt.span(fg.from, fg.to)}`));
       showState(this.stateHost, emptyState(this.app, state, state.mode === 'cpu' ? 'No samples' : m.empty));
     } else {
       showState(this.stateHost, null);
+      this.topPanel.hidden = false;
       this.graph.setData(this.data, { palette: state.mode, focus: state.focus, query: state.q });
       this.drawSummary(fg, state);
       this.drawCrumbs();
     }
     this.applyLocal(state);
     await top;
+  }
+
+  /** Empties the graph and hides the table, for the empty and error states. */
+  clear() {
+    this.data = null;
+    this.graph.setData(prepare({ name: 'root', value: 0, self: 0, children: [] }));
+    this.summary.replaceChildren();
+    this.crumbs.replaceChildren();
+    this.searchShare.hidden = true;
+    this.topPanel.hidden = true;
   }
 
   async loadTop(state, signal) {
@@ -254,7 +278,7 @@ export class FlameView {
 
   describe(n) {
     const m = fmt.MODES[this.mode];
-    const total = this.data.total;
+    const total = this.graph.data.total;
     const isRoot = !n.parent;
     const rows = [];
     if (this.mode === 'cpu') {
@@ -379,7 +403,14 @@ export class DiffView {
     this.graph.setData(this.data, { diff: true });
     const side = (label, cls, total, text) =>
       h('span', { class: `diff-side ${cls}` }, h('span', { class: 'diff-side-label' }, label), ` ${text}: `, h('strong', {}, state.mode === 'cpu' ? `${fmt.count(total)} samples` : fmt.duration(total)));
-    fill(this.summary, side('Base', 'base', this.data.baseTotal, baseText), h('span', { class: 'dot' }, 'vs'), side('Current', 'current', this.data.curTotal, curText));
+    const lonely = !this.data.baseTotal ? 'The base range has no data: every frame shows as new.' : !this.data.curTotal ? 'The selected range has no data: every frame shows as gone.' : null;
+    fill(
+      this.summary,
+      side('Base', 'base', this.data.baseTotal, baseText),
+      h('span', { class: 'dot' }, 'vs'),
+      side('Current', 'current', this.data.curTotal, curText),
+      lonely ? h('span', { class: 'notice' }, lonely) : null,
+    );
     const rows = d.stacks.map((s) => {
       const baseShare = this.data.baseTotal ? s.base / this.data.baseTotal : 0;
       const curShare = this.data.curTotal ? s.value / this.data.curTotal : 0;
@@ -405,7 +436,7 @@ export class DiffView {
         row('Current', fmtSide(n.cur, n.curShare)),
         row('Change', h('strong', {}, `${fmt.points(n.delta)}${ratio !== null && n.parent ? ` (×${ratio.toFixed(2)})` : n.base === 0 && n.cur > 0 ? ' (new)' : ''}`)),
       ),
-      h('div', { class: 'tt-hint' }, `Shares of each range's total (${d.baseTotal ? 'base' : 'no base data'})`),
+      h('div', { class: 'tt-hint' }, 'Shares are of each range’s own total'),
     ];
   }
 }
