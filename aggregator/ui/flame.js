@@ -57,12 +57,14 @@ export class FlameGraph {
    * @param options.onFocus (path) -> void, after a zoom
    */
   constructor(host, { tooltip, describe, onFocus, label }) {
-    this.host = host;
+    // The canvas takes the width of an unpadded box inside the host.
+    this.host = h('div', { class: 'flame-box' });
+    host.append(this.host);
     this.tooltip = tooltip;
     this.describe = describe;
     this.onFocus = onFocus || (() => {});
     this.canvas = h('canvas', { class: 'flame-canvas', tabindex: '0', role: 'img', 'aria-label': label || 'Flame graph' });
-    host.append(this.canvas);
+    this.host.append(this.canvas);
     this.ctx = this.canvas.getContext('2d');
     this.data = null;
     this.focus = null;
@@ -82,7 +84,7 @@ export class FlameGraph {
     this.width = 0;
     new ResizeObserver(() => {
       if (this.host.clientWidth !== this.width) this.schedule();
-    }).observe(host);
+    }).observe(this.host);
   }
 
   /** Shows a laid-out tree (see tree.js `prepare`). */
@@ -213,8 +215,8 @@ export class FlameGraph {
   }
 
   fillOf(n) {
+    if (!n.parent) return this.diff ? 'hsl(220, 12%, 86%)' : 'hsl(30, 10%, 80%)';
     if (this.diff) return diffColor(n.delta, this.data.maxAbsDelta);
-    if (!n.parent) return 'hsl(30, 10%, 80%)';
     return frameColor(n, this.palette);
   }
 

@@ -308,6 +308,28 @@ await test('the URL carries the state: a reload restores filter, mode, search an
   await flameLoaded();
 });
 
+await test('time range presets and a custom range reload the data and go into the URL', async () => {
+  await page.click('#presets [data-range="1h"]');
+  await flameLoaded();
+  assert(page.url().includes('range=1h'), `preset in URL: ${page.url()}`);
+  assert((await page.textContent('#flame-summary')).includes('1,700 samples'), 'the last hour holds both data sets (700 + 1,000)');
+  await page.click('#presets [data-range="custom"]');
+  await page.waitForSelector('#custom-range:not([hidden])');
+  const pad = (n) => String(n).padStart(2, '0');
+  const local = (d) => `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+  const now = Date.now();
+  await page.fill('#custom-from', local(new Date(now - 30 * 60_000)));
+  await page.fill('#custom-to', local(new Date(now - 10 * 60_000)));
+  await page.click('#custom-apply');
+  await flameLoaded();
+  assert(/range=custom&from=\d+&to=\d+/.test(page.url()), `custom range in URL: ${page.url()}`);
+  assert((await page.textContent('#flame-summary')).includes('700 samples'), 'only the older data set lies 30 to 10 minutes ago');
+  await shot('09b-custom-range');
+  await page.click('#presets [data-range="15m"]');
+  await flameLoaded();
+  assert(await page.isHidden('#custom-range'), 'a preset hides the custom inputs');
+});
+
 await test('the syscall table lists counts, errors, percentiles and total time', async () => {
   await page.click('[data-view="syscalls"]');
   await settled('syscalls');
