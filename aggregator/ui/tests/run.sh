@@ -21,15 +21,15 @@ apt_install() {
   [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
   apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
-[ -x /usr/bin/chromium ] || apt_install chromium
-command -v npm >/dev/null || apt_install nodejs npm
+[ -x /usr/bin/chromium ] || apt_install chromium || fail "installing chromium failed"
+command -v npm >/dev/null || apt_install nodejs npm || fail "installing node and npm failed"
 
 echo "== npm ci"
-(cd "$here" && npm ci --no-audit --no-fund --loglevel=error)
+(cd "$here" && npm ci --no-audit --no-fund --loglevel=error) || fail "npm ci failed"
 
 echo "== building the fixture aggregator"
 fixture="$(cd "$root" && cargo build --locked -p aperture-aggregator --example ui_fixture --message-format=json-render-diagnostics \
-  | sed -n 's/.*"executable":"\([^"]*ui_fixture\)".*/\1/p' | tail -n 1)"
+  | sed -n 's/.*"executable":"\([^"]*ui_fixture\)".*/\1/p' | tail -n 1)" || fail "building the ui_fixture example failed"
 [ -x "$fixture" ] || fail "the ui_fixture example did not build"
 
 token="ui-test-$RANDOM-$RANDOM"
