@@ -11,8 +11,5 @@ pub fn push_request(bytes: &[u8]) -> bool {
     if let Some(crate::grpc::pb::push_request::Body::Hello(h)) = req.body {
         return crate::grpc::hello_from_pb(h).is_ok();
     }
-    !matches!(
-        crate::grpc::inbound_from_pb(req, &DecodeLimits::default()),
-        crate::server::Inbound::Malformed { .. }
-    )
+    !matches!(crate::grpc::inbound_from_pb(req, &DecodeLimits::default()), crate::server::Inbound::Malformed { .. })
 }

@@ -18,7 +18,12 @@
 //!   [`server::IngressSink`], returning a [`server::ServerHandle`];
 //! - agent side: [`client::Client::start`] with a [`client::ClientConfig`];
 //! - the protocol itself: [`session::ServerSession`], [`session::ClientSession`]
-//!   and the [`control`] message encoding.
+//!   and the [`control`] message encoding;
+//! - the gRPC contract: `proto/aperture/v1/ingest.proto` (generated at build
+//!   time by a pure-Rust protobuf compiler: no `protoc` needed).
+//!
+//! Load generator: `examples/push_load.rs`; fuzz targets: `fuzz/` (standalone,
+//! nightly).
 
 pub mod auth;
 pub mod client;
