@@ -12,7 +12,7 @@
 //! A batch the store rejects as invalid is counted and its frames
 //! acknowledged: resending them could not succeed either.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -234,43 +234,12 @@ impl Writer {
             let mut states = self.shared.lane(lane).ledger.committed_runs(keys.iter());
             for (key, state) in &mut states {
                 for id in ids.iter().filter(|id| (id.agent_id, id.boot_id) == *key) {
-                    commit_into(state, id.sequence);
+                    state.commit(id.sequence);
                 }
             }
             out.extend(states);
         }
         out.sort_by_key(|a| a.0);
         out
-    }
-}
-
-/// Adds a committed sequence to a run state, advancing the watermark over
-/// any contiguous run (the same rule as the core ledger).
-pub(crate) fn commit_into(state: &mut RunState, seq: u64) {
-    if seq <= state.watermark {
-        return;
-    }
-    state.above.insert(seq);
-    while state.above.remove(&(state.watermark + 1)) {
-        state.watermark += 1;
-    }
-    let w = state.watermark;
-    let above: BTreeSet<u64> = std::mem::take(&mut state.above).into_iter().filter(|s| *s > w).collect();
-    state.above = above;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn committing_fills_the_watermark() {
-        let mut s = RunState::default();
-        commit_into(&mut s, 2);
-        assert_eq!((s.watermark, s.above.len()), (0, 1));
-        commit_into(&mut s, 1);
-        assert_eq!((s.watermark, s.above.len()), (2, 0));
-        commit_into(&mut s, 2);
-        assert_eq!(s.watermark, 2);
     }
 }

@@ -34,11 +34,14 @@ pub struct RunState {
 }
 
 impl RunState {
-    fn is_committed(&self, seq: u64) -> bool {
+    /// Whether `seq` is committed.
+    pub fn is_committed(&self, seq: u64) -> bool {
         seq <= self.watermark || self.above.contains(&seq)
     }
 
-    fn commit(&mut self, seq: u64) {
+    /// Records `seq` as committed, advancing the watermark over every
+    /// contiguous sequence above it.
+    pub fn commit(&mut self, seq: u64) {
         if seq <= self.watermark {
             return;
         }
