@@ -94,7 +94,7 @@ PREFLIGHT_MESSAGES = {
     "NoBtf": "is missing: the kernel was built without BTF (CONFIG_DEBUG_INFO_BTF=y), which Aperture needs",
     "NoTracefs": "tracefs is not mounted at ",
     "MissingPrivileges": "missing privileges: effective capabilities ",
-    "PerfParanoid": "which forbids system-wide sampling without CAP_PERFMON/CAP_SYS_ADMIN",
+    "PerfParanoid": "which forbids system-wide sampling for this process; ",
 }
 
 

@@ -72,12 +72,12 @@ pub enum PreflightError {
         missing: String,
     },
     /// perf_event_paranoid forbids system-wide perf events for this process.
-    #[error(
-        "kernel.perf_event_paranoid is {value}, which forbids system-wide sampling without CAP_PERFMON/CAP_SYS_ADMIN; grant CAP_PERFMON or run `sysctl kernel.perf_event_paranoid=2` (or lower)"
-    )]
+    #[error("kernel.perf_event_paranoid is {value}, which forbids system-wide sampling for this process; {advice}")]
     PerfParanoid {
         /// The value read.
         value: i32,
+        /// What to change, given the capabilities the process has.
+        advice: &'static str,
     },
 }
 
@@ -186,11 +186,33 @@ pub fn check_capabilities(cap_eff: u64) -> Result<(), PreflightError> {
     }
 }
 
-/// With CAP_PERFMON or CAP_SYS_ADMIN the paranoid level does not apply;
-/// without, system-wide events need a value of 0 or lower.
+/// With CAP_SYS_ADMIN the paranoid level does not apply. With CAP_PERFMON
+/// levels up to 2 are fine, but 3 and above (a Debian and Ubuntu patch)
+/// refuse perf events to everyone without CAP_SYS_ADMIN. Without either
+/// capability, system-wide events need a level of 0 or lower.
 pub fn check_paranoid(value: i32, cap_eff: u64) -> Result<(), PreflightError> {
-    let privileged = cap_eff & ((1u64 << CAP_SYS_ADMIN) | (1u64 << CAP_PERFMON)) != 0;
-    if privileged || value <= 0 { Ok(()) } else { Err(PreflightError::PerfParanoid { value }) }
+    let has = |cap: u32| cap_eff & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return Ok(());
+    }
+    if has(CAP_PERFMON) {
+        return if value <= 2 {
+            Ok(())
+        } else {
+            Err(PreflightError::PerfParanoid {
+                value,
+                advice: "run `sysctl kernel.perf_event_paranoid=2` on the node, or run the agent with CAP_SYS_ADMIN (root)",
+            })
+        };
+    }
+    if value <= 0 {
+        Ok(())
+    } else {
+        Err(PreflightError::PerfParanoid {
+            value,
+            advice: "grant the agent CAP_PERFMON (with CAP_BPF), or run it as root",
+        })
+    }
 }
 
 fn is_mounted(path: &str, fstype: &str) -> bool {
@@ -253,6 +275,9 @@ mod tests {
     #[test]
     fn paranoid_only_matters_without_perfmon() {
         assert!(check_paranoid(2, 1 << CAP_PERFMON).is_ok());
+        assert!(check_paranoid(3, 1 << CAP_SYS_ADMIN).is_ok());
+        let debian = check_paranoid(3, 1 << CAP_PERFMON).expect_err("level 3 needs CAP_SYS_ADMIN");
+        assert!(debian.to_string().contains("kernel.perf_event_paranoid=2"), "{debian}");
         assert!(check_paranoid(-1, 0).is_ok());
         assert_eq!(check_paranoid(2, 0).expect_err("strict").exit_code(), 15);
     }
@@ -265,7 +290,7 @@ mod tests {
             PreflightError::NoBtf { path: String::new() },
             PreflightError::NoTracefs { reason: String::new() },
             PreflightError::MissingPrivileges { cap_eff: 0, missing: String::new() },
-            PreflightError::PerfParanoid { value: 3 },
+            PreflightError::PerfParanoid { value: 3, advice: "" },
         ];
         let codes: std::collections::BTreeSet<i32> = all.iter().map(PreflightError::exit_code).collect();
         assert_eq!(codes.len(), all.len());
