@@ -23,15 +23,6 @@ use crate::store::clickhouse::ClickHouseStore;
 use crate::store::sqlite::SqliteStore;
 use crate::writer::{WriterConfig, spawn_writer};
 
-/// Entry point for the `aperture aggregator` command: runs until `shutdown`
-/// completes, then stops in order (HTTP, ingress, shards, writer).
-pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    let handle = Aggregator::start(settings).await?;
-    tracing::info!(http = %handle.http_addr(), store = handle.store().kind().as_str(), "aggregator started");
-    shutdown.await;
-    handle.shutdown().await
-}
-
 /// Constructor of running aggregators.
 #[derive(Debug)]
 pub struct Aggregator;

@@ -14,9 +14,11 @@
 //! What it is not: the transport (QUIC/gRPC sessions live in
 //! `aperture-transport`, which calls [`IngressSink::admit`] and sends the
 //! acknowledgements given to [`Acknowledge::ack`]), nor the configuration
-//! parser (the binary maps its config onto [`Settings`]).
+//! parser (core's `AggregatorConfig` is mapped onto [`Settings`] and the
+//! transport's server configuration in [`daemon`]).
 //!
-//! Entry points: [`run`] for the `aperture aggregator` command;
+//! Entry points: [`run`] / [`Daemon`] for the `aperture aggregator` and
+//! `aperture up` commands (store, HTTP and both carriers);
 //! [`Aggregator::start`] → [`AggregatorHandle`] (ingress, HTTP address,
 //! shutdown) for embedding and tests.
 //!
@@ -24,6 +26,7 @@
 //! and the ledger state recording it are committed to the store.
 
 mod app;
+pub mod daemon;
 pub mod http;
 pub mod ingress;
 pub mod metrics;
@@ -33,6 +36,7 @@ mod shards;
 pub mod store;
 mod writer;
 
-pub use app::{Aggregator, AggregatorHandle, run};
+pub use app::{Aggregator, AggregatorHandle};
+pub use daemon::{Daemon, run};
 pub use ingress::{Acknowledge, Admission, Carrier, IngressSink, PeerInfo, ReceivedFrame, ShardedIngress};
 pub use settings::{ClickHouseSettings, HttpLimits, Settings};

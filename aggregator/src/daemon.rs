@@ -1,0 +1,187 @@
+//! The aggregator as a daemon: the validated configuration mapped onto the
+//! aggregator's [`Settings`] and the transport's server configuration, and
+//! the three parts — store and shards, HTTP, QUIC and gRPC ingress —
+//! started and stopped together.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use aperture_core::config::AggregatorConfig;
+use aperture_transport::auth::AuthConfig;
+use aperture_transport::server::{ServerConfig, ServerHandle, ServerLimits, serve};
+use aperture_transport::tls::ServerTlsConfig;
+
+use crate::app::{Aggregator, AggregatorHandle};
+use crate::settings::{ClickHouseSettings, HttpLimits, Settings};
+
+/// Maps the configuration onto the aggregator's settings.
+pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
+    let mut s = Settings::new(config.data_dir.clone());
+    s.http_listen = listen(&config.listen.http, "listen.http")?;
+    s.auth_token =
+        (!config.auth.disabled && !config.auth.token.is_empty()).then(|| config.auth.token.expose().to_owned());
+    s.buffer_capacity_bytes = config.buffer.capacity.as_usize();
+    s.high_water_percent = config.buffer.high_water_percent.0;
+    s.shards = config.shards;
+    s.window = config.window.0;
+    s.flush_max_rows = config.flush.max_rows;
+    s.flush_max_age = config.flush.max_age.0;
+    s.retention = config.retention.0;
+    s.http_limits = HttpLimits { request_timeout: config.limits.http_request_timeout.0, ..HttpLimits::default() };
+    let ch = &config.clickhouse;
+    s.clickhouse = (!ch.endpoint.is_empty()).then(|| ClickHouseSettings {
+        database: ch.database.clone(),
+        user: ch.user.clone(),
+        password: ch.password.expose().to_owned(),
+        ..ClickHouseSettings::new(ch.endpoint.clone())
+    });
+    Ok(s)
+}
+
+/// Maps the configuration onto the transport server's.
+pub fn server_config(config: &AggregatorConfig) -> anyhow::Result<ServerConfig> {
+    let limits = ServerLimits {
+        max_frame_bytes: u32::try_from(config.limits.max_frame_size.0).unwrap_or(u32::MAX),
+        max_connections: config.limits.max_connections,
+        idle_timeout_ms: u64::try_from(config.limits.idle_timeout.0.as_millis()).unwrap_or(u64::MAX),
+        ..ServerLimits::default()
+    };
+    Ok(ServerConfig {
+        quic_listen: Some(listen(&config.listen.quic, "listen.quic")?),
+        grpc_listen: Some(listen(&config.listen.grpc, "listen.grpc")?),
+        auth: AuthConfig {
+            token: (!config.auth.token.is_empty()).then(|| config.auth.token.expose().to_owned()),
+            disabled: config.auth.disabled,
+        },
+        tls: ServerTlsConfig {
+            cert_file: config.tls.cert_file.clone(),
+            key_file: config.tls.key_file.clone(),
+            names: Vec::new(),
+            grpc: config.tls.grpc,
+        },
+        data_dir: config.data_dir.clone(),
+        limits,
+    })
+}
+
+fn listen(addr: &str, key: &str) -> anyhow::Result<SocketAddr> {
+    addr.parse().with_context(|| format!("`{key}`: invalid listen address `{addr}`: expected ip:port"))
+}
+
+/// A running aggregator with its ingress carriers.
+#[derive(Debug)]
+pub struct Daemon {
+    aggregator: AggregatorHandle,
+    server: ServerHandle,
+}
+
+impl Daemon {
+    /// Opens the store, starts shards, writer and HTTP, then the carriers.
+    pub async fn start(config: &AggregatorConfig) -> anyhow::Result<Daemon> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+        let aggregator = Aggregator::start(settings(config)?).await?;
+        let server = match serve(server_config(config)?, aggregator.ingress()).await {
+            Ok(server) => server,
+            Err(e) => {
+                let _ = aggregator.shutdown().await;
+                return Err(anyhow::Error::new(e).context("starting the ingress"));
+            }
+        };
+        aggregator.set_acker(Arc::new(server.acker()));
+        tracing::info!(
+            http = %aggregator.http_addr(),
+            quic = ?server.quic_addr(),
+            grpc = ?server.grpc_addr(),
+            store = aggregator.store().kind().as_str(),
+            tls_fingerprint_sha256 = %server.fingerprint(),
+            "aggregator started"
+        );
+        Ok(Daemon { aggregator, server })
+    }
+
+    /// The HTTP address (UI, API, metrics, health).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.aggregator.http_addr()
+    }
+
+    /// The QUIC (UDP) ingress address.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.server.quic_addr()
+    }
+
+    /// The gRPC (TCP) ingress address.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.server.grpc_addr()
+    }
+
+    /// SHA-256 fingerprint of the ingress certificate, as agents pin it.
+    pub fn fingerprint(&self) -> String {
+        self.server.fingerprint()
+    }
+
+    /// The aggregator part (ingress, store, buffer).
+    pub fn aggregator(&self) -> &AggregatorHandle {
+        &self.aggregator
+    }
+
+    /// Stops accepting agents, then drains shards and writer into the store.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.server.shutdown(Duration::from_secs(5)).await;
+        self.aggregator.shutdown().await
+    }
+}
+
+/// Runs the aggregator until `shutdown` completes: `aperture aggregator`.
+pub async fn run(config: AggregatorConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let daemon = Daemon::start(&config).await?;
+    shutdown.await;
+    tracing::info!("shutting down: draining buffered data into the store");
+    daemon.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aperture_core::config::{FlagValue, load};
+
+    fn config(vars: &[(&str, &str)]) -> AggregatorConfig {
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env = move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        load::<AggregatorConfig>(None, &env, &[FlagValue::new("--data-dir", "data_dir", "/tmp/x")]).expect("valid")
+    }
+
+    #[test]
+    fn deployment_env_reaches_settings_and_server() {
+        let c = config(&[
+            ("APERTURE_AUTH_TOKEN", "tok"),
+            ("APERTURE_CLICKHOUSE_ENDPOINT", "http://ch:8123"),
+            ("APERTURE_CLICKHOUSE_DATABASE", "prof"),
+            ("APERTURE_CLICKHOUSE_PASSWORD", "pw"),
+            ("APERTURE_BUFFER_CAPACITY", "64MiB"),
+        ]);
+        let s = settings(&c).expect("settings");
+        assert_eq!(s.auth_token.as_deref(), Some("tok"));
+        assert_eq!(s.buffer_capacity_bytes, 64 << 20);
+        let ch = s.clickhouse.expect("clickhouse selected");
+        assert_eq!(
+            (ch.endpoint.as_str(), ch.database.as_str(), ch.password.as_str()),
+            ("http://ch:8123", "prof", "pw")
+        );
+        assert_eq!(s.http_listen.port(), 9090);
+        let srv = server_config(&c).expect("server");
+        assert_eq!(srv.auth.token.as_deref(), Some("tok"));
+        assert_eq!(srv.quic_listen.map(|a| a.port()), Some(50051));
+        assert_eq!(srv.grpc_listen.map(|a| a.port()), Some(50051));
+        assert_eq!(srv.data_dir, std::path::PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn no_endpoint_selects_the_embedded_store() {
+        let s = settings(&config(&[("APERTURE_AUTH_TOKEN", "t")])).expect("settings");
+        assert!(s.clickhouse.is_none());
+    }
+}
