@@ -2,24 +2,185 @@
 
 use std::process::ExitCode;
 
-use aperture_core::config::{AgentConfig, AggregatorConfig};
+use anyhow::Context;
+use aperture_agent::{LocalAggregator, Shutdown};
+use aperture_aggregator::Daemon;
+use aperture_core::config::{AgentConfig, AggregatorConfig, FlagValue, Secret};
+use aperture_probes::preflight;
 
-use crate::cli::UpArgs;
+use crate::cli::{UpArgs, load_config, runtime_failure};
 
 /// Runs the node agent until SIGTERM or Ctrl-C.
 pub fn agent(config: AgentConfig) -> ExitCode {
-    tracing::info!(aggregator = %config.aggregator, mode = %config.mode, "agent configured");
-    crate::cli::runtime_failure(&anyhow::anyhow!("the agent pipeline is not part of this build yet"))
+    if let Err(code) = node_checks() {
+        return code;
+    }
+    let shutdown = Shutdown::new();
+    if let Err(e) = trigger_on_signals(shutdown.clone()) {
+        return runtime_failure(&e);
+    }
+    match aperture_agent::run(config, shutdown) {
+        Ok(report) => {
+            tracing::info!(%report, "agent stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => runtime_failure(&e),
+    }
 }
 
 /// Runs the aggregator until SIGTERM or Ctrl-C.
 pub fn aggregator(config: AggregatorConfig) -> ExitCode {
-    tracing::info!(http = %config.listen.http, "aggregator configured");
-    crate::cli::runtime_failure(&anyhow::anyhow!("the aggregator is not part of this build yet"))
+    let result = runtime().and_then(|rt| rt.block_on(aperture_aggregator::run(config, terminated())));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => runtime_failure(&e),
+    }
 }
 
-/// Runs both on loopback.
+/// Runs an aggregator with the embedded store and a local agent, on loopback.
 pub fn up(args: &UpArgs) -> ExitCode {
-    tracing::info!(data_dir = %args.data_dir.display(), "up");
-    crate::cli::runtime_failure(&anyhow::anyhow!("`aperture up` is not part of this build yet"))
+    let token = std::env::var("APERTURE_AUTH_TOKEN").ok().filter(|t| !t.is_empty()).unwrap_or_else(generate_token);
+    let aggregator_config = match up_aggregator_config(args, &token) {
+        Ok(c) => c,
+        Err(e) => return runtime_failure(&e),
+    };
+    // APERTURE_MODE and APERTURE_FREQ apply as for the agent; where to send
+    // and with which token is decided here.
+    let mut flags = vec![
+        FlagValue::new("--data-dir", "data_dir", args.data_dir.join("agent").display().to_string()),
+        FlagValue::new("--aggregator", "aggregator", format!("127.0.0.1:{}", args.ingest_port)),
+    ];
+    let metrics =
+        if args.agent_metrics_port == 0 { String::new() } else { format!("127.0.0.1:{}", args.agent_metrics_port) };
+    flags.push(FlagValue::new("--agent-metrics-port", "metrics.listen", metrics));
+    let agent_config = match load_config::<AgentConfig>(None, &flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(crate::cli::EXIT_CONFIG);
+        }
+    };
+    if let Err(code) = node_checks() {
+        return code;
+    }
+    match runtime().and_then(|rt| rt.block_on(up_async(aggregator_config, agent_config, token))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => runtime_failure(&e),
+    }
+}
+
+fn up_aggregator_config(args: &UpArgs, token: &str) -> anyhow::Result<AggregatorConfig> {
+    let mut c = AggregatorConfig::default();
+    let ingest = format!("127.0.0.1:{}", args.ingest_port);
+    c.listen.quic = ingest.clone();
+    c.listen.grpc = ingest;
+    c.listen.http = format!("127.0.0.1:{}", args.http_port);
+    c.data_dir = args.data_dir.join("aggregator");
+    c.auth.token = Secret(token.to_owned());
+    std::fs::create_dir_all(&c.data_dir).with_context(|| format!("creating {}", c.data_dir.display()))?;
+    Ok(c)
+}
+
+async fn up_async(aggregator: AggregatorConfig, agent: AgentConfig, token: String) -> anyhow::Result<()> {
+    let daemon = Daemon::start(&aggregator).await?;
+    let local = LocalAggregator {
+        address: daemon.quic_addr().or(daemon.grpc_addr()).map(|a| a.to_string()).context("no ingress address")?,
+        token: token.clone(),
+        fingerprint: daemon.fingerprint(),
+    };
+    let (mode, frequency) = (agent.mode, agent.frequency_hz);
+    let shutdown = Shutdown::new();
+    let agent_shutdown = shutdown.clone();
+    let agent_thread = std::thread::Builder::new()
+        .name("agent".into())
+        .spawn(move || aperture_agent::run_local(agent, &local, agent_shutdown))
+        .context("starting the agent thread")?;
+    let url = format!("http://{}/", daemon.http_addr());
+    println!();
+    println!("  Aperture is running on this machine (mode {mode}, {frequency} Hz).");
+    println!("  UI and API:  {url}");
+    println!("  Token:       {token}");
+    println!("  Example:     curl -H 'Authorization: Bearer {token}' '{url}api/v1/top?mode=cpu'");
+    println!("  Stop with Ctrl-C.");
+    println!();
+    // The agent stops on its own only when start-up fails; then stop too.
+    let agent_done = async {
+        while !agent_thread.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        () = terminated() => {}
+        () = agent_done => {}
+    }
+    shutdown.trigger();
+    let agent_result = tokio::task::spawn_blocking(move || agent_thread.join())
+        .await
+        .context("waiting for the agent")?
+        .map_err(|_| anyhow::anyhow!("the agent thread panicked"))?;
+    let stopped = daemon.shutdown().await;
+    let report = agent_result.context("agent")?;
+    tracing::info!(%report, "agent stopped");
+    stopped
+}
+
+/// A random 32-byte token, hex.
+fn generate_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Start-up checks of the node; on failure the message and the check's own exit code.
+fn node_checks() -> Result<(), ExitCode> {
+    match preflight::check() {
+        Ok(report) => {
+            tracing::info!(
+                kernel = %report.kernel_release,
+                tracefs = %report.tracefs,
+                mounted_tracefs = report.mounted_tracefs,
+                "node checks passed"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1)))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot listen for signals; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Triggers `shutdown` on SIGTERM or SIGINT, from a small runtime of its own
+/// (the agent's hot path is plain threads).
+fn trigger_on_signals(shutdown: Shutdown) -> anyhow::Result<()> {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the signal runtime")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(terminated());
+            shutdown.trigger();
+        })
+        .context("starting the signal thread")?;
+    Ok(())
 }
