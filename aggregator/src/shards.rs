@@ -112,10 +112,7 @@ impl ShardThread {
         let rejected = match decode(bytes, &self.limits) {
             Ok(view) => match self.shard.ingest(now, id, view.batch) {
                 Ok(()) => {
-                    let samples = view.batch.cpu.iter().map(|s| u64::from(s.count.to_native())).sum::<u64>()
-                        + view.batch.locks.iter().map(|l| l.count.to_native()).sum::<u64>()
-                        + view.batch.syscalls.iter().map(|s| s.count.to_native()).sum::<u64>()
-                        + view.batch.slow_calls.len() as u64;
+                    let samples = view.batch.sample_count();
                     self.shared.metrics.ingress_samples.inc_by(samples);
                     self.shared.metrics.shard_frames.with_label_values(&[&self.label]).inc();
                     None

@@ -379,15 +379,31 @@ impl Batch {
     /// Number of observations the batch stands for: CPU samples, lock waits,
     /// system calls and slow calls.
     pub fn sample_count(&self) -> u64 {
-        self.cpu.iter().map(|s| u64::from(s.count)).sum::<u64>()
-            + self.locks.iter().map(|l| l.count).sum::<u64>()
-            + self.syscalls.iter().map(|s| s.count).sum::<u64>()
-            + self.slow_calls.len() as u64
+        // Saturating: a batch decoded from the network may carry any counts.
+        self.cpu
+            .iter()
+            .map(|s| u64::from(s.count))
+            .chain(self.locks.iter().map(|l| l.count))
+            .chain(self.syscalls.iter().map(|s| s.count))
+            .fold(self.slow_calls.len() as u64, u64::saturating_add)
     }
 
     /// Whether there is nothing to send.
     pub fn is_empty(&self) -> bool {
         self.record_count() == 0
+    }
+}
+
+impl ArchivedBatch {
+    /// [`Batch::sample_count`] of the archived batch, read in place; saturating,
+    /// since a batch from the network may carry any counts.
+    pub fn sample_count(&self) -> u64 {
+        self.cpu
+            .iter()
+            .map(|s| u64::from(s.count.to_native()))
+            .chain(self.locks.iter().map(|l| l.count.to_native()))
+            .chain(self.syscalls.iter().map(|s| s.count.to_native()))
+            .fold(self.slow_calls.len() as u64, u64::saturating_add)
     }
 }
 

@@ -337,14 +337,8 @@ impl Shard {
             let d = r.duration_ns.to_native();
             self.fold(key, r.name.as_str(), 1, d, u64::from(r.ret.to_native() < 0), d, None);
         }
-        self.samples += batch
-            .cpu
-            .iter()
-            .map(|s| u64::from(s.count.to_native()))
-            .chain(batch.locks.iter().map(|l| l.count.to_native()))
-            .chain(batch.syscalls.iter().map(|s| s.count.to_native()))
-            .sum::<u64>()
-            + batch.slow_calls.len() as u64;
+        let samples = batch.sample_count();
+        self.samples = self.samples.saturating_add(samples);
         self.frames.push(frame);
         self.oldest_ns.get_or_insert(now_ns);
         Ok(())
@@ -555,6 +549,38 @@ mod tests {
         assert_eq!(err, BatchError::BadStack { table: "cpu", index: 1, stack: 9, stacks: 1 });
         assert_eq!(shard.row_count(), 0);
         assert!(shard.take().is_none(), "nothing was folded and no frame is owed an ack");
+    }
+
+    #[test]
+    fn huge_counts_saturate_instead_of_overflowing() {
+        // Found by the decoder fuzz target: counts near u64::MAX from a
+        // hostile agent must not panic (debug) or wrap (release).
+        let mut shard = Shard::new(config(100, 5));
+        let mut b = cpu_batch(&[(0, 1, "f", 1)]);
+        b.locks.push(LockWait {
+            time_ns: 0,
+            target: 0,
+            stack: 0,
+            kind: LockKind::Futex,
+            count: u64::MAX,
+            wait_ns: u64::MAX,
+            max_wait_ns: 1,
+        });
+        b.locks.push(LockWait {
+            time_ns: 0,
+            target: 0,
+            stack: 0,
+            kind: LockKind::Futex,
+            count: u64::MAX,
+            wait_ns: u64::MAX,
+            max_wait_ns: 1,
+        });
+        ingest(&mut shard, 0, &b, 1);
+        let flush = shard.take().expect("flush");
+        assert_eq!(flush.samples, u64::MAX);
+        let lock = flush.rows.iter().find(|(k, _)| k.kind == RowKind::Lock).expect("lock row");
+        assert_eq!((lock.1.count, lock.1.total_ns), (u64::MAX, u64::MAX));
+        assert_eq!(b.sample_count(), u64::MAX);
     }
 
     #[test]
