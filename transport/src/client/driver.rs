@@ -122,7 +122,7 @@ impl Endpoints {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|e| ConnectError::Unreachable(format!("{e}")))?;
-        let ep = quinn::Endpoint::client(bind)
+        let ep = crate::quic::client_endpoint(bind)
             .map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))?;
         self.quic = Some(ep.clone());
         Ok(ep)
@@ -401,5 +401,6 @@ fn probe_endpoint(p: &Probe<'_>, addr: SocketAddr) -> Result<quinn::Endpoint, Co
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .map_err(|e| ConnectError::Unreachable(format!("{e}")))?;
-    quinn::Endpoint::client(bind).map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))
+    crate::quic::client_endpoint(bind)
+        .map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))
 }

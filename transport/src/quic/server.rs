@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use quinn::{Endpoint, EndpointConfig, Incoming, SendStream, VarInt};
+use quinn::{Endpoint, Incoming, SendStream, VarInt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -40,7 +40,7 @@ pub(crate) fn endpoint(shared: &Shared, id: &ServerIdentity, addr: SocketAddr) -
     let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind(std::io::Error::other("no async runtime found; call serve() inside tokio")))?;
-    Endpoint::new(EndpointConfig::default(), Some(cfg), socket, runtime).map_err(bind)
+    Endpoint::new(super::endpoint_config(), Some(cfg), socket, runtime).map_err(bind)
 }
 
 /// Runs the accept loop.
