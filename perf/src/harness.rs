@@ -162,6 +162,8 @@ pub struct Machine {
     pub commit: String,
     /// UTC time of the run.
     pub date: String,
+    /// 1-, 5- and 15-minute load averages when the run ended (the machine is shared).
+    pub load_average: String,
 }
 
 impl Machine {
@@ -194,6 +196,7 @@ impl Machine {
             memory_gib: (memory_gib * 10.0).round() / 10.0,
             commit: cmd("git", &["rev-parse", "--short", "HEAD"]),
             date: cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            load_average: crate::sys::load_average(),
         }
     }
 }
@@ -278,7 +281,7 @@ impl Report {
     pub fn markdown(&self) -> String {
         let m = &self.machine;
         let mut out = format!(
-            "### `{}`\n\n{}\n\nMeasured {} on {} ({} cores, {} GiB, kernel {}), commit `{}`.\n\n",
+            "### `{}`\n\n{}\n\nMeasured {} on {} ({} cores, {} GiB, kernel {}), commit `{}`, load average {}.\n\n",
             self.scenario,
             self.description.trim(),
             m.date,
@@ -286,7 +289,8 @@ impl Report {
             m.cores,
             m.memory_gib,
             m.kernel,
-            m.commit
+            m.commit,
+            m.load_average
         );
         out.push_str("| metric | side | median | min | max | spread | n |\n|---|---|---:|---:|---:|---:|---:|\n");
         for (metric, by_side) in &self.summaries {

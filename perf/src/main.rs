@@ -6,10 +6,20 @@
 //! aperture-perf list
 //! aperture-perf run codec [--quick] [--reps N] [--results DIR]
 //! ```
+//!
+//! Scenarios: `codec`, `probes`, `ingest`, `writer`, `storage`, `query`,
+//! `freshness`, `agent` (see `perf/README.md` for what each measures and
+//! how). Every comparison runs its sides in the same run, alternating, and
+//! every load generator is bounded in time and count and sends only to
+//! loopback. Scenarios that load BPF programs or start the agent need root;
+//! the storage scenarios start Debian's `clickhouse-server` on loopback.
 
+mod burn;
+mod clickhouse;
 mod harness;
 mod scenarios;
 mod stats;
+mod sys;
 mod workload;
 
 use std::path::PathBuf;
@@ -43,6 +53,17 @@ enum Command {
         #[arg(long, default_value = "perf/results")]
         results: PathBuf,
     },
+    /// Load program used by the scenarios: spin on the CPU (or on a cheap
+    /// syscall) for a bounded time.
+    #[command(hide = true)]
+    Burn {
+        /// Seconds to run (at most 600).
+        #[arg(long)]
+        seconds: f64,
+        /// Loop on getppid(2) instead of arithmetic.
+        #[arg(long)]
+        syscalls: bool,
+    },
 }
 
 fn repo_root() -> PathBuf {
@@ -68,6 +89,10 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let root = repo_root();
     match cli.command {
+        Command::Burn { seconds, syscalls } => {
+            burn::burn(seconds, syscalls);
+            Ok(())
+        }
         Command::List => {
             for name in scenarios::NAMES {
                 let file = harness::ScenarioFile::load(&root, name)?;
@@ -79,7 +104,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let file = harness::ScenarioFile::load(&root, &scenario)?;
             let mut s = scenarios::build(&file, quick, &root)?;
             let reps = reps.unwrap_or(if quick { 1 } else { file.repetitions }).max(1);
+            eprintln!("load average before: {}", sys::load_average());
             let report = harness::run(&file, s.as_mut(), reps, &root)?;
+            eprintln!("load average after: {}", sys::load_average());
             println!("{}", report.table());
             let dir = if results.is_absolute() { results } else { root.join(results) };
             let (json, md) = report.write(&dir).context("writing results")?;

@@ -34,7 +34,6 @@ impl Summary {
     }
 }
 
-#[cfg_attr(not(test), expect(dead_code, reason = "used by the ingest and freshness scenarios"))]
 /// Nearest-rank percentile (`p` in 0..=100) of unsorted values; 0 when empty.
 pub fn percentile(values: &mut [f64], p: f64) -> f64 {
     if values.is_empty() {

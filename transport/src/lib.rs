@@ -22,10 +22,11 @@
 //! - the gRPC contract: `proto/aperture/v1/ingest.proto` (generated at build
 //!   time by a pure-Rust protobuf compiler: no `protoc` needed).
 //!
-//! Load generator: `examples/push_load.rs`; fuzz targets: `fuzz/` (standalone,
+//! Load generator: [`bench`] (used by `examples/push_load.rs` and the perf harness); fuzz targets: `fuzz/` (standalone,
 //! nightly).
 
 pub mod auth;
+pub mod bench;
 pub mod client;
 pub mod control;
 #[doc(hidden)]

@@ -1,7 +1,13 @@
 //! The scenarios, by name.
 
+mod agent;
 mod codec;
+mod freshness;
+mod ingest;
 mod probes;
+mod query;
+mod storage;
+mod writer;
 
 use std::path::Path;
 
@@ -10,13 +16,19 @@ use anyhow::bail;
 use crate::harness::{Scenario, ScenarioFile};
 
 /// Every scenario, in the order `list` shows them.
-pub const NAMES: &[&str] = &["codec", "probes"];
+pub const NAMES: &[&str] = &["codec", "probes", "ingest", "writer", "storage", "query", "freshness", "agent"];
 
 /// Builds the scenario a file describes.
-pub fn build(file: &ScenarioFile, quick: bool, _root: &Path) -> anyhow::Result<Box<dyn Scenario>> {
+pub fn build(file: &ScenarioFile, quick: bool, root: &Path) -> anyhow::Result<Box<dyn Scenario>> {
     Ok(match file.name.as_str() {
         "codec" => Box::new(codec::Codec::new(file.params(quick)?)),
         "probes" => Box::new(probes::ProbesScenario::new(file.params(quick)?)),
+        "ingest" => Box::new(ingest::Ingest::new(file.params(quick)?)),
+        "writer" => Box::new(writer::Writer::new(file.params(quick)?)),
+        "storage" => Box::new(storage::Storage::new(file.params(quick)?)),
+        "query" => Box::new(query::Query::new(file.params(quick)?)),
+        "freshness" => Box::new(freshness::Freshness::new(file.params(quick)?, root.to_owned())),
+        "agent" => Box::new(agent::AgentScenario::new(file.params(quick)?, root.to_owned())),
         other => bail!("unknown scenario `{other}`; known: {}", NAMES.join(", ")),
     })
 }

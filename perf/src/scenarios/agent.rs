@@ -1,0 +1,215 @@
+//! `agent`: the agent's own cost. `aperture aggregator` runs as a separate
+//! process (so the measured process is only the agent); for each mode at the
+//! configured frequency an `aperture agent` process is started, given a
+//! warm-up, and its CPU time (`/proc/<pid>/stat` utime + stime, as % of one
+//! core) and memory (`/proc/<pid>/status` VmRSS and VmHWM) are read over the
+//! interval. The peer is `perf record -F <hz> -a -g` writing to a file over
+//! an interval of the same length. Each side runs on an idle machine and
+//! under a busy load (a CPU burner plus a syscall loop, one per core of the
+//! two). The kernel-side cost of Aperture's BPF programs over the interval
+//! (`kernel.bpf_stats_enabled`) is reported as its own metric.
+//!
+//! Needs root and the release binary (`cargo build --release -p aperture`,
+//! or `APERTURE_BIN`); built on first use when missing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use aperture_probes::bench;
+use serde::Deserialize;
+
+use crate::burn::spawn_burner;
+use crate::harness::{Metric, Scenario};
+use crate::sys::{
+    Guarded, aperture_binary, free_port, free_port_pair, http, on_path, proc_usage, require_root, wait_for,
+};
+
+/// Parameters of the scenario.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// Agent modes measured (`cpu`, `lock`, `syscall`, `all`).
+    pub modes: Vec<String>,
+    /// Machine states: `idle`, `busy`.
+    pub loads: Vec<String>,
+    /// Sampling frequency, Hz.
+    pub frequency_hz: u32,
+    /// Seconds between start and the measured interval.
+    pub warmup_s: f64,
+    /// Length of the measured interval, seconds.
+    pub interval_s: f64,
+}
+
+/// The scenario.
+#[derive(Debug)]
+pub struct AgentScenario {
+    params: Params,
+    root: PathBuf,
+    bin: PathBuf,
+    dir: Option<tempfile::TempDir>,
+    aggregator: Option<Guarded>,
+    ingest_port: u16,
+    runs: u32,
+}
+
+impl AgentScenario {
+    /// A scenario with these parameters; `root` is the repository.
+    pub fn new(params: Params, root: PathBuf) -> AgentScenario {
+        AgentScenario { params, root, bin: PathBuf::new(), dir: None, aggregator: None, ingest_port: 0, runs: 0 }
+    }
+}
+
+/// Splits `aperture-cpu-idle` / `perf-record-busy` into (tool, mode, load).
+pub fn parse_side(side: &str) -> Option<(&str, &str, &str)> {
+    let (rest, load) = side.rsplit_once('-')?;
+    let (tool, mode) = rest.split_once('-')?;
+    Some((tool, mode, load))
+}
+
+/// Sum of run time (ns) of the BPF programs whose name starts with `ap_`.
+fn aperture_bpf_ns() -> u64 {
+    bench::program_run_stats("ap_").iter().map(|p| p.run_time_ns).sum()
+}
+
+impl Scenario for AgentScenario {
+    fn sides(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for load in &self.params.loads {
+            for mode in &self.params.modes {
+                out.push(format!("aperture-{mode}-{load}"));
+            }
+            out.push(format!("perf-record-{load}"));
+        }
+        out
+    }
+
+    fn setup(&mut self) -> anyhow::Result<()> {
+        require_root("agent")?;
+        if !on_path("perf") {
+            bail!("perf not found: apt-get install linux-perf");
+        }
+        self.bin = aperture_binary(&self.root)?;
+        let dir = tempfile::Builder::new().prefix("aperture-perf-agent").tempdir()?;
+        let (http_port, ingest) = (free_port()?, free_port_pair()?);
+        let log = std::fs::File::create(dir.path().join("aggregator.log"))?;
+        let mut agg = Guarded::spawn(
+            "aperture aggregator",
+            Command::new(&self.bin)
+                .arg("aggregator")
+                .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+                .args([
+                    "--grpc-listen",
+                    &format!("127.0.0.1:{ingest}"),
+                    "--quic-listen",
+                    &format!("127.0.0.1:{ingest}"),
+                ])
+                .arg("--data-dir")
+                .arg(dir.path().join("aggregator"))
+                .arg("--no-auth")
+                .env_remove("APERTURE_AUTH_TOKEN")
+                .env_remove("APERTURE_CLICKHOUSE_ENDPOINT")
+                .stdout(Stdio::null())
+                .stderr(log),
+        )?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], http_port));
+        wait_for("aperture aggregator", Duration::from_secs(30), || {
+            http(addr, "GET", "/healthz", None, b"", Duration::from_secs(2)).is_ok_and(|r| r.status == 200)
+        })?;
+        agg.check_alive()?;
+        std::fs::write(dir.path().join("agent.yaml"), "transport:\n  insecure_skip_verify: true\n")?;
+        bench::enable_bpf_stats(true).context("enabling kernel.bpf_stats_enabled")?;
+        self.ingest_port = ingest;
+        self.aggregator = Some(agg);
+        self.dir = Some(dir);
+        Ok(())
+    }
+
+    fn run_once(&mut self, side: &str) -> anyhow::Result<Vec<Metric>> {
+        let Some(dir) = &self.dir else { bail!("setup did not run") };
+        let Some((tool, mode, load)) = parse_side(side) else { bail!("bad side name {side}") };
+        let p = &self.params;
+        self.runs += 1;
+        let total = p.warmup_s + p.interval_s + 5.0;
+        let exe = std::env::current_exe()?;
+        let _load: Vec<Guarded> = match load {
+            "idle" => Vec::new(),
+            "busy" => vec![spawn_burner(&exe, total, false)?, spawn_burner(&exe, total, true)?],
+            other => bail!("unknown load {other}"),
+        };
+        let log = std::fs::File::create(dir.path().join(format!("{side}.log")))?;
+        let metrics_port = free_port()?;
+        let mut child = match tool {
+            "aperture" => Guarded::spawn(
+                "aperture agent",
+                Command::new(&self.bin)
+                    .arg("agent")
+                    .arg("-c")
+                    .arg(dir.path().join("agent.yaml"))
+                    .args(["--aggregator", &format!("127.0.0.1:{}", self.ingest_port)])
+                    .args(["--mode", mode, "--freq", &p.frequency_hz.to_string()])
+                    .arg("--data-dir")
+                    .arg(dir.path().join(format!("agent-{}", self.runs)))
+                    .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+                    .env_remove("APERTURE_AUTH_TOKEN")
+                    .stdout(Stdio::null())
+                    .stderr(log),
+            )?,
+            "perf" => Guarded::spawn(
+                "perf record",
+                Command::new("perf")
+                    .args(["record", "-F", &p.frequency_hz.to_string(), "-a", "-g", "-o"])
+                    .arg(dir.path().join("perf.data"))
+                    .stdout(Stdio::null())
+                    .stderr(log),
+            )?,
+            other => bail!("unknown tool {other}"),
+        };
+        if tool == "aperture" {
+            let addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+            wait_for("aperture agent", Duration::from_secs(60), || {
+                http(addr, "GET", "/healthz", None, b"", Duration::from_secs(2)).is_ok_and(|r| r.status == 200)
+            })
+            .with_context(|| format!("see {}", dir.path().join(format!("{side}.log")).display()))?;
+        }
+        std::thread::sleep(Duration::from_secs_f64(p.warmup_s));
+        child.check_alive()?;
+        let pid = child.pid();
+        let (u0, bpf0, t0) = (proc_usage(pid)?, aperture_bpf_ns(), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(p.interval_s));
+        let (u1, bpf1, dt) = (proc_usage(pid)?, aperture_bpf_ns(), t0.elapsed().as_secs_f64());
+        child.check_alive()?;
+        // perf writes its file on SIGINT; the agent flushes and exits on SIGTERM.
+        let signal = if tool == "perf" { libc::SIGINT } else { libc::SIGTERM };
+        child.stop_with(signal, Duration::from_secs(15));
+        let mut out = vec![
+            Metric::new("cpu_pct_of_one_core", "%", (u1.cpu_s - u0.cpu_s) / dt * 100.0),
+            Metric::new("rss_mib", "MiB", u1.rss_kib as f64 / 1024.0),
+            Metric::new("peak_rss_mib", "MiB", u1.hwm_kib as f64 / 1024.0),
+        ];
+        if tool == "aperture" {
+            out.push(Metric::new("bpf_cpu_pct_of_one_core", "%", bpf1.saturating_sub(bpf0) as f64 / 1e9 / dt * 100.0));
+        }
+        Ok(out)
+    }
+
+    fn teardown(&mut self) {
+        let _ = bench::enable_bpf_stats(false);
+        self.aggregator = None;
+        self.dir = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sides_split_into_tool_mode_and_load() {
+        assert_eq!(parse_side("aperture-cpu-idle"), Some(("aperture", "cpu", "idle")));
+        assert_eq!(parse_side("perf-record-busy"), Some(("perf", "record", "busy")));
+        assert_eq!(parse_side("nonsense"), None);
+    }
+}
