@@ -91,7 +91,8 @@ impl Scenario for Ingest {
             Metric::new("ack_p50_ms", "ms", percentile(&mut lat, 50.0)),
             Metric::new("ack_p99_ms", "ms", percentile(&mut lat, 99.0)),
             Metric::new("frame_bytes_per_sample", "B", r.frame_bytes as f64 / samples),
-            Metric::new("loopback_bytes_per_sample", "B", r.loopback_bytes as f64 / samples),
+            // Loopback counts every byte once as sent and once as received.
+            Metric::new("wire_bytes_per_sample", "B", r.loopback_bytes as f64 / 2.0 / samples),
             Metric::new("frames_dropped", "frames", r.dropped as f64),
         ])
     }
