@@ -112,7 +112,7 @@ impl Fleet {
                 }
             }
         }
-        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.sort_by_key(|r| r.0);
         rows.dedup_by(|a, b| a.0 == b.0);
         let samples = rows.iter().map(|r| r.1.count).sum();
         Flush { labels, rows, stacks: Vec::new(), frames: Vec::new(), samples }
