@@ -15,28 +15,12 @@ use aperture_transport::server::{Acker, Admission, IngressSink, ReceivedFrame, S
 
 /// Whether the test runs as root; prints the skip line otherwise.
 pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    println!("SKIPPED: {test}: needs root");
-    false
+    aperture_testkit::require_root(test)
 }
 
 /// Compiles `tests/programs/<name>.c` with frame pointers and debug info.
 pub fn build_program(name: &str) -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{name}.c"));
-    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("agent-programs");
-    std::fs::create_dir_all(&out_dir).expect("create program dir");
-    let bin = out_dir.join(name);
-    let status = Command::new("cc")
-        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer", "-pthread", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .status()
-        .expect("run cc");
-    assert!(status.success(), "compiling {} failed", src.display());
-    bin
+    aperture_testkit::build_c_program(env!("CARGO_MANIFEST_DIR"), env!("CARGO_TARGET_TMPDIR"), name)
 }
 
 /// A child process killed when dropped.

@@ -38,7 +38,7 @@ pub fn installed() -> bool {
 /// Starts a server, or prints `SKIPPED: <test>: clickhouse-server not installed` and returns `None`.
 pub fn start_or_skip(test: &str) -> Option<ClickHouseServer> {
     if !installed() {
-        println!("SKIPPED: {test}: clickhouse-server not installed");
+        aperture_testkit::skip(test, "clickhouse-server not installed (apt-get install clickhouse-server)");
         return None;
     }
     Some(ClickHouseServer::start())

@@ -13,28 +13,14 @@ use aperture_probes::RecordBatch;
 /// True when the test can use the kernel; otherwise prints the skip line
 /// the CI counts and returns false.
 pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    println!("SKIPPED: {test}: needs root");
-    false
+    aperture_testkit::require_root(test)
 }
 
 /// Compiles `tests/programs/<name>.c` (frame pointers, leaf frame pointers included, as distributions that
 /// build with frame pointers do; debug info) and
 /// returns the binary's path.
 pub fn build_program(name: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{name}.c"));
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ap-{name}"));
-    let status = Command::new("cc")
-        .args(["-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer", "-O1", "-g", "-pthread", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc runs");
-    assert!(status.success(), "compiling {} failed", src.display());
-    out
+    aperture_testkit::build_c_program(env!("CARGO_MANIFEST_DIR"), env!("CARGO_TARGET_TMPDIR"), name)
 }
 
 /// A test program waiting for the go byte on stdin.
