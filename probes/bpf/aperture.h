@@ -56,6 +56,14 @@ struct ap_event {
 	char comm[AP_COMM_LEN];
 };
 
+/* Settings user space may change while the programs run: the single entry
+ * (key 0) of each object's `ap_settings` array map, written before attach
+ * and again whenever the agent adjusts its overhead. 16 bytes. */
+struct ap_settings {
+	__u64 lock_threshold_ns; /* lock.bpf.c: waits at least this long are also sent individually; 0 disables */
+	__u64 slow_threshold_ns; /* syscall.bpf.c: calls at least this long are also sent individually; 0 disables */
+};
+
 /* Reasons a program failed to record something; the index into each
  * program's per-CPU `ap_drops` array of __u64 counters. */
 enum ap_drop_reason {

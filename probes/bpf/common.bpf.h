@@ -55,6 +55,22 @@ struct {
 	__type(value, __u8);
 } ap_filter_cgroups SEC(".maps");
 
+/* Thresholds user space can change without reloading (struct ap_settings);
+ * zero until the loader writes them, before anything is attached. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ap_settings);
+} ap_settings SEC(".maps");
+
+/* The current settings (an array lookup the verifier inlines), or NULL. */
+static __always_inline struct ap_settings *ap_settings_get(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&ap_settings, &zero);
+}
+
 /* An event record with room for both stacks; built in a per-CPU scratch
  * slot because it does not fit on the 512-byte BPF stack. */
 struct ap_event_buf {

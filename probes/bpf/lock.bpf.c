@@ -9,13 +9,11 @@
  * per thread and aggregated per (pid, user stack).
  *
  * Aggregates go to the active one of two slots (ap_slot) so user space can
- * drain one while the programs fill the other; waits of at least
- * ap_lock_threshold_ns are also written individually.
+ * drain one while the programs fill the other; waits of at least the
+ * lock threshold (ap_settings, changed live by user space) are also written
+ * individually.
  */
 #include "common.bpf.h"
-
-/* Waits at least this long (ns) are sent individually; 0 disables. */
-const volatile __u64 ap_lock_threshold_ns = 1000000;
 
 /* futex(2) operations (include/uapi/linux/futex.h). */
 #define AP_FUTEX_CMD_MASK 127
@@ -156,7 +154,9 @@ static __always_inline void ap_wait_end(void *ctx, void *starts, __u64 addr, boo
 	else
 		ap_lock_account(&ap_lock_agg_0, &ap_stacks_0, ctx, &key, stack_flags, dur);
 
-	if (ap_lock_threshold_ns && dur >= ap_lock_threshold_ns) {
+	struct ap_settings *cfg = ap_settings_get();
+	__u64 threshold = cfg ? cfg->lock_threshold_ns : 0;
+	if (threshold && dur >= threshold) {
 		struct ap_event_buf *buf = ap_event_begin(futex ? AP_EVENT_LOCK_FUTEX : AP_EVENT_LOCK_KERNEL, id);
 		if (!buf)
 			return;

@@ -4,17 +4,15 @@
  *
  * sys_enter stores (start time, number) per thread; sys_exit adds the call
  * to the per-CPU aggregate of (pid, number) in the active slot: count,
- * errors, total time and a log2 histogram. Calls slower than
- * ap_slow_threshold_ns are also written individually with the user stack.
+ * errors, total time and a log2 histogram. Calls slower than the slow-call
+ * threshold (ap_settings, changed live by user space) are also written
+ * individually with the user stack.
  *
  * Three attach flavours of the same logic, the loader picks the first the
  * kernel accepts: BTF raw tracepoints (cheapest), raw tracepoints, classic
  * raw_syscalls tracepoints.
  */
 #include "common.bpf.h"
-
-/* Calls at least this long (ns) are sent individually; 0 disables. */
-const volatile __u64 ap_slow_threshold_ns = 10000000;
 
 struct ap_sys_start {
 	__u64 ts_ns;
@@ -113,7 +111,9 @@ static __always_inline void ap_sys_exit(void *ctx, long ret)
 	else
 		ap_sys_account(&ap_sys_stats_0, &key, dur, ret);
 
-	if (ap_slow_threshold_ns && dur >= ap_slow_threshold_ns) {
+	struct ap_settings *cfg = ap_settings_get();
+	__u64 threshold = cfg ? cfg->slow_threshold_ns : 0;
+	if (threshold && dur >= threshold) {
 		struct ap_event_buf *buf = ap_event_begin(AP_EVENT_SLOW_SYSCALL, id);
 		if (!buf)
 			return;

@@ -189,6 +189,18 @@ pub struct Slot {
 }
 const _: () = assert!(size_of::<Slot>() == 8);
 
+/// `struct ap_settings`: thresholds the programs read on every event, so
+/// user space can change them while attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Settings {
+    /// Lock waits at least this long are also sent individually, ns; 0 disables.
+    pub lock_threshold_ns: u64,
+    /// System calls at least this long are also sent individually, ns; 0 disables.
+    pub slow_threshold_ns: u64,
+}
+const _: () = assert!(size_of::<Settings>() == 16);
+
 // SAFETY: each type is `repr(C)`, `Copy`, made only of integers and byte
 // arrays with explicit padding fields, so every bit pattern is a valid value
 // and there are no implicit padding bytes.
@@ -201,6 +213,8 @@ unsafe impl Pod for SyscallKey {}
 unsafe impl Pod for SyscallValue {}
 // SAFETY: as above.
 unsafe impl Pod for Slot {}
+// SAFETY: as above.
+unsafe impl Pod for Settings {}
 
 /// The comm bytes up to the first NUL, lossily decoded.
 pub fn comm_str(comm: &[u8; COMM_LEN]) -> String {

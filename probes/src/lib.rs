@@ -33,7 +33,9 @@ mod symbolize;
 mod syscalls;
 
 pub use drain::{DrainError, DropCount, LockStats, SLOT_GRACE, SyscallStats, lock_kind};
-pub use loader::{AttachError, Attachment, Filter, Flavour, LoadError, Modes, ProbeConfig, Probes, object_bytes};
+pub use loader::{
+    AttachError, Attachment, Filter, Flavour, LoadError, Modes, ProbeConfig, Probes, SettingsError, object_bytes,
+};
 pub use reader::{BatchSink, EventRecord, PerfReader, ReaderConfig, ReaderError, ReaderStats, RecordBatch};
 pub use symbolize::{SymbolizeStats, Symbolizer};
 pub use syscalls::syscall_name;

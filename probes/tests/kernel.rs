@@ -200,3 +200,84 @@ fn preflight_passes_on_this_node() -> anyhow::Result<()> {
     assert!(report.kernel_version >= aperture_probes::preflight::MIN_KERNEL);
     Ok(())
 }
+
+/// Slow nanosleep calls of `pid` reported individually in `batches`.
+fn slow_sleeps(batches: &[RecordBatch], pid: u32) -> usize {
+    const NANOSLEEP: u32 = 35;
+    batches
+        .iter()
+        .flat_map(|b| b.events.iter())
+        .filter(|e| e.kind == EventKind::SlowSyscall && e.raw.pid == pid && e.raw.arg == NANOSLEEP)
+        .count()
+}
+
+#[test]
+fn raising_the_slow_syscall_threshold_live_stops_individual_reports() -> anyhow::Result<()> {
+    if !require_root("raising_the_slow_syscall_threshold_live_stops_individual_reports") {
+        return Ok(());
+    }
+    let bin = build_program("syscall_count");
+    let mut first = Program::spawn(&bin, &["10"]);
+    let mut second = Program::spawn(&bin, &["10"]);
+    let (p1, p2) = (first.pid(), second.pid());
+    let mut probes = Probes::load(&ProbeConfig {
+        modes: Modes::only(Mode::Syscall),
+        filter: Some(Filter { pids: vec![p1, p2], cgroups: vec![] }),
+        ..ProbeConfig::default()
+    })?;
+    let (sink, rx) = channel_sink();
+    let reader = probes.start_reader(&reader_config(), sink)?;
+    probes.attach()?;
+
+    // Attached with the default 10 ms threshold; raise it to 1 s while the
+    // programs stay attached: the 20 ms sleep is only counted.
+    probes.set_thresholds(Duration::from_millis(1), Duration::from_secs(1))?;
+    assert_eq!(probes.config().slow_syscall_threshold, Duration::from_secs(1));
+    first.go();
+    assert_eq!(first.line(), "done 1");
+    // Lower it again, still without re-attaching: the next sleep is reported.
+    probes.set_thresholds(Duration::from_millis(1), Duration::from_millis(10))?;
+    second.go();
+    assert_eq!(second.line(), "done 1");
+    let mut stats = probes.drain_syscall_stats()?;
+    stats.extend(probes.drain_syscall_stats()?);
+    std::thread::sleep(Duration::from_millis(100));
+    reader.stop()?;
+    first.finish();
+    second.finish();
+
+    let batches: Vec<RecordBatch> = rx.try_iter().collect();
+    const NANOSLEEP: u32 = 35;
+    let counted = |pid| stats.iter().filter(|s| s.pid == pid && s.nr == NANOSLEEP).map(|s| s.count).sum::<u64>();
+    assert!(counted(p1) >= 1, "the sleep under the raised threshold is still counted");
+    assert_eq!(slow_sleeps(&batches, p1), 0, "no individual report above a 1 s threshold");
+    assert_eq!(slow_sleeps(&batches, p2), 1, "reported again once the threshold is lowered");
+    assert_eq!(probes.attachments().len(), 2, "nothing was re-attached");
+    Ok(())
+}
+
+#[test]
+fn cpu_sampling_frequency_changes_while_attached() -> anyhow::Result<()> {
+    if !require_root("cpu_sampling_frequency_changes_while_attached") {
+        return Ok(());
+    }
+    // Filtered on a program that only waits, so this test burns no CPU of
+    // its own next to the sampling test above.
+    let bin = build_program("syscall_count");
+    let mut prog = Program::spawn(&bin, &["1"]);
+    let mut probes = Probes::load(&ProbeConfig { frequency_hz: 199, ..config(Mode::Cpu, prog.pid()) })?;
+    probes.set_frequency(99)?;
+    assert_eq!(probes.config().frequency_hz, 99, "before attach it is what attach will use");
+    probes.attach()?;
+    let online = aya::util::online_cpus().map_err(|(_, e)| e)?.len();
+    assert_eq!(probes.cpu_event_count(), online, "one cpu-clock event per online CPU");
+    probes.set_frequency(49)?;
+    assert_eq!(probes.config().frequency_hz, 49);
+    probes.set_frequency(0)?;
+    assert_eq!(probes.config().frequency_hz, 1, "0 is clamped to 1 Hz");
+    assert_eq!(probes.attachments().len(), 1, "nothing was re-attached");
+    prog.go();
+    assert_eq!(prog.line(), "done 1");
+    prog.finish();
+    Ok(())
+}

@@ -1,24 +1,48 @@
 //! Loading the embedded BPF objects and attaching them per mode.
 //!
 //! [`Probes`] owns one aya [`Ebpf`] per loaded mode. Every attachment is an
-//! fd-based link owned by it, so dropping [`Probes`] — or the process ending
-//! in any way, SIGKILL included — detaches everything; nothing is pinned.
+//! fd-based link or perf event owned by it, so dropping [`Probes`] — or the
+//! process ending in any way, SIGKILL included — detaches everything;
+//! nothing is pinned.
+//!
+//! What the overhead budget changes is changed live, without detaching:
+//! the cpu-clock frequency with `PERF_EVENT_IOC_PERIOD` on the perf events
+//! this module opens itself ([`Probes::set_frequency`]), and the lock and
+//! slow-syscall thresholds in each object's `ap_settings` array map, which
+//! the programs read on every event ([`Probes::set_thresholds`]).
 
 mod config;
 mod sys;
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
 
 use aperture_core::model::Mode;
-use aya::maps::{HashMap, Map, MapError};
-use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+use aya::maps::{Array, HashMap, Map, MapError};
 use aya::programs::{BtfTracePoint, PerfEvent, ProgramError, RawTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfError, EbpfLoader, include_bytes_aligned};
 
 pub use config::{Filter, Modes, ProbeConfig};
 
-use crate::reader::{BatchSink, PerfBuffer, PerfReader, ReaderConfig, ReaderError};
+use crate::abi::Settings;
+use crate::reader::{
+    BatchSink, PERF_ATTR_SIZE_VER0, PERF_TYPE_SOFTWARE, PerfBuffer, PerfEventAttr, PerfReader, ReaderConfig,
+    ReaderError, perf_event_open_cpu,
+};
+
+/// `PERF_COUNT_SW_CPU_CLOCK`.
+const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
+/// `perf_event_attr` flag bits: `disabled`, `freq`.
+const ATTR_FLAG_DISABLED: u64 = 1;
+const ATTR_FLAG_FREQ: u64 = 1 << 10;
+/// `PERF_EVENT_IOC_ENABLE`, `_IO('$', 0)`.
+const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+/// `PERF_EVENT_IOC_PERIOD`, `_IOW('$', 4, __u64)`: the sample frequency for
+/// an event opened with `freq` set.
+const PERF_EVENT_IOC_PERIOD: libc::c_ulong = 0x4008_2404;
+/// `PERF_EVENT_IOC_SET_BPF`, `_IOW('$', 8, __u32)`.
+const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
 
 /// `cpu.bpf.o`, built by `probes/build-bpf.sh`.
 static CPU_OBJECT: &[u8] = include_bytes_aligned!("../../bpf/obj/cpu.bpf.o");
@@ -55,6 +79,15 @@ pub enum LoadError {
         /// aya's error.
         #[source]
         source: EbpfError,
+    },
+    /// Writing the initial thresholds into the `ap_settings` map failed.
+    #[error("writing the settings map of the {mode} BPF object failed: {source}")]
+    Settings {
+        /// The mode of the object.
+        mode: Mode,
+        /// aya's error.
+        #[source]
+        source: MapError,
     },
     /// Filling the pid/cgroup filter maps failed.
     #[error("filling filter map {map} of the {mode} object failed: {source}; at most 4096 pids and 4096 cgroups fit")]
@@ -97,6 +130,30 @@ pub enum AttachError {
     },
 }
 
+/// Why a live settings change failed (the previous settings stay in
+/// effect where the change did not apply).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// Writing the `ap_settings` map of an object failed.
+    #[error("updating the thresholds of the {mode} programs failed: {source}")]
+    Map {
+        /// The mode of the object.
+        mode: Mode,
+        /// aya's error.
+        #[source]
+        source: MapError,
+    },
+    /// `PERF_EVENT_IOC_PERIOD` on a cpu-clock event failed.
+    #[error("changing the cpu-clock sampling frequency to {hz} Hz failed: {source}")]
+    Frequency {
+        /// The frequency asked for.
+        hz: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// How a program ended up attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavour {
@@ -133,6 +190,8 @@ pub struct Probes {
     pub(crate) objects: Vec<LoadedObject>,
     config: ProbeConfig,
     attachments: Vec<Attachment>,
+    /// One cpu-clock perf event per online CPU running `ap_cpu_sample`.
+    cpu_events: Vec<OwnedFd>,
     btf: Btf,
 }
 
@@ -155,8 +214,7 @@ impl Probes {
         let btf = Btf::from_sys_fs().map_err(LoadError::Btf)?;
         let filter_enabled = u32::from(config.filter.is_some());
         let ignore_tgid = if config.ignore_self { std::process::id() } else { 0 };
-        let lock_ns = duration_ns(config.lock_threshold);
-        let slow_ns = duration_ns(config.slow_syscall_threshold);
+        let settings = settings_of(config);
         let mut objects = Vec::new();
         for mode in config.modes.iter() {
             let mut loader = EbpfLoader::new();
@@ -165,18 +223,58 @@ impl Probes {
                 &ignore_tgid,
                 true,
             );
-            match mode {
-                Mode::Lock => loader.override_global("ap_lock_threshold_ns", &lock_ns, true),
-                Mode::Syscall => loader.override_global("ap_slow_threshold_ns", &slow_ns, true),
-                Mode::Cpu => &mut loader,
-            };
             let mut ebpf = loader.load(object_bytes(mode)).map_err(|source| LoadError::Object { mode, source })?;
+            write_settings(&mut ebpf, settings).map_err(|source| LoadError::Settings { mode, source })?;
             if let Some(filter) = &config.filter {
                 fill_filter(&mut ebpf, mode, filter)?;
             }
             objects.push(LoadedObject { mode, ebpf });
         }
-        Ok(Probes { objects, config: config.clone(), attachments: Vec::new(), btf })
+        Ok(Probes { objects, config: config.clone(), attachments: Vec::new(), cpu_events: Vec::new(), btf })
+    }
+
+    /// Changes the lock and slow-syscall thresholds of the loaded programs
+    /// while they run: the next event already sees them. Nothing is
+    /// detached, so no event is missed.
+    pub fn set_thresholds(&mut self, lock: Duration, slow_syscall: Duration) -> Result<(), SettingsError> {
+        let mut wanted = self.config.clone();
+        wanted.lock_threshold = lock;
+        wanted.slow_syscall_threshold = slow_syscall;
+        let settings = settings_of(&wanted);
+        for obj in &mut self.objects {
+            write_settings(&mut obj.ebpf, settings).map_err(|source| SettingsError::Map { mode: obj.mode, source })?;
+        }
+        self.config = wanted;
+        Ok(())
+    }
+
+    /// Changes the cpu-clock sampling frequency of the attached cpu-mode
+    /// program while it runs (`PERF_EVENT_IOC_PERIOD` on each CPU's event).
+    /// Before [`Probes::attach`] it only changes what attach will use.
+    pub fn set_frequency(&mut self, frequency_hz: u64) -> Result<(), SettingsError> {
+        let hz = frequency_hz.max(1);
+        for fd in &self.cpu_events {
+            let value: u64 = hz;
+            // SAFETY: PERF_EVENT_IOC_PERIOD reads one u64 through the pointer,
+            // which points to a live local; the fd is a perf event we own.
+            let ret = unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_PERIOD, &raw const value) };
+            if ret < 0 {
+                return Err(SettingsError::Frequency { hz, source: io::Error::last_os_error() });
+            }
+        }
+        self.config.frequency_hz = hz;
+        Ok(())
+    }
+
+    /// Number of cpu-clock perf events the cpu-mode program is attached to
+    /// (one per online CPU once attached).
+    pub fn cpu_event_count(&self) -> usize {
+        self.cpu_events.len()
+    }
+
+    /// The settings in effect (frequency and thresholds as last set).
+    pub fn config(&self) -> &ProbeConfig {
+        &self.config
     }
 
     /// Loads the programs into the kernel and attaches them. On error, what
@@ -186,7 +284,11 @@ impl Probes {
             let mode = self.objects[i].mode;
             let ebpf = &mut self.objects[i].ebpf;
             let new = match mode {
-                Mode::Cpu => attach_cpu(ebpf, self.config.frequency_hz)?,
+                Mode::Cpu => {
+                    let (attachments, events) = attach_cpu(ebpf, self.config.frequency_hz)?;
+                    self.cpu_events.extend(events);
+                    attachments
+                }
                 Mode::Lock => attach_lock(ebpf, &self.btf)?,
                 Mode::Syscall => attach_syscall(ebpf, &self.btf)?,
             };
@@ -244,8 +346,22 @@ impl Probes {
     }
 }
 
-fn duration_ns(d: std::time::Duration) -> u64 {
+fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn settings_of(config: &ProbeConfig) -> Settings {
+    Settings {
+        lock_threshold_ns: duration_ns(config.lock_threshold),
+        slow_threshold_ns: duration_ns(config.slow_syscall_threshold),
+    }
+}
+
+/// Writes entry 0 of the object's `ap_settings` array.
+fn write_settings(ebpf: &mut Ebpf, settings: Settings) -> Result<(), MapError> {
+    let map = ebpf.map_mut("ap_settings").ok_or(MapError::InvalidName { name: "ap_settings".into() })?;
+    let mut array: Array<_, Settings> = Array::try_from(map)?;
+    array.set(0, settings, 0)
 }
 
 fn fill_filter(ebpf: &mut Ebpf, mode: Mode, filter: &Filter) -> Result<(), LoadError> {
@@ -265,22 +381,48 @@ fn fill_filter(ebpf: &mut Ebpf, mode: Mode, filter: &Filter) -> Result<(), LoadE
     Ok(())
 }
 
-fn attach_cpu(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<Vec<Attachment>, AttachError> {
+/// Loads the cpu-mode program and attaches it to one cpu-clock perf event
+/// per online CPU, opened here (not through aya) so that their frequency can
+/// be changed later with `PERF_EVENT_IOC_PERIOD`. Closing an event detaches
+/// the program from it.
+fn attach_cpu(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<(Vec<Attachment>, Vec<OwnedFd>), AttachError> {
     const NAME: &str = "ap_cpu_sample";
     let cpus = aya::util::online_cpus().map_err(|(path, source)| AttachError::Cpus { path, source })?;
     let prog: &mut PerfEvent = program(ebpf, NAME)?;
     let fail = |source| AttachError::Attach { what: "cpu-clock", program: NAME, source };
     prog.load().map_err(fail)?;
+    let prog_fd = prog.fd().map_err(fail)?.as_fd().as_raw_fd();
+    let io_fail = |call: &'static str| {
+        move |io_error| AttachError::Attach {
+            what: "cpu-clock",
+            program: NAME,
+            source: ProgramError::SyscallError(aya::sys::SyscallError { call, io_error }),
+        }
+    };
+    let attr = PerfEventAttr {
+        ty: PERF_TYPE_SOFTWARE,
+        size: PERF_ATTR_SIZE_VER0,
+        config: PERF_COUNT_SW_CPU_CLOCK,
+        sample_period: frequency_hz.max(1),
+        flags: ATTR_FLAG_DISABLED | ATTR_FLAG_FREQ,
+        ..PerfEventAttr::default()
+    };
+    let mut events = Vec::with_capacity(cpus.len());
     for cpu in cpus {
-        prog.attach(
-            PerfEventConfig::Software(SoftwareEvent::CpuClock),
-            PerfEventScope::AllProcessesOneCpu { cpu },
-            SamplePolicy::Frequency(frequency_hz.max(1)),
-            false,
-        )
-        .map_err(fail)?;
+        let fd = perf_event_open_cpu(&attr, cpu).map_err(io_fail("perf_event_open"))?;
+        let raw = fd.as_raw_fd();
+        // SAFETY: both ioctls take an integer argument (the program fd, then
+        // nothing) on a perf event fd we own.
+        if unsafe { libc::ioctl(raw, PERF_EVENT_IOC_SET_BPF, prog_fd as libc::c_ulong) } < 0 {
+            return Err(io_fail("PERF_EVENT_IOC_SET_BPF")(io::Error::last_os_error()));
+        }
+        // SAFETY: as above.
+        if unsafe { libc::ioctl(raw, PERF_EVENT_IOC_ENABLE, 0 as libc::c_ulong) } < 0 {
+            return Err(io_fail("PERF_EVENT_IOC_ENABLE")(io::Error::last_os_error()));
+        }
+        events.push(fd);
     }
-    Ok(vec![Attachment { mode: Mode::Cpu, program: NAME, point: "cpu-clock", flavour: Flavour::PerfEvent }])
+    Ok((vec![Attachment { mode: Mode::Cpu, program: NAME, point: "cpu-clock", flavour: Flavour::PerfEvent }], events))
 }
 
 /// The names of one hook's three flavours (any may be absent).

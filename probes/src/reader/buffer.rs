@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::reader::ring::{SplitBytes, readable_ranges};
 
-const PERF_TYPE_SOFTWARE: u32 = 1;
+pub(crate) const PERF_TYPE_SOFTWARE: u32 = 1;
 const PERF_COUNT_SW_BPF_OUTPUT: u64 = 10;
 const PERF_SAMPLE_RAW: u64 = 1 << 10;
 /// `perf_event_attr.watermark`: wake up on `wakeup_watermark` bytes.
 const ATTR_FLAG_WATERMARK: u64 = 1 << 14;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
 /// `PERF_ATTR_SIZE_VER0`: the fields up to `config1`, all this reader needs.
-const PERF_ATTR_SIZE_VER0: u32 = 64;
+pub(crate) const PERF_ATTR_SIZE_VER0: u32 = 64;
 /// Offsets in `struct perf_event_mmap_page`.
 const DATA_HEAD_OFFSET: usize = 1024;
 const DATA_TAIL_OFFSET: usize = 1032;
@@ -23,19 +23,42 @@ const DATA_TAIL_OFFSET: usize = 1032;
 /// The first 64 bytes of `struct perf_event_attr` (PERF_ATTR_SIZE_VER0).
 #[repr(C)]
 #[derive(Default)]
-struct PerfEventAttr {
-    ty: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_watermark: u32,
-    bp_type: u32,
-    config1: u64,
+pub(crate) struct PerfEventAttr {
+    pub(crate) ty: u32,
+    pub(crate) size: u32,
+    pub(crate) config: u64,
+    /// `sample_period`, or `sample_freq` when the `freq` flag is set.
+    pub(crate) sample_period: u64,
+    pub(crate) sample_type: u64,
+    pub(crate) read_format: u64,
+    pub(crate) flags: u64,
+    pub(crate) wakeup_watermark: u32,
+    pub(crate) bp_type: u32,
+    pub(crate) config1: u64,
 }
 const _: () = assert!(size_of::<PerfEventAttr>() == PERF_ATTR_SIZE_VER0 as usize);
+
+/// `perf_event_open(attr, pid -1, cpu, group -1, CLOEXEC)`: an event
+/// counting every task on `cpu`.
+pub(crate) fn perf_event_open_cpu(attr: &PerfEventAttr, cpu: u32) -> io::Result<OwnedFd> {
+    // SAFETY: perf_event_open reads `attr.size` bytes from a valid,
+    // initialised attr; pid -1 + a cpu selects all tasks on that CPU.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            attr as *const PerfEventAttr,
+            -1 as libc::pid_t,
+            cpu as libc::c_int,
+            -1 as libc::c_int,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative return of perf_event_open is a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) })
+}
 
 /// A per-CPU BPF output ring.
 #[derive(Debug)]
@@ -71,23 +94,7 @@ impl PerfBuffer {
             wakeup_watermark: watermark.max(1),
             ..Default::default()
         };
-        // SAFETY: perf_event_open reads `attr.size` bytes from a valid,
-        // initialised attr; pid -1 + a cpu selects all tasks on that CPU.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                &raw const attr,
-                -1 as libc::pid_t,
-                cpu as libc::c_int,
-                -1 as libc::c_int,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a non-negative return of perf_event_open is a new fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) };
+        let fd = perf_event_open_cpu(&attr, cpu)?;
         // SAFETY: sysconf has no memory-safety preconditions.
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let data_len = data_pages * page_size;

@@ -24,7 +24,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 pub use batch::{DecodeError, EventRecord, RecordBatch};
-pub(crate) use buffer::PerfBuffer;
+pub(crate) use buffer::{PERF_ATTR_SIZE_VER0, PERF_TYPE_SOFTWARE, PerfBuffer, PerfEventAttr, perf_event_open_cpu};
 pub use ring::SplitBytes;
 use ring::{Record, frame_records};
 
