@@ -36,6 +36,8 @@ pub use drain::{DrainError, DropCount, LockStats, SLOT_GRACE, SyscallStats, lock
 pub use loader::{
     AttachError, Attachment, Filter, Flavour, LoadError, Modes, ProbeConfig, Probes, SettingsError, object_bytes,
 };
-pub use reader::{BatchSink, EventRecord, PerfReader, ReaderConfig, ReaderError, ReaderStats, RecordBatch};
-pub use symbolize::{SymbolizeStats, Symbolizer};
+pub use reader::{
+    BatchSink, EventRecord, INITIAL_BATCH_EVENTS, PerfReader, ReaderConfig, ReaderError, ReaderStats, RecordBatch,
+};
+pub use symbolize::{SymbolizeStats, Symbolizer, SymbolizerLimits};
 pub use syscalls::syscall_name;

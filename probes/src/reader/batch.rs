@@ -77,6 +77,14 @@ impl RecordBatch {
         }
     }
 
+    /// Empties the batch and gives back memory beyond room for `events`
+    /// events of typical depth (after a burst made it grow).
+    pub fn clear_and_shrink(&mut self, events: usize) {
+        self.clear();
+        self.events.shrink_to(events);
+        self.frames.shrink_to(events * 32);
+    }
+
     /// Empties the batch, keeping its allocations.
     pub fn clear(&mut self) {
         self.events.clear();

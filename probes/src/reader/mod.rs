@@ -28,6 +28,12 @@ pub(crate) use buffer::{PERF_ATTR_SIZE_VER0, PERF_TYPE_SOFTWARE, PerfBuffer, Per
 pub use ring::SplitBytes;
 use ring::{Record, frame_records};
 
+/// Events a new batch has room for before it grows: most wakeups carry
+/// far fewer than [`ReaderConfig::max_batch_events`], and a batch that is
+/// recycled keeps what it grew to, so starting small keeps idle memory low
+/// without growing on the hot path in a steady state.
+pub const INITIAL_BATCH_EVENTS: usize = 256;
+
 /// How the reader sizes its rings and batches.
 #[derive(Clone, Debug)]
 pub struct ReaderConfig {
@@ -160,7 +166,12 @@ pub(crate) struct Collector<S: BatchSink> {
 impl<S: BatchSink> Collector<S> {
     pub(crate) fn new(sink: S, max_batch_events: usize, stats: Arc<ReaderStats>) -> Collector<S> {
         let max = max_batch_events.max(1);
-        Collector { sink, batch: RecordBatch::with_capacity(max), max_batch_events: max, stats }
+        Collector {
+            sink,
+            batch: RecordBatch::with_capacity(max.min(INITIAL_BATCH_EVENTS)),
+            max_batch_events: max,
+            stats,
+        }
     }
 
     /// Reads everything waiting in `ring` into the current batch, handing
@@ -194,7 +205,7 @@ impl<S: BatchSink> Collector<S> {
             return;
         }
         let next = self.sink.recycle().map_or_else(
-            || RecordBatch::with_capacity(self.max_batch_events),
+            || RecordBatch::with_capacity(self.max_batch_events.min(INITIAL_BATCH_EVENTS)),
             |mut b| {
                 b.clear();
                 b
@@ -219,6 +230,7 @@ pub struct PerfReader {
     thread: Option<JoinHandle<Result<(), ReaderError>>>,
     stats: Arc<ReaderStats>,
     rings: usize,
+    tid: u32,
 }
 
 impl PerfReader {
@@ -240,11 +252,22 @@ impl PerfReader {
         let flush_interval = config.flush_interval;
         let thread_stop = Arc::clone(&stop);
         let rings = buffers.len();
+        let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("ap-perf-reader".into())
-            .spawn(move || run(poll, buffers, collector, flush_interval, &thread_stop))
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let _ = tid_tx.send(unsafe { libc::gettid() } as u32);
+                run(poll, buffers, collector, flush_interval, &thread_stop)
+            })
             .map_err(ReaderError::Spawn)?;
-        Ok(PerfReader { stop, waker, thread: Some(thread), stats, rings })
+        let tid = tid_rx.recv().unwrap_or(0);
+        Ok(PerfReader { stop, waker, thread: Some(thread), stats, rings, tid })
+    }
+
+    /// Kernel thread id of the reader thread (for per-thread CPU accounting).
+    pub fn thread_id(&self) -> u32 {
+        self.tid
     }
 
     /// The reader's counters.
