@@ -211,8 +211,6 @@ impl Mapping {
 struct ProcessMaps {
     /// Executable mappings known so far, sorted by address.
     mappings: Vec<Mapping>,
-    /// `/proc/<pid>/maps`, open for `PROCMAP_QUERY`.
-    maps: Option<File>,
     read_at: Instant,
 }
 
@@ -530,9 +528,7 @@ impl Symbolizer {
 
     fn mapping(&mut self, pid: u32, addr: u64) -> Option<Span> {
         if self.processes.get(&pid).is_none() {
-            // None: exited before we looked.
-            let maps = File::open(format!("/proc/{pid}/maps")).ok()?;
-            let entry = ProcessMaps { mappings: Vec::new(), maps: Some(maps), read_at: Instant::now() };
+            let entry = ProcessMaps { mappings: Vec::new(), read_at: Instant::now() };
             self.processes.insert(pid, entry);
             if self.query == Query::Unsupported {
                 self.reread(pid);
@@ -545,8 +541,11 @@ impl Symbolizer {
             return Some(m.span());
         }
         if query != Query::Unsupported {
-            let fd = maps.maps.as_ref()?.as_raw_fd();
-            match procmap_query(fd, addr, &mut self.name_buf) {
+            // Opened per miss rather than kept: misses are rare once a
+            // process's mappings are known, and no descriptor is held for
+            // processes that exited (or whose pid was reused).
+            let file = File::open(format!("/proc/{pid}/maps")).ok()?; // None: exited
+            match procmap_query(file.as_raw_fd(), addr, &mut self.name_buf) {
                 QueryResult::Found(m) => {
                     self.query = Query::Works;
                     let found = m.span();

@@ -15,17 +15,28 @@ use xxhash_rust::xxh3::Xxh3;
 pub trait Symbolize {
     /// Kernel frames then user frames, leaf first.
     fn stack(&mut self, pid: u32, kernel: &[u64], user: &[u64]) -> Stack;
+
+    /// Periodic housekeeping (forget what belongs to exited processes).
+    fn housekeeping(&mut self) {}
 }
 
 impl Symbolize for aperture_probes::Symbolizer {
     fn stack(&mut self, pid: u32, kernel: &[u64], user: &[u64]) -> Stack {
         aperture_probes::Symbolizer::stack(self, pid, kernel, user)
     }
+
+    fn housekeeping(&mut self) {
+        self.forget_exited();
+    }
 }
 
-/// Entries beyond which the cache is emptied (bounds memory; processes
-/// come and go, so old stacks are not worth an LRU).
-const MAX_ENTRIES: usize = 65_536;
+/// Raw identities remembered (16 bytes each plus the table's overhead).
+const MAX_RAW: usize = 65_536;
+/// Approximate bytes of symbolized stacks kept. A stack of 30 frames with
+/// typical names is ~4 KiB, so this holds a few thousand distinct stacks;
+/// the symbolizer's own frame caches make re-symbolizing an evicted one
+/// cheap.
+const MAX_STACK_BYTES: usize = 8 << 20;
 
 /// Hits and misses of a [`StackCache`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,16 +45,74 @@ pub struct StackCacheStats {
     pub hits: u64,
     /// Stacks symbolized.
     pub misses: u64,
-    /// Times the cache was emptied at its bound.
+    /// Times the least recently used part of the cache was dropped at its bound.
     pub resets: u64,
 }
 
-/// Symbolized stacks by raw identity.
-#[derive(Debug, Default)]
+/// Two generations of a bounded map: an entry used since the last rotation
+/// survives the next one; the rest is dropped (least recently used first).
+#[derive(Debug)]
+struct Generations<K, V> {
+    current: HashMap<K, V>,
+    previous: HashMap<K, V>,
+    current_weight: usize,
+    /// Weight at which the current generation becomes the previous one.
+    half: usize,
+}
+
+impl<K: std::hash::Hash + Eq, V> Generations<K, V> {
+    fn new(max_weight: usize) -> Self {
+        Generations {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            current_weight: 0,
+            half: (max_weight / 2).max(1),
+        }
+    }
+
+    /// The entry, moved to the current generation if it was in the previous one.
+    fn get(&mut self, key: &K, weight: impl Fn(&V) -> usize, rotations: &mut u64) -> Option<&V> {
+        if !self.current.contains_key(key) {
+            let (k, v) = self.previous.remove_entry(key)?;
+            let w = weight(&v);
+            self.insert(k, v, w, rotations);
+        }
+        self.current.get(key)
+    }
+
+    fn insert(&mut self, key: K, value: V, weight: usize, rotations: &mut u64) {
+        if self.current_weight + weight > self.half && !self.current.is_empty() {
+            self.previous = std::mem::take(&mut self.current);
+            self.current_weight = 0;
+            *rotations += 1;
+        }
+        self.current_weight += weight;
+        self.current.insert(key, value);
+    }
+
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+}
+
+/// Approximate heap and table bytes of a stack.
+fn stack_bytes(stack: &Stack) -> usize {
+    let strings: usize = stack.frames.iter().map(|f| f.symbol.len() + f.module.len() + f.file.len()).sum();
+    64 + size_of::<Stack>() + stack.frames.len() * size_of::<aperture_core::model::StackFrame>() + strings
+}
+
+/// Symbolized stacks by raw identity, bounded in memory.
+#[derive(Debug)]
 pub struct StackCache {
-    by_raw: HashMap<u64, StackHash>,
-    stacks: HashMap<StackHash, Stack>,
+    by_raw: Generations<u64, StackHash>,
+    stacks: Generations<StackHash, Stack>,
     stats: StackCacheStats,
+}
+
+impl Default for StackCache {
+    fn default() -> Self {
+        StackCache::with_limits(MAX_RAW, MAX_STACK_BYTES)
+    }
 }
 
 impl StackCache {
@@ -52,35 +121,53 @@ impl StackCache {
         StackCache::default()
     }
 
+    /// An empty cache of at most `raw` raw identities and about
+    /// `stack_bytes` bytes of symbolized stacks.
+    pub fn with_limits(raw: usize, stack_bytes: usize) -> StackCache {
+        StackCache { by_raw: Generations::new(raw), stacks: Generations::new(stack_bytes), stats: Default::default() }
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> StackCacheStats {
         self.stats
     }
 
+    /// (raw identities, symbolized stacks) held now.
+    pub fn len(&self) -> (usize, usize) {
+        (self.by_raw.len(), self.stacks.len())
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.by_raw.len() == 0
+    }
+
     /// The symbolized stack of `(pid, kernel, user)`.
     pub fn stack(&mut self, symbolizer: &mut dyn Symbolize, pid: u32, kernel: &[u64], user: &[u64]) -> &Stack {
         let key = raw_key(pid, kernel, user);
-        let hash = match self.by_raw.get(&key) {
-            Some(&h) if self.stacks.contains_key(&h) => {
+        let rotations = &mut self.stats.resets;
+        let known = self.by_raw.get(&key, |_| 1, rotations).copied();
+        let hash = match known {
+            Some(h) if self.stacks.get(&h, stack_bytes, rotations).is_some() => {
                 self.stats.hits += 1;
                 h
             }
             _ => {
                 self.stats.misses += 1;
-                if self.by_raw.len() >= MAX_ENTRIES {
-                    self.by_raw.clear();
-                    self.stacks.clear();
-                    self.stats.resets += 1;
-                }
                 let stack = symbolizer.stack(pid, kernel, user);
                 let h = stack.hash;
-                self.by_raw.insert(key, h);
-                self.stacks.entry(h).or_insert(stack);
+                if known.is_none() {
+                    self.by_raw.insert(key, h, 1, rotations);
+                }
+                if self.stacks.get(&h, stack_bytes, rotations).is_none() {
+                    let w = stack_bytes(&stack);
+                    self.stacks.insert(h, stack, w, rotations);
+                }
                 h
             }
         };
-        // Both branches leave `hash` in `stacks`; the fallback keeps this total.
-        self.stacks.entry(hash).or_default()
+        // Both branches leave `hash` in the current generation.
+        self.stacks.current.entry(hash).or_default()
     }
 }
 
@@ -138,5 +225,26 @@ mod tests {
         cache.stack(&mut sym, 1, &[0xffff, 0x10], &[0x20]);
         assert_eq!(sym.calls, 4);
         assert_eq!(cache.stats(), StackCacheStats { hits: 2, misses: 4, resets: 0 });
+    }
+
+    #[test]
+    fn memory_stays_bounded_and_hot_stacks_stay_cached() {
+        // Room for ~8 stacks of this size.
+        let one = stack_bytes(&Fake::default().stack(1, &[0xffff], &[0x10, 0x20]));
+        let mut cache = StackCache::with_limits(16, 8 * one);
+        let mut sym = Fake::default();
+        for i in 0..1000u64 {
+            // One hot stack, used between every new one.
+            cache.stack(&mut sym, 1, &[0xffff], &[0x10, 0x20]);
+            cache.stack(&mut sym, 1, &[0xffff], &[0x1000 + i, 0x20]);
+            let (raw, stacks) = cache.len();
+            assert!(raw <= 16 && stacks <= 8, "{raw} raw identities, {stacks} stacks");
+        }
+        assert!(cache.stats().resets > 0);
+        assert_eq!(sym.calls, 1001, "the hot stack was symbolized once, every other stack once");
+        // An evicted stack is symbolized again, transparently.
+        let again = cache.stack(&mut sym, 1, &[0xffff], &[0x1000, 0x20]).frames[1].symbol.clone();
+        assert_eq!(again, "f1000");
+        assert_eq!(sym.calls, 1002);
     }
 }

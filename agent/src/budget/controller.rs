@@ -14,6 +14,16 @@
 //!
 //! The gap between the two thresholds (hysteresis) and the run of quiet
 //! intervals keep the loop from oscillating.
+//!
+//! Warm-up: the first [`BudgetSettings::warmup_intervals`] intervals are
+//! measured and published but never acted on. They hold one-off start-up
+//! work that does not recur at that rate — parsing the kernel's BTF and
+//! loading the programs, and above all the first sighting of every process
+//! already running (its mappings read, the symbol tables of every binary
+//! and library it maps opened and indexed, kallsyms loaded). Judging the
+//! steady-state budget on that would lower the sampling of every agent at
+//! every start. The cost of waiting is bounded: a node that really is over
+//! budget is corrected one interval later.
 
 use std::fmt;
 
@@ -37,6 +47,9 @@ pub struct BudgetSettings {
     pub lock_threshold_ns: u64,
     /// Configured syscall threshold, ns.
     pub syscall_threshold_ns: u64,
+    /// Intervals after the first observation that are measured but never
+    /// adjust anything (start-up work; see the module docs).
+    pub warmup_intervals: u32,
 }
 
 /// The settings in effect.
@@ -138,6 +151,8 @@ pub struct BudgetController {
     measured: Option<Measured>,
     saturated: bool,
     adjustments: u64,
+    /// Warm-up intervals still to pass.
+    warmup_left: u32,
 }
 
 impl BudgetController {
@@ -151,7 +166,13 @@ impl BudgetController {
             measured: None,
             saturated: false,
             adjustments: 0,
+            warmup_left: settings.warmup_intervals,
         }
+    }
+
+    /// Whether the controller is still in its warm-up (measuring only).
+    pub fn warming_up(&self) -> bool {
+        self.warmup_left > 0
     }
 
     /// The settings of `level`.
@@ -197,6 +218,10 @@ impl BudgetController {
         let percent = |ns: u64| ns as f64 * 100.0 / interval_ns as f64;
         let cost = Measured { interval_ns, agent_percent: percent(agent), kernel_percent: percent(kernel) };
         self.measured = Some(cost);
+        if self.warmup_left > 0 {
+            self.warmup_left -= 1;
+            return None;
+        }
         if !self.settings.enabled {
             return None;
         }
@@ -242,6 +267,7 @@ mod tests {
             frequency_hz: 99,
             lock_threshold_ns: 1_000_000,
             syscall_threshold_ns: 10_000_000,
+            warmup_intervals: 0,
         }
     }
 
@@ -373,6 +399,24 @@ mod tests {
         assert_eq!(a, None);
         assert_eq!(c.measured().map(|m| m.total_percent()), Some(100.0));
         assert_eq!(c.effective().frequency_hz, 99);
+    }
+
+    #[test]
+    fn warm_up_intervals_are_measured_but_not_acted_on() {
+        let mut c = BudgetController::new(BudgetSettings { warmup_intervals: 1, ..settings() });
+        assert!(c.warming_up());
+        c.observe(0, CostTotals::default());
+        // Start-up: 20% of a core in the first interval (symbol tables of
+        // every running process): measured, published, not acted on.
+        assert_eq!(c.observe(10 * SEC, CostTotals { agent_cpu_ns: 2 * SEC, kernel_ns: 0 }), None);
+        assert_eq!(c.measured().map(|m| m.total_percent()), Some(20.0));
+        assert!(!c.warming_up());
+        assert_eq!(c.effective().level, 0);
+        // Steady state under budget: nothing happens.
+        assert_eq!(c.observe(20 * SEC, CostTotals { agent_cpu_ns: 2 * SEC + 50_000_000, kernel_ns: 0 }), None);
+        // Steady state over budget: the next interval acts.
+        let a = c.observe(30 * SEC, CostTotals { agent_cpu_ns: 2 * SEC + 350_000_000, kernel_ns: 0 });
+        assert!(a.is_some_and(|a| a.is_lowering()), "3% over the budget lowers after the warm-up");
     }
 
     #[test]

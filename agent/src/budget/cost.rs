@@ -1,7 +1,8 @@
 //! Where the budget loop's costs come from on a real system.
 //!
-//! - Agent CPU: `getrusage(RUSAGE_SELF)` (user + system time of every
-//!   thread of the process, microsecond resolution).
+//! - Agent CPU: the agent's own threads ([`super::ThreadCost`]; under
+//!   `aperture up` the process also runs the aggregator). [`ProcessCost`]
+//!   counts the whole process with `getrusage(RUSAGE_SELF)`.
 //! - BPF program time: the `run_time_ns` line of `/proc/self/fdinfo/<fd>`
 //!   for every BPF program file descriptor the process holds. The kernel
 //!   accounts it only while BPF statistics are enabled (`BPF_ENABLE_STATS`

@@ -66,7 +66,12 @@ pub struct Pipeline {
     period_ns: u64,
     limits: DecodeLimits,
     stats: PipelineStats,
+    symbolizer_swept_ns: u64,
 }
+
+/// How often the symbolizer forgets exited processes (it stats each one it
+/// remembers, so not every tick; its caches are bounded regardless).
+const SYMBOLIZER_SWEEP_NS: u64 = 30_000_000_000;
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,6 +103,7 @@ impl Pipeline {
             period_ns: period_ns(frequency_hz),
             limits: DecodeLimits::default(),
             stats: PipelineStats::default(),
+            symbolizer_swept_ns: 0,
         }
     }
 
@@ -135,6 +141,10 @@ impl Pipeline {
     pub fn tick(&mut self, now_ns: u64) {
         self.clock.refresh();
         self.attributor.sweep(now_ns);
+        if now_ns.saturating_sub(self.symbolizer_swept_ns) >= SYMBOLIZER_SWEEP_NS {
+            self.symbolizer_swept_ns = now_ns;
+            self.symbolizer.housekeeping();
+        }
     }
 
     /// Adds the events of one reader batch, at monotonic time `now_ns`.

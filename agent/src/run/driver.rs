@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use aperture_core::model::Mode;
 use aperture_core::ring::{Pop, RingConsumer, RingDrop};
-use aperture_probes::{ReaderStats, RecordBatch};
+use aperture_probes::{INITIAL_BATCH_EVENTS, ReaderStats, RecordBatch};
 use aperture_transport::Carrier;
 use aperture_transport::client::Client;
 use crossbeam_channel::Sender;
@@ -17,7 +17,7 @@ use crossbeam_channel::Sender;
 use super::Shutdown;
 use super::probeset::ProbeSet;
 use crate::batcher::FlushReason;
-use crate::budget::{BudgetController, CostSource, ProcessCost, own_rss_bytes};
+use crate::budget::{BudgetController, CostSource, ThreadCost, own_rss_bytes};
 use crate::clock::monotonic_ns;
 use crate::kube::KubeStats;
 use crate::metrics::{AgentMetrics, Mirror};
@@ -43,6 +43,8 @@ pub(super) struct Driver {
     pub kube_stats: Option<Arc<KubeStats>>,
     pub heartbeat: Arc<AtomicU64>,
     pub mirrors: Mirrors,
+    /// CPU time of the agent's own threads and of its BPF programs.
+    pub cost: ThreadCost,
 }
 
 /// Last values of the counters mirrored into the metrics.
@@ -66,9 +68,9 @@ impl Driver {
     /// Runs until `shutdown` is triggered, then drains and flushes; returns
     /// the number of frames built.
     pub fn run(mut self, shutdown: &Shutdown) -> u64 {
-        let mut cost = ProcessCost::default();
         let start = monotonic_ns();
-        self.budget.observe(start, cost.totals());
+        let totals = self.cost.totals();
+        self.budget.observe(start, totals);
         self.publish_effective();
         let mut next_tick = start;
         let mut next_drain = start + nanos(self.drain_interval);
@@ -91,7 +93,7 @@ impl Driver {
                 next_drain = now + nanos(self.drain_interval);
             }
             if now >= next_budget {
-                self.run_budget(now, &mut cost);
+                self.run_budget(now);
                 next_budget = now + nanos(self.budget_interval);
             }
             if let Some(reason) = self.pipeline.due(now) {
@@ -108,9 +110,13 @@ impl Driver {
         self.pipeline.sequence()
     }
 
-    fn take(&mut self, batch: RecordBatch) {
+    fn take(&mut self, mut batch: RecordBatch) {
         self.pipeline.handle_records(&batch, monotonic_ns());
-        // The reader reuses it; when the return queue is full it is freed.
+        // The reader reuses it (smaller again if a burst made it grow);
+        // when the return queue is full it is freed.
+        if batch.events.capacity() > 4 * INITIAL_BATCH_EVENTS {
+            batch.clear_and_shrink(INITIAL_BATCH_EVENTS);
+        }
         let _ = self.recycle.try_send(batch);
     }
 
@@ -125,8 +131,8 @@ impl Driver {
         }
     }
 
-    fn run_budget(&mut self, now: u64, cost: &mut ProcessCost) {
-        let totals = cost.totals();
+    fn run_budget(&mut self, now: u64) {
+        let totals = self.cost.totals();
         let adjustment = self.budget.observe(now, totals);
         if let Some(m) = self.budget.measured() {
             self.metrics.budget_cost.with_label_values(&["agent"]).set(m.agent_percent);
@@ -136,15 +142,20 @@ impl Driver {
         let direction = if adjustment.is_lowering() { "lower" } else { "restore" };
         tracing::warn!("overhead budget: {adjustment}");
         self.metrics.budget_adjustments.with_label_values(&[direction]).inc();
-        // Keep what the old programs aggregated before they are replaced.
-        self.drain(now);
-        self.sync_metrics();
-        match self.probes.reload(adjustment.to) {
-            Ok(()) => self.pipeline.set_frequency(adjustment.to.frequency_hz),
-            Err(e) => tracing::error!("the probes could not be re-attached after a budget change: {e}"),
+        if self.probes.apply_live(adjustment.to) {
+            self.pipeline.set_frequency(adjustment.to.frequency_hz);
+        } else {
+            // Keep what the old programs aggregated before they are replaced.
+            self.drain(now);
+            self.sync_metrics();
+            match self.probes.reload(adjustment.to) {
+                Ok(()) => self.pipeline.set_frequency(adjustment.to.frequency_hz),
+                Err(e) => tracing::error!("the probes could not be re-attached after a budget change: {e}"),
+            }
+            // New programs and reader: their counters start from zero.
+            self.mirrors.reader = None;
+            self.mirrors.kernel_drops.clear();
         }
-        self.mirrors.reader = None;
-        self.mirrors.kernel_drops.clear();
         self.publish_effective();
     }
 
@@ -260,7 +271,7 @@ impl Driver {
             m.carrier.with_label_values(&[carrier.as_str()]).set(i64::from(t.carrier == Some(carrier)));
         }
 
-        let cpu = crate::budget::own_cpu_ns();
+        let cpu = self.cost.agent_cpu_ns();
         m.cpu_seconds.inc_by(cpu.saturating_sub(mir.cpu_ns) as f64 / 1e9);
         mir.cpu_ns = mir.cpu_ns.max(cpu);
         m.rss.set(i64::try_from(own_rss_bytes()).unwrap_or(i64::MAX));

@@ -26,7 +26,7 @@ use aperture_transport::tls::ClientTlsConfig;
 
 use crate::attribution::{Attributor, node_name};
 use crate::batcher::Batcher;
-use crate::budget::{BudgetController, BudgetSettings};
+use crate::budget::{AgentThreads, BudgetController, BudgetSettings, ThreadCost, threads_named};
 use crate::identity::{Identity, hex};
 use crate::kube::{KubeClient, KubeStats, PodDirectory, run_pod_watcher};
 use crate::metrics::AgentMetrics;
@@ -34,8 +34,17 @@ use crate::pipeline::{FrameSink, Pipeline};
 use crate::selection::Selection;
 pub use probeset::{ProbeStartError, kernel_filter};
 
-/// Reader batches the ring between the reader and the pipeline holds.
-const RING_BATCHES: usize = 256;
+/// Reader batches the ring between the reader and the pipeline holds: at
+/// one batch per reader flush (200 ms by default) or per watermark wakeup,
+/// several seconds of a stalled pipeline before anything is dropped.
+const RING_BATCHES: usize = 64;
+/// Emptied batches kept for the reader to reuse; more are freed.
+const RECYCLED_BATCHES: usize = 8;
+/// Budget intervals measured but not acted on at start (see
+/// [`crate::budget::BudgetSettings::warmup_intervals`]).
+const BUDGET_WARMUP_INTERVALS: u32 = 1;
+/// Name of the transport client's thread (cut to 15 bytes by the kernel).
+const TRANSPORT_THREAD: &str = "aperture-transp";
 
 /// Asks a running agent to stop. Cheap to clone; trigger it from a signal
 /// handler, another thread or a task.
@@ -154,13 +163,24 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport
         frequency_hz = config.frequency_hz.0,
         "starting the agent"
     );
+    // Every thread doing the agent's work is registered, so the budget
+    // counts the agent alone (under `aperture up` the aggregator shares
+    // the process): this one (start-up, then it waits), the I/O runtime's,
+    // the transport client's, the pipeline and the perf-buffer reader.
+    let threads = AgentThreads::new();
+    threads.register_current();
+    let (on_start, on_stop) = (threads.clone(), threads.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("aperture-agent-io")
+        .on_thread_start(move || on_start.register_current())
+        .on_thread_stop(move || on_stop.unregister_current())
         .enable_all()
         .build()
         .context("starting the agent's I/O runtime")?;
 
+    let proc_self = std::path::Path::new("/proc/self");
+    let transport_before = threads_named(proc_self, TRANSPORT_THREAD);
     let client = Arc::new(
         Client::start(
             client_config(&config),
@@ -173,6 +193,12 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport
         )
         .context("starting the transport client")?,
     );
+    // The client's thread is the one of that name that did not exist before.
+    for tid in threads_named(proc_self, TRANSPORT_THREAD) {
+        if !transport_before.contains(&tid) {
+            threads.register(tid);
+        }
+    }
 
     let metrics = AgentMetrics::new();
     metrics.budget_limit.set(config.budget.cpu_percent.0);
@@ -216,11 +242,13 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport
         frequency_hz: config.frequency_hz.0,
         lock_threshold_ns: config.lock.threshold.as_nanos_u64(),
         syscall_threshold_ns: config.syscall.threshold.as_nanos_u64(),
+        warmup_intervals: BUDGET_WARMUP_INTERVALS,
     });
     let (producer, consumer) = aperture_core::ring::ring(RING_BATCHES);
-    let (recycle_tx, recycle_rx) = crossbeam_channel::bounded(RING_BATCHES);
-    let probes = probeset::ProbeSet::start(&config, budget.effective(), &selection, producer, recycle_rx)
-        .context("starting the probes")?;
+    let (recycle_tx, recycle_rx) = crossbeam_channel::bounded(RECYCLED_BATCHES);
+    let probes =
+        probeset::ProbeSet::start(&config, budget.effective(), &selection, producer, recycle_rx, threads.clone())
+            .context("starting the probes")?;
 
     let node_for_thread = node;
     let batch = config.batch.clone();
@@ -229,9 +257,11 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport
     let thread_client = Arc::clone(&client);
     let (budget_interval, drain_interval) = (config.budget.interval.0, config.syscall.drain_interval.0);
     let thread_shutdown = shutdown.clone();
+    let pipeline_threads = threads.clone();
     let pipeline_thread = std::thread::Builder::new()
         .name("aperture-pipeline".into())
         .spawn(move || {
+            pipeline_threads.register_current();
             // blazesym's symbolizer is not Send: it is created on this thread.
             let pipeline = Pipeline::new(
                 Attributor::new("/proc", pods, selection),
@@ -254,6 +284,7 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport
                 kube_stats,
                 heartbeat,
                 mirrors: driver::Mirrors::default(),
+                cost: ThreadCost::new(pipeline_threads),
             };
             driver.run(&thread_shutdown)
         })

@@ -1,6 +1,7 @@
 //! The probes as the driver sees them: loaded with the settings in effect,
-//! a reader feeding the ring, reloaded when the budget changes the
-//! frequency or thresholds, drained on a schedule.
+//! a reader feeding the ring, updated live when the budget changes the
+//! frequency or thresholds (reloaded only if that fails), drained on a
+//! schedule.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -16,7 +17,7 @@ use aperture_probes::{
 };
 use crossbeam_channel::Receiver;
 
-use crate::budget::Effective;
+use crate::budget::{AgentThreads, Effective};
 use crate::selection::Selection;
 
 /// Most cgroup ids pushed into the kernel filter (the map's size).
@@ -62,6 +63,7 @@ pub struct ProbeSet {
     reader_config: ReaderConfig,
     producer: RingProducer<RecordBatch>,
     recycled: Receiver<RecordBatch>,
+    threads: AgentThreads,
 }
 
 impl std::fmt::Debug for ProbeSet {
@@ -79,6 +81,7 @@ impl ProbeSet {
         selection: &Selection,
         producer: RingProducer<RecordBatch>,
         recycled: Receiver<RecordBatch>,
+        threads: AgentThreads,
     ) -> Result<ProbeSet, ProbeStartError> {
         let modes: Modes = config.mode.modes().collect();
         let page = 4096usize;
@@ -97,7 +100,8 @@ impl ProbeSet {
             filter: kernel_filter(selection),
             ignore_self: true,
         };
-        let mut set = ProbeSet { probes: None, reader: None, config: probe_config, reader_config, producer, recycled };
+        let mut set =
+            ProbeSet { probes: None, reader: None, config: probe_config, reader_config, producer, recycled, threads };
         set.attach()?;
         Ok(set)
     }
@@ -107,6 +111,7 @@ impl ProbeSet {
         let sink = RingSink { producer: self.producer.clone(), recycled: self.recycled.clone() };
         // The reader starts first so no early event is lost.
         let reader = probes.start_reader(&self.reader_config, sink)?;
+        self.threads.register(reader.thread_id());
         probes.attach()?;
         for a in probes.attachments() {
             tracing::info!(mode = %a.mode, program = a.program, point = a.point, flavour = ?a.flavour, "attached");
@@ -162,6 +167,29 @@ impl ProbeSet {
             && let Err(e) = reader.stop()
         {
             tracing::warn!("the perf-buffer reader stopped with an error: {e}");
+        }
+    }
+
+    /// Applies new settings in place — the cpu-clock frequency through the
+    /// perf events, the thresholds through the programs' settings map — so
+    /// nothing is detached and no event is missed. Returns false when that
+    /// is not possible (then [`ProbeSet::reload`]).
+    pub fn apply_live(&mut self, effective: Effective) -> bool {
+        let Some(probes) = self.probes.as_mut() else { return false };
+        let hz = u64::from(effective.frequency_hz);
+        let lock = Duration::from_nanos(effective.lock_threshold_ns);
+        let slow = Duration::from_nanos(effective.syscall_threshold_ns);
+        match probes.set_frequency(hz).and_then(|()| probes.set_thresholds(lock, slow)) {
+            Ok(()) => {
+                self.config.frequency_hz = hz;
+                self.config.lock_threshold = lock;
+                self.config.slow_syscall_threshold = slow;
+                true
+            }
+            Err(e) => {
+                tracing::warn!("changing the probes' settings in place failed: {e}; re-attaching");
+                false
+            }
         }
     }
 
