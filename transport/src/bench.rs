@@ -189,13 +189,16 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
         ..ServerConfig::default()
     };
     let server = server_rt.block_on(serve(server_cfg, sink.clone())).context("starting the bench server")?;
+    // Producers stop first; the acker keeps acknowledging until the clients
+    // are shut down, so their in-flight frames do not hold up the shutdown.
     let stop = Arc::new(AtomicBool::new(false));
+    let ack_stop = Arc::new(AtomicBool::new(false));
     let acker = server.acker();
-    let (ack_sink, ack_stop) = (Arc::clone(&sink), Arc::clone(&stop));
+    let (ack_sink, acker_stop) = (Arc::clone(&sink), Arc::clone(&ack_stop));
     let ack_thread = std::thread::Builder::new()
         .name("agg-acker".into())
         .spawn(move || {
-            while !ack_stop.load(Relaxed) {
+            while !acker_stop.load(Relaxed) {
                 let ids = std::mem::take(&mut *ack_sink.pending.lock().unwrap_or_else(PoisonError::into_inner));
                 if !ids.is_empty() {
                     acker.ack(&ids);
@@ -291,13 +294,17 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
             Err(_) => first_error = first_error.or(Some(anyhow::anyhow!("a producer thread panicked"))),
         }
     }
-    let _ = ack_thread.join();
     let dropped = clients.iter().map(|c| c.stats().frames_dropped).sum();
-    for c in clients {
-        if let Ok(c) = Arc::try_unwrap(c) {
-            c.shutdown(Duration::from_secs(2));
-        }
+    let closing: Vec<_> = clients
+        .into_iter()
+        .filter_map(|c| Arc::try_unwrap(c).ok())
+        .map(|c| std::thread::spawn(move || c.shutdown(Duration::from_secs(2))))
+        .collect();
+    for c in closing {
+        let _ = c.join();
     }
+    ack_stop.store(true, Relaxed);
+    let _ = ack_thread.join();
     server_rt.block_on(server.shutdown(Duration::from_secs(2)));
     if let Some(e) = first_error {
         return Err(e);
