@@ -11,6 +11,10 @@ use aperture_agent::{Shutdown, run};
 use aperture_core::config::{AgentConfig, FlagValue, load};
 use aperture_transport::server::{Admission, IngressSink, ReceivedFrame, ServerConfig, serve};
 
+// As in the `aperture` binary, so the memory measured is the shipped one's.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 struct AckNothing;
 
 impl IngressSink for AckNothing {

@@ -18,6 +18,7 @@
 //! - [`batcher`]: records → [`aperture_core::model::Batch`], flushed by size and age;
 //! - [`metrics`]: the agent's own `/metrics` and `/healthz`.
 
+pub mod alloc;
 pub mod attribution;
 pub mod batcher;
 pub mod budget;

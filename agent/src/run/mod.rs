@@ -169,11 +169,15 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport
     // the transport client's, the pipeline and the perf-buffer reader.
     let threads = AgentThreads::new();
     threads.register_current();
+    crate::alloc::use_agent_arena();
     let (on_start, on_stop) = (threads.clone(), threads.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("aperture-agent-io")
-        .on_thread_start(move || on_start.register_current())
+        .on_thread_start(move || {
+            on_start.register_current();
+            crate::alloc::use_agent_arena();
+        })
         .on_thread_stop(move || on_stop.unregister_current())
         .enable_all()
         .build()
@@ -262,6 +266,7 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport
         .name("aperture-pipeline".into())
         .spawn(move || {
             pipeline_threads.register_current();
+            crate::alloc::use_agent_arena();
             // blazesym's symbolizer is not Send: it is created on this thread.
             let pipeline = Pipeline::new(
                 Attributor::new("/proc", pods, selection),
