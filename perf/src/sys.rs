@@ -60,6 +60,21 @@ pub fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
     Ok(ProcUsage { cpu_s: ticks as f64 / TICKS_PER_SEC, rss_kib, hwm_kib })
 }
 
+/// cutime + cstime, in clock ticks, from the text of `/proc/self/stat`: CPU
+/// time of the children already reaped (fields 16 and 17).
+pub fn stat_children_ticks(stat: &str) -> Option<u64> {
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?)
+}
+
+/// CPU seconds of this process's reaped children so far: read before and
+/// after reaping one child, the difference is that child's whole life.
+pub fn reaped_children_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_children_ticks(&stat).unwrap_or(0) as f64 / TICKS_PER_SEC
+}
+
 /// 1-, 5- and 15-minute load averages, as text.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -266,6 +281,10 @@ mod tests {
         // Fields after the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
         let stat = "77 (aperture (agent)) S 1 77 77 0 -1 4194560 10 0 0 0 250 50 0 0 20 0 12 0 99 0";
         assert_eq!(aperture_transport::bench::stat_cpu_ticks(stat), Some(300));
+        // ... cutime cstime follow.
+        let stat = "77 (perf) S 1 77 77 0 -1 4194560 10 0 0 0 250 50 7 3 20 0 12 0 99 0";
+        assert_eq!(stat_children_ticks(stat), Some(10));
+        assert_eq!(stat_children_ticks("77 (x"), None);
     }
 
     #[test]

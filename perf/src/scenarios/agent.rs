@@ -7,7 +7,10 @@
 //! an interval of the same length. Each side runs on an idle machine and
 //! under a busy load (a CPU burner plus a syscall loop, one per core of the
 //! two). The kernel-side cost of Aperture's BPF programs over the interval
-//! (`kernel.bpf_stats_enabled`) is reported as its own metric.
+//! (`kernel.bpf_stats_enabled`) is reported as its own metric, and so is
+//! each process's CPU over its whole life (start-up and shutdown included),
+//! read from this process's reaped-children times: `perf record` does most
+//! of its work when it stops.
 //!
 //! Needs root and the release binary (`cargo build --release -p aperture`,
 //! or `APERTURE_BIN`); built on first use when missing.
@@ -24,7 +27,8 @@ use serde::Deserialize;
 use crate::burn::spawn_burner;
 use crate::harness::{Metric, Scenario};
 use crate::sys::{
-    Guarded, aperture_binary, free_port, free_port_pair, http, on_path, proc_usage, require_root, wait_for,
+    Guarded, aperture_binary, free_port, free_port_pair, http, on_path, proc_usage, reaped_children_cpu_s,
+    require_root, wait_for,
 };
 
 /// Parameters of the scenario.
@@ -183,9 +187,14 @@ impl Scenario for AgentScenario {
         child.check_alive()?;
         // perf writes its file on SIGINT; the agent flushes and exits on SIGTERM.
         let signal = if tool == "perf" { libc::SIGINT } else { libc::SIGTERM };
+        let c0 = reaped_children_cpu_s();
         child.stop_with(signal, Duration::from_secs(15));
+        // Whole life: start-up, warm-up, interval and shutdown (perf record
+        // does most of its work when it stops: it writes build ids then).
+        let lifetime_cpu_s = reaped_children_cpu_s() - c0;
         let mut out = vec![
             Metric::new("cpu_pct_of_one_core", "%", (u1.cpu_s - u0.cpu_s) / dt * 100.0),
+            Metric::new("lifetime_cpu_s", "CPU-s", lifetime_cpu_s),
             Metric::new("rss_mib", "MiB", u1.rss_kib as f64 / 1024.0),
             Metric::new("peak_rss_mib", "MiB", u1.hwm_kib as f64 / 1024.0),
         ];

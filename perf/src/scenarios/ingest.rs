@@ -84,17 +84,23 @@ impl Scenario for Ingest {
         let samples = r.frames as f64 * samples_per_frame;
         let mut lat: Vec<f64> = r.ack_latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
         let cpu = r.server_cpu_s.max(0.01); // one clock tick: never divide by zero
-        Ok(vec![
+        let acked_pct = lat.len() as f64 / r.frames as f64 * 100.0;
+        let mut out = vec![Metric::new("acked_during_run_pct", "%", acked_pct)];
+        // Without any acknowledgement seen in the run there is no latency to report.
+        if !lat.is_empty() {
+            out.push(Metric::new("ack_p50_ms", "ms", percentile(&mut lat, 50.0)));
+            out.push(Metric::new("ack_p99_ms", "ms", percentile(&mut lat, 99.0)));
+        }
+        out.extend([
             Metric::new("samples_per_s", "samples/s", samples / r.elapsed_s),
             Metric::new("samples_per_aggregator_cpu_s", "samples/CPU-s", samples / cpu),
             Metric::new("aggregator_cpu_s_per_million_samples", "CPU-s", cpu / samples * 1e6),
-            Metric::new("ack_p50_ms", "ms", percentile(&mut lat, 50.0)),
-            Metric::new("ack_p99_ms", "ms", percentile(&mut lat, 99.0)),
             Metric::new("frame_bytes_per_sample", "B", r.frame_bytes as f64 / samples),
             // Loopback counts every byte once as sent and once as received.
             Metric::new("wire_bytes_per_sample", "B", r.loopback_bytes as f64 / 2.0 / samples),
             Metric::new("frames_dropped", "frames", r.dropped as f64),
-        ])
+        ]);
+        Ok(out)
     }
 }
 
