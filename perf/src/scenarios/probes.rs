@@ -78,11 +78,15 @@ impl Tracer {
                 // bpftrace prints "Attaching N probes..." once its programs are attached.
                 let out = child.stdout.take().context("bpftrace stdout")?;
                 let mut line = String::new();
-                BufReader::new(out).read_line(&mut line)?;
+                let mut reader = BufReader::new(out);
+                reader.read_line(&mut line)?;
                 if !line.contains("Attaching") {
                     let _ = child.kill();
                     bail!("bpftrace did not attach: {line}");
                 }
+                // Keep reading: on SIGINT bpftrace prints its maps, which can
+                // exceed a pipe's buffer and would block it (and its exit).
+                std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
                 std::thread::sleep(Duration::from_millis(300));
                 Tracer::Bpftrace(child)
             }
