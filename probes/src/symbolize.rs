@@ -67,10 +67,10 @@ pub struct SymbolizerLimits {
 impl Default for SymbolizerLimits {
     fn default() -> Self {
         SymbolizerLimits {
-            user_frames: 32_768,
-            kernel_frames: 8_192,
+            user_frames: 16_384,
+            kernel_frames: 4_096,
             processes: 512,
-            open_files: 24,
+            open_files: 12,
             debug_info: false,
         }
     }
@@ -494,6 +494,41 @@ impl Symbolizer {
         found
     }
 
+    /// Drops this process's page-table references to the pages of the files
+    /// blazesym has open (it maps each whole file read-only and shared, and
+    /// indexing a symbol table touches all of it: 15 MiB for a compiler's
+    /// `librustc_driver`). The pages stay in the page cache, so later
+    /// lookups fault in only the few they read; until then they no longer
+    /// count in the agent's resident memory. Returns the number of mappings
+    /// advised. Call it from time to time (the agent does every 10 s).
+    pub fn release_file_pages(&mut self) -> usize {
+        if self.open_files.is_empty() {
+            return 0;
+        }
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return 0 };
+        let mut advised = 0;
+        for line in maps.lines() {
+            // Only read-only shared mappings (`r--s`) of the files open in blazesym.
+            if line.split_whitespace().nth(1) != Some("r--s") {
+                continue;
+            }
+            let Some((_, m)) = parse_maps_line(line) else { continue };
+            if !self.open_files.iter().any(|(_, id)| *id == (m.dev, m.inode)) {
+                continue;
+            }
+            let len = (m.end - m.start) as usize;
+            // SAFETY: the range is a read-only shared file mapping of this
+            // process (blazesym's): MADV_DONTNEED only drops the page-table
+            // entries, and the next access reads the same file contents back
+            // from the page cache. Nothing else runs in the symbolizer
+            // concurrently (it is not Sync).
+            if unsafe { libc::madvise(m.start as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0 {
+                advised += 1;
+            }
+        }
+        advised
+    }
+
     /// Forgets a process's memory map (call when it exits).
     pub fn forget_process(&mut self, pid: u32) {
         self.processes.remove(&pid);
@@ -866,6 +901,20 @@ mod tests {
             Some(p) => assert!(p.starts_with(format!("/proc/{pid}/map_files")), "{}", p.display()),
             None => assert!(!is_root, "map_files is readable as root"),
         }
+    }
+
+    #[test]
+    fn file_pages_are_released_and_symbols_still_resolve() {
+        let mut s = Symbolizer::new();
+        let addr = symbolize_me as fn() -> u64 as usize as u64;
+        let pid = std::process::id();
+        assert!(s.stack(pid, &[], &[addr]).frames[0].symbol.contains("symbolize_me"));
+        assert!(s.release_file_pages() >= 1, "the test binary is mapped by blazesym");
+        // Cached and fresh lookups work after the release.
+        let again = s.stack(pid, &[], &[addr]);
+        assert!(again.frames[0].symbol.contains("symbolize_me"));
+        let other = symbolize_me_too as fn() -> u64 as usize as u64;
+        assert!(s.stack(pid, &[], &[other]).frames[0].symbol.contains("symbolize_me_too"));
     }
 
     #[test]

@@ -16,7 +16,8 @@ pub trait Symbolize {
     /// Kernel frames then user frames, leaf first.
     fn stack(&mut self, pid: u32, kernel: &[u64], user: &[u64]) -> Stack;
 
-    /// Periodic housekeeping (forget what belongs to exited processes).
+    /// Periodic housekeeping (forget what belongs to exited processes,
+    /// give back memory).
     fn housekeeping(&mut self) {}
 }
 
@@ -27,16 +28,17 @@ impl Symbolize for aperture_probes::Symbolizer {
 
     fn housekeeping(&mut self) {
         self.forget_exited();
+        self.release_file_pages();
     }
 }
 
 /// Raw identities remembered (16 bytes each plus the table's overhead).
-const MAX_RAW: usize = 65_536;
+const MAX_RAW: usize = 32_768;
 /// Approximate bytes of symbolized stacks kept. A stack of 30 frames with
-/// typical names is ~4 KiB, so this holds a few thousand distinct stacks;
+/// typical names is ~4 KiB, so this holds about a thousand distinct stacks;
 /// the symbolizer's own frame caches make re-symbolizing an evicted one
 /// cheap.
-const MAX_STACK_BYTES: usize = 8 << 20;
+const MAX_STACK_BYTES: usize = 4 << 20;
 
 /// Hits and misses of a [`StackCache`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -70,8 +70,9 @@ pub struct Pipeline {
 }
 
 /// How often the symbolizer forgets exited processes (it stats each one it
-/// remembers, so not every tick; its caches are bounded regardless).
-const SYMBOLIZER_SWEEP_NS: u64 = 30_000_000_000;
+/// remembers, so not every tick; its caches are bounded regardless) and
+/// releases the pages of the symbol files it read.
+const SYMBOLIZER_SWEEP_NS: u64 = 10_000_000_000;
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
