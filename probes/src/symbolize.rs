@@ -267,6 +267,8 @@ pub struct Symbolizer {
     /// Whether each (dev, inode) looked for has a separate debug file
     /// (`/usr/lib/debug/.build-id/..`).
     debug_files: Bounded<(u64, u64), bool>,
+    /// Loadable segments of the stripped files looked up in a debug file.
+    segments: Bounded<(u64, u64), Vec<Segment>>,
     /// Files open in blazesym, least recently used first, with their identity.
     open_files: Vec<(PathBuf, (u64, u64))>,
     query: Query,
@@ -316,6 +318,7 @@ impl Symbolizer {
             processes: Bounded::new(limits.processes),
             file_paths: Bounded::new(limits.processes.max(64) * 4),
             debug_files: Bounded::new(limits.processes.max(64) * 4),
+            segments: Bounded::new(limits.open_files.max(1) * 4),
             open_files: Vec::new(),
             query: Query::Unknown,
             name_buf: vec![0; 4096],
@@ -434,12 +437,17 @@ impl Symbolizer {
             self.stats.unresolved += 1;
             return frame;
         };
-        let mut found = self.lookup_elf(&path, id, lookup, self.limits.debug_info);
-        if found.is_none() && !self.limits.debug_info && self.has_debug_file(id, &m.build_id) {
+        let mut found = self.lookup_elf_at(&path, id, Input::FileOffset(lookup), self.limits.debug_info);
+        if found.is_none()
+            && !self.limits.debug_info
+            && let Some(debug) = self.debug_file(id, &m.build_id)
+            && let Some(vaddr) = self.virtual_offset(id, &path, lookup)
+        {
             // A stripped file (only .dynsym, like distribution libraries):
-            // its separate debug file has the local symbols. Only then is
-            // blazesym asked to follow the debug link.
-            found = self.lookup_elf(&path, id, lookup, true);
+            // the .symtab of its separate debug file has the local symbols,
+            // at the same virtual addresses (its file offsets differ: the
+            // code is not in it). DWARF is still not read.
+            found = self.lookup_elf_at(&debug, (id.0, !id.1), Input::VirtOffset(vaddr), false);
         }
         match found {
             Some(Ok((symbol, file, line))) => {
@@ -457,21 +465,21 @@ impl Symbolizer {
         frame
     }
 
-    /// Looks `offset` up in the ELF file at `path`: `Some(Ok)` with the
+    /// Looks `input` up in the ELF file at `path`: `Some(Ok)` with the
     /// symbol, file and line; `None` when the file has no symbol there;
     /// `Some(Err)` when the file cannot be read.
     #[allow(clippy::type_complexity, reason = "private helper")]
-    fn lookup_elf(
+    fn lookup_elf_at(
         &mut self,
         path: &Path,
         id: (u64, u64),
-        offset: u64,
+        input: Input<u64>,
         debug_syms: bool,
     ) -> Option<Result<(String, String, u32), ()>> {
         self.note_open(path, id);
         let mut elf = Elf::new(path);
         elf.debug_syms = debug_syms;
-        match self.inner.symbolize_single(&Source::Elf(elf), Input::FileOffset(offset)) {
+        match self.inner.symbolize_single(&Source::Elf(elf), input) {
             Ok(Symbolized::Sym(sym)) => {
                 let (file, line) = match &sym.code_info {
                     Some(ci) => (ci.to_path().to_string_lossy().into_owned(), ci.line.unwrap_or(0)),
@@ -484,14 +492,27 @@ impl Symbolizer {
         }
     }
 
-    /// Whether the file `id` with `build_id` has a separate debug file installed.
-    fn has_debug_file(&mut self, id: (u64, u64), build_id: &[u8]) -> bool {
+    /// The separate debug file of the file `id` with `build_id`, if installed.
+    fn debug_file(&mut self, id: (u64, u64), build_id: &[u8]) -> Option<PathBuf> {
         if let Some(known) = self.debug_files.get(&id) {
-            return *known;
+            return known.then(|| debug_file_path(build_id)).flatten();
         }
-        let found = debug_file_path(build_id).is_some_and(|p| p.is_file());
-        self.debug_files.insert(id, found);
+        let found = debug_file_path(build_id).filter(|p| p.is_file());
+        self.debug_files.insert(id, found.is_some());
         found
+    }
+
+    /// The virtual address (as in the symbol tables) of `offset` in the
+    /// file `id` at `path`, from its loadable segments.
+    fn virtual_offset(&mut self, id: (u64, u64), path: &Path, offset: u64) -> Option<u64> {
+        if self.segments.get(&id).is_none() {
+            self.segments.insert(id, load_segments(path).unwrap_or_default());
+        }
+        let segments = self.segments.get(&id)?;
+        segments
+            .iter()
+            .find(|s| s.offset <= offset && offset < s.offset + s.file_size)
+            .map(|s| offset - s.offset + s.vaddr)
     }
 
     /// Drops this process's page-table references to the pages of the files
@@ -723,6 +744,45 @@ fn procmap_query(fd: libc::c_int, addr: u64, name: &mut [u8]) -> QueryResult {
     })
 }
 
+/// A `PT_LOAD` program header: where a file's bytes land in its virtual
+/// address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    offset: u64,
+    file_size: u64,
+    vaddr: u64,
+}
+
+/// The `PT_LOAD` segments of the 64-bit little-endian ELF file at `path`,
+/// from its file header and program header table only (a few hundred
+/// bytes; symbols are blazesym's business).
+fn load_segments(path: &Path) -> Option<Vec<Segment>> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PT_LOAD: u32 = 1;
+    let mut f = File::open(path).ok()?;
+    let mut ehdr = [0u8; 64];
+    f.read_exact(&mut ehdr).ok()?;
+    // Magic, ELFCLASS64, ELFDATA2LSB.
+    if ehdr[..4] != *b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 {
+        return None;
+    }
+    let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
+    let (phoff, entsize, count) = (u64_at(&ehdr, 32), usize::from(u16_at(&ehdr, 54)), usize::from(u16_at(&ehdr, 56)));
+    if entsize < 56 || count == 0 || count == 0xffff {
+        return None;
+    }
+    let mut table = vec![0u8; entsize * count];
+    f.seek(SeekFrom::Start(phoff)).ok()?;
+    f.read_exact(&mut table).ok()?;
+    let segments = table
+        .chunks_exact(entsize)
+        .filter(|ph| u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_LOAD)
+        .map(|ph| Segment { offset: u64_at(ph, 8), vaddr: u64_at(ph, 16), file_size: u64_at(ph, 32) })
+        .collect();
+    Some(segments)
+}
+
 /// Where Debian, Fedora and others install the separate debug file of a
 /// build id: `/usr/lib/debug/.build-id/<first byte>/<rest>.debug`.
 fn debug_file_path(build_id: &[u8]) -> Option<PathBuf> {
@@ -915,6 +975,21 @@ mod tests {
         assert!(again.frames[0].symbol.contains("symbolize_me"));
         let other = symbolize_me_too as fn() -> u64 as usize as u64;
         assert!(s.stack(pid, &[], &[other]).frames[0].symbol.contains("symbolize_me_too"));
+    }
+
+    #[test]
+    fn loadable_segments_of_the_own_binary() {
+        let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+        let segments = load_segments(&exe).expect("an ELF file");
+        assert!(!segments.is_empty());
+        // The code of this function is in a segment, at a consistent vaddr.
+        let addr = symbolize_me as fn() -> u64 as usize as u64;
+        let m = read_maps(std::process::id())
+            .and_then(|maps| maps.into_iter().find(|m| m.start <= addr && addr < m.end))
+            .expect("mapped");
+        let offset = addr - m.start + m.offset;
+        assert!(segments.iter().any(|s| s.offset <= offset && offset < s.offset + s.file_size));
+        assert_eq!(load_segments(Path::new("/proc/self/status")), None, "not an ELF file");
     }
 
     #[test]

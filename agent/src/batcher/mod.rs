@@ -54,11 +54,20 @@ pub struct LockRecord {
     pub max_wait_ns: u64,
 }
 
+/// Approximate bytes of distinct stacks after which a batch is due (by
+/// size) whatever its row count. On a busy node most CPU samples bring a
+/// stack new to the batch (~4 KiB each with names), so rows alone let a
+/// batch — and the frame it is encoded into — reach tens of MiB of agent
+/// memory within `batch.max_age`.
+pub const MAX_STACK_BYTES: usize = 2 << 20;
+
 /// Builds batches.
 #[derive(Debug)]
 pub struct Batcher {
     batch: Batch,
     max_records: usize,
+    max_stack_bytes: usize,
+    stack_bytes: usize,
     max_age_ns: u64,
     first_at_ns: Option<u64>,
     targets: HashMap<u32, u32>,
@@ -73,6 +82,8 @@ impl Batcher {
         Batcher {
             batch: Batch { node, ..Batch::default() },
             max_records: max_records.max(1),
+            max_stack_bytes: MAX_STACK_BYTES,
+            stack_bytes: 0,
             max_age_ns,
             first_at_ns: None,
             targets: HashMap::new(),
@@ -80,6 +91,13 @@ impl Batcher {
             cpu: HashMap::new(),
             locks: HashMap::new(),
         }
+    }
+
+    /// Makes the batch due once its distinct stacks hold about `bytes`.
+    #[must_use]
+    pub fn with_max_stack_bytes(mut self, bytes: usize) -> Batcher {
+        self.max_stack_bytes = bytes.max(1);
+        self
     }
 
     /// The batch being built.
@@ -94,7 +112,7 @@ impl Batcher {
 
     /// Why the batch should be sent now, at monotonic time `now_ns`, if it should.
     pub fn due(&self, now_ns: u64) -> Option<FlushReason> {
-        if self.batch.record_count() >= self.max_records {
+        if self.batch.record_count() >= self.max_records || self.stack_bytes >= self.max_stack_bytes {
             return Some(FlushReason::Size);
         }
         let first = self.first_at_ns?;
@@ -125,6 +143,7 @@ impl Batcher {
         b.syscalls.clear();
         b.slow_calls.clear();
         self.first_at_ns = None;
+        self.stack_bytes = 0;
         self.targets.clear();
         self.stacks.clear();
         self.cpu.clear();
@@ -153,6 +172,7 @@ impl Batcher {
             return i;
         }
         let i = self.batch.stacks.len() as u32;
+        self.stack_bytes += stacks::stack_bytes(stack);
         self.batch.stacks.push(stack.clone());
         self.stacks.insert(stack.hash, i);
         i
@@ -274,6 +294,21 @@ mod tests {
         b.add_cpu(600, &target(2, "b"), &s, 1, 1);
         b.add_cpu(700, &target(3, "c"), &s, 1, 1);
         assert_eq!(b.due(700), Some(FlushReason::Size));
+    }
+
+    #[test]
+    fn due_by_size_when_distinct_stacks_fill_the_byte_budget() {
+        let one = stacks::stack_bytes(&stack(&["f0", "main"]));
+        let mut b = Batcher::new("n".into(), 1_000, 1_000_000).with_max_stack_bytes(3 * one);
+        let t = target(1, "a");
+        b.add_cpu(0, &t, &stack(&["f0", "main"]), 1, 1);
+        b.add_cpu(0, &t, &stack(&["f0", "main"]), 1, 1);
+        b.add_cpu(0, &t, &stack(&["f1", "main"]), 1, 1);
+        assert_eq!(b.due(0), None, "two distinct stacks fit; repeats cost nothing");
+        b.add_cpu(0, &t, &stack(&["f2", "main"]), 1, 1);
+        assert_eq!(b.due(0), Some(FlushReason::Size));
+        assert!(b.flush(|batch| batch.stacks.len()) == Some(3));
+        assert_eq!(b.due(0), None, "the byte count restarts with the next batch");
     }
 
     #[test]

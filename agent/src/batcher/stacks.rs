@@ -98,7 +98,7 @@ impl<K: std::hash::Hash + Eq, V> Generations<K, V> {
 }
 
 /// Approximate heap and table bytes of a stack.
-fn stack_bytes(stack: &Stack) -> usize {
+pub(crate) fn stack_bytes(stack: &Stack) -> usize {
     let strings: usize = stack.frames.iter().map(|f| f.symbol.len() + f.module.len() + f.file.len()).sum();
     64 + size_of::<Stack>() + stack.frames.len() * size_of::<aperture_core::model::StackFrame>() + strings
 }
