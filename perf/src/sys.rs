@@ -239,6 +239,14 @@ pub fn aperture_binary(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A private copy of `bin` in `dir`, so a rebuild of `target/release` by
+/// someone else in the middle of a run cannot mix two builds in one report.
+pub fn snapshot_binary(bin: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let copy = dir.join("aperture");
+    std::fs::copy(bin, &copy).with_context(|| format!("copying {}", bin.display()))?;
+    Ok(copy)
+}
+
 /// Waits until `ready` returns true, polling every 100 ms, up to `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;

@@ -28,7 +28,7 @@ use crate::burn::spawn_burner;
 use crate::harness::{Metric, Scenario};
 use crate::sys::{
     Guarded, aperture_binary, free_port, free_port_pair, http, on_path, proc_usage, reaped_children_cpu_s,
-    require_root, wait_for,
+    require_root, snapshot_binary, wait_for,
 };
 
 /// Parameters of the scenario.
@@ -95,8 +95,8 @@ impl Scenario for AgentScenario {
         if !on_path("perf") {
             bail!("perf not found: apt-get install linux-perf");
         }
-        self.bin = aperture_binary(&self.root)?;
         let dir = tempfile::Builder::new().prefix("aperture-perf-agent").tempdir()?;
+        self.bin = snapshot_binary(&aperture_binary(&self.root)?, dir.path())?;
         let (http_port, ingest) = (free_port()?, free_port_pair()?);
         let log = std::fs::File::create(dir.path().join("aggregator.log"))?;
         let mut agg = Guarded::spawn(

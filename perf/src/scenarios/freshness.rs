@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::burn::{named_burner, spawn_burner};
 use crate::harness::{Metric, Scenario};
 use crate::stats::percentile;
-use crate::sys::{Guarded, aperture_binary, free_port, free_port_pair, http, require_root, wait_for};
+use crate::sys::{Guarded, aperture_binary, free_port, free_port_pair, http, require_root, snapshot_binary, wait_for};
 
 /// Parameters of the scenario.
 #[derive(Debug, Deserialize)]
@@ -63,8 +63,8 @@ impl Scenario for Freshness {
 
     fn setup(&mut self) -> anyhow::Result<()> {
         require_root("freshness")?;
-        let bin = aperture_binary(&self.root)?;
         let dir = tempfile::Builder::new().prefix("aperture-perf-fresh").tempdir()?;
+        let bin = snapshot_binary(&aperture_binary(&self.root)?, dir.path())?;
         let (http_port, ingest_port, metrics_port) = (free_port()?, free_port_pair()?, free_port()?);
         let log = std::fs::File::create(dir.path().join("up.log"))?;
         let mut cmd = Command::new(&bin);
