@@ -70,7 +70,7 @@ impl Default for SymbolizerLimits {
             user_frames: 16_384,
             kernel_frames: 4_096,
             processes: 512,
-            open_files: 12,
+            open_files: 32,
             debug_info: false,
         }
     }
@@ -273,6 +273,9 @@ pub struct Symbolizer {
     open_files: Vec<(PathBuf, (u64, u64))>,
     query: Query,
     name_buf: Vec<u8>,
+    /// A file was opened (and its symbol table indexed, touching all of it)
+    /// since the last [`Symbolizer::release_file_pages`].
+    opened_since_release: bool,
     stats: SymbolizeStats,
 }
 
@@ -322,6 +325,7 @@ impl Symbolizer {
             open_files: Vec::new(),
             query: Query::Unknown,
             name_buf: vec![0; 4096],
+            opened_since_release: false,
             stats: SymbolizeStats::default(),
         }
     }
@@ -354,6 +358,11 @@ impl Symbolizer {
         let mut frames = Vec::with_capacity(kernel.len() + user.len());
         self.kernel_frames(kernel, &mut frames);
         self.user_frames(pid, user, &mut frames);
+        if self.opened_since_release {
+            // Indexing a newly opened symbol table touched all of it; give
+            // those pages back now rather than at the next periodic call.
+            self.release_file_pages();
+        }
         Stack::new(frames)
     }
 
@@ -523,6 +532,7 @@ impl Symbolizer {
     /// count in the agent's resident memory. Returns the number of mappings
     /// advised. Call it from time to time (the agent does every 10 s).
     pub fn release_file_pages(&mut self) -> usize {
+        self.opened_since_release = false;
         if self.open_files.is_empty() {
             return 0;
         }
@@ -575,6 +585,7 @@ impl Symbolizer {
             return;
         }
         self.open_files.push((path.to_path_buf(), id));
+        self.opened_since_release = true;
         while self.open_files.len() > self.limits.open_files.max(1) {
             let (p, _) = self.open_files.remove(0);
             let _ = self.inner.evict(&Evict::Elf(evict::Elf::new(p)));
@@ -969,6 +980,7 @@ mod tests {
         let addr = symbolize_me as fn() -> u64 as usize as u64;
         let pid = std::process::id();
         assert!(s.stack(pid, &[], &[addr]).frames[0].symbol.contains("symbolize_me"));
+        assert!(!s.opened_since_release, "released right after the file was opened");
         assert!(s.release_file_pages() >= 1, "the test binary is mapped by blazesym");
         // Cached and fresh lookups work after the release.
         let again = s.stack(pid, &[], &[addr]);
