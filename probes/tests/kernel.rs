@@ -271,6 +271,25 @@ fn cpu_sampling_frequency_changes_while_attached() -> anyhow::Result<()> {
     probes.attach()?;
     let online = aya::util::online_cpus().map_err(|(_, e)| e)?.len();
     assert_eq!(probes.cpu_event_count(), online, "one cpu-clock event per online CPU");
+    // Unfiltered for a second at 20 Hz: no CPU can give more than 20
+    // samples a second however busy the machine is (a period mistaken for
+    // a frequency gives thousands).
+    let mut all =
+        Probes::load(&ProbeConfig { frequency_hz: 99, modes: Modes::only(Mode::Cpu), ..ProbeConfig::default() })?;
+    let (sink, rx) = channel_sink();
+    let reader = all.start_reader(&reader_config(), sink)?;
+    all.attach()?;
+    all.set_frequency(20)?;
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    all.set_frequency(1)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(all);
+    reader.stop()?;
+    let samples: usize = rx.try_iter().map(|b| b.events.iter().filter(|e| e.kind == EventKind::Cpu).count()).sum();
+    let bound = (20.0 * online as f64 * (elapsed + 0.5)).ceil() as usize + 2 * online;
+    assert!(samples <= bound, "{samples} samples in {elapsed:.2} s at 20 Hz on {online} CPUs (at most {bound})");
+
     probes.set_frequency(49)?;
     assert_eq!(probes.config().frequency_hz, 49);
     probes.set_frequency(0)?;

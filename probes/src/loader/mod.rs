@@ -33,13 +33,11 @@ use crate::reader::{
 
 /// `PERF_COUNT_SW_CPU_CLOCK`.
 const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
-/// `perf_event_attr` flag bits: `disabled`, `freq`.
+/// `perf_event_attr` flag bit `disabled`.
 const ATTR_FLAG_DISABLED: u64 = 1;
-const ATTR_FLAG_FREQ: u64 = 1 << 10;
 /// `PERF_EVENT_IOC_ENABLE`, `_IO('$', 0)`.
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-/// `PERF_EVENT_IOC_PERIOD`, `_IOW('$', 4, __u64)`: the sample frequency for
-/// an event opened with `freq` set.
+/// `PERF_EVENT_IOC_PERIOD`, `_IOW('$', 4, __u64)`: the sample period.
 const PERF_EVENT_IOC_PERIOD: libc::c_ulong = 0x4008_2404;
 /// `PERF_EVENT_IOC_SET_BPF`, `_IOW('$', 8, __u32)`.
 const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
@@ -254,7 +252,11 @@ impl Probes {
     pub fn set_frequency(&mut self, frequency_hz: u64) -> Result<(), SettingsError> {
         let hz = frequency_hz.max(1);
         for fd in &self.cpu_events {
-            let value: u64 = hz;
+            // The events are opened with a period (cpu-clock counts ns), not
+            // a frequency: for hrtimer-based software events the kernel
+            // turns a frequency into a fixed period at open and forgets it,
+            // so a frequency given here would be taken as a period in ns.
+            let value: u64 = clock_period_ns(hz);
             // SAFETY: PERF_EVENT_IOC_PERIOD reads one u64 through the pointer,
             // which points to a live local; the fd is a perf event we own.
             let ret = unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_PERIOD, &raw const value) };
@@ -350,6 +352,11 @@ fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// The cpu-clock sample period (ns of CPU time) for `hz` samples a second.
+fn clock_period_ns(hz: u64) -> u64 {
+    1_000_000_000 / hz.clamp(1, 1_000_000_000)
+}
+
 fn settings_of(config: &ProbeConfig) -> Settings {
     Settings {
         lock_threshold_ns: duration_ns(config.lock_threshold),
@@ -382,7 +389,7 @@ fn fill_filter(ebpf: &mut Ebpf, mode: Mode, filter: &Filter) -> Result<(), LoadE
 }
 
 /// Loads the cpu-mode program and attaches it to one cpu-clock perf event
-/// per online CPU, opened here (not through aya) so that their frequency can
+/// per online CPU, opened here (not through aya) so that their period can
 /// be changed later with `PERF_EVENT_IOC_PERIOD`. Closing an event detaches
 /// the program from it.
 fn attach_cpu(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<(Vec<Attachment>, Vec<OwnedFd>), AttachError> {
@@ -403,8 +410,8 @@ fn attach_cpu(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<(Vec<Attachment>, Ve
         ty: PERF_TYPE_SOFTWARE,
         size: PERF_ATTR_SIZE_VER0,
         config: PERF_COUNT_SW_CPU_CLOCK,
-        sample_period: frequency_hz.max(1),
-        flags: ATTR_FLAG_DISABLED | ATTR_FLAG_FREQ,
+        sample_period: clock_period_ns(frequency_hz),
+        flags: ATTR_FLAG_DISABLED,
         ..PerfEventAttr::default()
     };
     let mut events = Vec::with_capacity(cpus.len());
