@@ -7,51 +7,15 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use aperture_core::frame::{DecodeLimits, FrameId, decode, encode_batch};
-use aperture_core::model::{Batch, CpuSample, Stack, StackFrame, Target};
+use aperture_core::model::Batch;
 use aperture_core::ring::ring;
 use aperture_core::shard::{Shard, ShardConfig};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
-/// A batch shaped like ten seconds of a busy node: 10k CPU sample records
-/// over 500 distinct stacks of 12-24 frames and 40 processes.
+/// Ten seconds of a busy node: 10k CPU sample records over 500 distinct
+/// stacks of 12-24 frames and 40 processes.
 fn realistic_batch(records: usize) -> Batch {
-    let targets: Vec<Target> = (0..40)
-        .map(|i| Target {
-            pid: 1000 + i,
-            process: format!("worker-{i}"),
-            namespace: "shop".into(),
-            pod: format!("checkout-7d9f8-{i:05}"),
-            container: "app".into(),
-        })
-        .collect();
-    let stacks: Vec<Stack> = (0..500u64)
-        .map(|s| {
-            let depth = 12 + (s % 13) as usize;
-            Stack::new(
-                (0..depth)
-                    .map(|d| StackFrame {
-                        address: 0x5555_0000_0000 + s * 0x1000 + d as u64 * 0x40,
-                        module_offset: s * 0x1000 + d as u64 * 0x40,
-                        symbol: format!("app::module{}::function_{}", d % 7, (s + d as u64) % 97),
-                        module: "checkout".into(),
-                        file: String::new(),
-                        line: 0,
-                        kernel: d < 2,
-                    })
-                    .collect(),
-            )
-        })
-        .collect();
-    let cpu = (0..records)
-        .map(|i| CpuSample {
-            time_ns: 1_700_000_000_000_000_000 + i as u64 * 1_000_000,
-            target: (i % 40) as u32,
-            stack: (i * 7 % 500) as u32,
-            count: 1,
-            period_ns: 10_101_010,
-        })
-        .collect();
-    Batch { node: "node-17".into(), targets, stacks, cpu, ..Default::default() }
+    aperture_core::synthetic::realistic_batch(records, 500, 40, 1)
 }
 
 fn id(seq: u64) -> FrameId {

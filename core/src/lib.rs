@@ -15,3 +15,4 @@ pub mod ledger;
 pub mod model;
 pub mod ring;
 pub mod shard;
+pub mod synthetic;
