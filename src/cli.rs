@@ -1,13 +1,12 @@
-//! Command-line parsing and configuration loading shared by the subcommands.
+//! Command-line parsing, logging set-up and configuration loading shared by
+//! the subcommands. Nothing here starts a daemon: `main` dispatches to
+//! [`crate::daemons`].
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use aperture_core::config::{AgentConfig, AggregatorConfig, ConfigError, FlagValue, Layered, load};
-use clap::{Args, Parser, Subcommand};
-
-/// Exit code for configuration mistakes.
-pub const EXIT_CONFIG: u8 = 2;
+use aperture_core::config::{ConfigError, FlagValue, Layered, load};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -15,13 +14,26 @@ pub const EXIT_CONFIG: u8 = 2;
     version,
     about = "Always-on eBPF profiler: CPU, lock contention and syscall latency with stacks"
 )]
-struct Cli {
+pub struct Cli {
+    /// How log lines are written: `text` (colour only on a terminal) or
+    /// `json` (one object per line, for log collectors in clusters).
+    #[arg(long, global = true, value_enum, env = "APERTURE_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
-    command: Command,
+    pub command: Command,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colour only when the output is a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+pub enum Command {
     /// Run the node agent (needs root, or CAP_BPF + CAP_PERFMON).
     Agent(AgentArgs),
     /// Run the aggregator: ingress on 50051 (QUIC/UDP and gRPC/TCP), HTTP on 9090.
@@ -33,10 +45,10 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
-struct AgentArgs {
+pub struct AgentArgs {
     /// YAML configuration file.
     #[arg(long, short = 'c', value_name = "FILE")]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Aggregator host:port (overrides APERTURE_AGGREGATOR).
     #[arg(long)]
     aggregator: Option<String>,
@@ -61,10 +73,10 @@ struct AgentArgs {
 }
 
 #[derive(Debug, Args)]
-struct AggregatorArgs {
+pub struct AggregatorArgs {
     /// YAML configuration file.
     #[arg(long, short = 'c', value_name = "FILE")]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// HTTP address (API, UI, metrics, health).
     #[arg(long)]
     http_listen: Option<String>,
@@ -104,19 +116,19 @@ pub struct UpArgs {
     pub agent_metrics_port: u16,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Which {
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Which {
     Agent,
     Aggregator,
 }
 
 #[derive(Debug, Args)]
-struct CheckConfigArgs {
+pub struct CheckConfigArgs {
     /// Which daemon's configuration.
-    which: Which,
+    pub which: Which,
     /// YAML file to check.
     #[arg(long, short = 'c', value_name = "FILE")]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
 }
 
 fn flag(out: &mut Vec<FlagValue>, name: &str, key: &str, value: &Option<String>) {
@@ -126,7 +138,7 @@ fn flag(out: &mut Vec<FlagValue>, name: &str, key: &str, value: &Option<String>)
 }
 
 impl AgentArgs {
-    fn flags(&self) -> Vec<FlagValue> {
+    pub fn flags(&self) -> Vec<FlagValue> {
         let mut f = Vec::new();
         flag(&mut f, "--aggregator", "aggregator", &self.aggregator);
         flag(&mut f, "--mode", "mode", &self.mode);
@@ -140,7 +152,7 @@ impl AgentArgs {
 }
 
 impl AggregatorArgs {
-    fn flags(&self) -> Vec<FlagValue> {
+    pub fn flags(&self) -> Vec<FlagValue> {
         let mut f = Vec::new();
         flag(&mut f, "--http-listen", "listen.http", &self.http_listen);
         flag(&mut f, "--grpc-listen", "listen.grpc", &self.grpc_listen);
@@ -183,51 +195,15 @@ pub fn load_config<T: Layered>(file: Option<&Path>, flags: &[FlagValue]) -> Resu
     Ok(load::<T>(contents.as_deref().map(|c| (path.as_str(), c)), &env, flags)?)
 }
 
-fn init_logging() {
+/// Sets up logging to standard output, filtered by `APERTURE_LOG` (default
+/// `info`). Text lines carry colour only when standard output is a terminal,
+/// so `aperture up > log` and container logs stay plain.
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("APERTURE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
-}
-
-fn config_failure(e: &LoadError) -> ExitCode {
-    eprintln!("error: {e}");
-    ExitCode::from(EXIT_CONFIG)
-}
-
-/// Entry point of the binary.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging();
-    match cli.command {
-        Command::Agent(args) => match load_config::<AgentConfig>(args.config.as_deref(), &args.flags()) {
-            Ok(config) => crate::run::agent(config),
-            Err(e) => config_failure(&e),
-        },
-        Command::Aggregator(args) => match load_config::<AggregatorConfig>(args.config.as_deref(), &args.flags()) {
-            Ok(config) => crate::run::aggregator(config),
-            Err(e) => config_failure(&e),
-        },
-        Command::Up(args) => crate::run::up(&args),
-        Command::CheckConfig(args) => {
-            let result = match args.which {
-                Which::Agent => load_config::<AgentConfig>(args.config.as_deref(), &[]).map(|c| format!("{c:#?}")),
-                Which::Aggregator => {
-                    load_config::<AggregatorConfig>(args.config.as_deref(), &[]).map(|c| format!("{c:#?}"))
-                }
-            };
-            match result {
-                Ok(_) => {
-                    println!("configuration ok");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => config_failure(&e),
-            }
-        }
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
     }
-}
-
-/// Reports a runtime failure with its chain of causes.
-pub fn runtime_failure(e: &anyhow::Error) -> ExitCode {
-    eprintln!("error: {e:#}");
-    ExitCode::FAILURE
 }

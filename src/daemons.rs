@@ -1,4 +1,5 @@
-//! Running the daemons once their configuration is valid.
+//! Running the daemons once their configuration is valid: the agent, the
+//! aggregator, and both on one machine (`up`), until a signal stops them.
 
 use std::process::ExitCode;
 
@@ -8,7 +9,7 @@ use aperture_aggregator::Daemon;
 use aperture_core::config::{AgentConfig, AggregatorConfig, FlagValue, Secret};
 use aperture_probes::preflight;
 
-use crate::cli::{UpArgs, load_config, runtime_failure};
+use crate::cli::{LoadError, UpArgs, load_config};
 
 /// Runs the node agent until SIGTERM or Ctrl-C.
 pub fn agent(config: AgentConfig) -> ExitCode {
@@ -37,33 +38,32 @@ pub fn aggregator(config: AggregatorConfig) -> ExitCode {
     }
 }
 
-/// Runs an aggregator with the embedded store and a local agent, on loopback.
-pub fn up(args: &UpArgs) -> ExitCode {
+/// The local agent's configuration for `up`: APERTURE_MODE and APERTURE_FREQ
+/// apply as for the agent; where to send and with which token is decided by
+/// `up` itself.
+pub fn up_agent_config(args: &UpArgs) -> Result<AgentConfig, LoadError> {
+    let metrics =
+        if args.agent_metrics_port == 0 { String::new() } else { format!("127.0.0.1:{}", args.agent_metrics_port) };
+    let flags = [
+        FlagValue::new("--data-dir", "data_dir", args.data_dir.join("agent").display().to_string()),
+        FlagValue::new("--aggregator", "aggregator", format!("127.0.0.1:{}", args.ingest_port)),
+        FlagValue::new("--agent-metrics-port", "metrics.listen", metrics),
+    ];
+    load_config::<AgentConfig>(None, &flags)
+}
+
+/// Runs an aggregator with the embedded store and the local agent `agent`
+/// (see [`up_agent_config`]), on loopback.
+pub fn up(args: &UpArgs, agent: AgentConfig) -> ExitCode {
     let token = std::env::var("APERTURE_AUTH_TOKEN").ok().filter(|t| !t.is_empty()).unwrap_or_else(generate_token);
     let aggregator_config = match up_aggregator_config(args, &token) {
         Ok(c) => c,
         Err(e) => return runtime_failure(&e),
     };
-    // APERTURE_MODE and APERTURE_FREQ apply as for the agent; where to send
-    // and with which token is decided here.
-    let mut flags = vec![
-        FlagValue::new("--data-dir", "data_dir", args.data_dir.join("agent").display().to_string()),
-        FlagValue::new("--aggregator", "aggregator", format!("127.0.0.1:{}", args.ingest_port)),
-    ];
-    let metrics =
-        if args.agent_metrics_port == 0 { String::new() } else { format!("127.0.0.1:{}", args.agent_metrics_port) };
-    flags.push(FlagValue::new("--agent-metrics-port", "metrics.listen", metrics));
-    let agent_config = match load_config::<AgentConfig>(None, &flags) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(crate::cli::EXIT_CONFIG);
-        }
-    };
     if let Err(code) = node_checks() {
         return code;
     }
-    match runtime().and_then(|rt| rt.block_on(up_async(aggregator_config, agent_config, token))) {
+    match runtime().and_then(|rt| rt.block_on(up_async(aggregator_config, agent, token))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => runtime_failure(&e),
     }
@@ -183,4 +183,10 @@ fn trigger_on_signals(shutdown: Shutdown) -> anyhow::Result<()> {
         })
         .context("starting the signal thread")?;
     Ok(())
+}
+
+/// Reports a runtime failure with its chain of causes.
+fn runtime_failure(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
 }
