@@ -5,7 +5,9 @@
 //!   is always visible; with `APERTURE_REQUIRE_ALL_TESTS=1` (set by CI, which
 //!   has root and ClickHouse) a skip fails the test instead.
 //! - [`require_root`]: skip unless running as root.
-//! - [`build_c_program`]: compile a C test program with frame pointers.
+//! - [`build_c_program`]: compile a C test program with frame pointers, or
+//!   use the one already built when [`PREBUILT`] is set (inside the kernel
+//!   matrix's guests, which have no compiler).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,11 @@ use std::process::Command;
 
 /// Environment variable that turns every skip into a failure.
 pub const REQUIRE_ALL: &str = "APERTURE_REQUIRE_ALL_TESTS";
+
+/// Environment variable that makes [`build_c_program`] use the binary
+/// already at its output path instead of compiling (the kernel matrix builds
+/// the programs on the host and copies them into its guests).
+pub const PREBUILT: &str = "APERTURE_TEST_PREBUILT";
 
 /// Reports that `test` cannot run here because of `why`. Panics instead when
 /// [`REQUIRE_ALL`] is set, so an environment that should run everything
@@ -44,6 +51,10 @@ pub fn build_c_program(manifest_dir: &str, out_dir: &str, name: &str) -> PathBuf
     let out_dir = Path::new(out_dir).join("programs");
     std::fs::create_dir_all(&out_dir).unwrap_or_else(|e| panic!("creating {}: {e}", out_dir.display()));
     let bin = out_dir.join(name);
+    if std::env::var(PREBUILT).is_ok_and(|v| v == "1") {
+        assert!(bin.exists(), "{PREBUILT}=1 but {} was not built on the host", bin.display());
+        return bin;
+    }
     // Tests run in parallel and may build the same program while another
     // runs it: compile to a private name, then rename into place (a running
     // copy keeps its own inode), so no one writes a file being executed.
