@@ -133,7 +133,7 @@ timeout "${APERTURE_VM_TIMEOUT:-1500}" qemu-system-x86_64 -accel tcg,thread=mult
 	-smp "${APERTURE_VM_CPUS:-2}" -m "${APERTURE_VM_MEM:-3072}" -nographic -no-reboot \
 	-kernel "$vmlinuz" -initrd "$root.cpio.gz" \
 	-append "console=ttyS0 panic=-1 quiet rdinit=/init" </dev/null |
-	sed -u 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | tr -d '\r' | tee "$log"
+	sed -u 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\r//g' | tee "$log"
 qemu=${PIPESTATUS[0]}
 set -e
 code=$(sed -n 's/^kernel-vm: job exit \([0-9]*\)$/\1/p' "$log" | tail -1)

@@ -31,7 +31,9 @@ programs=$target/tmp/programs
 # The tests build their C programs on first use; run them once on the host
 # so every program exists (and the host result is known) before booting.
 echo "== host run of the probes' kernel tests (builds the C test programs)"
-cargo test --locked -p aperture-probes --tests -- --test-threads=1 >/dev/null
+if ! cargo test --locked -p aperture-probes --tests -- --test-threads=1 >/dev/null 2>&1; then
+	echo "matrix: the probes' tests failed on the host too; booting the guests anyway"
+fi
 [ -d "$programs" ] || { echo "matrix: no test programs under $programs" >&2; exit 1; }
 
 job=$(mktemp)
