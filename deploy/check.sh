@@ -6,7 +6,11 @@
 #   - the ConfigMaps' configurations through Aperture's own loader
 #     (`aperture check-config`), with the environment the manifests set;
 #   - the container files: locked release build, the binary cargo produces,
-#     real subcommands as entrypoints.
+#     real subcommands as entrypoints;
+#   - checkov on the manifests (Kubernetes checks and secret scanner): any
+#     failed check fails the script, and the skipped checks must be exactly
+#     the documented exceptions (deploy/tests/test_checkov.py);
+#   - the NetworkPolicies, evaluated connection by connection.
 # Needs python3 with pip (PyPI reachable on first run), cargo, openssl, readelf.
 #
 # Environment:
@@ -32,7 +36,7 @@ if [ ! -e "$stamp" ]; then
   # Debian) nor permission to touch the system's packages (PEP 668) is needed.
   rm -rf "$pydeps"
   python3 -m pip install --quiet --disable-pip-version-check --no-input --root-user-action=ignore \
-    --no-warn-script-location --target "$pydeps" -r "$req"
+    --no-warn-script-location --no-warn-conflicts --target "$pydeps" -r "$req"
   touch "$stamp"
 fi
 

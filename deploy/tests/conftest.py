@@ -14,7 +14,7 @@ DOCKER = ROOT / "deploy" / "docker"
 
 # Manifests applied by kustomization.yaml (secret.yml is made by the user from
 # secret.example.yml; the tests use the example in its place).
-MANIFESTS = ["namespace.yml", "clickhouse.yml", "aggregator.yml", "agent-daemonset.yml"]
+MANIFESTS = ["namespace.yml", "networkpolicy.yml", "clickhouse.yml", "aggregator.yml", "agent-daemonset.yml"]
 ALL_MANIFESTS = MANIFESTS + ["secret.example.yml"]
 
 DNS_NAME = "aperture-aggregator.aperture.svc.cluster.local"

@@ -2,6 +2,7 @@
 back from the manifests."""
 
 import re
+import subprocess
 
 import pytest
 import yaml
@@ -320,13 +321,102 @@ def test_clickhouse_statefulset(docs):
     assert 8123 in [p["port"] for p in svc["spec"]["ports"]]
 
 
+def clickhouse_users_init(sts):
+    hits = [c for c in pod(sts)["initContainers"] if c["name"] == "users"]
+    assert len(hits) == 1, "the ClickHouse StatefulSet writes its user in an init container `users`"
+    return hits[0]
+
+
 def test_clickhouse_user_matches_the_aggregator(docs):
+    """The init container creates the user the aggregator logs in as, with
+    the password from the same Secret key."""
     sts = find("StatefulSet", "clickhouse", docs)
     agg = find("Deployment", "aperture-aggregator", docs)
-    ch = env_of(container(sts, "clickhouse"))
+    init = clickhouse_users_init(sts)
     ag = env_of(container(agg, "aggregator"))
-    assert ch["CLICKHOUSE_USER"]["value"] == ag["APERTURE_CLICKHOUSE_USER"]["value"]
-    assert ch["CLICKHOUSE_PASSWORD"]["valueFrom"] == ag["APERTURE_CLICKHOUSE_PASSWORD"]["valueFrom"]
+    assert env_of(init)["CLICKHOUSE_USER"]["value"] == ag["APERTURE_CLICKHOUSE_USER"]["value"]
+    vols = {v["name"]: v for v in pod(sts)["volumes"]}
+    mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
+    secret_mount = mounts["/run/secrets/clickhouse"]
+    secret = vols[secret_mount["name"]]["secret"]
+    ref = ag["APERTURE_CLICKHOUSE_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert secret["secretName"] == ref["name"]
+    assert {"key": ref["key"], "path": "password"} in secret["items"]
+
+
+def test_clickhouse_password_is_a_file_not_an_environment_variable(docs):
+    sts = find("StatefulSet", "clickhouse", docs)
+    for c in pod(sts)["containers"] + pod(sts)["initContainers"]:
+        for e in c.get("env", []):
+            assert "secretKeyRef" not in e.get("valueFrom", {}), f"{c['name']}: {e['name']} comes from a Secret"
+    # Readable by the pod's group (fsGroup), which is the non-root uid's.
+    vols = {v["name"]: v for v in pod(sts)["volumes"]}
+    secret_vols = [v["secret"] for v in vols.values() if "secret" in v]
+    assert secret_vols and all(s["defaultMode"] == 0o440 for s in secret_vols)
+    assert pod(sts)["securityContext"]["fsGroup"] == pod(sts)["securityContext"]["runAsGroup"]
+
+
+def run_users_init(tmp_path, docs, password):
+    """The init container's script, run here with its two paths moved into
+    tmp_path; returns the process and the file it writes."""
+    init = clickhouse_users_init(find("StatefulSet", "clickhouse", docs))
+    assert init["command"] == ["/bin/sh", "-c"]
+    script = init["args"][0]
+    secret = tmp_path / "secret" / "password"
+    users_d = tmp_path / "users.d"
+    secret.parent.mkdir()
+    users_d.mkdir()
+    secret.write_bytes(password)
+    assert "/run/secrets/clickhouse/password" in script and "/etc/clickhouse-server/users.d/" in script
+    script = script.replace("/run/secrets/clickhouse/password", str(secret))
+    script = script.replace("/etc/clickhouse-server/users.d/", str(users_d) + "/")
+    env = {"PATH": "/usr/bin:/bin", "CLICKHOUSE_USER": env_of(init)["CLICKHOUSE_USER"]["value"]}
+    r = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    return r, users_d / "aperture.xml"
+
+
+def test_clickhouse_users_init_writes_the_user(tmp_path, docs):
+    import hashlib
+    import xml.etree.ElementTree as ET
+
+    password = b"pa55-word<&>"
+    r, out = run_users_init(tmp_path, docs, password)
+    assert r.returncode == 0, r.stderr
+    root = ET.parse(out).getroot()
+    assert root.tag == "clickhouse"
+    users = root.find("users")
+    assert users.find("default").get("remove") == "remove", "the `default` user must be removed"
+    ag = env_of(container(find("Deployment", "aperture-aggregator", docs), "aggregator"))
+    user = users.find(ag["APERTURE_CLICKHOUSE_USER"]["value"])
+    assert user is not None, ET.tostring(root)
+    assert user.findtext("password_sha256_hex") == hashlib.sha256(password).hexdigest()
+    assert user.find("password") is None, "the plain password must not be written"
+    assert password.decode() not in out.read_text(encoding="utf-8")
+
+
+def test_clickhouse_users_init_refuses_an_empty_password(tmp_path, docs):
+    r, out = run_users_init(tmp_path, docs, b"")
+    assert r.returncode != 0
+    assert "clickhouse-password" in r.stderr
+    assert not out.exists()
+
+
+def test_clickhouse_root_filesystem_is_read_only(docs):
+    sts = find("StatefulSet", "clickhouse", docs)
+    spec = pod(sts)
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] >= 10000
+    vols = {v["name"]: v for v in spec["volumes"]}
+    for c in spec["containers"] + spec["initContainers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], c["name"]
+        assert "cpu" in c["resources"]["limits"] and "memory" in c["resources"]["limits"], c["name"]
+    # What ClickHouse writes is on volumes: data, logs, /tmp.
+    mounts = {m["mountPath"]: m for m in container(sts, "clickhouse")["volumeMounts"]}
+    for path in ("/var/lib/clickhouse", "/var/log/clickhouse-server", "/tmp"):
+        assert path in mounts and not mounts[path].get("readOnly", False), path
+    users = mounts["/etc/clickhouse-server/users.d"]
+    assert users["readOnly"] is True and "emptyDir" in vols[users["name"]]
 
 
 # --- TLS between agent and aggregator ---------------------------------------
