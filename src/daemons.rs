@@ -7,7 +7,7 @@ use anyhow::Context;
 use aperture_agent::{LocalAggregator, Shutdown};
 use aperture_aggregator::Daemon;
 use aperture_core::config::{AgentConfig, AggregatorConfig, FlagValue, Secret};
-use aperture_probes::preflight;
+use aperture_probes::{features, preflight};
 
 use crate::cli::{LoadError, UpArgs, load_config};
 
@@ -140,6 +140,12 @@ fn node_checks() -> Result<(), ExitCode> {
                 mounted_tracefs = report.mounted_tracefs,
                 "node checks passed"
             );
+            for feature in features::detect(&report.kernel_release, std::path::Path::new(&report.tracefs)) {
+                match feature.off_because {
+                    None => tracing::debug!("kernel feature {feature}"),
+                    Some(_) => tracing::warn!("kernel feature {feature}"),
+                }
+            }
             Ok(())
         }
         Err(e) => {

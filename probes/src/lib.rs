@@ -26,6 +26,7 @@
 pub mod abi;
 pub mod bench;
 mod drain;
+pub mod features;
 mod loader;
 pub mod preflight;
 pub mod reader;

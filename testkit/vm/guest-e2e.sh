@@ -32,19 +32,19 @@ until wget -q -O /dev/null http://127.0.0.1:9090/healthz 2>/dev/null; do
 done
 echo "e2e: aperture up is healthy"
 
-# Long enough runs that the agent's start-up and the overhead budget do not
-# matter: each program runs until the check has seen it.
-(echo g; sleep 600) | "$programs/cpu_burner" 600 >/dev/null &
+# The burner runs until the end, so the agent's start-up and the overhead
+# budget do not matter; its samples showing up also tell that every probe is
+# attached, so the short-lived programs start only then.
+(echo g; sleep 900) | "$programs/cpu_burner" 900 >/dev/null &
 burner=$!
-(echo g; sleep 600) | "$programs/syscall_count" 20000 >/dev/null &
-syscalls=$!
-(echo g; sleep 600) | "$programs/mutex_contend" >/dev/null &
-mutex=$!
-
 fail=0
-wait_for "top?mode=cpu" leaf_burn 90 && echo "e2e: cpu: leaf_burn is in the top functions" || fail=1
+wait_for "top?mode=cpu" leaf_burn 150 && echo "e2e: cpu: leaf_burn is in the top functions" || fail=1
+(echo g; sleep 900) | "$programs/syscall_count" 20000 >/dev/null &
+syscalls=$!
+(echo g; sleep 900) | "$programs/mutex_contend" >/dev/null &
+mutex=$!
 wait_for "syscalls?pid=$syscalls" getppid 90 && echo "e2e: syscall: getppid is counted" || fail=1
-wait_for "locks?pid=$mutex" lock_site 90 && echo "e2e: lock: the mutex call site has waits" || fail=1
+wait_for "locks?pid=$mutex" contend_worker 90 && echo "e2e: lock: the contending thread has waits" || fail=1
 kill "$burner" "$syscalls" "$mutex" 2>/dev/null
 if [ "$fail" != 0 ]; then
 	echo "e2e: aperture up's log:"; tail -50 /tmp/up.log

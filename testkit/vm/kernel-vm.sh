@@ -10,7 +10,8 @@
 #           tmpfs. Its exit code becomes this script's exit code.
 #   PATH    files or directories copied into the guest at the same absolute
 #           path; for every executable among them, the shared libraries
-#           ldd names are copied too. Executables are copied without their
+#           ldd names are copied too, with their detached debug files
+#           when the host has them. Executables are copied without their
 #           DWARF sections (symbol tables stay) to keep the guest small.
 #
 # The kernel package is fetched once with apt, from the same Debian mirror
@@ -80,12 +81,24 @@ mkdir -p "$root"/{bin,proc,sys,dev,tmp,etc,root,run}
 cp "$(command -v busybox)" "$root/bin/"
 for applet in $(busybox --list); do [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"; done
 
+# A library's detached debug file (Debian's *-dbg packages, by build id), so
+# that symbols stripped from the library still resolve inside the guest.
+copy_debug_file() {
+	local id debug
+	id=$(readelf -n "$1" 2>/dev/null | sed -n 's/.*Build ID: \([0-9a-f]*\).*/\1/p' | head -1)
+	[ -n "$id" ] || return 0
+	debug=/usr/lib/debug/.build-id/${id:0:2}/${id:2}.debug
+	[ -e "$debug" ] && [ ! -e "$root$debug" ] || return 0
+	mkdir -p "$root$(dirname "$debug")"
+	cp -L "$debug" "$root$debug"
+}
 copy_libs() {
 	local lib
 	for lib in $(ldd "$1" 2>/dev/null | grep -o '/[^ ]*' || true); do
 		[ -e "$root$lib" ] && continue
 		mkdir -p "$root$(dirname "$lib")"
 		cp -L "$lib" "$root$lib"
+		copy_debug_file "$lib"
 	done
 }
 copy_in() {
