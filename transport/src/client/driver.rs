@@ -11,12 +11,13 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::config::{CarrierChoice, ClientConfig, StartError};
+use super::grpc::GrpcConnector;
+use super::handle::Inner;
 use super::link::{ConnectError, Link, LinkEvent, LinkTx};
-use super::{CarrierChoice, ClientConfig, Inner, StartError};
+use super::quic::QuicConnector;
 use crate::Carrier;
 use crate::control::CloseReason;
-use crate::grpc::client::GrpcConnector;
-use crate::quic::client::QuicConnector;
 use crate::session::ClientEvent;
 use crate::tls::{self, TlsError, TrustMode};
 
@@ -58,7 +59,7 @@ impl Connectors {
             let idle = Duration::from_millis(cfg.idle_timeout_ms);
             Some(QuicConnector {
                 crypto: Arc::new(crypto),
-                transport: crate::quic::transport_config(1 << 20, 2 << 20, idle, 0, Some(idle / 3)),
+                transport: Arc::new(crate::wire::quic::transport_config(1 << 20, 2 << 20, idle, 0, Some(idle / 3))),
                 server_name: server_name.clone(),
                 timeout,
                 insecure: mode == TrustMode::Insecure,
@@ -70,13 +71,16 @@ impl Connectors {
                 reason: "it must be printable ASCII to travel in a gRPC header".into(),
             })?),
         };
-        let (grpc_tls, insecure) = if cfg.tls.grpc {
+        let (grpc_tls, insecure) = if cfg.tls.insecure_plaintext {
+            tracing::warn!(
+                "gRPC carrier WITHOUT TLS (insecure_plaintext): the auth token and profiles cross the network in cleartext"
+            );
+            (None, false)
+        } else {
             let (c, mode) = tls::client_config(&cfg.tls, b"h2")?;
             let name = rustls::pki_types::ServerName::try_from(server_name.clone())
                 .map_err(|_| StartError::BadAddress { value: server_name.clone() })?;
             (Some((Arc::new(c), name)), mode == TrustMode::Insecure)
-        } else {
-            (None, false)
         };
         Ok(Connectors {
             host,
@@ -122,7 +126,7 @@ impl Endpoints {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|e| ConnectError::Unreachable(format!("{e}")))?;
-        let ep = crate::quic::client_endpoint(bind)
+        let ep = crate::wire::quic::client_endpoint(bind)
             .map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))?;
         self.quic = Some(ep.clone());
         Ok(ep)
@@ -235,6 +239,7 @@ pub(crate) async fn run(inner: Arc<Inner>, c: Connectors) {
                     Carrier::Grpc => &inner.connect_failures_grpc,
                 };
                 counter.fetch_add(1, Relaxed);
+                *inner.last_connect_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{carrier}: {e}"));
                 if let ConnectError::Rejected(reason, _) = &e {
                     inner.rejections.fetch_add(1, Relaxed);
                     tracing::error!(carrier = carrier.as_str(), reason = reason.as_str(), error = %e, "aggregator refused the session; check the auth token");
@@ -401,6 +406,6 @@ fn probe_endpoint(p: &Probe<'_>, addr: SocketAddr) -> Result<quinn::Endpoint, Co
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .map_err(|e| ConnectError::Unreachable(format!("{e}")))?;
-    crate::quic::client_endpoint(bind)
+    crate::wire::quic::client_endpoint(bind)
         .map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))
 }
