@@ -12,10 +12,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::config::{CarrierChoice, ClientConfig, StartError};
+use super::connect::{ConnectError, LinkEvent};
 use super::grpc::GrpcConnector;
-use super::handle::Inner;
-use super::link::{ConnectError, Link, LinkEvent, LinkTx};
+use super::link::{Link, LinkTx};
 use super::quic::QuicConnector;
+use super::shared::Inner;
 use crate::Carrier;
 use crate::control::CloseReason;
 use crate::session::ClientEvent;
@@ -140,11 +141,11 @@ async fn connect(c: &Connectors, eps: &mut Endpoints, carrier: Carrier) -> Resul
                 return Err(ConnectError::Unreachable("QUIC is disabled (carrier: grpc)".into()));
             };
             let addr = c.resolve(c.quic_port).await?;
-            q.connect(&eps.for_addr(addr)?, addr).await
+            q.connect(&eps.for_addr(addr)?, addr).await.map(Link::quic)
         }
         Carrier::Grpc => {
             let addr = c.resolve(c.grpc_port).await?;
-            c.grpc.connect(addr).await
+            c.grpc.connect(addr).await.map(Link::grpc)
         }
     }
 }
@@ -349,7 +350,7 @@ async fn run_link(
                         Err(e) => Err(e),
                     };
                     probe_task = Some(match (endpoint, conn.quic.clone()) {
-                        (Ok((ep, addr)), Some(q)) => tokio::spawn(async move { q.connect(&ep, addr).await }),
+                        (Ok((ep, addr)), Some(q)) => tokio::spawn(async move { q.connect(&ep, addr).await.map(Link::quic) }),
                         (Err(e), _) => tokio::spawn(async move { Err(e) }),
                         (_, None) => tokio::spawn(async { Err(ConnectError::Unreachable("QUIC disabled".into())) }),
                     });

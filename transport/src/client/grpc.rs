@@ -10,8 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 
-use super::link::{ConnectError, Link, LinkEvent, LinkTx};
-use crate::Carrier;
+use super::connect::{ConnectError, LinkEvent};
 use crate::control::RejectReason;
 use crate::session::Transmit;
 use crate::wire::grpc::pb::{self, ingest_client::IngestClient};
@@ -31,7 +30,7 @@ pub(crate) struct GrpcConnector {
 
 impl GrpcConnector {
     /// Connects and starts the `Push` call.
-    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Link, ConnectError> {
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<(GrpcTx, mpsc::Receiver<LinkEvent>), ConnectError> {
         let unreachable = |what: &str, e: &dyn std::error::Error| {
             ConnectError::Unreachable(format!("gRPC {what} {addr}: {}", error_chain(e)))
         };
@@ -91,7 +90,7 @@ impl GrpcConnector {
                 }
             }
         });
-        Ok(Link { carrier: Carrier::Grpc, tx: LinkTx::Grpc(GrpcTx { tx: req_tx }), rx })
+        Ok((GrpcTx { tx: req_tx }, rx))
     }
 }
 

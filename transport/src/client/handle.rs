@@ -2,7 +2,7 @@
 //! counters, shuts down.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,7 @@ use aperture_core::frame::{FrameBuf, FrameId};
 
 use super::config::{AgentIdentity, ClientConfig, StartError};
 use super::driver;
+use super::shared::Inner;
 use crate::Carrier;
 use crate::session::{ClientSession, ClientSessionConfig, ClientSessionStats, PushError};
 
@@ -56,39 +57,6 @@ pub struct ShutdownReport {
     pub acked: u64,
     /// Frames never acknowledged (lost with the process).
     pub unacked: Vec<FrameId>,
-}
-
-pub(crate) struct Inner {
-    pub(super) session: Mutex<ClientSession>,
-    pub(super) wake: tokio::sync::Notify,
-    pub(super) stopping: AtomicBool,
-    pub(super) stop_now: tokio::sync::watch::Sender<bool>,
-    /// 0 none, 1 QUIC, 2 gRPC.
-    pub(super) carrier: AtomicU8,
-    pub(super) established: AtomicBool,
-    pub(super) sessions: AtomicU64,
-    pub(super) connect_failures_quic: AtomicU64,
-    pub(super) connect_failures_grpc: AtomicU64,
-    pub(super) fallbacks: AtomicU64,
-    pub(super) rejections: AtomicU64,
-    pub(super) last_connect_error: Mutex<Option<String>>,
-}
-
-impl Inner {
-    pub(crate) fn session(&self) -> MutexGuard<'_, ClientSession> {
-        // Every session method leaves it consistent before returning, so a
-        // panic elsewhere while holding the lock does not corrupt it.
-        self.session.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(super) fn set_carrier(&self, c: Option<Carrier>) {
-        let v = match c {
-            None => 0,
-            Some(Carrier::Quic) => 1,
-            Some(Carrier::Grpc) => 2,
-        };
-        self.carrier.store(v, Relaxed);
-    }
 }
 
 /// The agent's transport client.

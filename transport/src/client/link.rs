@@ -3,31 +3,11 @@
 
 use tokio::sync::mpsc;
 
+use super::connect::LinkEvent;
 use super::grpc::GrpcTx;
 use super::quic::QuicTx;
 use crate::Carrier;
-use crate::control::{Control, RejectReason};
 use crate::session::Transmit;
-
-/// Something the server said, or the end of the connection.
-#[derive(Debug)]
-pub(crate) enum LinkEvent {
-    /// A control message.
-    Control(Control),
-    /// The connection is gone; why, for the log.
-    Lost(String),
-}
-
-/// Why a connection attempt failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ConnectError {
-    /// The server could not be reached or the handshake failed.
-    #[error("{0}")]
-    Unreachable(String),
-    /// The server refused the session before it started (gRPC: call status).
-    #[error("refused: {1}")]
-    Rejected(RejectReason, String),
-}
 
 /// The sending half, one variant per carrier.
 pub(crate) enum LinkTx {
@@ -45,6 +25,18 @@ pub(crate) struct Link {
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Link").field("carrier", &self.carrier).finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// A QUIC connection.
+    pub(crate) fn quic((tx, rx): (QuicTx, mpsc::Receiver<LinkEvent>)) -> Link {
+        Link { carrier: Carrier::Quic, tx: LinkTx::Quic(tx), rx }
+    }
+
+    /// A gRPC connection.
+    pub(crate) fn grpc((tx, rx): (GrpcTx, mpsc::Receiver<LinkEvent>)) -> Link {
+        Link { carrier: Carrier::Grpc, tx: LinkTx::Grpc(tx), rx }
     }
 }
 

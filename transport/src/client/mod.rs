@@ -6,11 +6,13 @@
 //! hot path is plain threads.
 
 mod config;
+mod connect;
 mod driver;
 mod grpc;
 mod handle;
 mod link;
 mod quic;
+mod shared;
 
 pub use config::{AgentIdentity, CarrierChoice, ClientConfig, StartError};
 pub use handle::{Client, ClientStats, SendError, ShutdownReport};

@@ -9,8 +9,7 @@ use aperture_core::frame::DecodeLimits;
 use quinn::{ConnectionError, Endpoint};
 use tokio::sync::mpsc;
 
-use super::link::{ConnectError, Link, LinkEvent, LinkTx};
-use crate::Carrier;
+use super::connect::{ConnectError, LinkEvent};
 use crate::control::MAX_CONTROL_BODY;
 use crate::control::RejectReason;
 use crate::session::Transmit;
@@ -28,7 +27,11 @@ pub(crate) struct QuicConnector {
 
 impl QuicConnector {
     /// Connects and opens the session stream.
-    pub(crate) async fn connect(&self, endpoint: &Endpoint, addr: SocketAddr) -> Result<Link, ConnectError> {
+    pub(crate) async fn connect(
+        &self,
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+    ) -> Result<(QuicTx, mpsc::Receiver<LinkEvent>), ConnectError> {
         if self.insecure {
             tracing::warn!(%addr, "connecting over QUIC WITHOUT verifying the server certificate (insecure_skip_verify)");
         }
@@ -72,7 +75,7 @@ impl QuicConnector {
                 }
             }
         });
-        Ok(Link { carrier: Carrier::Quic, tx: LinkTx::Quic(QuicTx { send, conn, buf: Vec::with_capacity(256) }), rx })
+        Ok((QuicTx { send, conn, buf: Vec::with_capacity(256) }, rx))
     }
 }
 
