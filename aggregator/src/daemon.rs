@@ -60,7 +60,7 @@ pub fn server_config(config: &AggregatorConfig) -> anyhow::Result<ServerConfig> 
             cert_file: config.tls.cert_file.clone(),
             key_file: config.tls.key_file.clone(),
             names: Vec::new(),
-            grpc: config.tls.grpc,
+            insecure_plaintext: config.tls.insecure_plaintext,
         },
         data_dir: config.data_dir.clone(),
         limits,

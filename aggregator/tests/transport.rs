@@ -64,8 +64,12 @@ async fn end_to_end(carrier: Carrier) {
         client.send(bytes).expect("send");
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while client.stats().frames_acked < FRAMES {
-        assert!(Instant::now() < deadline, "only {} of {FRAMES} frames acknowledged", client.stats().frames_acked);
+    while client.stats().session.frames_acked < FRAMES {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {FRAMES} frames acknowledged",
+            client.stats().session.frames_acked
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let addr = handle.http_addr();

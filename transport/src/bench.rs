@@ -185,7 +185,7 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
         grpc_listen: Some(loopback),
         auth: AuthConfig { token: Some(TOKEN.into()), disabled: false },
         data_dir: data_dir.to_owned(),
-        tls: ServerTlsConfig { grpc: cfg.grpc_tls, ..Default::default() },
+        tls: ServerTlsConfig { insecure_plaintext: !cfg.grpc_tls, ..Default::default() },
         ..ServerConfig::default()
     };
     let server = server_rt.block_on(serve(server_cfg, sink.clone())).context("starting the bench server")?;
@@ -213,7 +213,11 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
         let client_cfg = ClientConfig {
             aggregator: addr.to_string(),
             token: Some(TOKEN.into()),
-            tls: ClientTlsConfig { fingerprint: Some(server.fingerprint()), grpc: cfg.grpc_tls, ..Default::default() },
+            tls: ClientTlsConfig {
+                fingerprint: Some(server.fingerprint()),
+                insecure_plaintext: !cfg.grpc_tls,
+                ..Default::default()
+            },
             carrier: if cfg.carrier == Carrier::Quic { CarrierChoice::Quic } else { CarrierChoice::Grpc },
             quic_port: server.quic_addr().map(|a| a.port()),
             ..ClientConfig::default()
@@ -246,11 +250,11 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
             let (in_flight, max_frames) = (cfg.in_flight.max(1), cfg.max_frames_per_agent);
             std::thread::spawn(move || -> anyhow::Result<()> {
                 let mut sent: VecDeque<Instant> = VecDeque::new();
-                let mut acked_seen = client.stats().frames_acked;
+                let mut acked_seen = client.stats().session.frames_acked;
                 let mut lat = Vec::new();
                 let mut seq = 0u64;
                 while !stop.load(Relaxed) {
-                    let acked = client.stats().frames_acked;
+                    let acked = client.stats().session.frames_acked;
                     let now = Instant::now();
                     for _ in acked_seen..acked {
                         if let Some(t) = sent.pop_front() {
@@ -294,7 +298,7 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
             Err(_) => first_error = first_error.or(Some(anyhow::anyhow!("a producer thread panicked"))),
         }
     }
-    let dropped = clients.iter().map(|c| c.stats().frames_dropped).sum();
+    let dropped = clients.iter().map(|c| c.stats().session.frames_dropped).sum();
     let closing: Vec<_> = clients
         .into_iter()
         .filter_map(|c| Arc::try_unwrap(c).ok())

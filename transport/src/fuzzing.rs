@@ -7,9 +7,9 @@ use prost::Message;
 /// Decodes a gRPC `PushRequest` and converts it as the server does.
 /// Returns whether it became a valid session input.
 pub fn push_request(bytes: &[u8]) -> bool {
-    let Ok(req) = crate::grpc::pb::PushRequest::decode(bytes) else { return false };
-    if let Some(crate::grpc::pb::push_request::Body::Hello(h)) = req.body {
-        return crate::grpc::hello_from_pb(h).is_ok();
+    let Ok(req) = crate::wire::grpc::pb::PushRequest::decode(bytes) else { return false };
+    if let Some(crate::wire::grpc::pb::push_request::Body::Hello(h)) = req.body {
+        return crate::wire::grpc::hello_from_pb(h).is_ok();
     }
-    !matches!(crate::grpc::inbound_from_pb(req, &DecodeLimits::default()), crate::server::Inbound::Malformed { .. })
+    !matches!(crate::server::inbound_from_pb(req, &DecodeLimits::default()), crate::server::Inbound::Malformed { .. })
 }

@@ -19,8 +19,15 @@
 //! - agent side: [`client::Client::start`] with a [`client::ClientConfig`];
 //! - the protocol itself: [`session::ServerSession`], [`session::ClientSession`]
 //!   and the [`control`] message encoding;
-//! - the gRPC contract: `proto/aperture/v1/ingest.proto` (generated at build
-//!   time by a pure-Rust protobuf compiler: no `protoc` needed).
+//! - the wire formats: [`wire`] (the QUIC stream framing, and the gRPC
+//!   contract `proto/aperture/v1/ingest.proto`, generated at build time by a
+//!   pure-Rust protobuf compiler: no `protoc` needed).
+//!
+//! Layout, by role: `session/` is the protocol without I/O; `wire/` the
+//! formats both ends share; `client/` and `server/` each hold one file per
+//! carrier (`quic.rs`, `grpc.rs`) plus what is common to that end
+//! (`server/session.rs` drives a session whatever the carrier). Nothing in a
+//! carrier file imports from its parent module.
 //!
 //! Load generator: [`bench`] (used by `examples/push_load.rs` and the perf harness); fuzz targets: `fuzz/` (standalone,
 //! nightly).
@@ -31,11 +38,10 @@ pub mod client;
 pub mod control;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod grpc;
-mod quic;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod wire;
 
 /// Which carrier a session runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]

@@ -1,6 +1,7 @@
 //! TLS for both carriers: the server's certificate (loaded or created on
 //! first start) and the client's trust (a CA file, a pinned SHA-256
-//! fingerprint, or — explicitly — nothing).
+//! fingerprint, or — explicitly — nothing). QUIC always uses TLS; gRPC does
+//! too unless `insecure_plaintext` is set on both ends.
 //!
 //! Fingerprints are the SHA-256 of the certificate's DER bytes, written as
 //! 64 hex digits; colons and case are ignored when parsing, so the output of
@@ -109,9 +110,12 @@ pub struct ServerTlsConfig {
     /// Names for a created certificate (besides `localhost`).
     #[serde(default)]
     pub names: Vec<String>,
-    /// Serve gRPC over TLS with the same certificate (plaintext otherwise).
+    /// Serve gRPC without TLS. Off by default: gRPC uses the same
+    /// certificate as QUIC. Only for networks where something else encrypts
+    /// (a service mesh); the agents' token then crosses the network in
+    /// cleartext. Warned about at start-up.
     #[serde(default)]
-    pub grpc: bool,
+    pub insecure_plaintext: bool,
 }
 
 /// SHA-256 of a DER certificate.
@@ -229,9 +233,11 @@ pub struct ClientTlsConfig {
     /// defaults to the host of the aggregator address.
     #[serde(default)]
     pub server_name: Option<String>,
-    /// Use TLS for the gRPC carrier too.
+    /// Speak gRPC without TLS. Off by default: gRPC, including the fallback
+    /// from QUIC, uses TLS with the same trust settings as QUIC, so a fallback
+    /// never sends the token in cleartext. Warned about at start-up.
     #[serde(default)]
-    pub grpc: bool,
+    pub insecure_plaintext: bool,
 }
 
 /// Which kind of trust a client config resolved to.

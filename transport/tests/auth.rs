@@ -42,7 +42,7 @@ async fn auth_matrix(carrier: Carrier) {
             server.stats().rejections
         );
         let stats = client.stats();
-        assert_eq!(stats.frames_acked, 0, "{carrier}: {name}");
+        assert_eq!(stats.session.frames_acked, 0, "{carrier}: {name}");
         assert!(!stats.established, "{carrier}: {name}");
         tokio::task::block_in_place(|| drop(client));
     }

@@ -29,10 +29,10 @@ async fn frames_arrive_byte_for_byte(carrier: Carrier) {
         assert_eq!(s.carrier, carrier);
     }
     sink.commit_all(&server.acker());
-    eventually("all acked", || client.stats().frames_acked == 20).await;
+    eventually("all acked", || client.stats().session.frames_acked == 20).await;
     let stats = client.stats();
     assert_eq!(stats.carrier, Some(carrier));
-    assert_eq!((stats.unacked_frames, stats.frames_dropped, stats.frames_resent), (0, 0, 0));
+    assert_eq!((stats.session.unacked_frames, stats.session.frames_dropped, stats.session.frames_resent), (0, 0, 0));
     let report = tokio::task::block_in_place(|| client.shutdown(Duration::from_secs(5)));
     assert_eq!(report.acked, 20);
     assert!(report.unacked.is_empty());
@@ -66,7 +66,7 @@ async fn restart_resends_exactly_the_unacked(carrier: Carrier) {
     }
     eventually("10 frames admitted", || sink.count() == 10).await;
     sink.commit(&server.acker(), &[1, 2, 5, 9]);
-    eventually("4 acked", || client.stats().frames_acked == 4).await;
+    eventually("4 acked", || client.stats().session.frames_acked == 4).await;
     // Frames acked so far must never be asked for again.
     let acked_before: Vec<u64> = vec![1, 2, 5, 9];
 
@@ -86,9 +86,9 @@ async fn restart_resends_exactly_the_unacked(carrier: Carrier) {
     assert_eq!(after, vec![3, 4, 6, 7, 8, 10, 11, 12], "exactly the unacked frames, in order, then new ones");
     assert!(acked_before.iter().all(|s| !after.contains(s)));
     sink.commit_all(&server.acker());
-    eventually("everything acked", || client.stats().unacked_frames == 0).await;
+    eventually("everything acked", || client.stats().session.unacked_frames == 0).await;
     let stats = client.stats();
-    assert_eq!(stats.frames_acked, 12);
+    assert_eq!(stats.session.frames_acked, 12);
     assert!(stats.reconnects >= 1);
     assert_eq!(sink.committed.lock().unwrap().len(), 12, "every frame committed once");
     let report = tokio::task::block_in_place(|| client.shutdown(Duration::from_secs(5)));
@@ -127,7 +127,7 @@ async fn committed_frames_resent_after_restart_are_acked_not_reingested() {
     cfg.quic_listen = quic;
     cfg.grpc_listen = grpc;
     let server = start(cfg, sink.clone()).await;
-    eventually("resends acked", || client.stats().frames_acked == 5).await;
+    eventually("resends acked", || client.stats().session.frames_acked == 5).await;
     assert_eq!(sink.count(), 5, "nothing taken twice");
     assert_eq!(sink.already_committed.lock().unwrap().len(), 5);
     assert_eq!(server.stats().frames_already_committed, 5);
@@ -155,7 +155,7 @@ async fn blocked_quic_falls_back_to_grpc() {
     eventually("frames delivered over gRPC", || sink.count() == 3).await;
     assert!(sink.seen.lock().unwrap().iter().all(|s| s.carrier == Carrier::Grpc));
     sink.commit_all(&server.acker());
-    eventually("acked", || client.stats().frames_acked == 3).await;
+    eventually("acked", || client.stats().session.frames_acked == 3).await;
     let stats = client.stats();
     assert_eq!(stats.carrier, Some(Carrier::Grpc));
     assert!(stats.fallbacks_to_grpc >= 1);
@@ -181,7 +181,7 @@ async fn withheld_credit_pauses_and_resumes_the_client() {
     eventually("the initial window arrives", || sink.count() == 4).await;
     // No wall-clock assertion: the window is exhausted, so the client cannot
     // have sent more, whatever the scheduling.
-    assert_eq!(client.stats().frames_sent, 4);
+    assert_eq!(client.stats().session.frames_sent, 4);
     server.set_accepting(true);
     eventually("the rest arrives", || sink.count() == 10).await;
     tokio::task::block_in_place(|| drop(client));

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use aperture_transport::Carrier;
 use aperture_transport::control::{self, CONTROL_HEADER_LEN, CloseReason, Control, Hello, PROTOCOL_VERSION};
-use aperture_transport::grpc::pb;
 use aperture_transport::server::ServerHandle;
 use aperture_transport::tls::{self, ClientTlsConfig};
+use aperture_transport::wire::grpc::pb;
 use common::*;
 
 const MAX_FRAME: u32 = 64 * 1024;
@@ -88,8 +88,8 @@ async fn quic_raw(server: &ServerHandle, bytes: &[u8]) -> (Vec<Control>, Option<
 /// Speaks raw gRPC: hello, then `bytes` as a frame. Returns the responses
 /// and the final status.
 async fn grpc_raw(server: &ServerHandle, bytes: Vec<u8>) -> (Vec<pb::PushResponse>, Option<tonic::Status>) {
-    let addr = server.grpc_addr().unwrap();
-    let mut client = pb::ingest_client::IngestClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut client =
+        pb::ingest_client::IngestClient::new(grpc_tls_channel(server).await).max_encoding_message_size(64 << 20);
     let h = hello(2);
     let reqs = vec![
         pb::PushRequest {

@@ -256,17 +256,17 @@ impl Driver {
 
         let t = self.client.stats();
         let values = [
-            (&m.frames_sent, t.frames_sent),
-            (&m.frames_acked, t.frames_acked),
-            (&m.frames_resent, t.frames_resent),
-            (&m.frames_dropped, t.frames_dropped),
-            (&m.bytes_sent, t.bytes_sent),
+            (&m.frames_sent, t.session.frames_sent),
+            (&m.frames_acked, t.session.frames_acked),
+            (&m.frames_resent, t.session.frames_resent),
+            (&m.frames_dropped, t.session.frames_dropped),
+            (&m.bytes_sent, t.session.bytes_sent),
             (&m.reconnects, t.reconnects),
         ];
         for (i, (counter, v)) in values.into_iter().enumerate() {
             mir.transport[i].sync(counter, v);
         }
-        m.unacked_frames.set(i64::try_from(t.unacked_frames).unwrap_or(i64::MAX));
+        m.unacked_frames.set(i64::try_from(t.session.unacked_frames).unwrap_or(i64::MAX));
         for carrier in [Carrier::Quic, Carrier::Grpc] {
             m.carrier.with_label_values(&[carrier.as_str()]).set(i64::from(t.carrier == Some(carrier)));
         }

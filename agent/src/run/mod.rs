@@ -301,7 +301,7 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport
 
     let deadline = config.transport.shutdown_timeout.0;
     let client = Arc::try_unwrap(client).map_err(|_| anyhow::anyhow!("the transport client is still shared"))?;
-    let dropped = client.stats().frames_dropped;
+    let dropped = client.stats().session.frames_dropped;
     let report = client.shutdown(deadline);
     let exit = ExitReport { frames, acked: report.acked, unacked: report.unacked, dropped };
     if exit.unacked.is_empty() {
@@ -333,7 +333,7 @@ fn client_config(config: &AgentConfig) -> ClientConfig {
             fingerprint: t.fingerprint_sha256.clone(),
             insecure_skip_verify: t.insecure_skip_verify,
             server_name: t.server_name.clone(),
-            grpc: t.grpc_tls,
+            insecure_plaintext: t.insecure_plaintext,
         },
         carrier: match t.carrier {
             CarrierChoice::Auto => aperture_transport::client::CarrierChoice::Auto,

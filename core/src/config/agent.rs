@@ -164,8 +164,12 @@ pub struct AgentTransport {
     pub insecure_skip_verify: bool,
     /// Name to verify in the certificate; defaults to the aggregator host.
     pub server_name: Option<String>,
-    /// Use TLS for gRPC too (with the same trust settings).
+    /// gRPC uses TLS (with the same trust settings as QUIC). Always on unless
+    /// `insecure_plaintext`; `false` alone is refused.
     pub grpc_tls: bool,
+    /// Speak gRPC without TLS: the token and profiles cross the network in
+    /// cleartext. Only for networks where something else encrypts.
+    pub insecure_plaintext: bool,
     /// On SIGTERM, how long to wait for outstanding acknowledgements.
     pub shutdown_timeout: HumanDuration,
 }
@@ -179,7 +183,8 @@ impl Default for AgentTransport {
             fingerprint_sha256: None,
             insecure_skip_verify: false,
             server_name: None,
-            grpc_tls: false,
+            grpc_tls: true,
+            insecure_plaintext: false,
             shutdown_timeout: HumanDuration::secs(10),
         }
     }
@@ -303,6 +308,12 @@ impl Layered for AgentConfig {
                     "{} is not below perf_buffer.size_per_cpu ({}): the reader would never be woken",
                     self.perf_buffer.wakeup_bytes, self.perf_buffer.size_per_cpu
                 ),
+            ));
+        }
+        if !self.transport.grpc_tls && !self.transport.insecure_plaintext {
+            return Err((
+                "transport.grpc_tls".into(),
+                "false does not turn TLS off: gRPC always uses TLS unless transport.insecure_plaintext is true (which sends the token in cleartext)".into(),
             ));
         }
         if let Some(fp) = &self.transport.fingerprint_sha256 {

@@ -140,15 +140,25 @@ impl Default for ClickHouse {
 }
 
 /// TLS material.
-#[derive(Clone, Debug, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tls {
     /// Certificate chain (PEM). Without it a self-signed certificate is created in `data_dir`.
     pub cert_file: Option<PathBuf>,
     /// Private key (PEM).
     pub key_file: Option<PathBuf>,
-    /// Serve gRPC with TLS too (default: plaintext inside the cluster).
+    /// gRPC is served with TLS. Always on unless `insecure_plaintext`;
+    /// `false` alone is refused.
     pub grpc: bool,
+    /// Serve gRPC without TLS: agents' tokens and profiles cross the network
+    /// in cleartext. Only where something else encrypts (a service mesh).
+    pub insecure_plaintext: bool,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls { cert_file: None, key_file: None, grpc: true, insecure_plaintext: false }
+    }
 }
 
 /// Limits on clients.
@@ -240,6 +250,12 @@ impl Layered for AggregatorConfig {
             return Err((
                 "clickhouse.database".into(),
                 format!("invalid database name `{}`: use letters, digits and underscores", ch.database),
+            ));
+        }
+        if !self.tls.grpc && !self.tls.insecure_plaintext {
+            return Err((
+                "tls.grpc".into(),
+                "false does not turn TLS off: gRPC is always served with TLS unless tls.insecure_plaintext is true (which lets agents send their token in cleartext)".into(),
             ));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {

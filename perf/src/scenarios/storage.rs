@@ -102,18 +102,18 @@ fn push_fleet(p: &Params, pool: &[Stack], daemon: &Daemon) -> anyhow::Result<u64
                         seq += 1;
                         let id = FrameId { agent_id, boot_id: [7; 16], sequence: seq };
                         let frame = encode_batch(&batch, id, 0, &DecodeLimits::default())?;
-                        while seq - client.stats().frames_acked > in_flight {
+                        while seq - client.stats().session.frames_acked > in_flight {
                             anyhow::ensure!(Instant::now() < deadline, "push did not finish in time");
                             std::thread::sleep(Duration::from_millis(2));
                         }
                         client.send(frame).context("queueing a frame")?;
                     }
                 }
-                while client.stats().frames_acked < seq {
+                while client.stats().session.frames_acked < seq {
                     anyhow::ensure!(Instant::now() < deadline, "frames not acknowledged in time");
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                let dropped = client.stats().frames_dropped;
+                let dropped = client.stats().session.frames_dropped;
                 client.shutdown(Duration::from_secs(2));
                 anyhow::ensure!(dropped == 0, "{dropped} frames dropped by a simulated agent");
                 Ok(samples)

@@ -11,12 +11,14 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::link::{ConnectError, Link, LinkEvent, LinkTx};
-use super::{CarrierChoice, ClientConfig, Inner, StartError};
+use super::config::{CarrierChoice, ClientConfig, StartError};
+use super::connect::{ConnectError, LinkEvent};
+use super::grpc::GrpcConnector;
+use super::link::{Link, LinkTx};
+use super::quic::QuicConnector;
+use super::shared::Inner;
 use crate::Carrier;
 use crate::control::CloseReason;
-use crate::grpc::client::GrpcConnector;
-use crate::quic::client::QuicConnector;
 use crate::session::ClientEvent;
 use crate::tls::{self, TlsError, TrustMode};
 
@@ -58,7 +60,7 @@ impl Connectors {
             let idle = Duration::from_millis(cfg.idle_timeout_ms);
             Some(QuicConnector {
                 crypto: Arc::new(crypto),
-                transport: crate::quic::transport_config(1 << 20, 2 << 20, idle, 0, Some(idle / 3)),
+                transport: Arc::new(crate::wire::quic::transport_config(1 << 20, 2 << 20, idle, 0, Some(idle / 3))),
                 server_name: server_name.clone(),
                 timeout,
                 insecure: mode == TrustMode::Insecure,
@@ -70,13 +72,16 @@ impl Connectors {
                 reason: "it must be printable ASCII to travel in a gRPC header".into(),
             })?),
         };
-        let (grpc_tls, insecure) = if cfg.tls.grpc {
+        let (grpc_tls, insecure) = if cfg.tls.insecure_plaintext {
+            tracing::warn!(
+                "gRPC carrier WITHOUT TLS (insecure_plaintext): the auth token and profiles cross the network in cleartext"
+            );
+            (None, false)
+        } else {
             let (c, mode) = tls::client_config(&cfg.tls, b"h2")?;
             let name = rustls::pki_types::ServerName::try_from(server_name.clone())
                 .map_err(|_| StartError::BadAddress { value: server_name.clone() })?;
             (Some((Arc::new(c), name)), mode == TrustMode::Insecure)
-        } else {
-            (None, false)
         };
         Ok(Connectors {
             host,
@@ -122,7 +127,7 @@ impl Endpoints {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|e| ConnectError::Unreachable(format!("{e}")))?;
-        let ep = crate::quic::client_endpoint(bind)
+        let ep = crate::wire::quic::client_endpoint(bind)
             .map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))?;
         self.quic = Some(ep.clone());
         Ok(ep)
@@ -136,11 +141,11 @@ async fn connect(c: &Connectors, eps: &mut Endpoints, carrier: Carrier) -> Resul
                 return Err(ConnectError::Unreachable("QUIC is disabled (carrier: grpc)".into()));
             };
             let addr = c.resolve(c.quic_port).await?;
-            q.connect(&eps.for_addr(addr)?, addr).await
+            q.connect(&eps.for_addr(addr)?, addr).await.map(Link::quic)
         }
         Carrier::Grpc => {
             let addr = c.resolve(c.grpc_port).await?;
-            c.grpc.connect(addr).await
+            c.grpc.connect(addr).await.map(Link::grpc)
         }
     }
 }
@@ -235,6 +240,7 @@ pub(crate) async fn run(inner: Arc<Inner>, c: Connectors) {
                     Carrier::Grpc => &inner.connect_failures_grpc,
                 };
                 counter.fetch_add(1, Relaxed);
+                *inner.last_connect_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{carrier}: {e}"));
                 if let ConnectError::Rejected(reason, _) = &e {
                     inner.rejections.fetch_add(1, Relaxed);
                     tracing::error!(carrier = carrier.as_str(), reason = reason.as_str(), error = %e, "aggregator refused the session; check the auth token");
@@ -344,7 +350,7 @@ async fn run_link(
                         Err(e) => Err(e),
                     };
                     probe_task = Some(match (endpoint, conn.quic.clone()) {
-                        (Ok((ep, addr)), Some(q)) => tokio::spawn(async move { q.connect(&ep, addr).await }),
+                        (Ok((ep, addr)), Some(q)) => tokio::spawn(async move { q.connect(&ep, addr).await.map(Link::quic) }),
                         (Err(e), _) => tokio::spawn(async move { Err(e) }),
                         (_, None) => tokio::spawn(async { Err(ConnectError::Unreachable("QUIC disabled".into())) }),
                     });
@@ -401,6 +407,6 @@ fn probe_endpoint(p: &Probe<'_>, addr: SocketAddr) -> Result<quinn::Endpoint, Co
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .map_err(|e| ConnectError::Unreachable(format!("{e}")))?;
-    crate::quic::client_endpoint(bind)
+    crate::wire::quic::client_endpoint(bind)
         .map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))
 }

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::Carrier;
+use crate::wire::quic::BytesGauge;
 
 /// A snapshot of the server's counters. Counters only grow; `connected_*` are gauges.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -37,6 +38,18 @@ pub struct ServerStats {
     pub decode_errors: BTreeMap<String, u64>,
     /// Ended sessions, by [`crate::control::CloseReason`] label (`peer_` prefix when the client ended it).
     pub sessions_closed: BTreeMap<String, u64>,
+    /// Connections open now that have not authenticated yet (both carriers).
+    pub unauthenticated_connections: u64,
+    /// Connections that ended before authenticating: refused hello, stalled
+    /// or malformed handshake, or the client went away.
+    pub preauth_closed: u64,
+    /// Connections refused at once because `max_unauthenticated` others were
+    /// still authenticating.
+    pub preauth_refused: u64,
+    /// Bytes of frame buffers being filled by the carriers' readers now.
+    pub frame_read_bytes: u64,
+    /// The most [`frame_read_bytes`](Self::frame_read_bytes) ever held at once.
+    pub frame_read_bytes_peak: u64,
 }
 
 impl ServerStats {
@@ -64,6 +77,10 @@ pub(crate) struct Counters {
     pub frames_duplicate_in_session: AtomicU64,
     pub sequence_gaps: AtomicU64,
     pub frames_acked: AtomicU64,
+    pub unauthenticated: AtomicU64,
+    pub preauth_closed: AtomicU64,
+    pub preauth_refused: AtomicU64,
+    pub frame_reads: BytesGauge,
     by_reason: Mutex<ByReason>,
 }
 
@@ -115,6 +132,11 @@ impl Counters {
             frames_duplicate_in_session: self.frames_duplicate_in_session.load(Relaxed),
             sequence_gaps: self.sequence_gaps.load(Relaxed),
             frames_acked: self.frames_acked.load(Relaxed),
+            unauthenticated_connections: self.unauthenticated.load(Relaxed),
+            preauth_closed: self.preauth_closed.load(Relaxed),
+            preauth_refused: self.preauth_refused.load(Relaxed),
+            frame_read_bytes: self.frame_reads.now(),
+            frame_read_bytes_peak: self.frame_reads.peak(),
             ..ServerStats::default()
         };
         self.with(|b| {

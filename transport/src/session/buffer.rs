@@ -155,6 +155,21 @@ impl UnackedBuffer {
         Some((*seq, Arc::clone(&entry.bytes), resend))
     }
 
+    /// Drops every held frame with a sequence `>= from` longer than
+    /// `max_len` bytes; returns how many frames and bytes went.
+    pub fn drop_longer_than(&mut self, from: u64, max_len: usize) -> (u64, u64) {
+        let seqs: Vec<u64> =
+            self.entries.range(from..).filter(|(_, e)| e.bytes.len() > max_len).map(|(s, _)| *s).collect();
+        let mut bytes = 0;
+        for s in &seqs {
+            if let Some(e) = self.entries.remove(s) {
+                self.bytes -= e.bytes.len();
+                bytes += e.bytes.len() as u64;
+            }
+        }
+        (seqs.len() as u64, bytes)
+    }
+
     /// Length of the first held frame with a sequence `>= from`.
     pub fn peek_len(&self, from: u64) -> Option<usize> {
         self.entries.range(from..).next().map(|(_, e)| e.bytes.len())

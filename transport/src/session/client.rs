@@ -82,7 +82,7 @@ pub enum ClientEvent {
 }
 
 /// Counters of one client session machine (they span reconnects).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ClientSessionStats {
     /// Frames taken into the buffer.
     pub frames_pushed: u64,
@@ -96,6 +96,11 @@ pub struct ClientSessionStats {
     pub frames_dropped: u64,
     /// Their bytes.
     pub bytes_dropped: u64,
+    /// Frames dropped unsent because they are larger than the server takes
+    /// (`Welcome.max_frame_len`).
+    pub frames_dropped_oversized: u64,
+    /// Their bytes.
+    pub bytes_dropped_oversized: u64,
     /// Frame bytes handed to a carrier.
     pub bytes_sent: u64,
     /// Frames held now.
@@ -125,6 +130,8 @@ pub struct ClientSession {
     cursor: u64,
     credit_frames: u32,
     credit_bytes: i64,
+    /// Largest frame the server of this connection takes (from its welcome).
+    server_max_frame_len: usize,
     outbox: VecDeque<Control>,
     events: VecDeque<ClientEvent>,
     stats: ClientSessionStats,
@@ -141,6 +148,7 @@ impl ClientSession {
             cursor: 0,
             credit_frames: 0,
             credit_bytes: 0,
+            server_max_frame_len: usize::MAX,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             stats: ClientSessionStats::default(),
@@ -190,6 +198,7 @@ impl ClientSession {
                 self.state = State::Established;
                 self.credit_frames = w.credit.frames;
                 self.credit_bytes = i64::try_from(w.credit.bytes).unwrap_or(i64::MAX);
+                self.server_max_frame_len = w.max_frame_len as usize;
                 self.events.push_back(ClientEvent::Established { server_version: w.server_version });
             }
             (State::AwaitingWelcome { .. }, Control::Reject(r)) => {
@@ -251,6 +260,13 @@ impl ClientSession {
         }
         if self.state != State::Established || self.credit_frames == 0 || self.credit_bytes <= 0 {
             return None;
+        }
+        // A frame the server would refuse is never sent: sending it would end
+        // the session, and it would be resent first on every reconnect.
+        if self.buffer.peek_len(self.cursor).is_some_and(|len| len > self.server_max_frame_len) {
+            let (frames, bytes) = self.buffer.drop_longer_than(self.cursor, self.server_max_frame_len);
+            self.stats.frames_dropped_oversized += frames;
+            self.stats.bytes_dropped_oversized += bytes;
         }
         let (seq, bytes, resend) = self.buffer.next_to_send(self.cursor)?;
         self.cursor = seq + 1;

@@ -433,3 +433,24 @@ fn server_close_sends_pending_acks_first() {
     assert!(link.client.is_closed());
     assert_eq!(link.server_closed, vec![CloseReason::ShuttingDown]);
 }
+
+#[test]
+fn frames_above_the_servers_limit_are_dropped_unsent_and_counted() {
+    let small = ServerSessionConfig { max_frame_len: 500, ..server_cfg(16, 1 << 20) };
+    let mut link = Link::new(ClientSession::new(client_cfg(1 << 20)), small.clone());
+    link.client.push(frame(1, 100)).expect("push");
+    link.client.push(frame(2, 900)).expect("push");
+    link.client.push(frame(3, 100)).expect("push");
+    link.pump();
+    assert_eq!(link.wire, vec![1, 3], "the oversized frame never crosses the link");
+    assert!(link.server_closed.is_empty(), "the session survives: {:?}", link.server_closed);
+    let s = link.client.stats();
+    assert_eq!((s.frames_dropped_oversized, s.bytes_dropped_oversized), (1, 900));
+    assert_eq!(link.unacked(), vec![1, 3]);
+    // Not resent on a later session either.
+    link.wire.clear();
+    link.reconnect(small);
+    link.pump();
+    assert_eq!(link.wire, vec![1, 3]);
+    assert_eq!(link.client.stats().frames_dropped_oversized, 1);
+}

@@ -182,3 +182,25 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A raw gRPC channel over TLS to `server`, pinned to its certificate.
+pub async fn grpc_tls_channel(server: &ServerHandle) -> tonic::transport::Channel {
+    let addr = server.grpc_addr().unwrap();
+    let trust = ClientTlsConfig { fingerprint: Some(server.fingerprint()), ..Default::default() };
+    let (tls, _) = aperture_transport::tls::client_config(&trust, b"h2").unwrap();
+    let tls = Arc::new(tls);
+    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
+        let tls = Arc::clone(&tls);
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+        }
+    });
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap()
+}

@@ -1,18 +1,20 @@
-//! gRPC client adapter: one `Push` call per session, the token in metadata.
+//! The gRPC carrier, client side: one `Push` call per session, the token in
+//! metadata; what the session sends becomes request messages.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 
-use super::convert;
-use super::pb::{self, ingest_client::IngestClient};
-use crate::Carrier;
-use crate::client::link::{ConnectError, Link, LinkEvent, LinkTx};
+use super::connect::{ConnectError, LinkEvent};
 use crate::control::RejectReason;
+use crate::session::Transmit;
+use crate::wire::grpc::pb::{self, ingest_client::IngestClient};
+use crate::wire::grpc::{request_to_pb, response_from_pb};
 
 /// What a gRPC client needs to connect.
 #[derive(Clone)]
@@ -28,9 +30,10 @@ pub(crate) struct GrpcConnector {
 
 impl GrpcConnector {
     /// Connects and starts the `Push` call.
-    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Link, ConnectError> {
-        let unreachable =
-            |what: &str, e: &dyn std::fmt::Display| ConnectError::Unreachable(format!("gRPC {what} {addr}: {e}"));
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<(GrpcTx, mpsc::Receiver<LinkEvent>), ConnectError> {
+        let unreachable = |what: &str, e: &dyn std::error::Error| {
+            ConnectError::Unreachable(format!("gRPC {what} {addr}: {}", error_chain(e)))
+        };
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| unreachable("address", &e))?
             .connect_timeout(self.timeout)
@@ -74,7 +77,7 @@ impl GrpcConnector {
         tokio::spawn(async move {
             loop {
                 let ev = match inbound.message().await {
-                    Ok(Some(resp)) => match convert::response_from_pb(resp) {
+                    Ok(Some(resp)) => match response_from_pb(resp) {
                         Ok(c) => LinkEvent::Control(c),
                         Err(e) => LinkEvent::Lost(format!("malformed server message: {e}")),
                     },
@@ -87,8 +90,21 @@ impl GrpcConnector {
                 }
             }
         });
-        Ok(Link { carrier: Carrier::Grpc, tx: LinkTx::Grpc { tx: req_tx }, rx })
+        Ok((GrpcTx { tx: req_tx }, rx))
     }
+}
+
+/// An error and its sources, `: `-separated (tonic's transport errors say
+/// only "transport error" at the top).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
 }
 
 fn status_error(status: &tonic::Status) -> ConnectError {
@@ -107,5 +123,41 @@ fn status_error(status: &tonic::Status) -> ConnectError {
         tonic::Code::ResourceExhausted => ConnectError::Rejected(RejectReason::TooManyConnections, msg),
         tonic::Code::FailedPrecondition => ConnectError::Rejected(RejectReason::UnsupportedProtocol, msg),
         _ => ConnectError::Unreachable(msg),
+    }
+}
+
+/// The sending half of a gRPC link: the request stream of the `Push` call.
+pub(crate) struct GrpcTx {
+    tx: mpsc::Sender<pb::PushRequest>,
+}
+
+impl GrpcTx {
+    /// Queues one control message or frame on the request stream.
+    pub(crate) async fn send(&mut self, t: Transmit) -> Result<(), String> {
+        let req = match t {
+            Transmit::Control(c) => match request_to_pb(&c) {
+                Some(r) => r,
+                None => return Ok(()),
+            },
+            Transmit::Frame { bytes, .. } => pb::PushRequest {
+                // Shares the buffer: no copy on the way to the encoder.
+                body: Some(pb::push_request::Body::Frame(Bytes::from_owner(ArcFrame(bytes)))),
+            },
+        };
+        self.tx.send(req).await.map_err(|_| "gRPC request stream closed".to_owned())
+    }
+
+    /// Ends the request stream (the call ends after what was sent).
+    pub(crate) fn close(self) {
+        drop(self.tx);
+    }
+}
+
+/// Lets a shared frame buffer back a `Bytes` without copying.
+struct ArcFrame(Arc<aperture_core::frame::FrameBuf>);
+
+impl AsRef<[u8]> for ArcFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }

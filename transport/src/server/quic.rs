@@ -1,4 +1,5 @@
-//! QUIC server adapter: accept connections, one session per connection.
+//! The QUIC carrier, server side: accept connections, one session per
+//! connection, its messages read off the stream (see [`crate::wire::quic`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,18 +7,24 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use quinn::{Endpoint, Incoming, SendStream, VarInt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::wire::{ReadError, WireMsg, read_message};
+use super::config::ServeError;
+use super::session::{Inbound, Outbound, PREAUTH_MAX_CONTROL, PreAuth, SessionEnd, Shared, run_session};
 use crate::Carrier;
-use crate::control::{Control, RejectReason};
-use crate::server::{Inbound, Outbound, ServeError, SessionEnd, Shared, run_session};
+use crate::control::{CloseReason, Control, RejectReason};
 use crate::tls::{QUIC_ALPN, ServerIdentity};
+use crate::wire::quic::{ReadError, ReadRules, WireMsg, endpoint_config, read_message, transport_config};
 
 /// How long a closing server waits for the client to read its last
 /// messages before closing the connection under it.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Connection receive window until the session is authenticated: room for
+/// a hello and little else, so an unauthenticated client cannot make the
+/// server buffer more.
+const PREAUTH_RECEIVE_WINDOW: u32 = 2 * PREAUTH_MAX_CONTROL as u32;
 
 /// Binds the endpoint.
 pub(crate) fn endpoint(shared: &Shared, id: &ServerIdentity, addr: SocketAddr) -> Result<Endpoint, ServeError> {
@@ -29,18 +36,21 @@ pub(crate) fn endpoint(shared: &Shared, id: &ServerIdentity, addr: SocketAddr) -
         reason: format!("the TLS configuration cannot carry QUIC: {e}"),
     })?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(super::transport_config(
+    let mut transport = transport_config(
         l.stream_receive_window,
         l.connection_receive_window,
         Duration::from_millis(l.idle_timeout_ms),
         l.max_streams_per_connection,
         None,
-    ));
+    );
+    // Raised to `connection_receive_window` once the hello is accepted.
+    transport.receive_window(VarInt::from_u32(PREAUTH_RECEIVE_WINDOW.min(l.connection_receive_window)));
+    cfg.transport_config(Arc::new(transport));
     let bind = |source| ServeError::Bind { carrier: Carrier::Quic, addr, source };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind(std::io::Error::other("no async runtime found; call serve() inside tokio")))?;
-    Endpoint::new(super::endpoint_config(), Some(cfg), socket, runtime).map_err(bind)
+    Endpoint::new(endpoint_config(), Some(cfg), socket, runtime).map_err(bind)
 }
 
 /// Runs the accept loop.
@@ -56,10 +66,14 @@ pub(crate) fn spawn(shared: Arc<Shared>, endpoint: Endpoint) -> JoinHandle<()> {
                 incoming.refuse();
                 continue;
             }
+            let Some(preauth) = PreAuth::admit(&shared) else {
+                incoming.refuse();
+                continue;
+            };
             shared.live_quic.fetch_add(1, Relaxed);
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
-                handle(&shared, incoming).await;
+                handle(&shared, incoming, preauth).await;
                 shared.live_quic.fetch_sub(1, Relaxed);
             });
         }
@@ -68,7 +82,11 @@ pub(crate) fn spawn(shared: Arc<Shared>, endpoint: Endpoint) -> JoinHandle<()> {
 
 struct QuicOut {
     send: SendStream,
+    conn: quinn::Connection,
     buf: Vec<u8>,
+    receive_window: u32,
+    /// Until authenticated: the pre-auth count, and the reader waiting to read frames.
+    pending: Option<(PreAuth, oneshot::Sender<()>)>,
 }
 
 impl Outbound for QuicOut {
@@ -81,36 +99,60 @@ impl Outbound for QuicOut {
         }
         self.send.write_all(&self.buf).await.map_err(|_| ())
     }
+
+    fn authenticated(&mut self) {
+        self.conn.set_receive_window(VarInt::from_u32(self.receive_window));
+        if let Some((preauth, reader)) = self.pending.take() {
+            preauth.authenticated();
+            let _ = reader.send(());
+        }
+    }
 }
 
-async fn handle(shared: &Arc<Shared>, incoming: Incoming) {
+async fn handle(shared: &Arc<Shared>, incoming: Incoming, preauth: PreAuth) {
     let addr = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    // From its first packet, a client has `hello_timeout` to finish the
+    // handshake, open its stream and send a hello (read below, bounded by the
+    // session's own hello deadline).
+    let hello_timeout = Duration::from_millis(shared.limits.hello_timeout_ms);
+    let deadline = tokio::time::Instant::now() + hello_timeout;
+    let conn = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             shared.counters.rejection("handshake_failed");
             tracing::debug!(%addr, error = %e, "QUIC handshake failed");
             return;
         }
+        Err(_) => {
+            shared.counters.closed(CloseReason::HandshakeTimeout.as_str(), false);
+            tracing::debug!(%addr, "QUIC handshake timed out");
+            return;
+        }
     };
-    let hello_timeout = Duration::from_millis(shared.limits.hello_timeout_ms);
-    let (send, mut recv) = match tokio::time::timeout(hello_timeout, conn.accept_bi()).await {
+    let (send, mut recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%addr, error = %e, "QUIC connection ended before opening a stream");
             return;
         }
         Err(_) => {
-            shared.counters.closed("handshake_timeout", false);
-            conn.close(VarInt::from_u32(crate::control::CloseReason::HandshakeTimeout as u32), b"no stream opened");
+            shared.counters.closed(CloseReason::HandshakeTimeout.as_str(), false);
+            conn.close(VarInt::from_u32(CloseReason::HandshakeTimeout as u32), b"no stream opened");
             return;
         }
     };
     let (tx, rx) = mpsc::channel(8);
-    let limits = shared.decode_limits;
+    let (authed_tx, authed_rx) = oneshot::channel::<()>();
+    let frames =
+        ReadRules { limits: shared.decode_limits, frames: true, max_control: crate::control::MAX_CONTROL_BODY };
+    let hello_only = ReadRules { frames: false, max_control: PREAUTH_MAX_CONTROL, ..frames };
+    let reader_shared = Arc::clone(shared);
     let reader = tokio::spawn(async move {
+        // The hello alone, small, before anything else is read.
+        let mut rules = hello_only;
+        let mut authed = Some(authed_rx);
         loop {
-            let item = match read_message(&mut recv, &limits, true).await {
+            let item = match read_message(&mut recv, &rules, Some(&reader_shared.counters.frame_reads)).await {
                 Ok(WireMsg::Control(c)) => Inbound::Control(c),
                 Ok(WireMsg::Frame(h, f)) => Inbound::Frame(h, f),
                 Err(ReadError::End) => return,
@@ -126,9 +168,23 @@ async fn handle(shared: &Arc<Shared>, incoming: Incoming) {
             if tx.send(item).await.is_err() {
                 return;
             }
+            if let Some(wait) = authed.take() {
+                // Nothing more is read until the session accepts the hello;
+                // a refused session ends this task.
+                if wait.await.is_err() {
+                    return;
+                }
+                rules = frames;
+            }
         }
     });
-    let mut out = QuicOut { send, buf: Vec::with_capacity(256) };
+    let mut out = QuicOut {
+        send,
+        conn: conn.clone(),
+        buf: Vec::with_capacity(256),
+        receive_window: shared.limits.connection_receive_window,
+        pending: Some((preauth, authed_tx)),
+    };
     let end = run_session(Arc::clone(shared), Carrier::Quic, addr, rx, &mut out, None).await;
     reader.abort();
     let (code, reason) = match &end {

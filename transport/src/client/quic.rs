@@ -1,5 +1,5 @@
-//! QUIC client adapter: connect, open the session stream, read the server's
-//! control messages on a task.
+//! The QUIC carrier, client side: connect, open the session stream, read
+//! the server's control messages on a task, write what the session sends.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,10 +9,11 @@ use aperture_core::frame::DecodeLimits;
 use quinn::{ConnectionError, Endpoint};
 use tokio::sync::mpsc;
 
-use super::wire::{ReadError, WireMsg, read_message};
-use crate::Carrier;
-use crate::client::link::{ConnectError, Link, LinkEvent, LinkTx};
+use super::connect::{ConnectError, LinkEvent};
+use crate::control::MAX_CONTROL_BODY;
 use crate::control::RejectReason;
+use crate::session::Transmit;
+use crate::wire::quic::{ReadError, ReadRules, WireMsg, read_message};
 
 /// What a QUIC client needs to connect.
 #[derive(Clone)]
@@ -26,7 +27,11 @@ pub(crate) struct QuicConnector {
 
 impl QuicConnector {
     /// Connects and opens the session stream.
-    pub(crate) async fn connect(&self, endpoint: &Endpoint, addr: SocketAddr) -> Result<Link, ConnectError> {
+    pub(crate) async fn connect(
+        &self,
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+    ) -> Result<(QuicTx, mpsc::Receiver<LinkEvent>), ConnectError> {
         if self.insecure {
             tracing::warn!(%addr, "connecting over QUIC WITHOUT verifying the server certificate (insecure_skip_verify)");
         }
@@ -51,9 +56,10 @@ impl QuicConnector {
         let watched = conn.clone();
         tokio::spawn(async move {
             // The server sends only control messages: small limits.
-            let limits = DecodeLimits { max_payload: 0 };
+            let rules =
+                ReadRules { limits: DecodeLimits { max_payload: 0 }, frames: false, max_control: MAX_CONTROL_BODY };
             loop {
-                let ev = match read_message(&mut recv, &limits, false).await {
+                let ev = match read_message(&mut recv, &rules, None).await {
                     Ok(WireMsg::Control(c)) => LinkEvent::Control(c),
                     Ok(WireMsg::Frame(..)) => LinkEvent::Lost("server sent a frame".into()),
                     Err(ReadError::Malformed { detail, .. }) => {
@@ -69,7 +75,7 @@ impl QuicConnector {
                 }
             }
         });
-        Ok(Link { carrier: Carrier::Quic, tx: LinkTx::Quic { send, conn, buf: Vec::with_capacity(256) }, rx })
+        Ok((QuicTx { send, conn, buf: Vec::with_capacity(256) }, rx))
     }
 }
 
@@ -86,5 +92,34 @@ fn describe_close(e: &ConnectionError) -> String {
             format!("server closed the connection: {name} ({})", String::from_utf8_lossy(&c.reason))
         }
         other => format!("QUIC connection lost: {other}"),
+    }
+}
+
+/// The sending half of a QUIC link: the session stream.
+pub(crate) struct QuicTx {
+    send: quinn::SendStream,
+    conn: quinn::Connection,
+    buf: Vec<u8>,
+}
+
+impl QuicTx {
+    /// Writes one control message or frame to the stream.
+    pub(crate) async fn send(&mut self, t: Transmit) -> Result<(), String> {
+        match t {
+            Transmit::Control(c) => {
+                self.buf.clear();
+                c.encode(&mut self.buf).map_err(|e| e.to_string())?;
+                self.send.write_all(&self.buf).await.map_err(|e| e.to_string())
+            }
+            Transmit::Frame { bytes, .. } => self.send.write_all(&bytes).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Finishes the stream, lets it drain briefly, closes the connection.
+    pub(crate) async fn close(mut self) {
+        let _ = self.send.finish();
+        // Give the stream a moment to drain; the server closes when done.
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.send.stopped()).await;
+        self.conn.close(quinn::VarInt::from_u32(0), b"");
     }
 }

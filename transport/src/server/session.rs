@@ -1,7 +1,8 @@
 //! Drives one [`ServerSession`] for one connection, whatever the carrier:
 //! inbound messages arrive on a channel fed by the carrier's reader task,
 //! outbound messages go through [`Outbound`], acks arrive from the
-//! [`Acker`](super::Acker) through the [`Registry`].
+//! [`Acker`](super::Acker) through the [`Registry`]. [`Shared`] is the state
+//! every session and carrier of one server shares.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,13 +10,31 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aperture_core::frame::{FrameBuf, FrameHeader};
-use tokio::sync::mpsc;
+use aperture_core::frame::{DecodeLimits, FrameBuf, FrameHeader};
+use tokio::sync::{mpsc, watch};
 
-use super::{Admission, PeerInfo, ReceivedFrame, Shared};
+use super::config::ServerLimits;
+use super::sink::{Admission, IngressSink, PeerInfo, ReceivedFrame};
+use super::stats;
 use crate::Carrier;
+use crate::auth::Authenticator;
 use crate::control::{CloseReason, Control, Hello, RejectReason};
-use crate::session::{FrameOutcome, ServerEvent, ServerSession};
+use crate::session::{FrameOutcome, ServerEvent, ServerSession, ServerSessionConfig};
+
+/// What every session and carrier of one server shares.
+pub(crate) struct Shared {
+    pub sink: Arc<dyn IngressSink>,
+    pub auth: Authenticator,
+    pub session_cfg: ServerSessionConfig,
+    pub limits: ServerLimits,
+    pub decode_limits: DecodeLimits,
+    pub counters: stats::Counters,
+    pub registry: Registry,
+    pub accepting: watch::Sender<bool>,
+    pub shutdown: watch::Sender<bool>,
+    pub live_quic: std::sync::atomic::AtomicUsize,
+    pub live_grpc: std::sync::atomic::AtomicUsize,
+}
 
 /// What a carrier's reader produced.
 #[derive(Debug)]
@@ -37,6 +56,59 @@ pub(crate) enum Inbound {
 pub(crate) trait Outbound: Send {
     /// Sends one message; `Err` when the connection is gone.
     fn send(&mut self, msg: Control) -> impl Future<Output = Result<(), ()>> + Send;
+
+    /// The hello was accepted: the carrier may now take frames.
+    fn authenticated(&mut self) {}
+}
+
+/// Largest control message a client may send before it is authenticated
+/// (a hello: ids, a token of at most [`crate::auth::MAX_TOKEN_LEN`] bytes,
+/// node name and version).
+pub(crate) const PREAUTH_MAX_CONTROL: usize = 4 * 1024;
+
+/// A connection that has not authenticated yet: counted in
+/// `unauthenticated_connections` while it lives, and in `preauth_closed`
+/// when it ends without [`PreAuth::authenticated`].
+pub(crate) struct PreAuth {
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl std::fmt::Debug for PreAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreAuth").field("done", &self.done).finish_non_exhaustive()
+    }
+}
+
+impl PreAuth {
+    /// Admits one more authenticating connection, or counts a refusal and
+    /// returns `None` when `max_unauthenticated` are already in progress.
+    pub(crate) fn admit(shared: &Arc<Shared>) -> Option<PreAuth> {
+        let c = &shared.counters;
+        let limit = shared.limits.max_unauthenticated as u64;
+        let admitted = c.unauthenticated.fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1)).is_ok();
+        if admitted {
+            Some(PreAuth { shared: Arc::clone(shared), done: false })
+        } else {
+            c.preauth_refused.fetch_add(1, Relaxed);
+            None
+        }
+    }
+
+    /// The connection authenticated.
+    pub(crate) fn authenticated(mut self) {
+        self.done = true;
+        self.shared.counters.unauthenticated.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Drop for PreAuth {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.counters.unauthenticated.fetch_sub(1, Relaxed);
+            self.shared.counters.preauth_closed.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// Commands to a running session from outside.
@@ -136,6 +208,7 @@ pub(crate) async fn run_session<O: Outbound>(
                     registration = Some((key, shared.registry.register(key, cmd_tx.clone())));
                     c.sessions_opened.fetch_add(1, Relaxed);
                     c.connected(carrier).fetch_add(1, Relaxed);
+                    out.authenticated();
                     tracing::info!(
                         carrier = carrier.as_str(), %addr, node = %p.node, agent = %crate::hex(&p.agent_id),
                         version = %p.agent_version, "agent session opened"
