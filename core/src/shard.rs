@@ -429,9 +429,9 @@ impl Shard {
 
     /// Forgets that a stack was handed out (the flush carrying it failed for
     /// good), so it is handed out again with the next batch that uses it.
-    pub fn forget_stacks(&mut self, stacks: &[Stack]) {
-        for s in stacks {
-            self.known_stacks.remove(&s.hash);
+    pub fn forget_stacks(&mut self, stacks: &[StackHash]) {
+        for hash in stacks {
+            self.known_stacks.remove(hash);
         }
     }
 }
