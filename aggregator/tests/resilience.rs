@@ -30,7 +30,7 @@ async fn cpu_total(addr: std::net::SocketAddr, from: u64, to: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_outage_loses_nothing_acknowledged() {
     let Some(mut server) = tokio::task::spawn_blocking(|| {
-        common::clickhouse_server::start_or_skip("clickhouse_outage_loses_nothing_acknowledged")
+        aperture_testkit::clickhouse::start_or_skip("clickhouse_outage_loses_nothing_acknowledged")
     })
     .await
     .expect("start server") else {
@@ -90,7 +90,7 @@ async fn clickhouse_outage_loses_nothing_acknowledged() {
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let server = tokio::task::spawn_blocking(move || {
-        server.resume();
+        server.resume().expect("restart clickhouse-server");
         server
     })
     .await
@@ -184,7 +184,7 @@ async fn restart_keeps_acknowledged_frames_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_acknowledged_frames_clickhouse() {
     let Some(server) = tokio::task::spawn_blocking(|| {
-        common::clickhouse_server::start_or_skip("restart_keeps_acknowledged_frames_clickhouse")
+        aperture_testkit::clickhouse::start_or_skip("restart_keeps_acknowledged_frames_clickhouse")
     })
     .await
     .expect("start server") else {

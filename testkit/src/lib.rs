@@ -6,6 +6,11 @@
 //!   has root and ClickHouse) a skip fails the test instead.
 //! - [`require_root`]: skip unless running as root.
 //! - [`build_c_program`]: compile a C test program with frame pointers.
+//! - [`clickhouse`]: a throwaway ClickHouse server (the one launcher of the
+//!   workspace: aggregator tests, perf harness, and by hand through the
+//!   `clickhouse-test-server` binary).
+
+pub mod clickhouse;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,10 +1,9 @@
 //! Shared helpers of the integration tests: a deterministic data set with
 //! known totals, frame building, an acknowledgement recorder, a minimal HTTP
-//! client, and a throwaway ClickHouse server.
+//! client. The throwaway ClickHouse server is `aperture_testkit::clickhouse`.
 
 #![allow(dead_code, reason = "each test binary uses a different subset of the helpers")]
 
-pub mod clickhouse_server;
 pub mod http;
 
 use std::collections::HashSet;

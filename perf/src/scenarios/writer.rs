@@ -138,7 +138,7 @@ impl Scenario for Writer {
         }
         rows.truncate(p.batch_rows * p.batches);
         self.batches = chunks(&Flush { labels, rows, ..Default::default() }, p.batch_rows);
-        let server = ClickHouse::start()?;
+        let server = crate::clickhouse::start()?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let store = rt
             .block_on(ClickHouseStore::open(&ClickHouseSettings::new(server.endpoint())))
