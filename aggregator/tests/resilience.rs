@@ -14,14 +14,7 @@ use aperture_aggregator::{Admission, Aggregator, ClickHouseSettings, IngressSink
 use aperture_core::frame::FrameId;
 use aperture_core::model::{Batch, CpuSample};
 use common::http::get;
-use common::{Taken, acks, batch, frame, frame_id, now_s, push};
-
-/// Total CPU samples the store holds for `[from, to)`.
-async fn cpu_total(addr: std::net::SocketAddr, from: u64, to: u64) -> u64 {
-    let r = get(addr, &format!("/api/v1/profile?mode=cpu&from={from}&to={to}")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["root"]["value"].as_u64().unwrap_or(0)
-}
+use common::{Taken, acks, batch, cpu_total, frame, frame_id, now_s, push};
 
 /// ClickHouse is killed while an agent pushes and restarted after `/readyz`
 /// has reported the buffer above high water. The outage is a few seconds

@@ -487,6 +487,21 @@ mod tests {
     }
 
     #[test]
+    fn forgotten_stacks_are_handed_out_again() {
+        let mut shard = Shard::new(config(100, 5));
+        let b = cpu_batch(&[(100 * SEC, 1, "f", 1)]);
+        ingest(&mut shard, 0, &b, 1);
+        let first = shard.take().expect("flush");
+        assert_eq!(first.stacks.len(), 1);
+        ingest(&mut shard, 0, &b, 2);
+        assert!(shard.take().expect("flush").stacks.is_empty(), "handed out once");
+        // The flush carrying it was given up: it must travel again.
+        shard.forget_stacks(&[first.stacks[0].hash]);
+        ingest(&mut shard, 0, &b, 3);
+        assert_eq!(shard.take().expect("flush").stacks, first.stacks);
+    }
+
+    #[test]
     fn same_window_labels_and_stack_fold_into_one_row() {
         let mut shard = Shard::new(config(100, 5));
         ingest(&mut shard, 0, &cpu_batch(&[(100 * SEC, 1, "f", 2), (101 * SEC, 1, "f", 3)]), 1);

@@ -101,13 +101,18 @@ impl Writer {
     /// Writes the batch the policy says is due, if any.
     fn write_due(&mut self, now: Instant) -> bool {
         let shared = Arc::clone(&self.shared);
+        let store_name = self.store.kind().as_str();
         let Some(batch) = self.policy.poll_batch(now, |batch| {
+            let invalid = batch.remove_invalid_rows();
+            if invalid > 0 {
+                tracing::error!(rows = invalid, "rows referring to missing label sets dropped and counted");
+                shared.metrics.writer_rows_rejected.with_label_values(&[store_name]).inc_by(invalid as u64);
+            }
             batch.runs = runs_after(&shared, &batch.flushes);
             batch.now_s = unix_now_s();
         }) else {
             return false;
         };
-        let store_name = self.store.kind().as_str();
         let m = &self.shared.metrics;
         let started = Instant::now();
         let result = self.runtime.block_on(self.store.write(batch));

@@ -20,11 +20,12 @@ use crate::store::{WriteBatch, WriteError};
 
 const STORE: &str = "clickhouse";
 
-/// Server error codes that mean the data itself cannot be inserted
-/// (parse and type errors, values out of range); anything else (network,
-/// timeouts, memory limits, too many parts, missing tables) may pass and is
-/// retried.
-const DATA_ERROR_CODES: &[u32] = &[6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 128, 131];
+/// Server error codes that mean the rows themselves cannot be inserted
+/// (values that do not parse or convert, out of range, too large). Anything
+/// else (network, timeouts, a body cut short — 32 "attempt to read after
+/// EOF" and 33 "cannot read all data" —, memory limits, too many parts,
+/// missing tables) is the store failing: retried, never acknowledged.
+const DATA_ERROR_CODES: &[u32] = &[6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 128, 131];
 
 /// Classifies a client error.
 pub(crate) fn classify(e: clickhouse::error::Error) -> WriteError {
@@ -104,5 +105,15 @@ mod tests {
         let busy = classify(clickhouse::error::Error::BadResponse("Code: 252, Too many parts".into()));
         assert!(busy.is_retryable());
         assert!(classify(clickhouse::error::Error::TimedOut).is_retryable());
+    }
+
+    #[test]
+    fn a_body_cut_short_is_retried_not_rejected() {
+        for text in [
+            "Code: 32, e.displayText() = DB::Exception: Attempt to read after eof",
+            "Code: 33, e.displayText() = DB::Exception: Cannot read all data",
+        ] {
+            assert!(classify(clickhouse::error::Error::BadResponse(text.into())).is_retryable(), "{text}");
+        }
     }
 }
