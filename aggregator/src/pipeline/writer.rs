@@ -110,6 +110,7 @@ impl Writer {
             }
             batch.runs = runs_after(&shared, &batch.flushes);
             batch.now_s = unix_now_s();
+            batch.batch_id = rand::random::<u64>() | 1;
         }) else {
             return false;
         };

@@ -60,6 +60,14 @@ pub struct WriteBatch {
     /// commit a batch atomically (ClickHouse): a retry of the same batch
     /// skips them. Zero for a fresh batch.
     pub progress: std::sync::atomic::AtomicU8,
+    /// Identifies the batch in stores whose inserts may commit without the
+    /// writer learning it (ClickHouse: a timeout or a lost response after
+    /// the server committed). Stored with the rows; a retry first looks for
+    /// rows already stored under it. 0: no id, retries are plain re-inserts.
+    pub batch_id: u64,
+    /// Set once a rows insert of this batch may have reached the store, so
+    /// a retry checks [`WriteBatch::batch_id`] before inserting again.
+    pub rows_sent: std::sync::atomic::AtomicBool,
 }
 
 impl WriteBatch {

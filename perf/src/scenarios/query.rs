@@ -76,7 +76,7 @@ async fn load(store: &dyn Store, p: &Params, start_s: u64) -> anyhow::Result<usi
         {
             first.stacks = pool.clone();
         }
-        let batch = WriteBatch { flushes, runs: Vec::new(), now_s: start_s, progress: Default::default() };
+        let batch = WriteBatch { flushes, runs: Vec::new(), now_s: start_s, ..WriteBatch::default() };
         rows += batch.row_count();
         store.write(&batch).await.with_context(|| format!("writing to the {} store", store.kind().as_str()))?;
     }
