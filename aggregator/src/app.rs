@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aperture_core::frame::DecodeLimits;
@@ -13,15 +13,17 @@ use aperture_core::shard::ShardConfig;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::background::{health_checker, retention, unix_now_s};
 use crate::http::{AppState, router, token_digest};
-use crate::ingress::{Acknowledge, Buffer, ShardedIngress, Shared};
 use crate::metrics::Metrics;
+use crate::pipeline::ingress::ShardedIngress;
+use crate::pipeline::shard::spawn_shard;
+use crate::pipeline::state::{Acknowledge, Buffer, Shared};
+use crate::pipeline::writer::{WriterConfig, spawn_writer};
 use crate::settings::Settings;
-use crate::shards::spawn_shard;
 use crate::store::Store;
 use crate::store::clickhouse::ClickHouseStore;
 use crate::store::sqlite::SqliteStore;
-use crate::writer::{WriterConfig, spawn_writer};
 
 /// Constructor of running aggregators.
 #[derive(Debug)]
@@ -38,10 +40,6 @@ pub struct AggregatorHandle {
     tasks: JoinSet<()>,
     shard_threads: Vec<JoinHandle<()>>,
     writer_thread: Option<JoinHandle<()>>,
-}
-
-fn unix_now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Aggregator {
@@ -152,45 +150,6 @@ impl Aggregator {
             shard_threads,
             writer_thread: Some(writer_thread),
         })
-    }
-}
-
-/// Pings the store every few seconds so health reflects it even when idle.
-async fn health_checker(store: Arc<dyn Store>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        let error = match tokio::time::timeout(Duration::from_secs(5), store.ping()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("no answer within 5 s".to_owned()),
-        };
-        shared.set_store_error(error);
-    }
-}
-
-/// Deletes data older than the retention period, on a timer.
-async fn retention(store: Arc<dyn Store>, shared: Arc<Shared>, settings: Settings, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(settings.retention_interval.max(Duration::from_secs(1)));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        let cutoff = unix_now_s().saturating_sub(settings.retention.as_secs());
-        match store.apply_retention(cutoff).await {
-            Ok(report) => {
-                shared.metrics.retention_runs.with_label_values(&["ok"]).inc();
-                tracing::debug!(cutoff, removed = report.removed, "retention pass");
-            }
-            Err(e) => {
-                shared.metrics.retention_runs.with_label_values(&["error"]).inc();
-                tracing::warn!(error = %e, "retention pass failed; retried at the next interval");
-            }
-        }
     }
 }
 

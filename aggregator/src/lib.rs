@@ -26,17 +26,17 @@
 //! and the ledger state recording it are committed to the store.
 
 mod app;
+mod background;
 pub mod daemon;
 pub mod http;
-pub mod ingress;
 pub mod metrics;
+pub mod pipeline;
 pub mod query;
 mod settings;
-mod shards;
 pub mod store;
-mod writer;
 
 pub use app::{Aggregator, AggregatorHandle};
 pub use daemon::{Daemon, run};
-pub use ingress::{Acknowledge, Admission, Carrier, IngressSink, PeerInfo, ReceivedFrame, ShardedIngress};
+pub use pipeline::ingress::{Admission, Carrier, IngressSink, PeerInfo, ReceivedFrame, ShardedIngress};
+pub use pipeline::state::Acknowledge;
 pub use settings::{ClickHouseSettings, HttpLimits, Settings};

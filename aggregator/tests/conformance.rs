@@ -205,7 +205,7 @@ async fn conformance_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_clickhouse() {
     let Some(server) =
-        tokio::task::spawn_blocking(|| common::clickhouse_server::start_or_skip("conformance_clickhouse"))
+        tokio::task::spawn_blocking(|| aperture_testkit::clickhouse::start_or_skip("conformance_clickhouse"))
             .await
             .expect("start server")
     else {

@@ -14,14 +14,7 @@ use aperture_aggregator::{Admission, Aggregator, ClickHouseSettings, IngressSink
 use aperture_core::frame::FrameId;
 use aperture_core::model::{Batch, CpuSample};
 use common::http::get;
-use common::{Taken, acks, batch, frame, frame_id, now_s, push};
-
-/// Total CPU samples the store holds for `[from, to)`.
-async fn cpu_total(addr: std::net::SocketAddr, from: u64, to: u64) -> u64 {
-    let r = get(addr, &format!("/api/v1/profile?mode=cpu&from={from}&to={to}")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["root"]["value"].as_u64().unwrap_or(0)
-}
+use common::{Taken, acks, batch, cpu_total, frame, frame_id, now_s, push};
 
 /// ClickHouse is killed while an agent pushes and restarted after `/readyz`
 /// has reported the buffer above high water. The outage is a few seconds
@@ -30,7 +23,7 @@ async fn cpu_total(addr: std::net::SocketAddr, from: u64, to: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_outage_loses_nothing_acknowledged() {
     let Some(mut server) = tokio::task::spawn_blocking(|| {
-        common::clickhouse_server::start_or_skip("clickhouse_outage_loses_nothing_acknowledged")
+        aperture_testkit::clickhouse::start_or_skip("clickhouse_outage_loses_nothing_acknowledged")
     })
     .await
     .expect("start server") else {
@@ -90,7 +83,7 @@ async fn clickhouse_outage_loses_nothing_acknowledged() {
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let server = tokio::task::spawn_blocking(move || {
-        server.resume();
+        server.resume().expect("restart clickhouse-server");
         server
     })
     .await
@@ -184,7 +177,7 @@ async fn restart_keeps_acknowledged_frames_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_acknowledged_frames_clickhouse() {
     let Some(server) = tokio::task::spawn_blocking(|| {
-        common::clickhouse_server::start_or_skip("restart_keeps_acknowledged_frames_clickhouse")
+        aperture_testkit::clickhouse::start_or_skip("restart_keeps_acknowledged_frames_clickhouse")
     })
     .await
     .expect("start server") else {

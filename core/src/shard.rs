@@ -429,9 +429,9 @@ impl Shard {
 
     /// Forgets that a stack was handed out (the flush carrying it failed for
     /// good), so it is handed out again with the next batch that uses it.
-    pub fn forget_stacks(&mut self, stacks: &[Stack]) {
-        for s in stacks {
-            self.known_stacks.remove(&s.hash);
+    pub fn forget_stacks(&mut self, stacks: &[StackHash]) {
+        for hash in stacks {
+            self.known_stacks.remove(hash);
         }
     }
 }
@@ -484,6 +484,21 @@ mod tests {
 
     fn config(max_rows: usize, max_age_s: u64) -> ShardConfig {
         ShardConfig { window_ns: 10 * SEC, max_rows, max_age_ns: max_age_s * SEC }
+    }
+
+    #[test]
+    fn forgotten_stacks_are_handed_out_again() {
+        let mut shard = Shard::new(config(100, 5));
+        let b = cpu_batch(&[(100 * SEC, 1, "f", 1)]);
+        ingest(&mut shard, 0, &b, 1);
+        let first = shard.take().expect("flush");
+        assert_eq!(first.stacks.len(), 1);
+        ingest(&mut shard, 0, &b, 2);
+        assert!(shard.take().expect("flush").stacks.is_empty(), "handed out once");
+        // The flush carrying it was given up: it must travel again.
+        shard.forget_stacks(&[first.stacks[0].hash]);
+        ingest(&mut shard, 0, &b, 3);
+        assert_eq!(shard.take().expect("flush").stacks, first.stacks);
     }
 
     #[test]

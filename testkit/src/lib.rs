@@ -8,6 +8,11 @@
 //! - [`build_c_program`]: compile a C test program with frame pointers, or
 //!   use the one already built when [`PREBUILT`] is set (inside the kernel
 //!   matrix's guests, which have no compiler).
+//! - [`clickhouse`]: a throwaway ClickHouse server (the one launcher of the
+//!   workspace: aggregator tests, perf harness, and by hand through the
+//!   `clickhouse-test-server` binary).
+
+pub mod clickhouse;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -6,8 +6,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
-use crate::ingress::CARRIERS;
 use crate::metrics::frame_result;
+use crate::pipeline::state::CARRIERS;
 
 /// `GET /healthz`: liveness, never depends on the store.
 pub(crate) async fn healthz() -> &'static str {

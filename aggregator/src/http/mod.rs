@@ -26,7 +26,7 @@ use axum::routing::get;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::ingress::Shared;
+use crate::pipeline::state::Shared;
 use crate::settings::HttpLimits;
 use crate::store::Store;
 

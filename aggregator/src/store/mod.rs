@@ -60,6 +60,14 @@ pub struct WriteBatch {
     /// commit a batch atomically (ClickHouse): a retry of the same batch
     /// skips them. Zero for a fresh batch.
     pub progress: std::sync::atomic::AtomicU8,
+    /// Identifies the batch in stores whose inserts may commit without the
+    /// writer learning it (ClickHouse: a timeout or a lost response after
+    /// the server committed). Stored with the rows; a retry first looks for
+    /// rows already stored under it. 0: no id, retries are plain re-inserts.
+    pub batch_id: u64,
+    /// Set once a rows insert of this batch may have reached the store, so
+    /// a retry checks [`WriteBatch::batch_id`] before inserting again.
+    pub rows_sent: std::sync::atomic::AtomicBool,
 }
 
 impl WriteBatch {
@@ -71,6 +79,20 @@ impl WriteBatch {
     /// Number of stacks carried.
     pub fn stack_count(&self) -> usize {
         self.flushes.iter().map(|f| f.stacks.len()).sum()
+    }
+
+    /// Removes rows no store can hold (a label set index outside the
+    /// flush's label sets) and returns how many went, so one bad row does
+    /// not make the store refuse the rows around it.
+    pub fn remove_invalid_rows(&mut self) -> usize {
+        let mut removed = 0;
+        for flush in &mut self.flushes {
+            let labels = flush.labels.len();
+            let before = flush.rows.len();
+            flush.rows.retain(|(key, _)| (key.labels as usize) < labels);
+            removed += before - flush.rows.len();
+        }
+        removed
     }
 }
 
@@ -375,6 +397,21 @@ pub fn id_from_hex(s: &str) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_rows_with_a_missing_label_set_are_removed() {
+        use aperture_core::model::Labels;
+        use aperture_core::shard::{RowKey, RowValue};
+        let key = |labels| RowKey { window_start_s: 0, kind: RowKind::Cpu, labels, stack: StackHash(1), detail: 0 };
+        let flush = Flush {
+            labels: vec![Labels::default()],
+            rows: vec![(key(0), RowValue::default()), (key(1), RowValue::default()), (key(0), RowValue::default())],
+            ..Flush::default()
+        };
+        let mut batch = WriteBatch { flushes: vec![flush], ..WriteBatch::default() };
+        assert_eq!(batch.remove_invalid_rows(), 1);
+        assert_eq!(batch.row_count(), 2);
+    }
 
     #[test]
     fn ids_round_trip_through_hex() {

@@ -257,26 +257,25 @@ fn migrate(conn: &Connection) -> Result<(), OpenError> {
     Ok(())
 }
 
-/// Failures that may pass (busy, locked, full disk, I/O) are retried;
-/// anything else means the statement or data cannot be stored.
-fn classify(e: rusqlite::Error) -> WriteError {
-    let retryable = matches!(
-        e.sqlite_error_code(),
-        Some(
-            ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::DiskFull
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::CannotOpen
-                | ErrorCode::OutOfMemory
-                | ErrorCode::FileLockingProtocolFailed
-                | ErrorCode::ReadOnly
-        )
-    );
-    if retryable {
-        WriteError::Unavailable { store: STORE, reason: e.to_string() }
-    } else {
+/// Only errors about the values being written mean the rows themselves
+/// cannot be stored (a string or blob over SQLite's size limit, a violated
+/// constraint, a type mismatch): they are rejected. Everything else is the
+/// store failing (busy, locked, read-only, full, I/O, corrupt, not a
+/// database, permission, out of memory...) and is retried: the batch is
+/// kept, nothing is acknowledged, and the store is reported down.
+pub(crate) fn classify(e: rusqlite::Error) -> WriteError {
+    let rows_invalid = match &e {
+        rusqlite::Error::SqliteFailure(_, _) => matches!(
+            e.sqlite_error_code(),
+            Some(ErrorCode::TooBig | ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch)
+        ),
+        rusqlite::Error::ToSqlConversionFailure(_) | rusqlite::Error::IntegralValueOutOfRange(_, _) => true,
+        _ => false,
+    };
+    if rows_invalid {
         WriteError::Rejected { store: STORE, reason: e.to_string() }
+    } else {
+        WriteError::Unavailable { store: STORE, reason: e.to_string() }
     }
 }
 
@@ -505,5 +504,38 @@ impl Store for SqliteStore {
             .map_err(|e| query_err(format!("retention task failed: {e}")))?
             .map_err(query_err)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::ffi;
+
+    fn failure(code: std::ffi::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn store_failures_are_retried_and_only_bad_values_rejected() {
+        for code in [
+            ffi::SQLITE_CORRUPT,
+            ffi::SQLITE_NOTADB,
+            ffi::SQLITE_PERM,
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_FULL,
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_LOCKED,
+            ffi::SQLITE_READONLY,
+            ffi::SQLITE_CANTOPEN,
+            ffi::SQLITE_NOMEM,
+            ffi::SQLITE_PROTOCOL,
+            ffi::SQLITE_ERROR,
+        ] {
+            assert!(classify(failure(code)).is_retryable(), "SQLite code {code} must be retried");
+        }
+        for code in [ffi::SQLITE_TOOBIG, ffi::SQLITE_CONSTRAINT, ffi::SQLITE_MISMATCH] {
+            assert!(!classify(failure(code)).is_retryable(), "SQLite code {code} is about the rows");
+        }
     }
 }

@@ -1,10 +1,9 @@
 //! Shared helpers of the integration tests: a deterministic data set with
 //! known totals, frame building, an acknowledgement recorder, a minimal HTTP
-//! client, and a throwaway ClickHouse server.
+//! client. The throwaway ClickHouse server is `aperture_testkit::clickhouse`.
 
 #![allow(dead_code, reason = "each test binary uses a different subset of the helpers")]
 
-pub mod clickhouse_server;
 pub mod http;
 
 use std::collections::HashSet;
@@ -196,4 +195,25 @@ pub fn settings(data_dir: &std::path::Path) -> aperture_aggregator::Settings {
     s.writer_max_delay = Duration::from_millis(100);
     s.writer_max_backoff = Duration::from_millis(500);
     s
+}
+
+/// Total CPU samples the store holds for `[from, to)`, through the API.
+pub async fn cpu_total(addr: SocketAddr, from: u64, to: u64) -> u64 {
+    let r = http::get(addr, &format!("/api/v1/profile?mode=cpu&from={from}&to={to}")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["root"]["value"].as_u64().unwrap_or(0)
+}
+
+/// The value of an unlabelled metric, or of the first series whose labels
+/// contain every `key="value"` in `labels`; 0 if absent.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(series, _)| {
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            n == name && labels.iter().all(|kv| rest.contains(kv))
+        })
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
 }

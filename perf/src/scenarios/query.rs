@@ -76,7 +76,7 @@ async fn load(store: &dyn Store, p: &Params, start_s: u64) -> anyhow::Result<usi
         {
             first.stacks = pool.clone();
         }
-        let batch = WriteBatch { flushes, runs: Vec::new(), now_s: start_s, progress: Default::default() };
+        let batch = WriteBatch { flushes, runs: Vec::new(), now_s: start_s, ..WriteBatch::default() };
         rows += batch.row_count();
         store.write(&batch).await.with_context(|| format!("writing to the {} store", store.kind().as_str()))?;
     }
@@ -104,7 +104,7 @@ impl Scenario for Query {
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
         let start_s = (now - p.seconds - 60) / 10 * 10;
         self.range = (start_s, start_s + p.seconds.div_ceil(10) * 10);
-        let server = ClickHouse::start()?;
+        let server = crate::clickhouse::start()?;
         let dir = tempfile::Builder::new().prefix("aperture-perf-query").tempdir()?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let ch: Arc<dyn Store> = Arc::new(rt.block_on(ClickHouseStore::open(&ClickHouseSettings {

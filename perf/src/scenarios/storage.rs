@@ -134,7 +134,7 @@ impl Scenario for Storage {
 
     fn setup(&mut self) -> anyhow::Result<()> {
         self.pool = self.params.fleet.stack_pool();
-        self.server = Some(ClickHouse::start()?);
+        self.server = Some(crate::clickhouse::start()?);
         self.rt = Some(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?);
         Ok(())
     }
@@ -165,7 +165,7 @@ impl Scenario for Storage {
         rt.block_on(daemon.shutdown()).context("stopping the aggregator")?;
         let samples = pushed?;
         let bytes = match side {
-            "clickhouse" => server.database_bytes(&database)?,
+            "clickhouse" => crate::clickhouse::database_bytes(server, &database)?,
             _ => files_size(dir.path(), "aperture.db"),
         };
         Ok(vec![

@@ -113,7 +113,7 @@ fn chunks(flush: &Flush, n: usize) -> Vec<Flush> {
 
 fn write_batch(flush: &Flush) -> WriteBatch {
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    WriteBatch { flushes: vec![flush.clone()], runs: Vec::new(), now_s, progress: Default::default() }
+    WriteBatch { flushes: vec![flush.clone()], runs: Vec::new(), now_s, ..WriteBatch::default() }
 }
 
 impl Scenario for Writer {
@@ -138,7 +138,7 @@ impl Scenario for Writer {
         }
         rows.truncate(p.batch_rows * p.batches);
         self.batches = chunks(&Flush { labels, rows, ..Default::default() }, p.batch_rows);
-        let server = ClickHouse::start()?;
+        let server = crate::clickhouse::start()?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let store = rt
             .block_on(ClickHouseStore::open(&ClickHouseSettings::new(server.endpoint())))
@@ -170,7 +170,8 @@ impl Scenario for Writer {
                 for body in &bodies {
                     let mut child = Command::new("clickhouse-client")
                         .args(["--host", "127.0.0.1", "--port", &port])
-                        .args(["--query", "INSERT INTO aperture.samples FORMAT RowBinary"])
+                        .args(["--query", "INSERT INTO aperture.samples (window_start, kind, node, namespace, pod, container, process, pid, \
+                         stack_hash, detail, name, count, total_ns, errors, max_ns, histogram) FORMAT RowBinary"])
                         .stdin(Stdio::piped())
                         .stdout(Stdio::null())
                         .stderr(Stdio::piped())

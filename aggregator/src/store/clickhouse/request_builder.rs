@@ -28,6 +28,8 @@ pub(crate) struct SampleRow<'a> {
     pub errors: u64,
     pub max_ns: u64,
     pub histogram: &'a [u64],
+    /// [`WriteBatch::batch_id`].
+    pub batch_id: u64,
 }
 
 /// A row of `stacks`; arrays are leaf first, one element per frame.
@@ -90,6 +92,7 @@ pub(crate) fn sample_rows(batch: &WriteBatch) -> Result<Vec<SampleRow<'_>>, Writ
                 errors: value.errors,
                 max_ns: value.max_ns,
                 histogram: &value.histogram,
+                batch_id: batch.batch_id,
             });
         }
     }

@@ -15,11 +15,12 @@ use crate::store::OpenError;
 const STORE: &str = "clickhouse";
 
 /// `(version, name, statements)`.
-pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[(
-    1,
-    "initial schema",
-    &[
-        "CREATE TABLE IF NOT EXISTS samples (
+pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[
+    (
+        1,
+        "initial schema",
+        &[
+            "CREATE TABLE IF NOT EXISTS samples (
             window_start DateTime,
             kind Enum8('cpu' = 0, 'lock' = 1, 'syscall' = 2, 'slow_call' = 3),
             node String,
@@ -39,7 +40,7 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[(
         ) ENGINE = MergeTree
         PARTITION BY toYYYYMMDD(window_start)
         ORDER BY (kind, window_start, node, namespace, pod, process, stack_hash)",
-        "CREATE TABLE IF NOT EXISTS stacks (
+            "CREATE TABLE IF NOT EXISTS stacks (
             hash UInt64,
             symbols Array(String),
             modules Array(String),
@@ -51,7 +52,7 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[(
             inserted DateTime
         ) ENGINE = ReplacingMergeTree(inserted)
         ORDER BY hash",
-        "CREATE TABLE IF NOT EXISTS frame_ledger (
+            "CREATE TABLE IF NOT EXISTS frame_ledger (
             agent_id String,
             boot_id String,
             watermark UInt64,
@@ -60,8 +61,15 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[(
             version UInt64
         ) ENGINE = ReplacingMergeTree(version)
         ORDER BY (agent_id, boot_id)",
-    ],
-)];
+        ],
+    ),
+    (
+        2,
+        "samples.batch_id",
+        // 18.16 has no `ADD COLUMN IF NOT EXISTS`: `add_column` checks first.
+        &["ADD COLUMN samples.batch_id UInt64 DEFAULT 0"],
+    ),
+];
 
 fn failed(version: u32, name: &'static str, e: impl std::fmt::Display) -> OpenError {
     OpenError::Migration { store: STORE, version, name, reason: e.to_string() }
@@ -91,7 +99,10 @@ pub(crate) async fn migrate(admin: &Client, db: &Client, database: &str) -> Resu
             continue;
         }
         for sql in statements {
-            db.query(sql).execute().await.map_err(|e| failed(version, name, e))?;
+            match sql.strip_prefix("ADD COLUMN ") {
+                Some(column) => add_column(db, column).await.map_err(|e| failed(version, name, e))?,
+                None => db.query(sql).execute().await.map_err(|e| failed(version, name, e))?,
+            }
         }
         db.query("INSERT INTO schema_migrations (version, name, applied) SELECT ?, ?, now()")
             .bind(version)
@@ -102,4 +113,33 @@ pub(crate) async fn migrate(admin: &Client, db: &Client, database: &str) -> Resu
         tracing::info!(version, name, "ClickHouse migration applied");
     }
     Ok(())
+}
+
+/// Adds `table.column TYPE...` unless the column exists: idempotent, and
+/// harmless when another aggregator adds it at the same moment.
+async fn add_column(db: &Client, spec: &str) -> Result<(), clickhouse::error::Error> {
+    let (qualified, definition) = spec.split_once(' ').unwrap_or((spec, ""));
+    let (table, column) = qualified.split_once('.').unwrap_or(("", qualified));
+    let exists = || async {
+        db.query("SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = ? AND name = ?")
+            .bind(table)
+            .bind(column)
+            .fetch_one::<u64>()
+            .await
+            .map(|n| n > 0)
+    };
+    if exists().await? {
+        return Ok(());
+    }
+    match db.query(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}")).execute().await {
+        Ok(()) => Ok(()),
+        // Lost a race with another aggregator: fine if the column is there now.
+        Err(e) => {
+            if exists().await? {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        }
+    }
 }

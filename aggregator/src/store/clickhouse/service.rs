@@ -5,11 +5,17 @@
 //! [`WriteBatch::progress`] and a retry of the same batch resumes after the
 //! last insert that succeeded. Stacks go first so that rows never reference
 //! a stack that is missing; re-inserting a stack is harmless
-//! (ReplacingMergeTree keeps one per hash). The ledger goes last: if the
-//! aggregator dies after the samples insert and before the ledger insert, a
-//! frame resent after the restart is counted again. That window is one
+//! (ReplacingMergeTree keeps one per hash). The samples insert is made
+//! idempotent by the batch id stored with each row: a retry after a timeout
+//! or a lost answer first asks which windows of the batch the server already
+//! holds and inserts only the others ([`stored_windows`]). The ledger goes
+//! last and is idempotent by itself (ReplacingMergeTree, latest version
+//! wins). What remains: if the aggregator dies after the samples insert and
+//! before the ledger insert, the batch is lost from memory with its id, and
+//! frames resent after the restart are counted again. That window is one
 //! insert long and is documented in `docs/storage.md`.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,11 +26,12 @@ use crate::store::{WriteBatch, WriteError};
 
 const STORE: &str = "clickhouse";
 
-/// Server error codes that mean the data itself cannot be inserted
-/// (parse and type errors, values out of range); anything else (network,
-/// timeouts, memory limits, too many parts, missing tables) may pass and is
-/// retried.
-const DATA_ERROR_CODES: &[u32] = &[6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 128, 131];
+/// Server error codes that mean the rows themselves cannot be inserted
+/// (values that do not parse or convert, out of range, too large). Anything
+/// else (network, timeouts, a body cut short — 32 "attempt to read after
+/// EOF" and 33 "cannot read all data" —, memory limits, too many parts,
+/// missing tables) is the store failing: retried, never acknowledged.
+const DATA_ERROR_CODES: &[u32] = &[6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 128, 131];
 
 /// Classifies a client error.
 pub(crate) fn classify(e: clickhouse::error::Error) -> WriteError {
@@ -73,7 +80,21 @@ pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration
         batch.progress.store(1, Ordering::Release);
     }
     if batch.progress.load(Ordering::Acquire) < 2 {
-        let rows = sample_rows(batch)?;
+        let mut rows = sample_rows(batch)?;
+        if batch.batch_id != 0 && batch.rows_sent.load(Ordering::Acquire) {
+            // An earlier attempt may have been committed without its answer
+            // reaching us: skip what is already stored under this batch id.
+            let stored = stored_windows(client, batch.batch_id, &rows, timeout).await?;
+            if !stored.is_empty() {
+                tracing::info!(
+                    batch_id = batch.batch_id,
+                    windows = stored.len(),
+                    "part of a retried batch was already committed; not inserting it again"
+                );
+            }
+            rows.retain(|r| !stored.contains(&r.window_start));
+        }
+        batch.rows_sent.store(true, Ordering::Release);
         insert_all::<super::request_builder::SampleRow<'static>>(client, "samples", &rows, timeout).await?;
         batch.progress.store(2, Ordering::Release);
     }
@@ -84,6 +105,36 @@ pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration
         batch.progress.store(3, Ordering::Release);
     }
     Ok(())
+}
+
+/// The windows of `rows` for which rows tagged `batch_id` are stored.
+///
+/// An insert is committed part by part, one part per partition (day), each
+/// part all or nothing; every row of one window lies in one partition. So a
+/// window with any row of the batch stored has all of them stored, and a
+/// window with none has none: filtering by window is exact.
+async fn stored_windows(
+    client: &Client,
+    batch_id: u64,
+    rows: &[super::request_builder::SampleRow<'_>],
+    timeout: Duration,
+) -> Result<HashSet<u32>, WriteError> {
+    let (Some(from), Some(to)) = (rows.iter().map(|r| r.window_start).min(), rows.iter().map(|r| r.window_start).max())
+    else {
+        return Ok(HashSet::new());
+    };
+    let sql = format!(
+        "SELECT DISTINCT toUInt32(window_start) FROM samples
+         WHERE window_start >= toDateTime({from}) AND window_start <= toDateTime({to}) AND batch_id = {batch_id}"
+    );
+    let windows = tokio::time::timeout(timeout, client.query(&sql).fetch_all::<u32>())
+        .await
+        .map_err(|_| WriteError::Unavailable {
+            store: STORE,
+            reason: format!("no answer within {timeout:?} to the check of a retried batch"),
+        })?
+        .map_err(classify)?;
+    Ok(windows.into_iter().collect())
 }
 
 #[cfg(test)]
@@ -104,5 +155,15 @@ mod tests {
         let busy = classify(clickhouse::error::Error::BadResponse("Code: 252, Too many parts".into()));
         assert!(busy.is_retryable());
         assert!(classify(clickhouse::error::Error::TimedOut).is_retryable());
+    }
+
+    #[test]
+    fn a_body_cut_short_is_retried_not_rejected() {
+        for text in [
+            "Code: 32, e.displayText() = DB::Exception: Attempt to read after eof",
+            "Code: 33, e.displayText() = DB::Exception: Cannot read all data",
+        ] {
+            assert!(classify(clickhouse::error::Error::BadResponse(text.into())).is_retryable(), "{text}");
+        }
     }
 }

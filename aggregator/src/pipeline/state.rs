@@ -1,39 +1,26 @@
-//! The ingress: where validated frames from the transport enter the
-//! aggregator.
+//! State shared by the pipeline's stages: the lanes (one per shard, each
+//! with the frame ledger of the agents routed to it), the byte budget of
+//! everything buffered, the acknowledgement path and the store's health.
 //!
-//! [`ShardedIngress::admit`] is called by the transport for every frame. It
-//! routes the frame to a shard by its agent id (so one agent's frames stay in
-//! order on one shard thread), asks that lane's [`FrameLedger`] whether the
-//! frame is new, and queues it on the shard's bounded queue. There is no
-//! global lock: each lane has its own ledger behind its own mutex, locked
-//! once per frame (not per event), and only agents hashed to the same lane
-//! ever contend. Sharding the ledger by agent id works because a frame's
-//! identity starts with its agent id, so every frame of a run meets the same
-//! ledger.
-//!
-//! Back-pressure: while the buffer is above its high-water mark, or a shard
-//! queue is full, `admit` answers [`Admission::Busy`] and takes nothing; the
-//! transport withholds credit and the agent keeps the frame. Nothing is
-//! dropped silently: every outcome is counted in
-//! `aperture_ingress_frames_total{result}`.
-//!
-//! [`IngressSink`], [`ReceivedFrame`] and [`Admission`] are the transport
-//! crate's server API (`aperture_transport::server`); the transport calls
-//! `admit` from its session tasks, so it never blocks.
+//! The ingress admits frames against a lane's ledger and charges the
+//! [`Buffer`]; the shard threads release frame bytes as they fold them and
+//! charge their aggregated state; the writer releases what it committed,
+//! marks frames committed in their lanes and acknowledges them through
+//! [`Acknowledge`]. Frames of one agent always meet the same lane
+//! ([`lane_of`]), so each lane's ledger sees every frame of its runs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aperture_core::frame::{FrameBuf, FrameId};
-use aperture_core::ledger::{Admit, FrameLedger};
-use crossbeam_channel::{Sender, TrySendError};
+use aperture_core::frame::FrameId;
+use aperture_core::ledger::FrameLedger;
+use aperture_core::model::StackHash;
 
-use crate::metrics::{Metrics, frame_result};
+use crate::metrics::Metrics;
 
 pub use aperture_transport::Carrier;
-pub use aperture_transport::server::{Admission, IngressSink, PeerInfo, ReceivedFrame};
 
 /// Every carrier, for reporting connected agents.
 pub const CARRIERS: [Carrier; 2] = [Carrier::Quic, Carrier::Grpc];
@@ -108,13 +95,14 @@ pub(crate) struct Lane {
     agents: HashMap<[u8; 16], (Carrier, Instant)>,
 }
 
-/// A frame queued to a shard thread.
-#[derive(Debug)]
-pub(crate) enum ShardInput {
-    /// A frame to fold in; `charged` bytes were accounted for it.
-    Frame { id: FrameId, bytes: FrameBuf, charged: usize },
-    /// Flush everything and stop.
-    Stop,
+impl Lane {
+    /// Records that an agent was heard from (at most 65 536 agents per lane
+    /// are tracked for reporting; the ledger does not depend on this).
+    pub fn heard_from(&mut self, agent_id: [u8; 16], carrier: Carrier, now: Instant) {
+        if self.agents.len() < 1 << 16 || self.agents.contains_key(&agent_id) {
+            self.agents.insert(agent_id, (carrier, now));
+        }
+    }
 }
 
 /// State shared by the ingress, the shard threads and the writer.
@@ -128,9 +116,15 @@ pub(crate) struct Shared {
     /// Set by [`crate::AggregatorHandle::abort`]: threads stop at once and
     /// write nothing more, as if the process had died.
     pub halted: AtomicBool,
-    /// The last store failure seen by the writer or the health checker;
-    /// `None` once either reached the store again.
-    pub store_error: Mutex<Option<String>>,
+    /// The last failure of the health checker's ping; `None` once a ping
+    /// went through.
+    ping_error: Mutex<Option<String>>,
+    /// The last write failure; `None` once a write went through. A store
+    /// that answers pings but cannot take writes is down.
+    write_error: Mutex<Option<String>>,
+    /// Per shard, stacks whose write was given up: the shard forgets it
+    /// handed them out, so the next batch using them carries them again.
+    forgotten_stacks: Vec<Mutex<Vec<StackHash>>>,
 }
 
 impl std::fmt::Debug for dyn Acknowledge {
@@ -155,7 +149,9 @@ impl Shared {
             acker: Mutex::new(None),
             agent_idle,
             halted: AtomicBool::new(false),
-            store_error: Mutex::new(None),
+            ping_error: Mutex::new(None),
+            write_error: Mutex::new(None),
+            forgotten_stacks: (0..lanes).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
 
@@ -192,15 +188,42 @@ impl Shared {
         by_lane
     }
 
-    /// Records whether the store was reachable just now.
-    pub fn set_store_error(&self, error: Option<String>) {
-        self.metrics.store_up.set(i64::from(error.is_none()));
-        *self.store_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    /// Asks shard `lane` to hand these stacks out again.
+    pub fn forget_stacks(&self, lane: usize, stacks: impl IntoIterator<Item = StackHash>) {
+        if let Some(slot) = self.forgotten_stacks.get(lane) {
+            slot.lock().unwrap_or_else(|p| p.into_inner()).extend(stacks);
+        }
     }
 
-    /// The last store failure, if the store has not been reached since.
+    /// The stacks shard `lane` must forget, emptied.
+    pub fn take_forgotten_stacks(&self, lane: usize) -> Vec<StackHash> {
+        self.forgotten_stacks
+            .get(lane)
+            .map(|slot| std::mem::take(&mut *slot.lock().unwrap_or_else(|p| p.into_inner())))
+            .unwrap_or_default()
+    }
+
+    /// Records whether the store answered the health checker just now.
+    pub fn set_store_error(&self, error: Option<String>) {
+        *self.ping_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+        self.metrics.store_up.set(i64::from(self.store_error().is_none()));
+    }
+
+    /// Records whether the last write reached the store. A write that went
+    /// through also proves the store reachable, clearing a failed ping.
+    pub fn set_write_error(&self, error: Option<String>) {
+        if error.is_none() {
+            *self.ping_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        *self.write_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+        self.metrics.store_up.set(i64::from(self.store_error().is_none()));
+    }
+
+    /// Why the store is down: the last write failure if writes have not
+    /// gone through since, else the last failed ping; `None` when up.
     pub fn store_error(&self) -> Option<String> {
-        self.store_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let write = self.write_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        write.or_else(|| self.ping_error.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
     /// Whether [`Shared::halted`] is set.
@@ -243,89 +266,6 @@ pub fn lane_of(agent_id: &[u8; 16], lanes: usize) -> usize {
         h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
     }
     (h % lanes.max(1) as u64) as usize
-}
-
-/// The ingress: an [`IngressSink`] feeding the shard threads.
-#[derive(Debug)]
-pub struct ShardedIngress {
-    shared: Arc<Shared>,
-    queues: Vec<Sender<ShardInput>>,
-    closed: AtomicBool,
-}
-
-impl ShardedIngress {
-    pub(crate) fn new(shared: Arc<Shared>, queues: Vec<Sender<ShardInput>>) -> ShardedIngress {
-        ShardedIngress { shared, queues, closed: AtomicBool::new(false) }
-    }
-
-    /// Stops taking frames and tells every shard to flush and stop.
-    pub(crate) fn close(&self) {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        for q in &self.queues {
-            // Blocking send: the shard thread keeps draining its queue, so
-            // this returns once there is room. An error means the thread
-            // has already stopped, which is what we want.
-            let _ = q.send(ShardInput::Stop);
-        }
-    }
-
-    fn count(&self, result: &str) {
-        self.shared.metrics.ingress_frames.with_label_values(&[result]).inc();
-    }
-}
-
-impl IngressSink for ShardedIngress {
-    fn admit(&self, frame: ReceivedFrame) -> Admission {
-        let id = frame.header.id;
-        if self.closed.load(Ordering::Relaxed) || self.shared.buffer.above_high_water() {
-            self.count(frame_result::BUSY);
-            return Admission::Busy(frame);
-        }
-        let lane_index = self.shared.lane_of(&id.agent_id);
-        let charged = frame.bytes.len();
-        {
-            let mut lane = self.shared.lane(lane_index);
-            if lane.agents.len() < 1 << 16 || lane.agents.contains_key(&id.agent_id) {
-                lane.agents.insert(id.agent_id, (frame.carrier, Instant::now()));
-            }
-            match lane.ledger.admit(id) {
-                Admit::Committed => {
-                    drop(lane);
-                    self.count(frame_result::COMMITTED);
-                    return Admission::AlreadyCommitted;
-                }
-                Admit::InFlight => {
-                    drop(lane);
-                    self.count(frame_result::IN_FLIGHT);
-                    return Admission::Queued;
-                }
-                Admit::New => {}
-            }
-            // Charged while the lane is held so that a racing admit of the
-            // same frame sees it in flight and the buffer in one state.
-            self.shared.buffer.charge(charged);
-        }
-        let ReceivedFrame { header, bytes, carrier, peer } = frame;
-        match self.queues[lane_index].try_send(ShardInput::Frame { id, bytes, charged }) {
-            Ok(()) => {
-                self.shared.metrics.ingress_bytes.inc_by(charged as u64);
-                self.count(frame_result::QUEUED);
-                Admission::Queued
-            }
-            Err(TrySendError::Full(input) | TrySendError::Disconnected(input)) => {
-                self.shared.lane(lane_index).ledger.abandon(&[id]);
-                self.shared.buffer.release(charged);
-                self.count(frame_result::BUSY);
-                match input {
-                    ShardInput::Frame { bytes, .. } => Admission::Busy(ReceivedFrame { header, bytes, carrier, peer }),
-                    // Only frames are sent by `admit`.
-                    ShardInput::Stop => Admission::Queued,
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

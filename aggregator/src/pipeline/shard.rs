@@ -11,16 +11,27 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aperture_core::frame::{DecodeLimits, FrameId, decode};
+use aperture_core::frame::{DecodeLimits, FrameBuf, FrameId, decode};
 use aperture_core::shard::{Flush, Shard, ShardConfig};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::ingress::{ShardInput, Shared};
+use super::state::Shared;
 use crate::metrics::frame_result;
+
+/// A frame queued to a shard thread.
+#[derive(Debug)]
+pub(crate) enum ShardInput {
+    /// A frame to fold in; `charged` bytes were accounted for it.
+    Frame { id: FrameId, bytes: FrameBuf, charged: usize },
+    /// Flush everything and stop.
+    Stop,
+}
 
 /// A flush on its way to the writer.
 #[derive(Debug)]
 pub(crate) struct FlushMsg {
+    /// The shard (and lane) it comes from.
+    pub shard: usize,
     /// The rows and the frames they came from.
     pub flush: Flush,
     /// Buffer bytes charged for it, released once committed.
@@ -97,6 +108,10 @@ impl ShardThread {
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.shared.metrics.shard_queue.with_label_values(&[&self.label]).set(input.len() as i64);
+            let forgotten = self.shared.take_forgotten_stacks(self.index);
+            if !forgotten.is_empty() {
+                self.shard.forget_stacks(&forgotten);
+            }
             while let Some(flush) = self.shard.poll_flush(self.now_ns()) {
                 self.hand_over(flush);
             }
@@ -144,7 +159,7 @@ impl ShardThread {
         self.shared.metrics.shard_flushes.with_label_values(&[&self.label]).inc();
         self.shared.metrics.shard_rows.with_label_values(&[&self.label]).inc_by(flush.rows.len() as u64);
         self.shared.metrics.shard_bytes.with_label_values(&[&self.label]).set(0);
-        if let Err(returned) = self.output.send(FlushMsg { flush, charged }) {
+        if let Err(returned) = self.output.send(FlushMsg { shard: self.index, flush, charged }) {
             // The writer is gone (shutdown after its grace period): these
             // frames stay unacknowledged and their agents resend them.
             let msg = returned.into_inner();
