@@ -132,14 +132,9 @@ impl Aggregator {
         let mut tasks = JoinSet::new();
         let app = router(state);
         let mut http_stop = stopped.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        tasks.spawn(crate::http::serve(listener, app, settings.http_limits, shared.metrics.clone(), async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        }));
         tasks.spawn(health_checker(Arc::clone(&store), Arc::clone(&shared), stopped.clone()));
         tasks.spawn(retention(Arc::clone(&store), Arc::clone(&shared), settings.clone(), stopped));
         Ok(AggregatorHandle {
@@ -168,6 +163,13 @@ async fn health_checker(store: Arc<dyn Store>, shared: Arc<Shared>, mut stop: wa
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("no answer within 5 s".to_owned()),
         };
+        // The details are logged (once per change); unauthenticated health
+        // endpoints only say that the store is down.
+        if let Some(e) = &error
+            && shared.store_error().as_ref() != Some(e)
+        {
+            tracing::warn!(store = store.kind().as_str(), error = %e, "store health check failed");
+        }
         shared.set_store_error(error);
     }
 }
