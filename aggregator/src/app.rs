@@ -130,14 +130,9 @@ impl Aggregator {
         let mut tasks = JoinSet::new();
         let app = router(state);
         let mut http_stop = stopped.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        tasks.spawn(crate::http::serve(listener, app, settings.http_limits, shared.metrics.clone(), async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        }));
         tasks.spawn(health_checker(Arc::clone(&store), Arc::clone(&shared), stopped.clone()));
         tasks.spawn(retention(Arc::clone(&store), Arc::clone(&shared), settings.clone(), stopped));
         Ok(AggregatorHandle {

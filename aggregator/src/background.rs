@@ -29,6 +29,13 @@ pub(crate) async fn health_checker(store: Arc<dyn Store>, shared: Arc<Shared>, m
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("no answer within 5 s".to_owned()),
         };
+        // The details are logged (once per change); unauthenticated health
+        // endpoints only say that the store is down.
+        if let Some(e) = &error
+            && shared.store_error().as_ref() != Some(e)
+        {
+            tracing::warn!(store = store.kind().as_str(), error = %e, "store health check failed");
+        }
         shared.set_store_error(error);
     }
 }

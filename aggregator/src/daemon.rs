@@ -21,8 +21,7 @@ use crate::settings::{ClickHouseSettings, HttpLimits, Settings};
 pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
     let mut s = Settings::new(config.data_dir.clone());
     s.http_listen = listen(&config.listen.http, "listen.http")?;
-    s.auth_token =
-        (!config.auth.disabled && !config.auth.token.is_empty()).then(|| config.auth.token.expose().to_owned());
+    s.auth_token = config.auth.read().map(str::to_owned);
     s.buffer_capacity_bytes = config.buffer.capacity.as_usize();
     s.high_water_percent = config.buffer.high_water_percent.0;
     s.shards = config.shards;
@@ -30,7 +29,13 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
     s.flush_max_rows = config.flush.max_rows;
     s.flush_max_age = config.flush.max_age.0;
     s.retention = config.retention.0;
-    s.http_limits = HttpLimits { request_timeout: config.limits.http_request_timeout.0, ..HttpLimits::default() };
+    s.http_limits = HttpLimits {
+        request_timeout: config.limits.http_request_timeout.0,
+        header_read_timeout: config.limits.http_header_timeout.0,
+        max_connections: config.limits.http_max_connections,
+        max_query_range: config.limits.http_max_query_range.0,
+        ..HttpLimits::default()
+    };
     let ch = &config.clickhouse;
     s.clickhouse = (!ch.endpoint.is_empty()).then(|| ClickHouseSettings {
         database: ch.database.clone(),
@@ -52,10 +57,7 @@ pub fn server_config(config: &AggregatorConfig) -> anyhow::Result<ServerConfig> 
     Ok(ServerConfig {
         quic_listen: Some(listen(&config.listen.quic, "listen.quic")?),
         grpc_listen: Some(listen(&config.listen.grpc, "listen.grpc")?),
-        auth: AuthConfig {
-            token: (!config.auth.token.is_empty()).then(|| config.auth.token.expose().to_owned()),
-            disabled: config.auth.disabled,
-        },
+        auth: AuthConfig { token: config.auth.ingest().map(str::to_owned), disabled: config.auth.disabled },
         tls: ServerTlsConfig {
             cert_file: config.tls.cert_file.clone(),
             key_file: config.tls.key_file.clone(),
@@ -177,6 +179,17 @@ mod tests {
         assert_eq!(srv.quic_listen.map(|a| a.port()), Some(50051));
         assert_eq!(srv.grpc_listen.map(|a| a.port()), Some(50051));
         assert_eq!(srv.data_dir, std::path::PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn ingest_and_read_tokens_go_to_their_own_side() {
+        let c = config(&[("APERTURE_INGEST_TOKEN", "push"), ("APERTURE_READ_TOKEN", "read")]);
+        assert_eq!(settings(&c).expect("settings").auth_token.as_deref(), Some("read"));
+        assert_eq!(server_config(&c).expect("server").auth.token.as_deref(), Some("push"));
+        // A role without its own token takes the shared one.
+        let c = config(&[("APERTURE_AUTH_TOKEN", "shared"), ("APERTURE_READ_TOKEN", "read")]);
+        assert_eq!(settings(&c).expect("settings").auth_token.as_deref(), Some("read"));
+        assert_eq!(server_config(&c).expect("server").auth.token.as_deref(), Some("shared"));
     }
 
     #[test]

@@ -76,6 +76,12 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// `aperture_http_request_duration_seconds{route}`.
     pub http_duration: HistogramVec,
+    /// `aperture_http_connections_open`.
+    pub http_connections_open: IntGauge,
+    /// `aperture_http_connections_refused_total`.
+    pub http_connections_refused: IntCounter,
+    /// `aperture_http_header_timeouts_total`.
+    pub http_header_timeouts: IntCounter,
 }
 
 /// Registration failed: two metrics with one name (a programming error
@@ -189,6 +195,15 @@ impl Metrics {
                     &["route"],
                 )
             })?,
+            http_connections_open: gauge("aperture_http_connections_open", "HTTP connections being served.")?,
+            http_connections_refused: counter(
+                "aperture_http_connections_refused_total",
+                "HTTP connections answered 503 and closed because limits.http_max_connections were open.",
+            )?,
+            http_header_timeouts: counter(
+                "aperture_http_header_timeouts_total",
+                "HTTP connections closed because no complete request head arrived within limits.http_header_timeout.",
+            )?,
             registry: r.clone(),
         };
         Ok(m)

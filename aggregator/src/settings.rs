@@ -41,13 +41,28 @@ pub struct HttpLimits {
     pub max_body_bytes: usize,
     /// Largest total size of request headers, bytes (answered with 431).
     pub max_header_bytes: usize,
-    /// Time a request may take before it is answered with 503.
+    /// Time a request may take before it is answered with 503 (its store
+    /// query is cancelled).
     pub request_timeout: Duration,
+    /// A connection that has not sent a complete request head within this
+    /// time (also while idle between requests) is closed.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Longest time range one query may cover (answered with 400 beyond).
+    pub max_query_range: Duration,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { max_body_bytes: 64 * 1024, max_header_bytes: 16 * 1024, request_timeout: Duration::from_secs(30) }
+        HttpLimits {
+            max_body_bytes: 64 * 1024,
+            max_header_bytes: 16 * 1024,
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            max_query_range: Duration::from_secs(31 * 86_400),
+        }
     }
 }
 

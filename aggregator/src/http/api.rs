@@ -52,6 +52,28 @@ fn accepted(extra: &[&'static str]) -> Vec<&'static str> {
     v
 }
 
+/// The request's parameters, bounded by the configured query range.
+pub(crate) fn params(state: &AppState, raw: HashMap<String, String>) -> Params {
+    Params::at_now(raw).with_max_range(state.limits.max_query_range)
+}
+
+/// A JSON response: the object `head` with a `"root"` member whose JSON
+/// text is already written (a flame-graph tree, which may be too deep for a
+/// recursive serializer).
+pub(crate) fn json_with_root(head: serde_json::Value, root_json: &str) -> Response {
+    let mut body = head.to_string();
+    if body.ends_with('}') {
+        body.pop();
+        if body.len() > 1 {
+            body.push(',');
+        }
+        body.push_str("\"root\":");
+        body.push_str(root_json);
+        body.push('}');
+    }
+    with_type(body.into_response(), "application/json")
+}
+
 fn with_type(mut r: Response, content_type: &'static str) -> Response {
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
@@ -59,7 +81,7 @@ fn with_type(mut r: Response, content_type: &'static str) -> Response {
 
 /// `GET /api/v1/profile`.
 pub(crate) async fn profile(State(state): State<AppState>, Query(raw): Raw) -> Result<Response, ApiError> {
-    let p = Params::at_now(raw);
+    let p = params(&state, raw);
     p.reject_unknown(&accepted(&["mode", "format"]))?;
     let mode = p.mode()?;
     let format = p.choice("format", &["json", "folded", "pprof", "svg"], "json, folded, pprof or svg")?;
@@ -83,21 +105,17 @@ pub(crate) async fn profile(State(state): State<AppState>, Query(raw): Raw) -> R
                 .map_err(|e| ApiError::Render { format: "svg", reason: e.to_string() })?;
             with_type(body.into_response(), "image/svg+xml")
         }
-        _ => axum::Json(json!({
-            "mode": mode.as_str(),
-            "from": sel.from_s,
-            "to": sel.to_s,
-            "unit": profile_unit(mode),
-            "root": query::flame_tree(&profile, mode),
-        }))
-        .into_response(),
+        _ => json_with_root(
+            json!({ "mode": mode.as_str(), "from": sel.from_s, "to": sel.to_s, "unit": profile_unit(mode) }),
+            &query::flame_tree(&profile, mode).to_json(),
+        ),
     };
     Ok(r)
 }
 
 /// `GET /api/v1/top`.
 pub(crate) async fn top(State(state): State<AppState>, Query(raw): Raw) -> Result<Response, ApiError> {
-    let p = Params::at_now(raw);
+    let p = params(&state, raw);
     p.reject_unknown(&accepted(&["mode", "by", "limit"]))?;
     let mode = p.mode()?;
     let by = p.choice("by", &["self", "total"], "self or total")?;
@@ -114,7 +132,7 @@ pub(crate) async fn top(State(state): State<AppState>, Query(raw): Raw) -> Resul
 
 /// `GET /api/v1/syscalls`.
 pub(crate) async fn syscalls(State(state): State<AppState>, Query(raw): Raw) -> Result<Response, ApiError> {
-    let p = Params::at_now(raw);
+    let p = params(&state, raw);
     p.reject_unknown(&accepted(&["limit"]))?;
     let limit = p.limit(100, 10_000)?;
     let sel = p.selector()?;
@@ -124,7 +142,7 @@ pub(crate) async fn syscalls(State(state): State<AppState>, Query(raw): Raw) -> 
 
 /// `GET /api/v1/locks`.
 pub(crate) async fn locks(State(state): State<AppState>, Query(raw): Raw) -> Result<Response, ApiError> {
-    let p = Params::at_now(raw);
+    let p = params(&state, raw);
     p.reject_unknown(&accepted(&["limit"]))?;
     let limit = p.limit(50, 10_000)?;
     let sel = p.selector()?;
@@ -138,7 +156,7 @@ pub(crate) async fn label_values(
     Path(name): Path<String>,
     Query(raw): Raw,
 ) -> Result<Response, ApiError> {
-    let p = Params::at_now(raw);
+    let p = params(&state, raw);
     p.reject_unknown(&accepted(&["mode"]))?;
     let label = LabelName::parse(&name).ok_or_else(|| ParamError::Invalid {
         name: "name",
@@ -154,7 +172,7 @@ pub(crate) async fn label_values(
 
 /// `GET /api/v1/diff`.
 pub(crate) async fn diff(State(state): State<AppState>, Query(raw): Raw) -> Result<Response, ApiError> {
-    let p = Params::at_now(raw);
+    let p = params(&state, raw);
     p.reject_unknown(&accepted(&["mode", "base_from", "base_to", "limit"]))?;
     let mode: Mode = p.mode()?;
     let limit = p.limit(100, 10_000)?;
@@ -179,8 +197,6 @@ fn base_range(p: &Params, from: u64, to: u64) -> Result<(u64, u64), ParamError> 
     let len = to - from;
     let base_to = p.time("base_to", from)?;
     let base_from = p.time("base_from", base_to.saturating_sub(len))?;
-    if base_from >= base_to {
-        return Err(ParamError::EmptyRange { name: "base_from", from: base_from, to: base_to });
-    }
+    p.check_range("base_from", base_from, base_to)?;
     Ok((base_from, base_to))
 }

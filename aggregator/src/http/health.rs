@@ -1,11 +1,11 @@
 //! Probes, `/api/health` and `/metrics`.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::AppState;
+use super::{AppState, authorized};
 use crate::metrics::frame_result;
 use crate::pipeline::state::CARRIERS;
 
@@ -14,13 +14,18 @@ pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
 
+/// What unauthenticated callers learn of a store failure: that it failed,
+/// not what the store said (paths, hosts, user names). The details are in
+/// the log, and in `/api/health` for callers with the read token.
+const STORE_DOWN: &str = "the store is not answering; details are in the aggregator log";
+
 /// `GET /readyz`: 503 with a one-line reason while the buffer is above its
 /// high-water mark (the ingress is pushing back), 200 otherwise.
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     let b = &state.shared.buffer;
     if b.above_high_water() {
         let store = match state.shared.store_error() {
-            Some(e) => format!("; store {} unreachable: {e}", state.store.kind().as_str()),
+            Some(_) => format!("; store {} unreachable", state.store.kind().as_str()),
             None => String::new(),
         };
         let reason = format!(
@@ -35,8 +40,9 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     "ready\n".into_response()
 }
 
-/// `GET /api/health`.
-pub(crate) async fn api_health(State(state): State<AppState>) -> Response {
+/// `GET /api/health`. The store's own error text is shown only to callers
+/// with the read token (or when no token is configured).
+pub(crate) async fn api_health(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let m = &state.shared.metrics;
     let frames = |r| m.frames(r);
     let (queued, in_flight, committed, busy, rejected) = (
@@ -51,6 +57,11 @@ pub(crate) async fn api_health(State(state): State<AppState>) -> Response {
         CARRIERS.into_iter().map(|c| (c.as_str().to_owned(), json!(agents.get(&c).copied().unwrap_or(0)))).collect();
     let kind = state.store.kind().as_str();
     let store_error = state.shared.store_error();
+    let store_error_shown = match &store_error {
+        Some(e) if authorized(&state, &headers) => json!(e),
+        Some(_) => json!(STORE_DOWN),
+        None => json!(null),
+    };
     let last_write = m.writer_last_success.get();
     let b = &state.shared.buffer;
     let body = json!({
@@ -78,7 +89,7 @@ pub(crate) async fn api_health(State(state): State<AppState>) -> Response {
         "store": {
             "kind": kind,
             "status": if store_error.is_none() { "up" } else { "down" },
-            "error": store_error,
+            "error": store_error_shown,
             "last_write_unix_s": if last_write > 0 { json!(last_write) } else { json!(null) },
             "rows_written": m.writer_rows.with_label_values(&[kind]).get(),
             "rows_rejected": m.writer_rows_rejected.with_label_values(&[kind]).get(),

@@ -4,22 +4,29 @@
 //! Every request passes through the same guards: headers over
 //! [`HttpLimits::max_header_bytes`] get 431, a declared body over
 //! [`HttpLimits::max_body_bytes`] gets 413, a request still running after
-//! [`HttpLimits::request_timeout`] gets 503, unknown paths get 404, and
-//! `/api/v1/*` requires `Authorization: Bearer <token>` when a token is set
-//! (compared as SHA-256 digests in constant time).
+//! [`HttpLimits::request_timeout`] gets 503 (its store query is cancelled),
+//! unknown paths get 404, and `/api/v1/*` requires `Authorization: Bearer
+//! <read token>` when a token is set (the scheme in any case; compared as
+//! SHA-256 digests in constant time). Every answer carries
+//! `X-Content-Type-Options: nosniff` and a Content-Security-Policy: the UI's
+//! own, or [`API_CONTENT_SECURITY_POLICY`] (no script at all, so an SVG
+//! opened directly stays inert). Connections are limited in [`serve`].
 
 mod api;
 mod flame;
 mod health;
 pub mod params;
+mod serve;
 mod ui;
+
+pub(crate) use serve::serve;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -30,11 +37,17 @@ use crate::pipeline::state::Shared;
 use crate::settings::HttpLimits;
 use crate::store::Store;
 
+/// Policy of every answer but the UI's: nothing may load or run; inline
+/// styles are allowed so an SVG flame graph renders when opened directly.
+pub(crate) const API_CONTENT_SECURITY_POLICY: &str =
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub(crate) struct AppState {
     pub store: Arc<dyn Store>,
     pub shared: Arc<Shared>,
+    /// Digest of the read token (`/api/v1/*`); `None` when auth is off.
     pub token_digest: Option<[u8; 32]>,
     pub limits: HttpLimits,
     pub started: Instant,
@@ -105,6 +118,12 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
             ),
         }
     };
+    let mut response = response;
+    let headers = response.headers_mut();
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(API_CONTENT_SECURITY_POLICY));
+    }
     let m = &state.shared.metrics;
     m.http_requests.with_label_values(&[route.as_str(), response.status().as_str()]).inc();
     m.http_duration.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
@@ -113,28 +132,56 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
 
 /// Bearer-token check for `/api/v1`.
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(want) = state.token_digest else { return next.run(req).await };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| token_digest(t.trim()));
-    match given {
-        Some(d) if bool::from(d.ct_eq(&want)) => next.run(req).await,
-        _ => {
-            let mut r = error_response(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token: send `Authorization: Bearer <APERTURE_AUTH_TOKEN>`",
-            );
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            r
-        }
+    if authorized(&state, req.headers()) {
+        return next.run(req).await;
     }
+    let mut r = error_response(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token: send `Authorization: Bearer <token>` with the read token \
+         (APERTURE_READ_TOKEN, or the shared APERTURE_AUTH_TOKEN)",
+    );
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// Whether the request may read: no token is configured, or it carries the
+/// read token.
+pub(crate) fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(want) = state.token_digest else { return true };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
+    given.is_some_and(|t| bool::from(token_digest(t).ct_eq(&want)))
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is
+/// matched in any case (RFC 9110 §11.1).
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// SHA-256 of a token: what is compared, so the comparison takes the same
 /// time whatever the lengths.
 pub(crate) fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_matches_in_any_case() {
+        for (value, want) in [
+            ("Bearer tok", Some("tok")),
+            ("bearer tok", Some("tok")),
+            ("BEARER  tok ", Some("tok")),
+            ("Basic tok", None),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Bearertok", None),
+        ] {
+            assert_eq!(bearer_token(value), want, "{value:?}");
+        }
+    }
 }

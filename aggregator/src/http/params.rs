@@ -47,6 +47,19 @@ pub enum ParamError {
         /// End, Unix seconds.
         to: u64,
     },
+    /// The range is longer than `limits.http_max_query_range`.
+    #[error(
+        "parameter `{name}`: the range covers {seconds} s, more than the limit of {limit_s} s \
+         (limits.http_max_query_range); narrow the range"
+    )]
+    RangeTooLong {
+        /// Which start parameter.
+        name: &'static str,
+        /// Length asked for, seconds.
+        seconds: u64,
+        /// The limit, seconds.
+        limit_s: u64,
+    },
 }
 
 const TIME_EXPECTED: &str = "unix seconds, RFC 3339 (2024-05-01T12:00:00Z), `now`, or relative like -15m";
@@ -56,6 +69,7 @@ const TIME_EXPECTED: &str = "unix seconds, RFC 3339 (2024-05-01T12:00:00Z), `now
 pub struct Params {
     values: HashMap<String, String>,
     now_s: u64,
+    max_range_s: u64,
 }
 
 /// The filter parameters every data route accepts.
@@ -64,7 +78,13 @@ pub const FILTERS: [&str; 6] = ["node", "namespace", "pod", "container", "proces
 impl Params {
     /// Wraps a parsed query string; `now_s` anchors relative times.
     pub fn new(values: HashMap<String, String>, now_s: u64) -> Params {
-        Params { values, now_s }
+        Params { values, now_s, max_range_s: u64::MAX }
+    }
+
+    /// Bounds the length of every range read by [`Params::range`].
+    pub fn with_max_range(mut self, max: Duration) -> Params {
+        self.max_range_s = max.as_secs().max(1);
+        self
     }
 
     /// Wraps a parsed query string at the current time.
@@ -116,14 +136,24 @@ impl Params {
         }
     }
 
-    /// A `[from, to)` pair named `from_name`/`to_name`; default the last 15 minutes.
+    /// A `[from, to)` pair named `from_name`/`to_name`; default the last 15
+    /// minutes. At most the limit given to [`Params::with_max_range`] long.
     pub fn range(&self, from_name: &'static str, to_name: &'static str) -> Result<(u64, u64), ParamError> {
         let to = self.time(to_name, self.now_s)?;
         let from = self.time(from_name, to.saturating_sub(15 * 60))?;
-        if from >= to {
-            return Err(ParamError::EmptyRange { name: from_name, from, to });
-        }
+        self.check_range(from_name, from, to)?;
         Ok((from, to))
+    }
+
+    /// Checks that `[from, to)` is not empty and within the range limit.
+    pub fn check_range(&self, name: &'static str, from: u64, to: u64) -> Result<(), ParamError> {
+        if from >= to {
+            return Err(ParamError::EmptyRange { name, from, to });
+        }
+        if to - from > self.max_range_s {
+            return Err(ParamError::RangeTooLong { name, seconds: to - from, limit_s: self.max_range_s });
+        }
+        Ok(())
     }
 
     /// The label filters.
@@ -261,6 +291,19 @@ mod tests {
         let e = params(&[("nodee", "x")]).reject_unknown(&["node"]).unwrap_err();
         assert!(e.to_string().contains("`nodee`"));
         assert!(matches!(params(&[]).mode(), Err(ParamError::Missing { name: "mode", .. })));
+    }
+
+    #[test]
+    fn ranges_over_the_limit_are_refused_naming_it() {
+        let p = params(&[("from", "1000"), ("to", "9000")]).with_max_range(Duration::from_secs(3600));
+        let e = p.selector().unwrap_err();
+        assert_eq!(e, ParamError::RangeTooLong { name: "from", seconds: 8000, limit_s: 3600 });
+        assert!(e.to_string().contains("limits.http_max_query_range"), "{e}");
+        let ok = params(&[("from", "5400"), ("to", "9000")]).with_max_range(Duration::from_secs(3600));
+        assert_eq!(ok.selector().map(|s| (s.from_s, s.to_s)), Ok((5400, 9000)));
+        // A time far in the past (0) with the default end is still bounded.
+        let e = params(&[("from", "0")]).with_max_range(Duration::from_secs(3600)).selector().unwrap_err();
+        assert!(matches!(e, ParamError::RangeTooLong { .. }), "{e}");
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! samples; lock profiles sum wait time in ns; syscall profiles sum the time
 //! of slow calls in ns (see [`profile_value`]).
 
+mod flame;
 mod pprof;
 mod profile;
 
+pub use flame::{FlameNode, FlameTree, ROOT, flame_tree};
 pub use pprof::encode_pprof;
-pub use profile::{DiffEntry, FlameNode, TopEntry, diff, flame_tree, folded, svg, top};
+pub use profile::{DiffEntry, TopEntry, diff, folded, svg, top};
 
 use std::collections::HashMap;
 

@@ -1,4 +1,5 @@
-//! Profile renderings: flame-graph tree, folded stacks, SVG, top functions, diff.
+//! Profile renderings: folded stacks, SVG, top functions, diff (the
+//! flame-graph tree is in [`super::flame`]). Sums saturate at `u64::MAX`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -7,58 +8,6 @@ use serde::Serialize;
 
 use super::{Profile, profile_unit};
 
-/// A node of a flame-graph tree.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct FlameNode {
-    /// Function name (`root` for the root).
-    pub name: String,
-    /// Value of every stack through this node.
-    pub value: u64,
-    /// Value of the stacks ending at this node.
-    #[serde(rename = "self")]
-    pub self_value: u64,
-    /// Callees, by name.
-    pub children: Vec<FlameNode>,
-}
-
-#[derive(Default)]
-struct Building {
-    value: u64,
-    self_value: u64,
-    children: BTreeMap<String, Building>,
-}
-
-impl Building {
-    fn finish(self, name: String) -> FlameNode {
-        FlameNode {
-            name,
-            value: self.value,
-            self_value: self.self_value,
-            children: self.children.into_iter().map(|(n, b)| b.finish(n)).collect(),
-        }
-    }
-}
-
-/// The merged flame-graph tree: children sorted by name, values per
-/// [`super::profile_value`].
-pub fn flame_tree(profile: &Profile, mode: Mode) -> FlameNode {
-    let mut root = Building::default();
-    for s in &profile.stacks {
-        let v = s.value(mode);
-        if v == 0 {
-            continue;
-        }
-        root.value += v;
-        let mut node = &mut root;
-        for name in &s.names {
-            node = node.children.entry(name.clone()).or_default();
-            node.value += v;
-        }
-        node.self_value += v;
-    }
-    root.finish("root".to_owned())
-}
-
 /// Folded stacks, root first: `a;b;c 42`, one line per distinct stack, sorted.
 /// Stacks with the same names (different hashes) are merged.
 pub fn folded(profile: &Profile, mode: Mode) -> String {
@@ -66,7 +15,8 @@ pub fn folded(profile: &Profile, mode: Mode) -> String {
     for s in &profile.stacks {
         let v = s.value(mode);
         if v > 0 {
-            *lines.entry(fold_names(&s.names)).or_default() += v;
+            let line = lines.entry(fold_names(&s.names)).or_default();
+            *line = line.saturating_add(v);
         }
     }
     let mut out = String::new();
@@ -135,12 +85,14 @@ pub fn top(profile: &Profile, mode: Mode, by_total: bool, limit: usize) -> Vec<T
             continue;
         }
         if let Some(leaf) = s.names.last() {
-            acc.entry(leaf).or_default().0 += v;
+            let e = acc.entry(leaf).or_default();
+            e.0 = e.0.saturating_add(v);
         }
         let mut seen = HashSet::new();
         for n in &s.names {
             if seen.insert(n.as_str()) {
-                acc.entry(n).or_default().1 += v;
+                let e = acc.entry(n).or_default();
+                e.1 = e.1.saturating_add(v);
             }
         }
     }
@@ -169,10 +121,12 @@ pub struct DiffEntry {
 pub fn diff(base: &Profile, current: &Profile, mode: Mode, limit: usize) -> Vec<DiffEntry> {
     let mut acc: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for s in &base.stacks {
-        acc.entry(fold_names(&s.names)).or_default().0 += s.value(mode);
+        let e = acc.entry(fold_names(&s.names)).or_default();
+        e.0 = e.0.saturating_add(s.value(mode));
     }
     for s in &current.stacks {
-        acc.entry(fold_names(&s.names)).or_default().1 += s.value(mode);
+        let e = acc.entry(fold_names(&s.names)).or_default();
+        e.1 = e.1.saturating_add(s.value(mode));
     }
     let mut out: Vec<DiffEntry> = acc
         .into_iter()
@@ -213,19 +167,6 @@ mod tests {
     }
 
     #[test]
-    fn tree_sums_values_along_paths() {
-        let p = profile(&[("main;a;b", 3), ("main;a", 2), ("main;c", 5)]);
-        let t = flame_tree(&p, Mode::Cpu);
-        assert_eq!(t.value, 10);
-        let main = &t.children[0];
-        assert_eq!((main.name.as_str(), main.value, main.self_value), ("main", 10, 0));
-        let a = &main.children[0];
-        assert_eq!((a.name.as_str(), a.value, a.self_value), ("a", 5, 2));
-        assert_eq!(a.children[0].value, 3);
-        assert_eq!(main.children[1].name, "c");
-    }
-
-    #[test]
     fn folded_is_root_first_and_merges_equal_names() {
         let p = profile(&[("main;a", 1), ("main;a", 2), ("main;b", 4)]);
         assert_eq!(folded(&p, Mode::Cpu), "main;a 3\nmain;b 4\n");
@@ -250,6 +191,32 @@ mod tests {
         assert_eq!(d[0], DiffEntry { stack: "main;a".into(), base: 10, value: 4, delta: -6 });
         assert_eq!(d[1].stack, "main;c");
         assert_eq!(d[2].delta, -1);
+    }
+
+    #[test]
+    fn sums_saturate_instead_of_overflowing() {
+        let mut p = profile(&[("main;a", 1), ("main;a", 1)]);
+        p.stacks[0].count = u64::MAX;
+        assert_eq!(folded(&p, Mode::Cpu), format!("main;a {}\n", u64::MAX));
+        assert_eq!(top(&p, Mode::Cpu, true, 1)[0].total, u64::MAX);
+        assert_eq!(diff(&Profile::default(), &p, Mode::Cpu, 1)[0].value, u64::MAX);
+    }
+
+    /// Folded output, top and diff of an 80 000-frame stack, on a thread
+    /// with a 256 KiB stack.
+    #[test]
+    fn deep_stacks_render_without_recursion() {
+        let t = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let names: Vec<String> = (0..80_000).map(|i| format!("f{i}")).collect();
+                let p = profile(&[(names.join(";").as_str(), 3)]);
+                (folded(&p, Mode::Cpu).len(), top(&p, Mode::Cpu, true, 5).len(), diff(&p, &p, Mode::Cpu, 5).len())
+            })
+            .expect("spawn");
+        let (folded_len, top_len, diff_len) = t.join().expect("no stack overflow");
+        assert!(folded_len > 80_000 * 3);
+        assert_eq!((top_len, diff_len), (5, 1));
     }
 
     #[test]

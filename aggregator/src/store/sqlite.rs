@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -95,6 +96,20 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
 }
 
+/// Virtual-machine steps between two checks of a query's cancel flag
+/// (microseconds of work each).
+const PROGRESS_OPS: std::ffi::c_int = 10_000;
+
+/// Sets its flag when dropped: the future waiting for a query went away.
+#[derive(Default)]
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn open_err(path: &Path, e: impl std::fmt::Display) -> OpenError {
     OpenError::Sqlite { path: path.display().to_string(), reason: e.to_string() }
 }
@@ -115,6 +130,14 @@ fn to_i64(v: u64) -> i64 {
 
 fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// Reads a `TOTAL(...)`: SQLite's `SUM` fails on integer overflow (stored
+/// values saturate at `i64::MAX`, so two saturated rows overflow), `TOTAL`
+/// sums as a double. Sums up to 2^53 are exact; larger ones saturate at
+/// `u64::MAX` (`as` saturates, and maps NaN to 0).
+fn from_total(v: f64) -> u64 {
+    v as u64
 }
 
 impl SqliteStore {
@@ -139,15 +162,36 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Runs `f` on the reader connection, on tokio's blocking pool. When
+    /// the returned future is dropped (its HTTP request timed out or was
+    /// cancelled), the query is interrupted at its next progress check, or
+    /// not started, so it does not hold the single reader.
     fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> StoreFuture<'static, Result<T, QueryError>> {
         let reader = Arc::clone(&self.reader);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || f(&lock(&reader)).map_err(query_err))
-                .await
-                .map_err(|e| query_err(format!("query task failed: {e}")))?
+            let cancel = CancelOnDrop::default();
+            let cancelled = Arc::clone(&cancel.0);
+            tokio::task::spawn_blocking(move || {
+                let conn = lock(&reader);
+                if cancelled.load(Ordering::Relaxed) {
+                    return Err(query_err("the query was cancelled before it started: its request ended"));
+                }
+                let flag = Arc::clone(&cancelled);
+                conn.progress_handler(PROGRESS_OPS, Some(move || flag.load(Ordering::Relaxed)));
+                let result = f(&conn);
+                conn.progress_handler(0, None::<fn() -> bool>);
+                result.map_err(|e| match e.sqlite_error_code() {
+                    Some(ErrorCode::OperationInterrupted) => {
+                        query_err("the query was interrupted: its request timed out or was cancelled")
+                    }
+                    _ => query_err(e),
+                })
+            })
+            .await
+            .map_err(|e| query_err(format!("query task failed: {e}")))?
         })
     }
 
@@ -380,15 +424,15 @@ impl Store for SqliteStore {
         let (cond, params) = where_clause(&[kind], sel);
         self.read(move |conn| {
             let sql = format!(
-                "SELECT stack_hash, SUM(count), SUM(total_ns) FROM samples WHERE {cond} AND stack_hash != 0
+                "SELECT stack_hash, TOTAL(count), TOTAL(total_ns) FROM samples WHERE {cond} AND stack_hash != 0
                  GROUP BY stack_hash"
             );
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map(params_from_iter(params), |r| {
                 Ok(StackTotal {
                     stack: StackHash(r.get::<_, i64>(0)? as u64),
-                    count: from_i64(r.get(1)?),
-                    total_ns: from_i64(r.get(2)?),
+                    count: from_total(r.get(1)?),
+                    total_ns: from_total(r.get(2)?),
                 })
             })?;
             rows.collect()
@@ -416,16 +460,17 @@ impl Store for SqliteStore {
     fn syscall_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<SyscallTotal>, QueryError>> {
         let (cond, params) = where_clause(&[RowKind::Syscall], sel);
         self.read(move |conn| {
-            let sql =
-                format!("SELECT name, SUM(count), SUM(errors), SUM(total_ns) FROM samples WHERE {cond} GROUP BY name");
+            let sql = format!(
+                "SELECT name, TOTAL(count), TOTAL(errors), TOTAL(total_ns) FROM samples WHERE {cond} GROUP BY name"
+            );
             let mut totals: BTreeMap<String, SyscallTotal> = BTreeMap::new();
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map(params_from_iter(params.iter()), |r| {
                 Ok(SyscallTotal {
                     name: r.get(0)?,
-                    count: from_i64(r.get(1)?),
-                    errors: from_i64(r.get(2)?),
-                    total_ns: from_i64(r.get(3)?),
+                    count: from_total(r.get(1)?),
+                    errors: from_total(r.get(2)?),
+                    total_ns: from_total(r.get(3)?),
                     histogram: vec![0; LATENCY_BUCKETS],
                 })
             })?;
@@ -434,19 +479,19 @@ impl Store for SqliteStore {
                 totals.insert(row.name.clone(), row);
             }
             let sql = format!(
-                "SELECT name, CAST(b.key AS INTEGER), SUM(b.value) FROM samples, json_each(samples.histogram) AS b
+                "SELECT name, CAST(b.key AS INTEGER), TOTAL(b.value) FROM samples, json_each(samples.histogram) AS b
                  WHERE {cond} GROUP BY name, b.key"
             );
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map(params_from_iter(params.iter()), |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, f64>(2)?))
             })?;
             for row in rows {
                 let (name, bucket, n) = row?;
                 if let (Some(t), Ok(bucket)) = (totals.get_mut(&name), usize::try_from(bucket))
                     && let Some(slot) = t.histogram.get_mut(bucket)
                 {
-                    *slot = from_i64(n);
+                    *slot = from_total(n);
                 }
             }
             Ok(totals.into_values().collect())
@@ -457,7 +502,7 @@ impl Store for SqliteStore {
         let (cond, params) = where_clause(&[RowKind::Lock], sel);
         self.read(move |conn| {
             let sql = format!(
-                "SELECT stack_hash, name, SUM(count), SUM(total_ns), MAX(max_ns) FROM samples WHERE {cond}
+                "SELECT stack_hash, name, TOTAL(count), TOTAL(total_ns), MAX(max_ns) FROM samples WHERE {cond}
                  GROUP BY stack_hash, name"
             );
             let mut stmt = conn.prepare(&sql)?;
@@ -465,8 +510,8 @@ impl Store for SqliteStore {
                 Ok(LockTotal {
                     stack: StackHash(r.get::<_, i64>(0)? as u64),
                     kind: r.get(1)?,
-                    count: from_i64(r.get(2)?),
-                    total_ns: from_i64(r.get(3)?),
+                    count: from_total(r.get(2)?),
+                    total_ns: from_total(r.get(3)?),
                     max_ns: from_i64(r.get(4)?),
                 })
             })?;
@@ -537,5 +582,89 @@ mod tests {
         for code in [ffi::SQLITE_TOOBIG, ffi::SQLITE_CONSTRAINT, ffi::SQLITE_MISMATCH] {
             assert!(!classify(failure(code)).is_retryable(), "SQLite code {code} is about the rows");
         }
+    }
+}
+
+#[cfg(test)]
+mod read_tests {
+    use super::*;
+
+    /// A query whose caller went away (its HTTP request timed out) is
+    /// interrupted, so the single reader is free again for the next query.
+    /// The runtime is shut down with a timeout: without the interrupt the
+    /// endless query would keep its blocking thread forever.
+    #[test]
+    fn a_dropped_query_is_interrupted_and_frees_the_reader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let (freed, endless_result) = rt.block_on(async {
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+            let endless = store.read(move |conn| {
+                let _ = started_tx.send(());
+                conn.query_row(
+                    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            });
+            let (result_tx, result_rx) = tokio::sync::oneshot::channel();
+            let caller = tokio::spawn(async move {
+                let _ = result_tx.send(endless.await);
+            });
+            started_rx.await.expect("the query started");
+            caller.abort(); // as a request timeout drops its handler
+            let freed = matches!(tokio::time::timeout(Duration::from_secs(20), store.ping()).await, Ok(Ok(())));
+            (freed, result_rx.await.is_err())
+        });
+        rt.shutdown_timeout(Duration::from_secs(1));
+        assert!(endless_result, "the aborted caller never saw a result");
+        assert!(freed, "the reader is still held by a query whose caller went away");
+    }
+
+    /// Rows whose counts saturated at `i64::MAX` sum without an error.
+    #[test]
+    fn sums_over_saturated_rows_do_not_fail() {
+        use aperture_core::model::Labels;
+        use aperture_core::shard::{Flush, RowKey, RowValue};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let stack = Stack::new(vec![StackFrame { symbol: "f".into(), ..Default::default() }]);
+        let row = |window_start_s, kind: RowKind, name: &str| {
+            (
+                RowKey { window_start_s, kind, labels: 0, stack: stack.hash, detail: 0 },
+                RowValue {
+                    count: u64::MAX,
+                    total_ns: u64::MAX,
+                    errors: u64::MAX,
+                    max_ns: 7,
+                    histogram: if kind == RowKind::Syscall { vec![u64::MAX; 2] } else { Vec::new() },
+                    name: name.into(),
+                },
+            )
+        };
+        let mut rows = Vec::new();
+        for kind in [RowKind::Cpu, RowKind::Lock, RowKind::Syscall] {
+            let name = if kind == RowKind::Cpu { "" } else { "read" };
+            rows.extend([row(100, kind, name), row(110, kind, name), row(120, kind, name)]);
+        }
+        let batch = WriteBatch {
+            flushes: vec![Flush {
+                labels: vec![Labels { node: "n".into(), ..Default::default() }],
+                rows,
+                stacks: vec![stack.clone()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        store.write_sync(&batch).expect("write");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let sel = Selector { from_s: 0, to_s: 1000, filter: Default::default() };
+        let totals = rt.block_on(store.stack_totals(RowKind::Cpu, &sel)).expect("cpu sums");
+        assert_eq!((totals[0].count, totals[0].total_ns), (u64::MAX, u64::MAX));
+        let locks = rt.block_on(store.lock_totals(&sel)).expect("lock sums");
+        assert_eq!((locks[0].count, locks[0].max_ns), (u64::MAX, 7));
+        let calls = rt.block_on(store.syscall_totals(&sel)).expect("syscall sums");
+        assert_eq!((calls[0].count, calls[0].errors, calls[0].histogram[1]), (u64::MAX, u64::MAX, u64::MAX));
     }
 }

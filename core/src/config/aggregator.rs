@@ -72,14 +72,40 @@ impl Default for Listen {
     }
 }
 
-/// Authentication.
+/// Authentication. One shared token serves agents and API clients; a
+/// role's own token, when set, replaces the shared one for that role.
 #[derive(Clone, Debug, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     /// Bearer token agents and API clients must present (`APERTURE_AUTH_TOKEN`).
     pub token: Secret,
+    /// Token agents must present to push data (`APERTURE_INGEST_TOKEN`); empty: `token`.
+    pub ingest_token: Secret,
+    /// Token API clients must present to read profiles (`APERTURE_READ_TOKEN`); empty: `token`.
+    pub read_token: Secret,
     /// Run without authentication. Must be set explicitly when no token is configured.
     pub disabled: bool,
+}
+
+impl Auth {
+    /// The token agents must present: `ingest_token`, else `token`; `None`
+    /// when neither is set or authentication is disabled.
+    pub fn ingest(&self) -> Option<&str> {
+        self.role_token(&self.ingest_token)
+    }
+
+    /// The token API clients must present: `read_token`, else `token`;
+    /// `None` when neither is set or authentication is disabled.
+    pub fn read(&self) -> Option<&str> {
+        self.role_token(&self.read_token)
+    }
+
+    fn role_token<'a>(&'a self, own: &'a Secret) -> Option<&'a str> {
+        if self.disabled {
+            return None;
+        }
+        [own, &self.token].into_iter().find(|t| !t.is_empty()).map(|t| t.expose())
+    }
 }
 
 /// In-memory buffering.
@@ -173,6 +199,13 @@ pub struct Limits {
     pub idle_timeout: HumanDuration,
     /// Longest time an HTTP request may take.
     pub http_request_timeout: HumanDuration,
+    /// An HTTP connection that has not sent a complete request head within
+    /// this time (also while idle between requests) is closed.
+    pub http_header_timeout: HumanDuration,
+    /// Most HTTP connections served at once; more are answered 503 and closed.
+    pub http_max_connections: usize,
+    /// Longest time range one query may cover.
+    pub http_max_query_range: HumanDuration,
 }
 
 impl Default for Limits {
@@ -182,6 +215,9 @@ impl Default for Limits {
             max_connections: 4096,
             idle_timeout: HumanDuration::secs(60),
             http_request_timeout: HumanDuration::secs(30),
+            http_header_timeout: HumanDuration::secs(10),
+            http_max_connections: 1024,
+            http_max_query_range: HumanDuration::secs(31 * 86_400),
         }
     }
 }
@@ -189,6 +225,8 @@ impl Default for Limits {
 impl Layered for AggregatorConfig {
     const ENV: &'static [(&'static str, &'static str)] = &[
         ("APERTURE_AUTH_TOKEN", "auth.token"),
+        ("APERTURE_INGEST_TOKEN", "auth.ingest_token"),
+        ("APERTURE_READ_TOKEN", "auth.read_token"),
         ("APERTURE_CLICKHOUSE_ENDPOINT", "clickhouse.endpoint"),
         ("APERTURE_CLICKHOUSE_DATABASE", "clickhouse.database"),
         ("APERTURE_CLICKHOUSE_USER", "clickhouse.user"),
@@ -200,6 +238,8 @@ impl Layered for AggregatorConfig {
     fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         match key {
             "auth.token" => self.auth.token = Secret(value.to_owned()),
+            "auth.ingest_token" => self.auth.ingest_token = Secret(value.to_owned()),
+            "auth.read_token" => self.auth.read_token = Secret(value.to_owned()),
             "auth.disabled" => {
                 self.auth.disabled =
                     value.parse().map_err(|_| format!("invalid value `{value}`: expected true or false"))?
@@ -220,11 +260,37 @@ impl Layered for AggregatorConfig {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
-        if self.auth.token.is_empty() && !self.auth.disabled {
-            return Err((
-                "auth.token".into(),
-                "no token configured: set APERTURE_AUTH_TOKEN (or auth.token), or set auth.disabled: true to accept unauthenticated agents".into(),
-            ));
+        if !self.auth.disabled {
+            let (shared, ingest, read) =
+                (self.auth.token.is_empty(), self.auth.ingest_token.is_empty(), self.auth.read_token.is_empty());
+            if shared && ingest && read {
+                return Err((
+                    "auth.token".into(),
+                    "no token configured: set APERTURE_AUTH_TOKEN (or auth.token), or set auth.disabled: true to accept unauthenticated agents".into(),
+                ));
+            }
+            if shared && (ingest || read) {
+                let (key, var) = if ingest {
+                    ("auth.ingest_token", "APERTURE_INGEST_TOKEN")
+                } else {
+                    ("auth.read_token", "APERTURE_READ_TOKEN")
+                };
+                return Err((
+                    key.into(),
+                    format!(
+                        "no {key} configured while the other role has its own token: set {var} (or {key}), or the shared APERTURE_AUTH_TOKEN"
+                    ),
+                ));
+            }
+        }
+        if self.limits.http_max_connections == 0 {
+            return Err(("limits.http_max_connections".into(), "must be at least 1".into()));
+        }
+        if self.limits.http_header_timeout.0.is_zero() {
+            return Err(("limits.http_header_timeout".into(), "must be longer than 0s, e.g. 10s".into()));
+        }
+        if self.limits.http_max_query_range.0.as_secs() == 0 {
+            return Err(("limits.http_max_query_range".into(), "must be at least 1s, e.g. 31d".into()));
         }
         for (key, addr) in
             [("listen.grpc", &self.listen.grpc), ("listen.quic", &self.listen.quic), ("listen.http", &self.listen.http)]
@@ -277,5 +343,35 @@ impl Layered for AggregatorConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load;
+
+    fn load_env(vars: &[(&str, &str)]) -> Result<AggregatorConfig, String> {
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env = move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        load::<AggregatorConfig>(None, &env, &[]).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn each_role_takes_its_own_token_or_the_shared_one() {
+        let c = load_env(&[("APERTURE_AUTH_TOKEN", "shared")]).expect("valid");
+        assert_eq!((c.auth.ingest(), c.auth.read()), (Some("shared"), Some("shared")));
+        let c = load_env(&[("APERTURE_INGEST_TOKEN", "push"), ("APERTURE_READ_TOKEN", "read")]).expect("valid");
+        assert_eq!((c.auth.ingest(), c.auth.read()), (Some("push"), Some("read")));
+        let c = load_env(&[("APERTURE_AUTH_TOKEN", "shared"), ("APERTURE_INGEST_TOKEN", "push")]).expect("valid");
+        assert_eq!((c.auth.ingest(), c.auth.read()), (Some("push"), Some("shared")));
+    }
+
+    #[test]
+    fn a_role_left_without_any_token_is_refused_by_name() {
+        let e = load_env(&[("APERTURE_INGEST_TOKEN", "push")]).unwrap_err();
+        assert!(e.contains("auth.read_token") && e.contains("APERTURE_READ_TOKEN"), "{e}");
+        let e = load_env(&[("APERTURE_READ_TOKEN", "read")]).unwrap_err();
+        assert!(e.contains("auth.ingest_token"), "{e}");
     }
 }

@@ -30,6 +30,8 @@ use crate::settings::ClickHouseSettings;
 #[derive(Clone)]
 pub struct ClickHouseStore {
     client: Client,
+    /// The client for API reads: queries stop at `max_execution_time`.
+    reads: Client,
     database: String,
     timeout: Duration,
 }
@@ -45,7 +47,8 @@ impl ClickHouseStore {
     pub async fn open(settings: &ClickHouseSettings) -> Result<ClickHouseStore, OpenError> {
         let (admin, client) = config::clients(settings)?;
         schema::migrate(&admin, &client, &settings.database).await?;
-        Ok(ClickHouseStore { client, database: settings.database.clone(), timeout: settings.request_timeout })
+        let reads = queries::read_client(&client, settings.request_timeout);
+        Ok(ClickHouseStore { client, reads, database: settings.database.clone(), timeout: settings.request_timeout })
     }
 }
 
@@ -73,19 +76,19 @@ impl Store for ClickHouseStore {
         kind: RowKind,
         sel: &'a Selector,
     ) -> StoreFuture<'a, Result<Vec<StackTotal>, QueryError>> {
-        Box::pin(queries::stack_totals(&self.client, kind, sel))
+        Box::pin(queries::stack_totals(&self.reads, kind, sel))
     }
 
     fn stacks<'a>(&'a self, hashes: &'a [StackHash]) -> StoreFuture<'a, Result<Vec<Stack>, QueryError>> {
-        Box::pin(queries::stacks(&self.client, hashes))
+        Box::pin(queries::stacks(&self.reads, hashes))
     }
 
     fn syscall_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<SyscallTotal>, QueryError>> {
-        Box::pin(queries::syscall_totals(&self.client, sel))
+        Box::pin(queries::syscall_totals(&self.reads, sel))
     }
 
     fn lock_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<LockTotal>, QueryError>> {
-        Box::pin(queries::lock_totals(&self.client, sel))
+        Box::pin(queries::lock_totals(&self.reads, sel))
     }
 
     fn label_values<'a>(
@@ -94,7 +97,7 @@ impl Store for ClickHouseStore {
         mode: Option<Mode>,
         sel: &'a Selector,
     ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
-        Box::pin(queries::label_values(&self.client, label, mode, sel))
+        Box::pin(queries::label_values(&self.reads, label, mode, sel))
     }
 
     fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>> {

@@ -1,7 +1,9 @@
 //! Reads: the aggregate queries behind the API, the ledger, retention.
 //!
 //! Label filter values are bound as parameters (the client escapes them);
-//! stack hashes and times are integers formatted into the SQL.
+//! stack hashes and times are integers formatted into the SQL. API reads run
+//! on a client with `max_execution_time` set (see [`read_client`]), and their
+//! sums saturate at `u64::MAX` rather than wrap (see [`sat_sum`]).
 
 use aperture_core::model::{Mode, StackHash};
 use aperture_core::shard::RowKind;
@@ -11,6 +13,23 @@ use serde::Deserialize;
 use crate::store::{LabelName, LockTotal, QueryError, Selector, StackTotal, SyscallTotal, mode_kinds};
 
 const STORE: &str = "clickhouse";
+
+/// The client for API reads: ClickHouse stops a query after `timeout`
+/// (`max_execution_time`, whole seconds, at least 1), so a query whose HTTP
+/// request has timed out does not keep running on the server.
+pub(crate) fn read_client(client: &Client, timeout: std::time::Duration) -> Client {
+    client.clone().with_setting("max_execution_time", timeout.as_secs().max(1).to_string())
+}
+
+/// `sum(column)` of a `UInt64` column, saturating at `u64::MAX`: ClickHouse's
+/// `sum` of `UInt64` wraps around, so the exact sum is kept unless a second
+/// sum, in `Float64`, reaches 2^64 (works on every server version).
+fn sat_sum(column: &str) -> String {
+    format!("if(sum(toFloat64({column})) >= {SAT_F64}, {max}, sum({column}))", max = u64::MAX)
+}
+
+/// 2^64 as a ClickHouse `Float64` literal.
+const SAT_F64: &str = "18446744073709551616.0";
 
 pub(crate) fn query_err(e: impl std::fmt::Display) -> QueryError {
     QueryError::Store { store: STORE, reason: e.to_string() }
@@ -69,8 +88,10 @@ pub(crate) async fn stack_totals(
 ) -> Result<Vec<StackTotal>, QueryError> {
     let w = where_clause(&[kind], sel);
     let sql = format!(
-        "SELECT stack_hash, sum(count) AS count, sum(total_ns) AS total_ns FROM samples
+        "SELECT stack_hash, {} AS count, {} AS total_ns FROM samples
          WHERE {} AND stack_hash != 0 GROUP BY stack_hash",
+        sat_sum("count"),
+        sat_sum("total_ns"),
         w.sql
     );
     let rows = bound(client, &sql, &w).fetch_all::<StackSum>().await.map_err(query_err)?;
@@ -136,9 +157,15 @@ struct SyscallSum {
 pub(crate) async fn syscall_totals(client: &Client, sel: &Selector) -> Result<Vec<SyscallTotal>, QueryError> {
     let w = where_clause(&[RowKind::Syscall], sel);
     let sql = format!(
-        "SELECT name, sum(count), sum(errors), sum(total_ns), sumForEach(histogram) FROM samples
-         WHERE {} GROUP BY name",
-        w.sql
+        "SELECT name, {}, {}, {},
+            arrayMap((n, f) -> if(f >= {SAT_F64}, {max}, n),
+                sumForEach(histogram), sumForEach(arrayMap(x -> toFloat64(x), histogram)))
+         FROM samples WHERE {} GROUP BY name",
+        sat_sum("count"),
+        sat_sum("errors"),
+        sat_sum("total_ns"),
+        w.sql,
+        max = u64::MAX,
     );
     let rows = bound(client, &sql, &w).fetch_all::<SyscallSum>().await.map_err(query_err)?;
     Ok(rows
@@ -165,8 +192,10 @@ struct LockSum {
 pub(crate) async fn lock_totals(client: &Client, sel: &Selector) -> Result<Vec<LockTotal>, QueryError> {
     let w = where_clause(&[RowKind::Lock], sel);
     let sql = format!(
-        "SELECT stack_hash, name, sum(count), sum(total_ns), max(max_ns) FROM samples
+        "SELECT stack_hash, name, {}, {}, max(max_ns) FROM samples
          WHERE {} GROUP BY stack_hash, name",
+        sat_sum("count"),
+        sat_sum("total_ns"),
         w.sql
     );
     let rows = bound(client, &sql, &w).fetch_all::<LockSum>().await.map_err(query_err)?;
