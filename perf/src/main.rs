@@ -17,6 +17,7 @@
 mod burn;
 mod clickhouse;
 mod harness;
+mod load;
 mod scenarios;
 mod stats;
 mod sys;

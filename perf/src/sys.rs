@@ -54,7 +54,7 @@ pub fn parse_status_memory(status: &str) -> (u64, u64) {
 /// Reads the usage of process `pid`.
 pub fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid} gone"))?;
-    let ticks = aperture_transport::bench::stat_cpu_ticks(&stat).context("unreadable /proc/<pid>/stat")?;
+    let ticks = crate::load::stat_cpu_ticks(&stat).context("unreadable /proc/<pid>/stat")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let (rss_kib, hwm_kib) = parse_status_memory(&status);
     Ok(ProcUsage { cpu_s: ticks as f64 / TICKS_PER_SEC, rss_kib, hwm_kib })
@@ -288,7 +288,7 @@ mod tests {
     fn stat_cpu_comes_from_utime_and_stime() {
         // Fields after the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
         let stat = "77 (aperture (agent)) S 1 77 77 0 -1 4194560 10 0 0 0 250 50 0 0 20 0 12 0 99 0";
-        assert_eq!(aperture_transport::bench::stat_cpu_ticks(stat), Some(300));
+        assert_eq!(crate::load::stat_cpu_ticks(stat), Some(300));
         // ... cutime cstime follow.
         let stat = "77 (perf) S 1 77 77 0 -1 4194560 10 0 0 0 250 50 7 3 20 0 12 0 99 0";
         assert_eq!(stat_children_ticks(stat), Some(10));

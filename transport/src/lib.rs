@@ -29,11 +29,10 @@
 //! (`server/session.rs` drives a session whatever the carrier). Nothing in a
 //! carrier file imports from its parent module.
 //!
-//! Load generator: [`bench`] (used by `examples/push_load.rs` and the perf harness); fuzz targets: `fuzz/` (standalone,
-//! nightly).
+//! Fuzz targets: `fuzz/` (standalone, nightly). The load generator lives in
+//! the perf harness (`perf/src/load.rs`), not in the shipped crate.
 
 pub mod auth;
-pub mod bench;
 pub mod client;
 pub mod control;
 #[doc(hidden)]

@@ -187,3 +187,42 @@ async fn withheld_credit_pauses_and_resumes_the_client() {
     tokio::task::block_in_place(|| drop(client));
     server.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A frame larger than the server takes (its welcome says how large) is not
+/// sent: it is dropped and counted, the session goes on, and it is not
+/// offered again on the next connection.
+async fn frames_above_the_servers_limit_are_dropped(carrier: Carrier) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Arc::new(RecordingSink::default());
+    let mut cfg = server_config(dir.path());
+    let small = frame(1, 1).len();
+    let big = frame_with(1, 2, 4_000);
+    assert!(big.len() > small * 2);
+    cfg.limits.max_frame_bytes = (small * 2) as u32;
+    let server = start(cfg, sink.clone()).await;
+    let client = start_client(client_config(&server, carrier, Some(TOKEN)), 1);
+    client.send(frame(1, 1)).unwrap();
+    client.send(big).unwrap();
+    client.send(frame(1, 3)).unwrap();
+    eventually("the small frames arrive", || sink.count() == 2).await;
+    assert_eq!(sink.seen_sequences(), vec![1, 3]);
+    sink.commit_all(&server.acker());
+    eventually("acked", || client.stats().session.frames_acked == 2).await;
+    let stats = client.stats();
+    assert_eq!(stats.session.frames_dropped_oversized, 1, "{stats:?}");
+    assert_eq!((stats.session.unacked_frames, stats.reconnects), (0, 0), "{stats:?}");
+    let s = server.stats();
+    assert_eq!((s.decode_errors_total(), s.sessions_opened), (0, 1), "{s:?}");
+    tokio::task::block_in_place(|| drop(client));
+    server.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_frames_above_the_servers_limit_are_dropped() {
+    frames_above_the_servers_limit_are_dropped(Carrier::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_frames_above_the_servers_limit_are_dropped() {
+    frames_above_the_servers_limit_are_dropped(Carrier::Grpc).await;
+}

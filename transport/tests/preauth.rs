@@ -86,6 +86,8 @@ async fn quic_frames_before_the_hello_allocate_nothing_and_close_the_connection(
     eventually("every pre-auth connection counted closed", || server.stats().preauth_closed == STALLERS as u64).await;
     assert_eq!(server.stats().unauthenticated_connections, 0);
     assert_eq!(sink.count(), 0);
+    // What a metrics exporter reads is the same snapshot.
+    assert_eq!(server.stats_reader().snapshot(), server.stats());
 }
 
 /// A QUIC client that sends a partial hello and stalls is closed when its

@@ -346,4 +346,17 @@ mod tests {
         assert_eq!(AgentConfig::default().aggregator.to_string(), DEFAULT_AGGREGATOR);
         assert_eq!(DEFAULT_AGGREGATOR.parse::<HostPort>().ok(), Some(AgentConfig::default().aggregator));
     }
+
+    #[test]
+    fn grpc_is_plaintext_only_when_asked_by_name() {
+        let mut c = AgentConfig::default();
+        assert!(c.transport.grpc_tls && !c.transport.insecure_plaintext, "TLS by default");
+        assert!(c.validate().is_ok());
+        c.transport.grpc_tls = false;
+        let (key, why) = c.validate().expect_err("grpc_tls: false alone is refused");
+        assert_eq!(key, "transport.grpc_tls");
+        assert!(why.contains("transport.insecure_plaintext"), "{why}");
+        c.transport.insecure_plaintext = true;
+        assert!(c.validate().is_ok());
+    }
 }

@@ -374,4 +374,18 @@ mod tests {
         let e = load_env(&[("APERTURE_READ_TOKEN", "read")]).unwrap_err();
         assert!(e.contains("auth.ingest_token"), "{e}");
     }
+
+    #[test]
+    fn grpc_is_served_in_plaintext_only_when_asked_by_name() {
+        let mut c =
+            AggregatorConfig { auth: Auth { disabled: true, ..Auth::default() }, ..AggregatorConfig::default() };
+        assert!(c.tls.grpc && !c.tls.insecure_plaintext, "TLS by default");
+        assert!(c.validate().is_ok());
+        c.tls.grpc = false;
+        let (key, why) = c.validate().expect_err("tls.grpc: false alone is refused");
+        assert_eq!(key, "tls.grpc");
+        assert!(why.contains("tls.insecure_plaintext"), "{why}");
+        c.tls.insecure_plaintext = true;
+        assert!(c.validate().is_ok());
+    }
 }

@@ -1,6 +1,6 @@
 //! `ingest`: K synthetic agents push realistic batches over loopback to one
 //! ingress, QUIC and gRPC side by side. The load is
-//! [`aperture_transport::bench`]: the transport's own server with a sink that
+//! [`crate::load`]: the transport's own server with a sink that
 //! only acknowledges (no shards, no store), so the aggregator CPU measured —
 //! the server's `agg-*` threads — is the cost of the carriers alone, which is
 //! what the QUIC-vs-gRPC target is about. Sides are `<carrier>-k<K>`.
@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use aperture_core::frame::{DecodeLimits, FrameId, encode_batch};
 use aperture_transport::Carrier;
-use aperture_transport::bench::{LoadConfig, run_load, synthetic_batch};
 use serde::Deserialize;
 
 use crate::harness::{Metric, Scenario};
+use crate::load::{LoadConfig, run_load, synthetic_batch};
 use crate::stats::percentile;
 
 /// Parameters of the scenario.

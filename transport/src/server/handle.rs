@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use super::config::{ServeError, ServerConfig};
 use super::session::Shared;
 use super::sink::IngressSink;
-use super::stats::ServerStats;
+use super::stats::{Counters, ServerStats};
 use crate::Carrier;
 use crate::auth::Authenticator;
 use crate::session::ServerSessionConfig;
@@ -40,6 +40,25 @@ impl Acker {
             by_run.entry((id.agent_id, id.boot_id)).or_default().push(id.sequence);
         }
         by_run.into_iter().map(|(key, seqs)| self.shared.registry.route(key, seqs)).sum()
+    }
+}
+
+/// Reads a server's counters; see [`ServerHandle::stats_reader`].
+#[derive(Clone)]
+pub struct StatsReader {
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for StatsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsReader").finish_non_exhaustive()
+    }
+}
+
+impl StatsReader {
+    /// A snapshot of the counters (a few atomic loads and one short lock).
+    pub fn snapshot(&self) -> ServerStats {
+        self.counters.snapshot()
     }
 }
 
@@ -93,6 +112,13 @@ impl ServerHandle {
     /// A snapshot of the counters.
     pub fn stats(&self) -> ServerStats {
         self.shared.counters.snapshot()
+    }
+
+    /// A reader of the counters to keep elsewhere (a metrics exporter):
+    /// cheap to clone, usable from any thread, and still readable after
+    /// the server stopped.
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader { counters: Arc::clone(&self.shared.counters) }
     }
 
     /// Graceful stop: sessions send their pending acks and a `Close`

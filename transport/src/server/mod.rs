@@ -17,7 +17,7 @@ mod stats;
 
 pub use config::{DEFAULT_PORT, ServeError, ServerConfig, ServerLimits};
 pub(crate) use grpc::inbound_from_pb;
-pub use handle::{Acker, ServerHandle, serve};
+pub use handle::{Acker, ServerHandle, StatsReader, serve};
 pub(crate) use session::Inbound;
 pub use sink::{Admission, IngressSink, PeerInfo, ReceivedFrame};
 pub use stats::ServerStats;

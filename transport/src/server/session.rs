@@ -28,7 +28,7 @@ pub(crate) struct Shared {
     pub session_cfg: ServerSessionConfig,
     pub limits: ServerLimits,
     pub decode_limits: DecodeLimits,
-    pub counters: stats::Counters,
+    pub counters: Arc<stats::Counters>,
     pub registry: Registry,
     pub accepting: watch::Sender<bool>,
     pub shutdown: watch::Sender<bool>,

@@ -139,6 +139,11 @@ pub fn start_client(cfg: ClientConfig, boot: u8) -> Client {
 
 /// A realistic frame: a few stacks and samples.
 pub fn frame(boot: u8, seq: u64) -> FrameBuf {
+    frame_with(boot, seq, 32)
+}
+
+/// A realistic frame with `samples` CPU samples.
+pub fn frame_with(boot: u8, seq: u64, samples: u64) -> FrameBuf {
     let stacks: Vec<Stack> = (0..8)
         .map(|i| {
             Stack::new(
@@ -157,7 +162,7 @@ pub fn frame(boot: u8, seq: u64) -> FrameBuf {
     let batch = Batch {
         node: "node-test".into(),
         targets: vec![Target { pid: 42, process: "app".into(), ..Default::default() }],
-        cpu: (0..32)
+        cpu: (0..samples)
             .map(|i| CpuSample {
                 time_ns: seq * 1000 + i,
                 target: 0,

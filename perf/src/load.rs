@@ -1,5 +1,4 @@
-//! Push load over the transport, shared by `examples/push_load.rs` and the
-//! perf harness's `ingest` scenario: K synthetic agents push copies of one
+//! Push load over the transport, for the `ingest` scenario: K synthetic agents push copies of one
 //! encoded frame to an in-process server over loopback, on one carrier, for
 //! a bounded time and frame count, and the run reports throughput, the
 //! server's CPU time, ack latencies and bytes.
@@ -21,11 +20,11 @@ use anyhow::Context;
 use aperture_core::frame::{DecodeLimits, FrameBuf, FrameHeader, FrameId, HEADER_LEN};
 use aperture_core::model::{Batch, CpuSample, Stack, StackFrame, Target};
 
-use crate::Carrier;
-use crate::auth::AuthConfig;
-use crate::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
-use crate::server::{Admission, IngressSink, ReceivedFrame, ServerConfig, serve};
-use crate::tls::{ClientTlsConfig, ServerTlsConfig};
+use aperture_transport::Carrier;
+use aperture_transport::auth::AuthConfig;
+use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
+use aperture_transport::server::{Admission, IngressSink, ReceivedFrame, ServerConfig, serve};
+use aperture_transport::tls::{ClientTlsConfig, ServerTlsConfig};
 
 const TOKEN: &str = "bench-token";
 
