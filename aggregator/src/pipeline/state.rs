@@ -168,8 +168,13 @@ impl Shared {
 
     /// Marks frames committed in their lanes' ledgers.
     pub fn commit(&self, frames: &[FrameId]) {
+        let mut skipped = 0;
         for (lane, ids) in self.group_by_lane(frames) {
-            self.lane(lane).ledger.commit(&ids);
+            skipped += self.lane(lane).ledger.commit(&ids);
+        }
+        if skipped > 0 {
+            // Frames their agents dropped long ago (see core's ledger).
+            tracing::debug!(sequences = skipped, "frame ledger closed sequence gaps");
         }
     }
 
