@@ -189,8 +189,20 @@ pub struct Shard {
 /// before it forgets them all (and hands them again, harmlessly: the stores
 /// keep one copy per hash).
 const KNOWN_STACKS_LIMIT: usize = 1 << 20;
-/// Rough memory cost of a row, for buffer accounting.
+/// Memory cost of a row besides its name and histogram, for buffer accounting.
 const ROW_COST: usize = 160;
+/// Fixed cost of a `String` (pointer, length, capacity).
+const STRING_COST: usize = 24;
+
+/// Memory held by a label set: its strings' bytes and headers.
+fn labels_cost(l: &Labels) -> usize {
+    [&l.node, &l.namespace, &l.pod, &l.container, &l.process].iter().map(|s| STRING_COST + s.len()).sum::<usize>() + 8
+}
+
+/// Memory held by a stack: per frame the fixed fields and the strings' bytes.
+fn stack_cost(s: &Stack) -> usize {
+    48 + s.frames.iter().map(|f| 24 + 3 * STRING_COST + f.symbol.len() + f.module.len() + f.file.len()).sum::<usize>()
+}
 
 impl Shard {
     /// An empty shard.
@@ -268,7 +280,7 @@ impl Shard {
                 // first time this shard sees it.
                 match rkyv::deserialize::<Stack, rkyv::rancor::Error>(s) {
                     Ok(stack) => {
-                        self.approx_bytes += 64 + stack.frames.len() * 96;
+                        self.approx_bytes += stack_cost(&stack);
                         self.new_stacks.push(stack);
                     }
                     Err(_) => {
@@ -340,6 +352,7 @@ impl Shard {
         let samples = batch.sample_count();
         self.samples = self.samples.saturating_add(samples);
         self.frames.push(frame);
+        self.approx_bytes += std::mem::size_of::<FrameId>();
         self.oldest_ns.get_or_insert(now_ns);
         Ok(())
     }
@@ -349,7 +362,8 @@ impl Shard {
             return *id;
         }
         let id = self.labels.len() as LabelsId;
-        self.approx_bytes += 128;
+        // Held twice: in the list and as the lookup key.
+        self.approx_bytes += 2 * labels_cost(&labels);
         self.labels.push(labels.clone());
         self.label_ids.insert(labels, id);
         id
@@ -372,9 +386,12 @@ impl Shard {
         hist: Option<&[u64]>,
     ) {
         let value = self.rows.entry(key).or_insert_with(|| {
-            self.approx_bytes += ROW_COST;
+            self.approx_bytes += ROW_COST + name.len();
             RowValue { name: name.to_owned(), ..RowValue::default() }
         });
+        if hist.is_some() && value.histogram.is_empty() {
+            self.approx_bytes += LATENCY_BUCKETS * 8;
+        }
         value.merge(count, total_ns, errors, max_ns, hist);
     }
 
@@ -484,6 +501,21 @@ mod tests {
 
     fn config(max_rows: usize, max_age_s: u64) -> ShardConfig {
         ShardConfig { window_ns: 10 * SEC, max_rows, max_age_ns: max_age_s * SEC }
+    }
+
+    #[test]
+    fn the_size_estimate_counts_string_lengths() {
+        let short = cpu_batch(&[(100 * SEC, 1, "f", 1)]);
+        let mut long = cpu_batch(&[(100 * SEC, 1, &"f".repeat(50_000), 1)]);
+        long.targets[0].process = "p".repeat(30_000);
+        long.node = "n".repeat(10_000);
+        let mut a = Shard::new(config(100, 5));
+        ingest(&mut a, 0, &short, 1);
+        let mut b = Shard::new(config(100, 5));
+        ingest(&mut b, 0, &long, 1);
+        // The long strings are held once in the stack and twice in the label set.
+        assert!(b.approx_bytes() >= 50_000 + 2 * 40_000, "{} vs {}", b.approx_bytes(), a.approx_bytes());
+        assert!(a.approx_bytes() < 1_000);
     }
 
     #[test]

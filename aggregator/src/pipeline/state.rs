@@ -40,10 +40,16 @@ impl Acknowledge for aperture_transport::server::Acker {
     }
 }
 
-/// Bytes held between the ingress and the store, against a capacity.
+/// Bytes held between the ingress and the store, against a capacity:
+/// frames queued to the shards, the shards' aggregated state, flushes
+/// waiting in the writer, and frames refused as busy that the transport
+/// keeps parked to offer again.
 #[derive(Debug)]
 pub struct Buffer {
+    /// Queued frames, shard state and the writer's flushes.
     used: AtomicUsize,
+    /// Frames answered `Busy`, held by the transport until offered again.
+    parked: AtomicUsize,
     capacity: usize,
     high_water: usize,
 }
@@ -51,12 +57,27 @@ pub struct Buffer {
 impl Buffer {
     /// A buffer of `capacity` bytes that pushes back above `high_water`.
     pub fn new(capacity: usize, high_water: usize) -> Buffer {
-        Buffer { used: AtomicUsize::new(0), capacity, high_water: high_water.min(capacity) }
+        Buffer {
+            used: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
+            capacity,
+            high_water: high_water.min(capacity),
+        }
     }
 
-    /// Bytes held now.
+    /// Bytes held now, parked frames included.
     pub fn used(&self) -> usize {
+        self.pipeline().saturating_add(self.parked())
+    }
+
+    /// Bytes held by the pipeline (queues, shards, writer).
+    pub fn pipeline(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of frames parked as busy.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
     }
 
     /// Configured capacity.
@@ -69,9 +90,19 @@ impl Buffer {
         self.high_water
     }
 
-    /// Whether the ingress is pushing back.
+    /// Whether everything held is at or above the high-water mark.
     pub fn above_high_water(&self) -> bool {
         self.used() >= self.high_water
+    }
+
+    /// Whether the pipeline takes a frame of `n` bytes: below the high-water
+    /// mark, and within the capacity once it is added. An empty pipeline
+    /// takes any frame, so a frame larger than the capacity cannot wedge it.
+    /// Parked frames do not count here: they are in memory already, and
+    /// admitting one only moves it into the pipeline.
+    pub fn admits(&self, n: usize) -> bool {
+        let used = self.pipeline();
+        used == 0 || (used < self.high_water && used.saturating_add(n) <= self.capacity)
     }
 
     /// Accounts `n` more bytes.
@@ -84,6 +115,16 @@ impl Buffer {
         // Saturating: accounting never goes below zero even if a caller
         // releases more than it charged.
         let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
+    }
+
+    /// Accounts a frame of `n` bytes parked by the transport.
+    pub fn park(&self, n: usize) {
+        self.parked.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A parked frame of `n` bytes was offered again or dropped.
+    pub fn unpark(&self, n: usize) {
+        let _ = self.parked.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
     }
 }
 
@@ -299,5 +340,20 @@ mod tests {
         assert!(b.above_high_water());
         b.release(1000);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn admission_keeps_within_the_capacity_and_parked_frames_count_as_held() {
+        let b = Buffer::new(100, 80);
+        assert!(b.admits(500), "an empty pipeline takes any frame");
+        b.charge(50);
+        assert!(b.admits(50));
+        assert!(!b.admits(51), "below high water but over the capacity once added");
+        b.park(40);
+        assert_eq!(b.used(), 90);
+        assert!(b.above_high_water(), "parked frames are held memory");
+        assert!(b.admits(10), "but do not block admission: they are in memory already");
+        b.unpark(40);
+        assert_eq!(b.used(), 50);
     }
 }
