@@ -8,7 +8,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aperture_core::frame::DecodeLimits;
 use aperture_core::shard::ShardConfig;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -87,13 +86,14 @@ impl Aggregator {
             window_ns: u64::try_from(settings.window.as_nanos()).unwrap_or(u64::MAX).max(1),
             max_rows: settings.flush_max_rows.max(1),
             max_age_ns: u64::try_from(settings.flush_max_age.as_nanos()).unwrap_or(u64::MAX),
+            max_stack_frames: settings.max_stack_frames,
         };
         let mut queues = Vec::with_capacity(lanes);
         let mut shard_threads = Vec::with_capacity(lanes);
         for i in 0..lanes {
             let (tx, rx) = crossbeam_channel::bounded(settings.shard_queue_frames.max(1));
             queues.push(tx);
-            let t = spawn_shard(i, shard_config, DecodeLimits::default(), rx, flush_tx.clone(), Arc::clone(&shared))
+            let t = spawn_shard(i, shard_config, settings.decode_limits(), rx, flush_tx.clone(), Arc::clone(&shared))
                 .context("starting a shard thread")?;
             shard_threads.push(t);
         }

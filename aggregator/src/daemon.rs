@@ -31,6 +31,7 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
     s.flush_max_age = config.flush.max_age.0;
     s.retention = config.retention.0;
     s.http_limits = HttpLimits { request_timeout: config.limits.http_request_timeout.0, ..HttpLimits::default() };
+    s.max_frame_bytes = config.limits.max_frame_size.as_usize();
     let ch = &config.clickhouse;
     s.clickhouse = (!ch.endpoint.is_empty()).then(|| ClickHouseSettings {
         database: ch.database.clone(),

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub ingress_bytes: IntCounter,
     /// `aperture_ingress_samples_total`.
     pub ingress_samples: IntCounter,
+    /// `aperture_ingress_stacks_truncated_total`.
+    pub ingress_stacks_truncated: IntCounter,
+    /// `aperture_ingress_stack_frames_cut_total`.
+    pub ingress_stack_frames_cut: IntCounter,
     /// `aperture_ingress_connected_agents{carrier}`.
     pub connected_agents: IntGaugeVec,
     /// `aperture_buffer_used_bytes`.
@@ -123,6 +127,14 @@ impl Metrics {
             ingress_samples: counter(
                 "aperture_ingress_samples_total",
                 "Observations (CPU samples, lock waits, syscalls, slow calls) folded into shards.",
+            )?,
+            ingress_stacks_truncated: counter(
+                "aperture_ingress_stacks_truncated_total",
+                "Stacks longer than the frame limit, cut to their leaf-most frames.",
+            )?,
+            ingress_stack_frames_cut: counter(
+                "aperture_ingress_stack_frames_cut_total",
+                "Frames cut from truncated stacks.",
             )?,
             connected_agents: gauge_vec(
                 "aperture_ingress_connected_agents",
