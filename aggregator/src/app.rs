@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use crate::background::{health_checker, retention, unix_now_s};
 use crate::http::{AppState, router, token_digest};
 use crate::metrics::Metrics;
-use crate::pipeline::ingress::ShardedIngress;
+use crate::pipeline::ingress::{ShardedIngress, check_runs};
 use crate::pipeline::shard::spawn_shard;
 use crate::pipeline::state::{Acknowledge, Buffer, Shared};
 use crate::pipeline::writer::{WriterConfig, spawn_writer};
@@ -113,7 +113,8 @@ impl Aggregator {
             tokio::runtime::Handle::current(),
         )
         .context("starting the writer thread")?;
-        let ingress = Arc::new(ShardedIngress::new(Arc::clone(&shared), queues));
+        let (checks, runs_to_check) = tokio::sync::mpsc::unbounded_channel();
+        let ingress = Arc::new(ShardedIngress::new(Arc::clone(&shared), queues, Some(checks)));
 
         let state = AppState {
             store: Arc::clone(&store),
@@ -138,6 +139,7 @@ impl Aggregator {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
+        tasks.spawn(check_runs(Arc::clone(&store), Arc::clone(&shared), runs_to_check, stopped.clone()));
         tasks.spawn(health_checker(Arc::clone(&store), Arc::clone(&shared), stopped.clone()));
         tasks.spawn(retention(Arc::clone(&store), Arc::clone(&shared), settings.clone(), stopped));
         Ok(AggregatorHandle {

@@ -21,6 +21,9 @@ pub mod frame_result {
     pub const BUSY: &str = "busy";
     /// Refused because its contents are invalid.
     pub const REJECTED: &str = "rejected";
+    /// Held back while the run's committed frames are read from the store
+    /// (a run this aggregator had not served lately); offered again.
+    pub const CHECKING: &str = "checking";
 }
 
 /// Every metric of one aggregator.

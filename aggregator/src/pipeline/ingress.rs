@@ -31,12 +31,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aperture_core::frame::FrameId;
-use aperture_core::ledger::Admit;
+use aperture_core::ledger::{Admit, RunKey};
 use crossbeam_channel::{Sender, TrySendError};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::shard::ShardInput;
-use super::state::Shared;
+use super::state::{RunCheck, Shared};
 use crate::metrics::frame_result;
+use crate::store::Store;
 
 pub use aperture_transport::Carrier;
 pub use aperture_transport::server::{Admission, IngressSink, PeerInfo, ReceivedFrame};
@@ -62,12 +64,19 @@ pub struct ShardedIngress {
     queues: Vec<Sender<ShardInput>>,
     closed: AtomicBool,
     parked: Mutex<Parked>,
+    /// Where runs to look up in the store go ([`check_runs`]); `None`: the
+    /// lanes' ledgers answer alone.
+    checks: Option<UnboundedSender<(usize, RunKey)>>,
 }
 
 impl ShardedIngress {
-    pub(crate) fn new(shared: Arc<Shared>, queues: Vec<Sender<ShardInput>>) -> ShardedIngress {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        queues: Vec<Sender<ShardInput>>,
+        checks: Option<UnboundedSender<(usize, RunKey)>>,
+    ) -> ShardedIngress {
         let parked = Mutex::new(Parked { frames: HashMap::new(), swept: Instant::now() });
-        ShardedIngress { shared, queues, closed: AtomicBool::new(false), parked }
+        ShardedIngress { shared, queues, closed: AtomicBool::new(false), parked, checks }
     }
 
     fn parked(&self) -> std::sync::MutexGuard<'_, Parked> {
@@ -126,6 +135,41 @@ impl ShardedIngress {
     }
 }
 
+/// Reads from the store the committed state of runs the ingress meets
+/// after not serving them for a while ([`super::state::RUN_FRESH_FOR`]), and
+/// merges it into their lane's ledger. With several replicas on one
+/// database this is what keeps a frame another replica committed from
+/// being admitted again. Runs until `stop` turns true or the ingress is dropped.
+pub(crate) async fn check_runs(
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    mut runs: UnboundedReceiver<(usize, RunKey)>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (lane, key) = tokio::select! {
+            next = runs.recv() => match next {
+                Some(run) => run,
+                None => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let result = tokio::time::timeout(Duration::from_secs(5), store.load_run(key)).await;
+        let (state, ok) = match result {
+            Ok(Ok(state)) => (state, true),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading a run's committed frames failed; its frames wait");
+                (None, false)
+            }
+            Err(_) => {
+                tracing::warn!("reading a run's committed frames took over 5 s; its frames wait");
+                (None, false)
+            }
+        };
+        shared.lane(lane).finish_check(key, state, ok, Instant::now());
+    }
+}
+
 impl IngressSink for ShardedIngress {
     fn admit(&self, frame: ReceivedFrame) -> Admission {
         let id = frame.header.id;
@@ -138,8 +182,24 @@ impl IngressSink for ShardedIngress {
         }
         let lane_index = self.shared.lane_of(&id.agent_id);
         {
+            let now = Instant::now();
+            let key = (id.agent_id, id.boot_id);
             let mut lane = self.shared.lane(lane_index);
-            lane.heard_from(id.agent_id, frame.carrier, Instant::now());
+            lane.heard_from(id.agent_id, frame.carrier, now);
+            if let Some(checks) = &self.checks {
+                let check = lane.run_check(&key, now);
+                if check == RunCheck::Stale && checks.send((lane_index, key)).is_ok() {
+                    lane.start_check(key);
+                }
+                if check != RunCheck::Fresh && lane.run_check(&key, now) == RunCheck::Checking {
+                    // Offered again once the store said what it holds.
+                    drop(lane);
+                    self.park(id, charged, now);
+                    self.count(frame_result::CHECKING);
+                    return Admission::Busy(frame);
+                }
+            }
+            lane.served(key, now);
             match lane.ledger.admit(id) {
                 Admit::Committed => {
                     drop(lane);
@@ -211,7 +271,7 @@ mod tests {
         let buffer = Buffer::new(capacity, capacity);
         let shared = Arc::new(Shared::new(1, 16, buffer, Metrics::new().expect("metrics"), Duration::from_secs(60)));
         let (tx, rx) = crossbeam_channel::bounded(depth);
-        (ShardedIngress::new(Arc::clone(&shared), vec![tx]), shared, rx)
+        (ShardedIngress::new(Arc::clone(&shared), vec![tx], None), shared, rx)
     }
 
     #[test]

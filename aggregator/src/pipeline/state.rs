@@ -9,13 +9,13 @@
 //! [`Acknowledge`]. Frames of one agent always meet the same lane
 //! ([`lane_of`]), so each lane's ledger sees every frame of its runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aperture_core::frame::FrameId;
-use aperture_core::ledger::FrameLedger;
+use aperture_core::ledger::{FrameLedger, RunKey, RunState};
 use aperture_core::model::StackHash;
 
 use crate::metrics::Metrics;
@@ -134,9 +134,71 @@ impl Buffer {
 pub(crate) struct Lane {
     pub ledger: FrameLedger,
     agents: HashMap<[u8; 16], (Carrier, Instant)>,
+    /// Runs this aggregator served frames of, and when it last did.
+    served: HashMap<RunKey, Instant>,
+    /// Runs whose committed state is being read from the store.
+    checking: HashSet<RunKey>,
 }
 
+/// Whether the lane's ledger can answer for a run on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RunCheck {
+    /// Served lately: the ledger knows what this aggregator committed.
+    Fresh,
+    /// Its state is being read from the store.
+    Checking,
+    /// Not served lately: another replica may have committed frames of it
+    /// since this one last looked; the store must be asked first.
+    Stale,
+}
+
+/// How long after its last frame a run's ledger state is trusted without
+/// asking the store again (another replica may have served it meanwhile).
+pub(crate) const RUN_FRESH_FOR: Duration = Duration::from_secs(10);
+/// Runs remembered as served per lane; older ones are forgotten beyond it.
+const MAX_SERVED: usize = 1 << 16;
+
 impl Lane {
+    /// Whether `key` needs a look at the store before its frames are admitted.
+    pub fn run_check(&self, key: &RunKey, now: Instant) -> RunCheck {
+        if self.checking.contains(key) {
+            RunCheck::Checking
+        } else if self.served.get(key).is_some_and(|t| now.saturating_duration_since(*t) < RUN_FRESH_FOR) {
+            RunCheck::Fresh
+        } else {
+            RunCheck::Stale
+        }
+    }
+
+    /// A store look-up for `key` started.
+    pub fn start_check(&mut self, key: RunKey) {
+        self.checking.insert(key);
+    }
+
+    /// The store's committed state of `key` arrived (`None`: nothing stored,
+    /// or the look-up failed when `ok` is false).
+    pub fn finish_check(&mut self, key: RunKey, state: Option<RunState>, ok: bool, now: Instant) {
+        self.checking.remove(&key);
+        if let Some(state) = state {
+            self.ledger.restore(key, state);
+        }
+        if ok {
+            self.served(key, now);
+        }
+    }
+
+    /// A frame of `key` was served.
+    pub fn served(&mut self, key: RunKey, now: Instant) {
+        if self.served.len() >= MAX_SERVED && !self.served.contains_key(&key) {
+            self.served.retain(|_, t| now.saturating_duration_since(*t) < RUN_FRESH_FOR);
+            if self.served.len() >= MAX_SERVED {
+                // Forgetting only means one more look at the store.
+                self.served.clear();
+            }
+        }
+        self.served.insert(key, now);
+    }
+
     /// Records that an agent was heard from (at most 65 536 agents per lane
     /// are tracked for reporting; the ledger does not depend on this).
     pub fn heard_from(&mut self, agent_id: [u8; 16], carrier: Carrier, now: Instant) {
@@ -182,6 +244,8 @@ impl Shared {
                     Mutex::new(Lane {
                         ledger: FrameLedger::new(ledger_max_runs / lanes.max(1)),
                         agents: HashMap::new(),
+                        served: HashMap::new(),
+                        checking: HashSet::new(),
                     })
                 })
                 .collect(),
