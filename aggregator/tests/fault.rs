@@ -142,56 +142,102 @@ impl Conservation {
     }
 }
 
+/// A synthetic agent over the real transport (QUIC): one frame of 5 CPU
+/// samples every 5 ms, counting what it sent.
+struct Agent {
+    client: Arc<Client>,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    t0: u64,
+}
+
+impl Agent {
+    fn start(ingest: u16) -> Agent {
+        let config = ClientConfig {
+            aggregator: format!("127.0.0.1:{ingest}"),
+            carrier: CarrierChoice::Quic,
+            tls: ClientTlsConfig { insecure_skip_verify: true, ..ClientTlsConfig::default() },
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 500,
+            connect_timeout_ms: 2_000,
+            ..ClientConfig::default()
+        };
+        let identity = AgentIdentity {
+            agent_id: [0xfa; 16],
+            boot_id: [0x17; 16],
+            node: "n1".into(),
+            agent_version: "fault".into(),
+        };
+        let client = Arc::new(Client::start(config, identity.clone()).expect("client"));
+        let t0 = now_s() - 600;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (client, stop, sent) = (Arc::clone(&client), Arc::clone(&stop), Arc::clone(&sent));
+            std::thread::spawn(move || {
+                let mut seq = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let id = FrameId { agent_id: identity.agent_id, boot_id: identity.boot_id, sequence: seq };
+                    let frame =
+                        encode_batch(&batch("n1", t0 + seq % 300), id, 0, &DecodeLimits::default()).expect("encode");
+                    client.send(frame).expect("send");
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        Agent { client, stop, sent, thread: Some(thread), t0 }
+    }
+
+    /// Stops sending, waits until every frame sent is acknowledged, and
+    /// returns how many were sent.
+    async fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("agent thread");
+        }
+        let sent = self.sent.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = self.client.stats();
+            assert_eq!(s.frames_dropped, 0, "the agent's buffer never overflowed");
+            if s.unacked_frames == 0 && s.frames_acked >= sent {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not all frames acknowledged: {s:?}, sent {sent}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Ok(client) = Arc::try_unwrap(self.client) {
+            assert!(client.shutdown(Duration::from_secs(1)).unacked.is_empty());
+        }
+        sent
+    }
+}
+
+fn aggregator(bin: PathBuf, args: Vec<String>, dir: &std::path::Path) -> AggregatorProcess {
+    AggregatorProcess {
+        bin,
+        args,
+        dir: dir.to_path_buf(),
+        http: SocketAddr::from(([127, 0, 0, 1], free_port())),
+        ingest: free_port(),
+        child: None,
+        starts: 0,
+    }
+}
+
 /// SIGKILLs the aggregator `kills` times at fixed, uneven moments and
 /// restarts it while an agent pushes; waits until the agent has every frame
 /// acknowledged and counts what the store holds.
 async fn sigkill_scenario(bin: PathBuf, args: Vec<String>, kills: u32) -> Conservation {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut agg = AggregatorProcess {
-        bin,
-        args,
-        dir: dir.path().to_path_buf(),
-        http: SocketAddr::from(([127, 0, 0, 1], free_port())),
-        ingest: free_port(),
-        child: None,
-        starts: 0,
-    };
+    let mut agg = aggregator(bin, args, dir.path());
     agg.start();
     agg.wait_healthy().await;
-
-    let config = ClientConfig {
-        aggregator: format!("127.0.0.1:{}", agg.ingest),
-        carrier: CarrierChoice::Quic,
-        tls: ClientTlsConfig { insecure_skip_verify: true, ..ClientTlsConfig::default() },
-        reconnect_min_ms: 50,
-        reconnect_max_ms: 500,
-        connect_timeout_ms: 2_000,
-        ..ClientConfig::default()
-    };
-    let identity =
-        AgentIdentity { agent_id: [0xfa; 16], boot_id: [0x17; 16], node: "n1".into(), agent_version: "fault".into() };
-    let client = Arc::new(Client::start(config, identity.clone()).expect("client"));
-    let t0 = now_s() - 600;
-
-    // The agent: one frame of 5 CPU samples every 5 ms until told to stop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let pusher = {
-        let (client, stop, sent) = (Arc::clone(&client), Arc::clone(&stop), Arc::clone(&sent));
-        std::thread::spawn(move || {
-            let mut seq = 0;
-            while !stop.load(Ordering::Relaxed) {
-                seq += 1;
-                let id = FrameId { agent_id: identity.agent_id, boot_id: identity.boot_id, sequence: seq };
-                let frame =
-                    encode_batch(&batch("n1", t0 + seq % 300), id, 0, &DecodeLimits::default()).expect("encode");
-                client.send(frame).expect("send");
-                sent.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
-
+    let agent = Agent::start(agg.ingest);
+    let t0 = agent.t0;
     for k in 0..kills {
         // Uneven, reproducible moments: 150..850 ms apart.
         let pause = 150 + (u64::from(k) * 389) % 700;
@@ -202,26 +248,75 @@ async fn sigkill_scenario(bin: PathBuf, args: Vec<String>, kills: u32) -> Conser
         agg.wait_healthy().await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    pusher.join().expect("pusher");
-    let sent = sent.load(Ordering::Relaxed);
-
-    // Everything sent is acknowledged in the end.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = client.stats();
-        assert_eq!(s.frames_dropped, 0, "the agent's buffer never overflowed");
-        if s.unacked_frames == 0 && s.frames_acked >= sent {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not all frames acknowledged: {s:?}, sent {sent}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let sent = agent.finish().await;
     let stored = cpu_total(agg.http, t0 - 20, t0 + 400).await / 5;
-    if let Ok(client) = Arc::try_unwrap(client) {
-        assert!(client.shutdown(Duration::from_secs(1)).unacked.is_empty());
-    }
     Conservation { sent, stored, restarts: agg.starts - 1 }
+}
+
+/// Resident memory of a process, bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// ClickHouse is frozen (SIGSTOP) for 20 s under load. The aggregator's
+/// buffer (1 MiB here) fills, `/readyz` turns 503, its memory stays bounded
+/// while the agent keeps what was refused; after SIGCONT the backlog drains
+/// and the totals are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_clickhouse_outage() {
+    let Some(bin) = aperture_bin("fault_clickhouse_outage") else { return };
+    let Some(server) =
+        tokio::task::spawn_blocking(|| aperture_testkit::clickhouse::start_or_skip("fault_clickhouse_outage"))
+            .await
+            .expect("start server")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("aggregator.yaml");
+    std::fs::write(&config, "buffer:\n  capacity: 1MiB\n  high_water_percent: 50\n").expect("config");
+    let args = vec!["--config".into(), config.display().to_string(), "--clickhouse-endpoint".into(), server.endpoint()];
+    let mut agg = aggregator(bin, args, dir.path());
+    agg.start();
+    agg.wait_healthy().await;
+    let agent = Agent::start(agg.ingest);
+    let t0 = agent.t0;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = agg.child.as_ref().map(Child::id).expect("running");
+    let before = rss_bytes(pid);
+
+    server.pause();
+    let mut not_ready = false;
+    let mut peak = before;
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(rss_bytes(pid));
+        if !not_ready {
+            let r = tokio::time::timeout(Duration::from_secs(2), get(agg.http, "/readyz")).await;
+            not_ready = r.is_ok_and(|r| r.status == 503);
+        }
+    }
+    server.unpause();
+    assert!(not_ready, "/readyz never answered 503 while ClickHouse was frozen");
+    // The agent produced ~6 MB meanwhile; the aggregator holds at most its
+    // 1 MiB buffer of it (plus allocator slack), the rest waits in the agent.
+    assert!(peak < before + 48 * 1024 * 1024, "RSS grew from {before} to {peak} bytes during the outage");
+
+    let sent = agent.finish().await;
+    let stored = cpu_total(agg.http, t0 - 20, t0 + 400).await / 5;
+    let c = Conservation { sent, stored, restarts: 0 };
+    c.report("clickhouse_outage");
+    report(&format!("fault: clickhouse_outage rss_before={before} rss_peak={peak}"));
+    assert_eq!((c.lost(), c.duplicated()), (0, 0));
+    let ready = get(agg.http, "/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    drop(server);
 }
 
 /// SQLite: rows and ledger state commit in one transaction, so after 10
