@@ -8,7 +8,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aperture_core::frame::DecodeLimits;
 use aperture_core::shard::ShardConfig;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -16,7 +15,7 @@ use tokio::task::JoinSet;
 use crate::background::{health_checker, retention, unix_now_s};
 use crate::http::{AppState, router, token_digest};
 use crate::metrics::Metrics;
-use crate::pipeline::ingress::ShardedIngress;
+use crate::pipeline::ingress::{ShardedIngress, check_runs};
 use crate::pipeline::shard::spawn_shard;
 use crate::pipeline::state::{Acknowledge, Buffer, Shared};
 use crate::pipeline::writer::{WriterConfig, spawn_writer};
@@ -87,13 +86,14 @@ impl Aggregator {
             window_ns: u64::try_from(settings.window.as_nanos()).unwrap_or(u64::MAX).max(1),
             max_rows: settings.flush_max_rows.max(1),
             max_age_ns: u64::try_from(settings.flush_max_age.as_nanos()).unwrap_or(u64::MAX),
+            max_stack_frames: settings.max_stack_frames,
         };
         let mut queues = Vec::with_capacity(lanes);
         let mut shard_threads = Vec::with_capacity(lanes);
         for i in 0..lanes {
             let (tx, rx) = crossbeam_channel::bounded(settings.shard_queue_frames.max(1));
             queues.push(tx);
-            let t = spawn_shard(i, shard_config, DecodeLimits::default(), rx, flush_tx.clone(), Arc::clone(&shared))
+            let t = spawn_shard(i, shard_config, settings.decode_limits(), rx, flush_tx.clone(), Arc::clone(&shared))
                 .context("starting a shard thread")?;
             shard_threads.push(t);
         }
@@ -113,7 +113,8 @@ impl Aggregator {
             tokio::runtime::Handle::current(),
         )
         .context("starting the writer thread")?;
-        let ingress = Arc::new(ShardedIngress::new(Arc::clone(&shared), queues));
+        let (checks, runs_to_check) = tokio::sync::mpsc::unbounded_channel();
+        let ingress = Arc::new(ShardedIngress::new(Arc::clone(&shared), queues, Some(checks)));
 
         let state = AppState {
             store: Arc::clone(&store),
@@ -133,6 +134,7 @@ impl Aggregator {
         tasks.spawn(crate::http::serve(listener, app, settings.http_limits, shared.metrics.clone(), async move {
             let _ = http_stop.wait_for(|s| *s).await;
         }));
+        tasks.spawn(check_runs(Arc::clone(&store), Arc::clone(&shared), runs_to_check, stopped.clone()));
         tasks.spawn(health_checker(Arc::clone(&store), Arc::clone(&shared), stopped.clone()));
         tasks.spawn(retention(Arc::clone(&store), Arc::clone(&shared), settings.clone(), stopped));
         Ok(AggregatorHandle {

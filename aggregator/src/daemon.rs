@@ -36,6 +36,7 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
         max_query_range: config.limits.http_max_query_range.0,
         ..HttpLimits::default()
     };
+    s.max_frame_bytes = config.limits.max_frame_size.as_usize();
     let ch = &config.clickhouse;
     s.clickhouse = (!ch.endpoint.is_empty()).then(|| ClickHouseSettings {
         database: ch.database.clone(),

@@ -21,6 +21,9 @@ pub mod frame_result {
     pub const BUSY: &str = "busy";
     /// Refused because its contents are invalid.
     pub const REJECTED: &str = "rejected";
+    /// Held back while the run's committed frames are read from the store
+    /// (a run this aggregator had not served lately); offered again.
+    pub const CHECKING: &str = "checking";
 }
 
 /// Every metric of one aggregator.
@@ -34,6 +37,10 @@ pub struct Metrics {
     pub ingress_bytes: IntCounter,
     /// `aperture_ingress_samples_total`.
     pub ingress_samples: IntCounter,
+    /// `aperture_ingress_stacks_truncated_total`.
+    pub ingress_stacks_truncated: IntCounter,
+    /// `aperture_ingress_stack_frames_cut_total`.
+    pub ingress_stack_frames_cut: IntCounter,
     /// `aperture_ingress_connected_agents{carrier}`.
     pub connected_agents: IntGaugeVec,
     /// `aperture_buffer_used_bytes`.
@@ -129,6 +136,14 @@ impl Metrics {
             ingress_samples: counter(
                 "aperture_ingress_samples_total",
                 "Observations (CPU samples, lock waits, syscalls, slow calls) folded into shards.",
+            )?,
+            ingress_stacks_truncated: counter(
+                "aperture_ingress_stacks_truncated_total",
+                "Stacks longer than the frame limit, cut to their leaf-most frames.",
+            )?,
+            ingress_stack_frames_cut: counter(
+                "aperture_ingress_stack_frames_cut_total",
+                "Frames cut from truncated stacks.",
             )?,
             connected_agents: gauge_vec(
                 "aperture_ingress_connected_agents",

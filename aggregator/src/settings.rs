@@ -111,6 +111,11 @@ pub struct Settings {
     pub http_limits: HttpLimits,
     /// On shutdown, how long the writer keeps trying to commit what is buffered. Default 10 s.
     pub shutdown_grace: Duration,
+    /// Largest frame accepted, header included (`limits.max_frame_size`):
+    /// the shards decode with this limit, as the transport does. Default 4 MiB.
+    pub max_frame_bytes: usize,
+    /// Frames kept per stack; deeper stacks are cut and marked. Default 1024.
+    pub max_stack_frames: usize,
 }
 
 impl Settings {
@@ -137,12 +142,21 @@ impl Settings {
             agent_idle: Duration::from_secs(60),
             http_limits: HttpLimits::default(),
             shutdown_grace: Duration::from_secs(10),
+            max_frame_bytes: 4 * 1024 * 1024,
+            max_stack_frames: aperture_core::shard::DEFAULT_MAX_STACK_FRAMES,
         }
     }
 
     /// The number of shard threads to run.
     pub fn shard_count(&self) -> usize {
         if self.shards > 0 { self.shards } else { std::thread::available_parallelism().map_or(1, |n| n.get()) }
+    }
+
+    /// The decode limits matching [`Settings::max_frame_bytes`].
+    pub fn decode_limits(&self) -> aperture_core::frame::DecodeLimits {
+        aperture_core::frame::DecodeLimits {
+            max_payload: self.max_frame_bytes.saturating_sub(aperture_core::frame::HEADER_LEN),
+        }
     }
 
     /// The buffer level above which the ingress pushes back, bytes.

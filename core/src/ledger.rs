@@ -2,12 +2,22 @@
 //! committed, so a frame resent after a reconnect is acknowledged without
 //! being counted twice.
 //!
-//! Frames of one agent run (agent id, boot id) carry sequence numbers from 1
-//! without gaps, and agents resend in order, so committed frames are kept as
-//! a watermark (every sequence at or below it is committed) plus the few
-//! committed above it out of order. Memory is bounded by the number of runs
-//! remembered ([`FrameLedger::new`]); the least recently seen run is
-//! forgotten first.
+//! Frames of one agent run (agent id, boot id) carry sequence numbers from 1,
+//! and agents resend in order, so committed frames are kept as a watermark
+//! (every sequence at or below it is committed) plus the few committed above
+//! it out of order.
+//!
+//! Agents also leave gaps for good: they drop their oldest frames when
+//! their buffer overflows, and give up frames the transport refuses. A gap
+//! would hold the watermark back forever and make every later frame pile up
+//! above it, so a gap more than [`MAX_SPAN`] sequences behind the highest
+//! committed frame is closed: the watermark moves past it. A frame that old
+//! and never seen was dropped by its agent (an agent resends its oldest
+//! unacknowledged frame first, before anything newer). This bounds
+//! [`RunState::above`] to [`MAX_SPAN`] entries whatever an agent sends.
+//!
+//! Memory is bounded by the number of runs remembered ([`FrameLedger::new`]);
+//! the least recently seen run without frames in flight is forgotten first.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -40,17 +50,46 @@ impl RunState {
     }
 
     /// Records `seq` as committed, advancing the watermark over every
-    /// contiguous sequence above it.
-    pub fn commit(&mut self, seq: u64) {
+    /// contiguous sequence above it and over gaps more than [`MAX_SPAN`]
+    /// behind the highest committed sequence. Returns how many sequences
+    /// the watermark passed without their frames having been committed
+    /// (gaps closed).
+    pub fn commit(&mut self, seq: u64) -> u64 {
         if seq <= self.watermark {
-            return;
+            return 0;
         }
         self.above.insert(seq);
-        while self.above.remove(&(self.watermark + 1)) {
-            self.watermark += 1;
+        self.settle()
+    }
+
+    /// Moves the watermark up as far as the rules allow; returns the
+    /// sequences skipped.
+    fn settle(&mut self) -> u64 {
+        let mut skipped = 0;
+        if let Some(&highest) = self.above.last() {
+            let floor = highest.saturating_sub(MAX_SPAN);
+            if floor > self.watermark {
+                // Everything at or below `floor` is now covered.
+                let kept = self.above.split_off(&(floor + 1));
+                let committed_below = self.above.len() as u64;
+                skipped = floor - self.watermark - committed_below;
+                self.above = kept;
+                self.watermark = floor;
+            }
         }
+        while let Some(next) = self.watermark.checked_add(1) {
+            if !self.above.remove(&next) {
+                break;
+            }
+            self.watermark = next;
+        }
+        skipped
     }
 }
+
+/// How far behind the highest committed sequence of a run a gap may stay
+/// open; also the most sequences [`RunState::above`] holds.
+pub const MAX_SPAN: u64 = 1024;
 
 #[derive(Debug, Default)]
 struct Run {
@@ -92,13 +131,18 @@ impl FrameLedger {
         }
     }
 
-    /// Records that the frames are committed to storage.
-    pub fn commit(&mut self, ids: &[FrameId]) {
+    /// Records that the frames are committed to storage. Returns the
+    /// sequences skipped by closing gaps (see the module documentation).
+    pub fn commit(&mut self, ids: &[FrameId]) -> u64 {
+        let mut skipped = 0;
         for id in ids {
             let run = self.run_mut((id.agent_id, id.boot_id));
             run.in_flight.remove(&id.sequence);
-            run.committed.commit(id.sequence);
+            skipped += run.committed.commit(id.sequence);
+            // Frames in flight below the watermark are still stored when
+            // they commit; only the set's bound matters here.
         }
+        skipped
     }
 
     /// Forgets in-flight frames whose data was lost (so a resend is taken again).
@@ -110,17 +154,19 @@ impl FrameLedger {
         }
     }
 
-    /// Restores the committed state of a run (from storage, at start).
+    /// Restores the committed state of a run (from storage, at start, or
+    /// read from a store shared with other aggregators). Merges with what is
+    /// known: nothing committed is ever forgotten this way.
     pub fn restore(&mut self, key: RunKey, state: RunState) {
         let run = self.run_mut(key);
-        for seq in state.above.iter().copied() {
-            run.committed.commit(seq);
-        }
         if state.watermark > run.committed.watermark {
             run.committed.watermark = state.watermark;
             let w = state.watermark;
             run.committed.above.retain(|s| *s > w);
         }
+        let w = run.committed.watermark;
+        run.committed.above.extend(state.above.into_iter().filter(|s| *s > w));
+        run.committed.settle();
     }
 
     /// The committed state of the given runs, for persisting with a flush.
@@ -162,6 +208,7 @@ impl FrameLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn id(boot: u8, seq: u64) -> FrameId {
         FrameId { agent_id: [1; 16], boot_id: [boot; 16], sequence: seq }
@@ -212,6 +259,94 @@ mod tests {
         assert_eq!(l.admit(id(1, 10)), Admit::Committed);
         assert_eq!(l.admit(id(1, 12)), Admit::Committed);
         assert_eq!(l.admit(id(1, 11)), Admit::New);
+    }
+
+    #[test]
+    fn a_gap_left_by_dropped_frames_does_not_keep_later_frames_forever() {
+        // Frame 2 was dropped by the agent during an outage; the run goes on.
+        let mut l = FrameLedger::new(16);
+        let key = ([1; 16], [1; 16]);
+        let mut skipped = 0;
+        for seq in (1..=100_000).filter(|s| *s != 2) {
+            assert_eq!(l.admit(id(1, seq)), Admit::New);
+            skipped += l.commit(&[id(1, seq)]);
+            let state = &l.committed_runs([&key])[0].1;
+            assert!(state.above.len() as u64 <= MAX_SPAN, "above holds {} at {seq}", state.above.len());
+        }
+        let state = &l.committed_runs([&key])[0].1;
+        assert_eq!(state.watermark, 100_000, "the gap was closed and the watermark caught up");
+        assert!(state.above.is_empty());
+        assert_eq!(skipped, 1, "exactly the dropped frame was skipped");
+        // Committed frames stay committed.
+        assert_eq!(l.admit(id(1, 99_999)), Admit::Committed);
+    }
+
+    #[test]
+    fn restoring_a_huge_persisted_set_is_bounded_too() {
+        let mut l = FrameLedger::new(16);
+        let above: BTreeSet<u64> = (10..50_000).collect();
+        l.restore(([1; 16], [1; 16]), RunState { watermark: 5, above });
+        let state = &l.committed_runs([&([1; 16], [1; 16])])[0].1;
+        assert!(state.above.len() as u64 <= MAX_SPAN);
+        assert_eq!(state.watermark, 49_999);
+        assert_eq!(l.admit(id(1, 12)), Admit::Committed);
+    }
+
+    #[test]
+    fn sequences_at_the_end_of_the_range_do_not_overflow() {
+        let mut l = FrameLedger::new(16);
+        for seq in [u64::MAX, u64::MAX - 1, 1, u64::MAX - 5000] {
+            l.admit(id(1, seq));
+            l.commit(&[id(1, seq)]);
+        }
+        assert_eq!(l.admit(id(1, u64::MAX)), Admit::Committed);
+        assert_eq!(l.admit(id(1, 1)), Admit::Committed);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Admit(u64),
+        Commit(u64),
+        Abandon(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Mostly near the front of the run, sometimes far ahead or at the end of the range.
+        let seq = prop_oneof![
+            8 => 1u64..3_000,
+            1 => 1u64..1_000_000,
+            1 => (u64::MAX - 3_000)..=u64::MAX,
+        ];
+        prop_oneof![seq.clone().prop_map(Op::Admit), seq.clone().prop_map(Op::Commit), seq.prop_map(Op::Abandon),]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn bounded_and_never_readmits_a_committed_frame(ops in proptest::collection::vec(op(), 1..2_000)) {
+            let mut l = FrameLedger::new(4);
+            let key = ([1; 16], [1; 16]);
+            let mut committed = BTreeSet::new();
+            for op in ops {
+                match op {
+                    Op::Admit(seq) => {
+                        let got = l.admit(id(1, seq));
+                        if committed.contains(&seq) {
+                            prop_assert_eq!(got, Admit::Committed, "frame {} was committed", seq);
+                        }
+                    }
+                    Op::Commit(seq) => {
+                        l.commit(&[id(1, seq)]);
+                        committed.insert(seq);
+                    }
+                    Op::Abandon(seq) => l.abandon(&[id(1, seq)]),
+                }
+                if let Some((_, state)) = l.committed_runs([&key]).first() {
+                    prop_assert!(state.above.len() as u64 <= MAX_SPAN);
+                    prop_assert!(state.above.iter().all(|s| *s > state.watermark));
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::frame::FrameId;
-use crate::model::{ArchivedBatch, LATENCY_BUCKETS, Labels, Mode, Stack, StackHash, Target};
+use crate::model::{ArchivedBatch, LATENCY_BUCKETS, Labels, Mode, Stack, StackFrame, StackHash, Target};
 
 /// What a row measures. Each kind belongs to one [`Mode`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -66,12 +66,30 @@ pub struct ShardConfig {
     pub max_rows: usize,
     /// Flush once the oldest unflushed contribution is this old, ns.
     pub max_age_ns: u64,
+    /// Frames kept per stack: longer stacks keep their leaf-most frames and
+    /// end in a marker frame (see [`truncated_marker`]).
+    pub max_stack_frames: usize,
 }
+
+/// Default of [`ShardConfig::max_stack_frames`]: far above real call depths,
+/// low enough that a hostile stack cannot make stored data unusable.
+pub const DEFAULT_MAX_STACK_FRAMES: usize = 1024;
 
 impl Default for ShardConfig {
     fn default() -> Self {
-        ShardConfig { window_ns: 10_000_000_000, max_rows: 50_000, max_age_ns: 1_000_000_000 }
+        ShardConfig {
+            window_ns: 10_000_000_000,
+            max_rows: 50_000,
+            max_age_ns: 1_000_000_000,
+            max_stack_frames: DEFAULT_MAX_STACK_FRAMES,
+        }
     }
+}
+
+/// The root-most frame of a truncated stack, replacing the `cut` frames
+/// that were dropped: module `[aperture]`, symbol `[N frames truncated]`.
+pub fn truncated_marker(cut: usize) -> StackFrame {
+    StackFrame { symbol: format!("[{cut} frames truncated]"), module: "[aperture]".to_owned(), ..StackFrame::default() }
 }
 
 /// A batch that refers to targets or stacks it does not carry.
@@ -88,6 +106,22 @@ pub enum BatchError {
         target: u32,
         /// Number of targets.
         targets: usize,
+    },
+    /// A stack's hash is not the hash of its frames ([`Stack::compute_hash`]).
+    #[error("stack {index} claims hash {claimed} but its frames hash to {computed}")]
+    StackHash {
+        /// Position of the stack.
+        index: usize,
+        /// The hash the batch carries.
+        claimed: StackHash,
+        /// The hash of its frames.
+        computed: StackHash,
+    },
+    /// A stack could not be read out of the batch.
+    #[error("stack {index} cannot be read")]
+    BadStackData {
+        /// Position of the stack.
+        index: usize,
     },
     /// A record's stack index is outside [`crate::model::Batch::stacks`].
     #[error("{table} record {index} refers to stack {stack}, but the batch has {stacks} stacks")]
@@ -183,14 +217,28 @@ pub struct Shard {
     samples: u64,
     oldest_ns: Option<u64>,
     approx_bytes: usize,
+    stacks_truncated: u64,
+    stack_frames_cut: u64,
 }
 
 /// How many stack hashes a shard remembers as already handed to the writer
 /// before it forgets them all (and hands them again, harmlessly: the stores
 /// keep one copy per hash).
 const KNOWN_STACKS_LIMIT: usize = 1 << 20;
-/// Rough memory cost of a row, for buffer accounting.
+/// Memory cost of a row besides its name and histogram, for buffer accounting.
 const ROW_COST: usize = 160;
+/// Fixed cost of a `String` (pointer, length, capacity).
+const STRING_COST: usize = 24;
+
+/// Memory held by a label set: its strings' bytes and headers.
+fn labels_cost(l: &Labels) -> usize {
+    [&l.node, &l.namespace, &l.pod, &l.container, &l.process].iter().map(|s| STRING_COST + s.len()).sum::<usize>() + 8
+}
+
+/// Memory held by a stack: per frame the fixed fields and the strings' bytes.
+fn stack_cost(s: &Stack) -> usize {
+    48 + s.frames.iter().map(|f| 24 + 3 * STRING_COST + f.symbol.len() + f.module.len() + f.file.len()).sum::<usize>()
+}
 
 impl Shard {
     /// An empty shard.
@@ -206,6 +254,8 @@ impl Shard {
             samples: 0,
             oldest_ns: None,
             approx_bytes: 0,
+            stacks_truncated: 0,
+            stack_frames_cut: 0,
         }
     }
 
@@ -261,21 +311,39 @@ impl Shard {
             })
             .collect();
         let stack_hash = |i: u32| StackHash(batch.stacks[i as usize].hash.0.to_native());
-        for s in batch.stacks.iter() {
+        // Stacks read in place until here; one is copied out, its hash
+        // checked and its length capped only the first time this shard sees
+        // it. All are checked before anything is folded.
+        let mut fresh: Vec<Stack> = Vec::new();
+        let mut fresh_hashes: HashSet<StackHash> = HashSet::new();
+        for (index, s) in batch.stacks.iter().enumerate() {
             let hash = StackHash(s.hash.0.to_native());
-            if hash != StackHash::NONE && self.known_stacks.insert(hash) {
-                // Read in place until here; a stack is copied out only the
-                // first time this shard sees it.
-                match rkyv::deserialize::<Stack, rkyv::rancor::Error>(s) {
-                    Ok(stack) => {
-                        self.approx_bytes += 64 + stack.frames.len() * 96;
-                        self.new_stacks.push(stack);
-                    }
-                    Err(_) => {
-                        self.known_stacks.remove(&hash);
-                    }
-                }
+            if self.known_stacks.contains(&hash) || !fresh_hashes.insert(hash) {
+                continue;
             }
+            if hash == StackHash::NONE && s.frames.is_empty() {
+                continue;
+            }
+            let mut stack =
+                rkyv::deserialize::<Stack, rkyv::rancor::Error>(s).map_err(|_| BatchError::BadStackData { index })?;
+            let computed = Stack::compute_hash(&stack.frames);
+            if computed != hash {
+                return Err(BatchError::StackHash { index, claimed: hash, computed });
+            }
+            let max = self.config.max_stack_frames.max(2);
+            if stack.frames.len() > max {
+                let cut = stack.frames.len() - (max - 1);
+                stack.frames.truncate(max - 1);
+                stack.frames.push(truncated_marker(cut));
+                self.stacks_truncated += 1;
+                self.stack_frames_cut += cut as u64;
+            }
+            fresh.push(stack);
+        }
+        for stack in fresh {
+            self.known_stacks.insert(stack.hash);
+            self.approx_bytes += stack_cost(&stack);
+            self.new_stacks.push(stack);
         }
         for r in batch.cpu.iter() {
             let key = self.key(
@@ -340,6 +408,7 @@ impl Shard {
         let samples = batch.sample_count();
         self.samples = self.samples.saturating_add(samples);
         self.frames.push(frame);
+        self.approx_bytes += std::mem::size_of::<FrameId>();
         self.oldest_ns.get_or_insert(now_ns);
         Ok(())
     }
@@ -349,7 +418,8 @@ impl Shard {
             return *id;
         }
         let id = self.labels.len() as LabelsId;
-        self.approx_bytes += 128;
+        // Held twice: in the list and as the lookup key.
+        self.approx_bytes += 2 * labels_cost(&labels);
         self.labels.push(labels.clone());
         self.label_ids.insert(labels, id);
         id
@@ -372,9 +442,12 @@ impl Shard {
         hist: Option<&[u64]>,
     ) {
         let value = self.rows.entry(key).or_insert_with(|| {
-            self.approx_bytes += ROW_COST;
+            self.approx_bytes += ROW_COST + name.len();
             RowValue { name: name.to_owned(), ..RowValue::default() }
         });
+        if hist.is_some() && value.histogram.is_empty() {
+            self.approx_bytes += LATENCY_BUCKETS * 8;
+        }
         value.merge(count, total_ns, errors, max_ns, hist);
     }
 
@@ -386,6 +459,12 @@ impl Shard {
     /// Approximate memory held by buffered rows, labels and stacks.
     pub fn approx_bytes(&self) -> usize {
         self.approx_bytes
+    }
+
+    /// Stacks cut to [`ShardConfig::max_stack_frames`] so far, and the
+    /// frames cut from them.
+    pub fn truncations(&self) -> (u64, u64) {
+        (self.stacks_truncated, self.stack_frames_cut)
     }
 
     /// Frames folded in since the last flush.
@@ -483,7 +562,64 @@ mod tests {
     }
 
     fn config(max_rows: usize, max_age_s: u64) -> ShardConfig {
-        ShardConfig { window_ns: 10 * SEC, max_rows, max_age_ns: max_age_s * SEC }
+        ShardConfig { window_ns: 10 * SEC, max_rows, max_age_ns: max_age_s * SEC, max_stack_frames: 1024 }
+    }
+
+    #[test]
+    fn a_stack_whose_hash_is_not_its_frames_hash_is_rejected_before_folding() {
+        let mut shard = Shard::new(config(100, 5));
+        let mut b = cpu_batch(&[(100 * SEC, 1, "f", 1)]);
+        b.stacks[0].hash = stack("g").hash;
+        let buf = framed(&b, 1);
+        let view = decode(&buf, &DecodeLimits::default()).expect("decode");
+        let err = shard.ingest(0, fid(1), view.batch).expect_err("a lying hash");
+        assert!(matches!(err, BatchError::StackHash { index: 0, .. }), "{err}");
+        assert_eq!(shard.row_count(), 0);
+        assert!(shard.take().is_none(), "nothing folded");
+        // The honest stack is still taken afterwards.
+        ingest(&mut shard, 0, &cpu_batch(&[(100 * SEC, 1, "g", 1)]), 2);
+        assert_eq!(shard.take().expect("flush").stacks.len(), 1);
+    }
+
+    #[test]
+    fn very_deep_stacks_are_cut_and_marked() {
+        let mut shard = Shard::new(ShardConfig { max_stack_frames: 100, ..config(100, 5) });
+        let deep = Stack::new(
+            (0..80_000)
+                .map(|i| StackFrame { symbol: format!("f{i}"), module: "app".into(), ..Default::default() })
+                .collect(),
+        );
+        let b = Batch {
+            node: "n1".into(),
+            targets: vec![Target { pid: 1, ..Default::default() }],
+            stacks: vec![deep.clone()],
+            cpu: vec![CpuSample { time_ns: 100 * SEC, target: 0, stack: 0, count: 1, period_ns: 1 }],
+            ..Default::default()
+        };
+        ingest(&mut shard, 0, &b, 1);
+        let flush = shard.take().expect("flush");
+        let kept = &flush.stacks[0];
+        assert_eq!(kept.hash, deep.hash, "the stack keeps the identity the agent gave it");
+        assert_eq!(kept.frames.len(), 100);
+        assert_eq!(kept.frames[..99], deep.frames[..99], "leaf-most frames kept");
+        assert_eq!(kept.frames[99], truncated_marker(80_000 - 99));
+        assert_eq!(shard.truncations(), (1, 80_000 - 99));
+        assert_eq!(flush.rows[0].0.stack, deep.hash);
+    }
+
+    #[test]
+    fn the_size_estimate_counts_string_lengths() {
+        let short = cpu_batch(&[(100 * SEC, 1, "f", 1)]);
+        let mut long = cpu_batch(&[(100 * SEC, 1, &"f".repeat(50_000), 1)]);
+        long.targets[0].process = "p".repeat(30_000);
+        long.node = "n".repeat(10_000);
+        let mut a = Shard::new(config(100, 5));
+        ingest(&mut a, 0, &short, 1);
+        let mut b = Shard::new(config(100, 5));
+        ingest(&mut b, 0, &long, 1);
+        // The long strings are held once in the stack and twice in the label set.
+        assert!(b.approx_bytes() >= 50_000 + 2 * 40_000, "{} vs {}", b.approx_bytes(), a.approx_bytes());
+        assert!(a.approx_bytes() < 1_000);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Helpers shared by Aperture's integration tests (a dev-dependency only).
+//! Helpers shared by Aperture's tests: a dev-dependency of the shipped crates, and a
+//! dependency of the perf harness (which is not shipped) for its ClickHouse server.
 //!
 //! - [`skip`]: report a test that cannot run here. The line goes straight to
 //!   the process's stderr, past the test harness's output capture, so a skip

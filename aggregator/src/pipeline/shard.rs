@@ -62,6 +62,8 @@ struct ShardThread {
     epoch: Instant,
     /// Bytes charged for the shard's current state.
     charged: usize,
+    /// [`Shard::truncations`] already counted in the metrics.
+    truncations: (u64, u64),
 }
 
 impl ShardThread {
@@ -81,6 +83,7 @@ impl ShardThread {
             output,
             epoch: Instant::now(),
             charged: 0,
+            truncations: (0, 0),
         }
     }
 
@@ -144,6 +147,11 @@ impl ShardThread {
             self.shared.commit(&[id]);
             self.shared.ack(&[id]);
         }
+        let (stacks, frames) = self.shard.truncations();
+        let m = &self.shared.metrics;
+        m.ingress_stacks_truncated.inc_by(stacks.saturating_sub(self.truncations.0));
+        m.ingress_stack_frames_cut.inc_by(frames.saturating_sub(self.truncations.1));
+        self.truncations = (stacks, frames);
         let now_bytes = self.shard.approx_bytes();
         if now_bytes > self.charged {
             self.shared.buffer.charge(now_bytes - self.charged);

@@ -9,13 +9,13 @@
 //! [`Acknowledge`]. Frames of one agent always meet the same lane
 //! ([`lane_of`]), so each lane's ledger sees every frame of its runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aperture_core::frame::FrameId;
-use aperture_core::ledger::FrameLedger;
+use aperture_core::ledger::{FrameLedger, RunKey, RunState};
 use aperture_core::model::StackHash;
 
 use crate::metrics::Metrics;
@@ -40,10 +40,16 @@ impl Acknowledge for aperture_transport::server::Acker {
     }
 }
 
-/// Bytes held between the ingress and the store, against a capacity.
+/// Bytes held between the ingress and the store, against a capacity:
+/// frames queued to the shards, the shards' aggregated state, flushes
+/// waiting in the writer, and frames refused as busy that the transport
+/// keeps parked to offer again.
 #[derive(Debug)]
 pub struct Buffer {
+    /// Queued frames, shard state and the writer's flushes.
     used: AtomicUsize,
+    /// Frames answered `Busy`, held by the transport until offered again.
+    parked: AtomicUsize,
     capacity: usize,
     high_water: usize,
 }
@@ -51,12 +57,27 @@ pub struct Buffer {
 impl Buffer {
     /// A buffer of `capacity` bytes that pushes back above `high_water`.
     pub fn new(capacity: usize, high_water: usize) -> Buffer {
-        Buffer { used: AtomicUsize::new(0), capacity, high_water: high_water.min(capacity) }
+        Buffer {
+            used: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
+            capacity,
+            high_water: high_water.min(capacity),
+        }
     }
 
-    /// Bytes held now.
+    /// Bytes held now, parked frames included.
     pub fn used(&self) -> usize {
+        self.pipeline().saturating_add(self.parked())
+    }
+
+    /// Bytes held by the pipeline (queues, shards, writer).
+    pub fn pipeline(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of frames parked as busy.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
     }
 
     /// Configured capacity.
@@ -69,9 +90,19 @@ impl Buffer {
         self.high_water
     }
 
-    /// Whether the ingress is pushing back.
+    /// Whether everything held is at or above the high-water mark.
     pub fn above_high_water(&self) -> bool {
         self.used() >= self.high_water
+    }
+
+    /// Whether the pipeline takes a frame of `n` bytes: below the high-water
+    /// mark, and within the capacity once it is added. An empty pipeline
+    /// takes any frame, so a frame larger than the capacity cannot wedge it.
+    /// Parked frames do not count here: they are in memory already, and
+    /// admitting one only moves it into the pipeline.
+    pub fn admits(&self, n: usize) -> bool {
+        let used = self.pipeline();
+        used == 0 || (used < self.high_water && used.saturating_add(n) <= self.capacity)
     }
 
     /// Accounts `n` more bytes.
@@ -85,6 +116,16 @@ impl Buffer {
         // releases more than it charged.
         let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
     }
+
+    /// Accounts a frame of `n` bytes parked by the transport.
+    pub fn park(&self, n: usize) {
+        self.parked.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A parked frame of `n` bytes was offered again or dropped.
+    pub fn unpark(&self, n: usize) {
+        let _ = self.parked.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
+    }
 }
 
 /// One lane: the ledger of the agents routed to one shard, and when each
@@ -93,9 +134,71 @@ impl Buffer {
 pub(crate) struct Lane {
     pub ledger: FrameLedger,
     agents: HashMap<[u8; 16], (Carrier, Instant)>,
+    /// Runs this aggregator served frames of, and when it last did.
+    served: HashMap<RunKey, Instant>,
+    /// Runs whose committed state is being read from the store.
+    checking: HashSet<RunKey>,
 }
 
+/// Whether the lane's ledger can answer for a run on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RunCheck {
+    /// Served lately: the ledger knows what this aggregator committed.
+    Fresh,
+    /// Its state is being read from the store.
+    Checking,
+    /// Not served lately: another replica may have committed frames of it
+    /// since this one last looked; the store must be asked first.
+    Stale,
+}
+
+/// How long after its last frame a run's ledger state is trusted without
+/// asking the store again (another replica may have served it meanwhile).
+pub(crate) const RUN_FRESH_FOR: Duration = Duration::from_secs(10);
+/// Runs remembered as served per lane; older ones are forgotten beyond it.
+const MAX_SERVED: usize = 1 << 16;
+
 impl Lane {
+    /// Whether `key` needs a look at the store before its frames are admitted.
+    pub fn run_check(&self, key: &RunKey, now: Instant) -> RunCheck {
+        if self.checking.contains(key) {
+            RunCheck::Checking
+        } else if self.served.get(key).is_some_and(|t| now.saturating_duration_since(*t) < RUN_FRESH_FOR) {
+            RunCheck::Fresh
+        } else {
+            RunCheck::Stale
+        }
+    }
+
+    /// A store look-up for `key` started.
+    pub fn start_check(&mut self, key: RunKey) {
+        self.checking.insert(key);
+    }
+
+    /// The store's committed state of `key` arrived (`None`: nothing stored,
+    /// or the look-up failed when `ok` is false).
+    pub fn finish_check(&mut self, key: RunKey, state: Option<RunState>, ok: bool, now: Instant) {
+        self.checking.remove(&key);
+        if let Some(state) = state {
+            self.ledger.restore(key, state);
+        }
+        if ok {
+            self.served(key, now);
+        }
+    }
+
+    /// A frame of `key` was served.
+    pub fn served(&mut self, key: RunKey, now: Instant) {
+        if self.served.len() >= MAX_SERVED && !self.served.contains_key(&key) {
+            self.served.retain(|_, t| now.saturating_duration_since(*t) < RUN_FRESH_FOR);
+            if self.served.len() >= MAX_SERVED {
+                // Forgetting only means one more look at the store.
+                self.served.clear();
+            }
+        }
+        self.served.insert(key, now);
+    }
+
     /// Records that an agent was heard from (at most 65 536 agents per lane
     /// are tracked for reporting; the ledger does not depend on this).
     pub fn heard_from(&mut self, agent_id: [u8; 16], carrier: Carrier, now: Instant) {
@@ -141,6 +244,8 @@ impl Shared {
                     Mutex::new(Lane {
                         ledger: FrameLedger::new(ledger_max_runs / lanes.max(1)),
                         agents: HashMap::new(),
+                        served: HashMap::new(),
+                        checking: HashSet::new(),
                     })
                 })
                 .collect(),
@@ -168,8 +273,13 @@ impl Shared {
 
     /// Marks frames committed in their lanes' ledgers.
     pub fn commit(&self, frames: &[FrameId]) {
+        let mut skipped = 0;
         for (lane, ids) in self.group_by_lane(frames) {
-            self.lane(lane).ledger.commit(&ids);
+            skipped += self.lane(lane).ledger.commit(&ids);
+        }
+        if skipped > 0 {
+            // Frames their agents dropped long ago (see core's ledger).
+            tracing::debug!(sequences = skipped, "frame ledger closed sequence gaps");
         }
     }
 
@@ -294,5 +404,20 @@ mod tests {
         assert!(b.above_high_water());
         b.release(1000);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn admission_keeps_within_the_capacity_and_parked_frames_count_as_held() {
+        let b = Buffer::new(100, 80);
+        assert!(b.admits(500), "an empty pipeline takes any frame");
+        b.charge(50);
+        assert!(b.admits(50));
+        assert!(!b.admits(51), "below high water but over the capacity once added");
+        b.park(40);
+        assert_eq!(b.used(), 90);
+        assert!(b.above_high_water(), "parked frames are held memory");
+        assert!(b.admits(10), "but do not block admission: they are in memory already");
+        b.unpark(40);
+        assert_eq!(b.used(), 50);
     }
 }

@@ -412,6 +412,24 @@ impl Store for SqliteStore {
         })
     }
 
+    fn load_run(&self, key: RunKey) -> StoreFuture<'_, Result<Option<RunState>, QueryError>> {
+        self.read(move |conn| {
+            let row = conn.query_row(
+                "SELECT watermark, above FROM frame_ledger WHERE agent_id = ?1 AND boot_id = ?2",
+                params![id_hex(&key.0), id_hex(&key.1)],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            );
+            match row {
+                Ok((watermark, above)) => Ok(Some(RunState {
+                    watermark: from_i64(watermark),
+                    above: serde_json::from_str(&above).unwrap_or_default(),
+                })),
+                Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
     fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
     }

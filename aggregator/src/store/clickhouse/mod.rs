@@ -8,6 +8,7 @@
 //! Integration tests against a real server live in `tests/clickhouse.rs`.
 
 mod config;
+mod ledger;
 mod queries;
 mod request_builder;
 pub(crate) mod schema;
@@ -63,6 +64,10 @@ impl Store for ClickHouseStore {
 
     fn load_ledger(&self, since_s: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>> {
         Box::pin(queries::ledger(&self.client, since_s))
+    }
+
+    fn load_run(&self, key: RunKey) -> StoreFuture<'_, Result<Option<RunState>, QueryError>> {
+        Box::pin(ledger::run(&self.client, key))
     }
 
     fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>> {
