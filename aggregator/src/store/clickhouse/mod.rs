@@ -22,7 +22,7 @@ use clickhouse::Client;
 
 use super::{
     LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, StackTotal, Store, StoreFuture, StoreKind,
-    SyscallTotal, WriteBatch, WriteError,
+    SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError,
 };
 use crate::settings::ClickHouseSettings;
 
@@ -34,6 +34,7 @@ pub struct ClickHouseStore {
     reads: Client,
     database: String,
     timeout: Duration,
+    undecodable: std::sync::Arc<UndecodableCounts>,
 }
 
 impl std::fmt::Debug for ClickHouseStore {
@@ -48,7 +49,13 @@ impl ClickHouseStore {
         let (admin, client) = config::clients(settings)?;
         schema::migrate(&admin, &client, &settings.database).await?;
         let reads = queries::read_client(&client, settings.request_timeout);
-        Ok(ClickHouseStore { client, reads, database: settings.database.clone(), timeout: settings.request_timeout })
+        Ok(ClickHouseStore {
+            client,
+            reads,
+            database: settings.database.clone(),
+            timeout: settings.request_timeout,
+            undecodable: Default::default(),
+        })
     }
 }
 
@@ -62,7 +69,7 @@ impl Store for ClickHouseStore {
     }
 
     fn load_ledger(&self, since_s: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>> {
-        Box::pin(queries::ledger(&self.client, since_s))
+        Box::pin(queries::ledger(&self.client, since_s, &self.undecodable))
     }
 
     fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>> {
@@ -80,7 +87,7 @@ impl Store for ClickHouseStore {
     }
 
     fn stacks<'a>(&'a self, hashes: &'a [StackHash]) -> StoreFuture<'a, Result<Vec<Stack>, QueryError>> {
-        Box::pin(queries::stacks(&self.reads, hashes))
+        Box::pin(queries::stacks(&self.reads, hashes, &self.undecodable))
     }
 
     fn syscall_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<SyscallTotal>, QueryError>> {
@@ -98,6 +105,10 @@ impl Store for ClickHouseStore {
         sel: &'a Selector,
     ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
         Box::pin(queries::label_values(&self.reads, label, mode, sel))
+    }
+
+    fn undecodable(&self) -> Undecodable {
+        self.undecodable.snapshot()
     }
 
     fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>> {
