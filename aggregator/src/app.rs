@@ -167,6 +167,11 @@ impl AggregatorHandle {
         self.http_addr
     }
 
+    /// The aggregator's metrics (what `/metrics` renders).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
     /// The store in use.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store

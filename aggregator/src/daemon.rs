@@ -78,7 +78,7 @@ fn listen(addr: &str, key: &str) -> anyhow::Result<SocketAddr> {
 #[derive(Debug)]
 pub struct Daemon {
     aggregator: AggregatorHandle,
-    server: ServerHandle,
+    server: Arc<ServerHandle>,
 }
 
 impl Daemon {
@@ -95,6 +95,9 @@ impl Daemon {
             }
         };
         aggregator.set_acker(Arc::new(server.acker()));
+        let server = Arc::new(server);
+        let stats = Arc::downgrade(&server);
+        aggregator.metrics().set_transport_stats(Box::new(move || stats.upgrade().map(|s| s.stats())));
         tracing::info!(
             http = %aggregator.http_addr(),
             quic = ?server.quic_addr(),
@@ -133,7 +136,18 @@ impl Daemon {
 
     /// Stops accepting agents, then drains shards and writer into the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.server.shutdown(Duration::from_secs(5)).await;
+        // `/metrics` holds the server only while it reads its counters.
+        let mut server = self.server;
+        let server = loop {
+            match Arc::try_unwrap(server) {
+                Ok(s) => break s,
+                Err(still_shared) => {
+                    server = still_shared;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
+        server.shutdown(Duration::from_secs(5)).await;
         self.aggregator.shutdown().await
     }
 }

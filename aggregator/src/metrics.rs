@@ -5,6 +5,11 @@
 //! Each aggregator owns its [`prometheus::Registry`] (no global registry), so
 //! several can run in one process (tests).
 
+use std::sync::{Arc, Mutex};
+
+use aperture_transport::server::ServerStats;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -89,6 +94,137 @@ pub struct Metrics {
     pub http_connections_refused: IntCounter,
     /// `aperture_http_header_timeouts_total`.
     pub http_header_timeouts: IntCounter,
+    /// `aperture_store_undecodable_total{what}`.
+    pub store_undecodable: IntCounterVec,
+    /// Where the `aperture_transport_*` counters are read from.
+    transport: TransportSource,
+}
+
+/// A function returning the transport server's counters, or `None` once
+/// the server is gone.
+pub type TransportStatsFn = Box<dyn Fn() -> Option<ServerStats> + Send + Sync>;
+
+/// The transport server's counters, read when `/metrics` is rendered.
+#[derive(Clone, Default)]
+struct TransportSource(Arc<Mutex<Option<TransportStatsFn>>>);
+
+impl std::fmt::Debug for TransportSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TransportSource")
+    }
+}
+
+impl TransportSource {
+    fn read(&self) -> Option<ServerStats> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|f| f())
+    }
+}
+
+/// Exports the transport server's [`ServerStats`] as `aperture_transport_*`
+/// counters: the values are copied from a snapshot at each collection.
+#[derive(Clone)]
+struct TransportCollector {
+    source: TransportSource,
+    sessions_opened: IntCounter,
+    frames_received: IntCounter,
+    bytes_received: IntCounter,
+    frames_busy: IntCounter,
+    frames_duplicate: IntCounter,
+    sequence_gaps: IntCounter,
+    frames_acked: IntCounter,
+    rejections: IntCounterVec,
+    decode_errors: IntCounterVec,
+    sessions_closed: IntCounterVec,
+    descs: Vec<Desc>,
+}
+
+impl TransportCollector {
+    fn new(source: TransportSource) -> prometheus::Result<TransportCollector> {
+        let counter = |name: &str, help: &str| IntCounter::new(name, help);
+        let by_reason = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["reason"]);
+        let mut c = TransportCollector {
+            source,
+            sessions_opened: counter("aperture_transport_sessions_opened_total", "Agent sessions authenticated.")?,
+            frames_received: counter(
+                "aperture_transport_frames_received_total",
+                "Frames received and validated by the transport.",
+            )?,
+            bytes_received: counter("aperture_transport_received_bytes_total", "Bytes of the frames received.")?,
+            frames_busy: counter(
+                "aperture_transport_frames_busy_total",
+                "Frames refused as busy (kept by the agent and sent again).",
+            )?,
+            frames_duplicate: counter(
+                "aperture_transport_frames_duplicate_in_session_total",
+                "Frames ignored because their sequence was not above the session's last.",
+            )?,
+            sequence_gaps: counter(
+                "aperture_transport_sequence_gaps_total",
+                "Frames that followed a skipped sequence number.",
+            )?,
+            frames_acked: counter("aperture_transport_frames_acked_total", "Frames acknowledged to agents.")?,
+            rejections: by_reason(
+                "aperture_transport_rejections_total",
+                "Agent sessions refused (wrong token, bad hello, limits), by reason.",
+            )?,
+            decode_errors: by_reason(
+                "aperture_transport_decode_errors_total",
+                "Frames or messages that failed to decode (the connection is closed), by reason.",
+            )?,
+            sessions_closed: by_reason("aperture_transport_sessions_closed_total", "Agent sessions ended, by reason.")?,
+            descs: Vec::new(),
+        };
+        c.descs = c.parts().iter().flat_map(|p| p.desc()).cloned().collect();
+        Ok(c)
+    }
+
+    fn parts(&self) -> [&dyn Collector; 10] {
+        [
+            &self.sessions_opened,
+            &self.frames_received,
+            &self.bytes_received,
+            &self.frames_busy,
+            &self.frames_duplicate,
+            &self.sequence_gaps,
+            &self.frames_acked,
+            &self.rejections,
+            &self.decode_errors,
+            &self.sessions_closed,
+        ]
+    }
+}
+
+fn copy_counter(c: &IntCounter, v: u64) {
+    c.reset();
+    c.inc_by(v);
+}
+
+impl Collector for TransportCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(s) = self.source.read() {
+            copy_counter(&self.sessions_opened, s.sessions_opened);
+            copy_counter(&self.frames_received, s.frames_received);
+            copy_counter(&self.bytes_received, s.bytes_received);
+            copy_counter(&self.frames_busy, s.frames_busy);
+            copy_counter(&self.frames_duplicate, s.frames_duplicate_in_session);
+            copy_counter(&self.sequence_gaps, s.sequence_gaps);
+            copy_counter(&self.frames_acked, s.frames_acked);
+            for (vec, by_reason) in [
+                (&self.rejections, &s.rejections),
+                (&self.decode_errors, &s.decode_errors),
+                (&self.sessions_closed, &s.sessions_closed),
+            ] {
+                for (reason, v) in by_reason {
+                    copy_counter(&vec.with_label_values(&[reason.as_str()]), *v);
+                }
+            }
+        }
+        self.parts().iter().flat_map(|p| p.collect()).collect()
+    }
 }
 
 /// Registration failed: two metrics with one name (a programming error
@@ -116,6 +252,11 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Metrics, MetricsError> {
         let r = Registry::new();
+        let transport = TransportSource::default();
+        let collector = TransportCollector::new(transport.clone())
+            .map_err(|source| MetricsError { name: "aperture_transport_*".to_owned(), source })?;
+        r.register(Box::new(collector))
+            .map_err(|source| MetricsError { name: "aperture_transport_*".to_owned(), source })?;
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let opts = Opts::new(name, help);
             reg(&r, name, || IntCounterVec::new(opts, labels))
@@ -219,9 +360,20 @@ impl Metrics {
                 "aperture_http_header_timeouts_total",
                 "HTTP connections closed because no complete request head arrived within limits.http_header_timeout.",
             )?,
+            store_undecodable: counter_vec(
+                "aperture_store_undecodable_total",
+                "Stored records that could not be decoded and were left out, by what (stack, ledger_row).",
+                &["what"],
+            )?,
+            transport: transport.clone(),
             registry: r.clone(),
         };
         Ok(m)
+    }
+
+    /// Reads the `aperture_transport_*` counters from `stats` from now on.
+    pub fn set_transport_stats(&self, stats: TransportStatsFn) {
+        *self.transport.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
     /// Frames offered with `result` so far.
@@ -249,5 +401,31 @@ mod tests {
             assert!(name.starts_with("aperture_"), "{name}");
         }
         assert!(m.render().contains("aperture_ingress_frames_total{result=\"queued\"} 1"));
+    }
+
+    #[test]
+    fn transport_counters_are_exported_from_the_server_snapshot() {
+        let m = Metrics::new().expect("metrics");
+        assert!(m.render().contains("aperture_transport_sequence_gaps_total 0"));
+        m.set_transport_stats(Box::new(|| {
+            Some(ServerStats {
+                sequence_gaps: 4,
+                sessions_opened: 2,
+                rejections: [("bad_token".to_owned(), 3)].into_iter().collect(),
+                decode_errors: [("bad_frame".to_owned(), 5)].into_iter().collect(),
+                ..ServerStats::default()
+            })
+        }));
+        for _ in 0..2 {
+            let text = m.render();
+            for line in [
+                "aperture_transport_sequence_gaps_total 4",
+                "aperture_transport_sessions_opened_total 2",
+                "aperture_transport_rejections_total{reason=\"bad_token\"} 3",
+                "aperture_transport_decode_errors_total{reason=\"bad_frame\"} 5",
+            ] {
+                assert!(text.contains(line), "{line} missing:\n{text}");
+            }
+        }
     }
 }

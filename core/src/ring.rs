@@ -40,7 +40,8 @@ pub struct RingStats {
     pushed: AtomicU64,
     dropped_full: AtomicU64,
     dropped_disconnected: AtomicU64,
-    dropped_items: AtomicU64,
+    dropped_items_full: AtomicU64,
+    dropped_items_disconnected: AtomicU64,
 }
 
 impl RingStats {
@@ -59,7 +60,15 @@ impl RingStats {
 
     /// Items (events inside dropped batches, as reported by [`Weighted`]) lost.
     pub fn dropped_items(&self) -> u64 {
-        self.dropped_items.load(Ordering::Relaxed)
+        self.dropped_items_for(RingDrop::Full) + self.dropped_items_for(RingDrop::Disconnected)
+    }
+
+    /// Items lost in batches dropped for `reason`.
+    pub fn dropped_items_for(&self, reason: RingDrop) -> u64 {
+        match reason {
+            RingDrop::Full => self.dropped_items_full.load(Ordering::Relaxed),
+            RingDrop::Disconnected => self.dropped_items_disconnected.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -106,12 +115,12 @@ impl<T: Weighted> RingProducer<T> {
             }
             Err(TrySendError::Full(b)) => {
                 self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
-                self.stats.dropped_items.fetch_add(b.weight(), Ordering::Relaxed);
+                self.stats.dropped_items_full.fetch_add(b.weight(), Ordering::Relaxed);
                 Err(RingDrop::Full)
             }
             Err(TrySendError::Disconnected(b)) => {
                 self.stats.dropped_disconnected.fetch_add(1, Ordering::Relaxed);
-                self.stats.dropped_items.fetch_add(b.weight(), Ordering::Relaxed);
+                self.stats.dropped_items_disconnected.fetch_add(b.weight(), Ordering::Relaxed);
                 Err(RingDrop::Disconnected)
             }
         }
@@ -186,6 +195,7 @@ mod tests {
         assert_eq!(tx.stats().pushed(), 2);
         assert_eq!(tx.stats().dropped(RingDrop::Full), 1);
         assert_eq!(tx.stats().dropped_items(), 3);
+        assert_eq!(tx.stats().dropped_items_for(RingDrop::Full), 3);
         assert_eq!(rx.try_pop(), Some(vec![1]));
         assert_eq!(tx.push(vec![7]), Ok(()));
         assert_eq!(rx.len(), 2);
@@ -198,6 +208,7 @@ mod tests {
         assert_eq!(tx.push(vec![0; 5]), Err(RingDrop::Disconnected));
         assert_eq!(tx.stats().dropped(RingDrop::Disconnected), 1);
         assert_eq!(tx.stats().dropped_items(), 5);
+        assert_eq!(tx.stats().dropped_items_for(RingDrop::Disconnected), 5);
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub struct AgentMetrics {
     pub frame_bytes: IntCounter,
     /// Batches that could not be encoded (too large).
     pub encode_errors: IntCounter,
+    /// Frames built but refused by the transport (its buffer was closed or full).
+    pub frames_refused: IntCounter,
     /// Frames handed to a carrier (first sends and resends).
     pub frames_sent: IntCounter,
     /// Frames acknowledged.
@@ -167,6 +169,11 @@ impl AgentMetrics {
             frames_built: counter(&r, "aperture_agent_frames_built_total", "Frames encoded."),
             frame_bytes: counter(&r, "aperture_agent_frame_bytes_total", "Bytes of frames encoded."),
             encode_errors: counter(&r, "aperture_agent_encode_errors_total", "Batches that could not be encoded."),
+            frames_refused: counter(
+                &r,
+                "aperture_agent_frames_refused_total",
+                "Frames built but refused by the transport (lost).",
+            ),
             frames_sent: counter(&r, "aperture_agent_frames_sent_total", "Frames handed to a carrier."),
             frames_acked: counter(&r, "aperture_agent_frames_acked_total", "Frames acknowledged by the aggregator."),
             frames_resent: counter(&r, "aperture_agent_frames_resent_total", "Frames resent after a reconnect."),

@@ -214,12 +214,16 @@ impl Driver {
         m.frames_built.inc_by(s.frames - last.frames);
         m.frame_bytes.inc_by(s.frame_bytes - last.frame_bytes);
         m.encode_errors.inc_by(s.encode_errors - last.encode_errors);
+        m.frames_refused.inc_by(s.sink_errors - last.sink_errors);
         mir.last_pipeline = s;
 
         let ring = self.consumer.stats();
-        mir.ring_full.sync(&m.events_dropped.with_label_values(&["ring_full"]), ring.dropped(RingDrop::Full));
-        mir.ring_disconnected
-            .sync(&m.events_dropped.with_label_values(&["ring_disconnected"]), ring.dropped(RingDrop::Disconnected));
+        // Events, not batches: a dropped reader batch loses all its events.
+        mir.ring_full.sync(&m.events_dropped.with_label_values(&["ring_full"]), ring.dropped_items_for(RingDrop::Full));
+        mir.ring_disconnected.sync(
+            &m.events_dropped.with_label_values(&["ring_disconnected"]),
+            ring.dropped_items_for(RingDrop::Disconnected),
+        );
 
         let a = self.pipeline.attributor().stats();
         let ok = a.proc_reads - a.proc_gone - a.proc_errors;

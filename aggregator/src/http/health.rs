@@ -105,6 +105,11 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     let m = &state.shared.metrics;
     let b = &state.shared.buffer;
     m.buffer_used.set(b.used() as i64);
+    let undecodable = state.store.undecodable();
+    for (what, n) in [("stack", undecodable.stacks), ("ledger_row", undecodable.ledger_rows)] {
+        let c = m.store_undecodable.with_label_values(&[what]);
+        c.inc_by(n.saturating_sub(c.get()));
+    }
     for (carrier, n) in state.shared.connected_agents() {
         m.connected_agents.with_label_values(&[carrier.as_str()]).set(n as i64);
     }

@@ -321,6 +321,50 @@ pub struct RetentionReport {
     pub removed: u64,
 }
 
+/// Stored records a store could not decode and left out of its answers,
+/// since it was opened (exported as `aperture_store_undecodable_total`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Undecodable {
+    /// Stacks whose frames could not be read (their rows show as an
+    /// unknown stack).
+    pub stacks: u64,
+    /// Frame-ledger rows that could not be read (that run's committed
+    /// frames are not known as committed).
+    pub ledger_rows: u64,
+}
+
+/// Counters behind [`Undecodable`], shared with a store's query tasks.
+#[derive(Debug, Default)]
+pub struct UndecodableCounts {
+    stacks: std::sync::atomic::AtomicU64,
+    ledger_rows: std::sync::atomic::AtomicU64,
+}
+
+impl UndecodableCounts {
+    /// Counts a stack that could not be decoded, and logs it.
+    pub fn stack(&self, store: &str, hash: StackHash, why: &str) {
+        self.stacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(store, stack = %hash, "a stored stack cannot be decoded ({why}); it shows as an unknown stack");
+    }
+
+    /// Counts a ledger row that could not be decoded, and logs it.
+    pub fn ledger_row(&self, store: &str, agent: &str, boot: &str, why: &str) {
+        self.ledger_rows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            store,
+            agent,
+            boot,
+            "a frame-ledger row cannot be decoded ({why}); frames of that run may be stored again if resent"
+        );
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> Undecodable {
+        use std::sync::atomic::Ordering::Relaxed;
+        Undecodable { stacks: self.stacks.load(Relaxed), ledger_rows: self.ledger_rows.load(Relaxed) }
+    }
+}
+
 /// A place rows are written to and read from. Methods return boxed futures
 /// so the trait can be used as `Arc<dyn Store>`; blocking implementations
 /// move their work to tokio's blocking pool.
@@ -371,6 +415,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Removes rows whose window started before `cutoff_s`, and ledger state
     /// not updated since then.
     fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>>;
+
+    /// Stored records left out of answers so far because they could not be decoded.
+    fn undecodable(&self) -> Undecodable {
+        Undecodable::default()
+    }
 }
 
 /// Row kinds belonging to a mode, for label listing.

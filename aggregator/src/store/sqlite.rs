@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, StackTotal, Store, StoreFuture, StoreKind,
-    SyscallTotal, WriteBatch, WriteError, id_from_hex, id_hex, mode_kinds,
+    SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError, id_from_hex, id_hex, mode_kinds,
 };
 
 const STORE: &str = "sqlite";
@@ -94,6 +94,7 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
+    undecodable: Arc<UndecodableCounts>,
 }
 
 /// Virtual-machine steps between two checks of a query's cancel flag
@@ -154,7 +155,12 @@ impl SqliteStore {
         )
         .map_err(|e| open_err(&path, e))?;
         reader.busy_timeout(Duration::from_secs(5)).map_err(|e| open_err(&path, e))?;
-        Ok(SqliteStore { path, writer: Arc::new(Mutex::new(writer)), reader: Arc::new(Mutex::new(reader)) })
+        Ok(SqliteStore {
+            path,
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+            undecodable: Arc::default(),
+        })
     }
 
     /// The database file.
@@ -395,6 +401,7 @@ impl Store for SqliteStore {
     }
 
     fn load_ledger(&self, since_s: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>> {
+        let undecodable = Arc::clone(&self.undecodable);
         self.read(move |conn| {
             let mut stmt =
                 conn.prepare("SELECT agent_id, boot_id, watermark, above FROM frame_ledger WHERE updated_s >= ?1")?;
@@ -403,9 +410,20 @@ impl Store for SqliteStore {
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (agent, boot, watermark, above) = row?;
-                let (Some(agent), Some(boot)) = (id_from_hex(&agent), id_from_hex(&boot)) else { continue };
-                let above: BTreeSet<u64> = serde_json::from_str(&above).unwrap_or_default();
+                let (agent_hex, boot_hex, watermark, above) = row?;
+                let (Some(agent), Some(boot)) = (id_from_hex(&agent_hex), id_from_hex(&boot_hex)) else {
+                    undecodable.ledger_row(STORE, &agent_hex, &boot_hex, "agent or boot id is not 32 hex digits");
+                    continue;
+                };
+                let above: BTreeSet<u64> = match serde_json::from_str(&above) {
+                    Ok(above) => above,
+                    Err(e) => {
+                        // The watermark still holds; only the few frames
+                        // committed above it are forgotten.
+                        undecodable.ledger_row(STORE, &agent_hex, &boot_hex, &format!("`above` is not a list: {e}"));
+                        BTreeSet::new()
+                    }
+                };
                 out.push(((agent, boot), RunState { watermark: from_i64(watermark), above }));
             }
             Ok(out)
@@ -459,6 +477,7 @@ impl Store for SqliteStore {
 
     fn stacks<'a>(&'a self, hashes: &'a [StackHash]) -> StoreFuture<'a, Result<Vec<Stack>, QueryError>> {
         let hashes: Vec<i64> = hashes.iter().map(|h| h.0 as i64).collect();
+        let undecodable = Arc::clone(&self.undecodable);
         self.read(move |conn| {
             let mut out = Vec::with_capacity(hashes.len());
             for chunk in hashes.chunks(500) {
@@ -468,7 +487,10 @@ impl Store for SqliteStore {
                     stmt.query_map(params_from_iter(chunk), |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
                 for row in rows {
                     let (hash, text) = row?;
-                    out.extend(frames_from_json(hash, &text));
+                    match frames_from_json(hash, &text) {
+                        Some(stack) => out.push(stack),
+                        None => undecodable.stack(STORE, StackHash(hash as u64), "`frames` is not a JSON frame list"),
+                    }
                 }
             }
             Ok(out)
@@ -552,6 +574,10 @@ impl Store for SqliteStore {
             let rows = stmt.query_map(params_from_iter(params), |r| r.get::<_, String>(0))?;
             rows.collect()
         })
+    }
+
+    fn undecodable(&self) -> Undecodable {
+        self.undecodable.snapshot()
     }
 
     fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>> {
@@ -684,5 +710,30 @@ mod read_tests {
         assert_eq!((locks[0].count, locks[0].max_ns), (u64::MAX, 7));
         let calls = rt.block_on(store.syscall_totals(&sel)).expect("syscall sums");
         assert_eq!((calls[0].count, calls[0].errors, calls[0].histogram[1]), (u64::MAX, u64::MAX, u64::MAX));
+    }
+
+    /// A stack or ledger row that no longer decodes is left out, counted
+    /// and logged, not skipped silently.
+    #[test]
+    fn undecodable_stacks_and_ledger_rows_are_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        {
+            let conn = lock(&store.writer);
+            conn.execute_batch(
+                "INSERT INTO stacks (hash, frames) VALUES (7, 'not json'), (8, '[]');
+                 INSERT INTO frame_ledger (agent_id, boot_id, watermark, above, updated_s) VALUES
+                    ('zz', '00000000000000000000000000000000', 5, '[]', 100),
+                    ('11111111111111111111111111111111', '22222222222222222222222222222222', 9, 'oops', 100),
+                    ('33333333333333333333333333333333', '44444444444444444444444444444444', 3, '[5]', 100);",
+            )
+            .expect("insert");
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let stacks = rt.block_on(store.stacks(&[StackHash(7), StackHash(8)])).expect("stacks");
+        assert_eq!(stacks.iter().map(|s| s.hash).collect::<Vec<_>>(), [StackHash(8)]);
+        let runs = rt.block_on(store.load_ledger(0)).expect("ledger");
+        assert_eq!(runs.len(), 2, "the row with a bad `above` keeps its watermark");
+        assert_eq!(store.undecodable(), Undecodable { stacks: 1, ledger_rows: 2 });
     }
 }

@@ -23,7 +23,7 @@ use clickhouse::Client;
 
 use super::{
     LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, StackTotal, Store, StoreFuture, StoreKind,
-    SyscallTotal, WriteBatch, WriteError,
+    SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError,
 };
 use crate::settings::ClickHouseSettings;
 
@@ -35,6 +35,7 @@ pub struct ClickHouseStore {
     reads: Client,
     database: String,
     timeout: Duration,
+    undecodable: std::sync::Arc<UndecodableCounts>,
 }
 
 impl std::fmt::Debug for ClickHouseStore {
@@ -49,7 +50,13 @@ impl ClickHouseStore {
         let (admin, client) = config::clients(settings)?;
         schema::migrate(&admin, &client, &settings.database).await?;
         let reads = queries::read_client(&client, settings.request_timeout);
-        Ok(ClickHouseStore { client, reads, database: settings.database.clone(), timeout: settings.request_timeout })
+        Ok(ClickHouseStore {
+            client,
+            reads,
+            database: settings.database.clone(),
+            timeout: settings.request_timeout,
+            undecodable: Default::default(),
+        })
     }
 }
 
@@ -63,7 +70,7 @@ impl Store for ClickHouseStore {
     }
 
     fn load_ledger(&self, since_s: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>> {
-        Box::pin(queries::ledger(&self.client, since_s))
+        Box::pin(queries::ledger(&self.client, since_s, &self.undecodable))
     }
 
     fn load_run(&self, key: RunKey) -> StoreFuture<'_, Result<Option<RunState>, QueryError>> {
@@ -85,7 +92,7 @@ impl Store for ClickHouseStore {
     }
 
     fn stacks<'a>(&'a self, hashes: &'a [StackHash]) -> StoreFuture<'a, Result<Vec<Stack>, QueryError>> {
-        Box::pin(queries::stacks(&self.reads, hashes))
+        Box::pin(queries::stacks(&self.reads, hashes, &self.undecodable))
     }
 
     fn syscall_totals<'a>(&'a self, sel: &'a Selector) -> StoreFuture<'a, Result<Vec<SyscallTotal>, QueryError>> {
@@ -103,6 +110,10 @@ impl Store for ClickHouseStore {
         sel: &'a Selector,
     ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
         Box::pin(queries::label_values(&self.reads, label, mode, sel))
+    }
+
+    fn undecodable(&self) -> Undecodable {
+        self.undecodable.snapshot()
     }
 
     fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>> {

@@ -10,7 +10,9 @@ use aperture_core::shard::RowKind;
 use clickhouse::{Client, Row};
 use serde::Deserialize;
 
-use crate::store::{LabelName, LockTotal, QueryError, Selector, StackTotal, SyscallTotal, mode_kinds};
+use crate::store::{
+    LabelName, LockTotal, QueryError, Selector, StackTotal, SyscallTotal, UndecodableCounts, mode_kinds,
+};
 
 const STORE: &str = "clickhouse";
 
@@ -116,6 +118,7 @@ struct StackFrames {
 pub(crate) async fn stacks(
     client: &Client,
     hashes: &[StackHash],
+    undecodable: &UndecodableCounts,
 ) -> Result<Vec<aperture_core::model::Stack>, QueryError> {
     let mut out = Vec::with_capacity(hashes.len());
     for chunk in hashes.chunks(5000) {
@@ -128,6 +131,12 @@ pub(crate) async fn stacks(
         let rows = client.query(&sql).fetch_all::<StackFrames>().await.map_err(query_err)?;
         for r in rows {
             let n = r.symbols.len();
+            let lens =
+                [r.modules.len(), r.files.len(), r.lines.len(), r.offsets.len(), r.addresses.len(), r.kernel.len()];
+            if lens.iter().any(|l| *l != n) {
+                undecodable.stack(STORE, StackHash(r.hash), "its frame arrays differ in length");
+                continue;
+            }
             let frames = (0..n)
                 .map(|i| aperture_core::model::StackFrame {
                     address: r.addresses.get(i).copied().unwrap_or(0),
@@ -234,6 +243,7 @@ struct LedgerState {
 pub(crate) async fn ledger(
     client: &Client,
     since_s: u64,
+    undecodable: &UndecodableCounts,
 ) -> Result<Vec<(aperture_core::ledger::RunKey, aperture_core::ledger::RunState)>, QueryError> {
     let sql = format!(
         "SELECT agent_id, boot_id, argMax(watermark, version), argMax(above, version) FROM frame_ledger
@@ -244,7 +254,12 @@ pub(crate) async fn ledger(
     Ok(rows
         .into_iter()
         .filter_map(|r| {
-            let key = (crate::store::id_from_hex(&r.agent_id)?, crate::store::id_from_hex(&r.boot_id)?);
+            let ids = (crate::store::id_from_hex(&r.agent_id), crate::store::id_from_hex(&r.boot_id));
+            let (Some(agent), Some(boot)) = ids else {
+                undecodable.ledger_row(STORE, &r.agent_id, &r.boot_id, "agent or boot id is not 32 hex digits");
+                return None;
+            };
+            let key = (agent, boot);
             Some((
                 key,
                 aperture_core::ledger::RunState { watermark: r.watermark, above: r.above.into_iter().collect() },
