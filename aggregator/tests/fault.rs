@@ -202,8 +202,8 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let s = self.client.stats();
-            assert_eq!(s.frames_dropped, 0, "the agent's buffer never overflowed");
-            if s.unacked_frames == 0 && s.frames_acked >= sent {
+            assert_eq!(s.session.frames_dropped, 0, "the agent's buffer never overflowed");
+            if s.session.unacked_frames == 0 && s.session.frames_acked >= sent {
                 break;
             }
             assert!(Instant::now() < deadline, "not all frames acknowledged: {s:?}, sent {sent}");

@@ -258,6 +258,9 @@ impl Store for DownStore {
     fn load_ledger(&self, _: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>> {
         Box::pin(async { Ok(Vec::new()) })
     }
+    fn load_run(&self, _: RunKey) -> StoreFuture<'_, Result<Option<RunState>, QueryError>> {
+        Box::pin(async { Ok(None) })
+    }
     fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>> {
         down()
     }
