@@ -34,7 +34,8 @@ mod syscalls;
 
 pub use drain::{DrainError, DropCount, LockStats, SLOT_GRACE, SyscallStats, lock_kind};
 pub use loader::{
-    AttachError, Attachment, Filter, Flavour, LoadError, Modes, ProbeConfig, Probes, SettingsError, object_bytes,
+    AttachError, Attachment, Filter, Flavour, LoadError, Modes, ProbeConfig, Probes, SettingsError, UnwindError,
+    UnwindMode, UnwindSettings, UnwindStats, object_bytes,
 };
 pub use reader::{
     BatchSink, EventRecord, INITIAL_BATCH_EVENTS, PerfReader, ReaderConfig, ReaderError, ReaderStats, RecordBatch,

@@ -407,6 +407,10 @@ impl Symbolizer {
     /// Appends the frames of user addresses of process `pid` (leaf first).
     pub fn user_frames(&mut self, pid: u32, addrs: &[u64], out: &mut Vec<StackFrame>) {
         for (i, &addr) in addrs.iter().enumerate() {
+            if let Some(name) = crate::abi::marker_frame(addr) {
+                out.push(StackFrame { address: addr, symbol: name.to_owned(), ..StackFrame::default() });
+                continue;
+            }
             let Some(m) = self.mapping(pid, addr) else {
                 self.stats.unresolved += 1;
                 out.push(StackFrame { address: addr, ..StackFrame::default() });

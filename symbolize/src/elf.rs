@@ -235,14 +235,18 @@ impl ElfFile {
     /// the file's headers and unwind info use. `None` when no loadable
     /// segment covers `offset`.
     pub fn load_bias(&self, start: u64, offset: u64) -> Option<u64> {
-        let seg = self.segments.iter().find(|s| {
-            let align = s.align.max(1);
-            let first = s.offset - s.offset % align.clamp(1, 4096);
-            offset >= first && offset < s.offset + s.filesz.max(1)
-        })?;
-        // runtime = start + (file_off - offset), file_off = seg.offset + (vaddr - seg.vaddr)
-        Some(start.wrapping_sub(offset).wrapping_add(seg.offset).wrapping_sub(seg.vaddr))
+        load_bias(&self.segments, start, offset)
     }
+}
+
+/// [`ElfFile::load_bias`] from the segments alone (kept without the open file).
+pub fn load_bias(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
+    let seg = segments.iter().find(|s| {
+        let first = s.offset - s.offset % s.align.clamp(1, 4096);
+        offset >= first && offset < s.offset + s.filesz.max(1)
+    })?;
+    // runtime = start + (file_off - offset), file_off = seg.offset + (vaddr - seg.vaddr)
+    Some(start.wrapping_sub(offset).wrapping_add(seg.offset).wrapping_sub(seg.vaddr))
 }
 
 #[cfg(test)]

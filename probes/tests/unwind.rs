@@ -1,0 +1,185 @@
+//! Kernel tests of the table-driven user stack walker on programs built
+//! the way distributions build them: without frame pointers, or with them
+//! but with frameless leaves, calling through a shared library and glibc
+//! (run as root; they skip by name otherwise). Each test filters on its own
+//! child's pid.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use aperture_core::model::Mode;
+use aperture_probes::abi::{EventKind, UnwindStat};
+use aperture_probes::{
+    Filter, Modes, ProbeConfig, Probes, ReaderConfig, RecordBatch, Symbolizer, UnwindMode, UnwindSettings,
+};
+use common::{Program, build_c, channel_sink, programs_dir, require_root};
+
+/// No frame pointers anywhere.
+const OMIT: &[&str] = &["-O2", "-g", "-fomit-frame-pointer", "-pthread"];
+/// Frame pointers, but GCC's default of none in leaf functions.
+const FP_FRAMELESS_LEAF: &[&str] = &["-O2", "-g", "-fno-omit-frame-pointer", "-pthread"];
+
+fn config(mode: Mode, pid: u32, unwind: UnwindMode) -> ProbeConfig {
+    ProbeConfig {
+        modes: Modes::only(mode),
+        frequency_hz: 199,
+        filter: Some(Filter { pids: vec![pid], cgroups: vec![] }),
+        unwind: UnwindSettings { mode: unwind, ..UnwindSettings::default() },
+        ..ProbeConfig::default()
+    }
+}
+
+fn reader_config() -> ReaderConfig {
+    ReaderConfig { flush_interval: Duration::from_millis(50), ..ReaderConfig::default() }
+}
+
+/// The user frames (symbols) of every cpu sample of the program run with
+/// `args`, walked with `unwind`.
+fn cpu_stacks(bin: &Path, args: &[&str], unwind: UnwindMode) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut prog = Program::spawn(bin, args);
+    let pid = prog.pid();
+    let mut probes = Probes::load(&config(Mode::Cpu, pid, unwind))?;
+    let tables = probes.unwind_process(pid)?;
+    if unwind == UnwindMode::Tables {
+        assert!(tables > 0, "no mapping of the test program got an unwind table");
+    }
+    let (sink, rx) = channel_sink();
+    let reader = probes.start_reader(&reader_config(), sink)?;
+    probes.attach()?;
+    prog.go();
+    assert_eq!(prog.line(), "done");
+    std::thread::sleep(Duration::from_millis(100));
+    reader.stop()?;
+    let stats = probes.unwind_stats();
+    println!("unwind stats: {:?}", stats.kernel);
+    let mut sym = Symbolizer::new();
+    let mut out = Vec::new();
+    for batch in rx.try_iter() {
+        for e in batch.events.iter().filter(|e| e.kind == EventKind::Cpu && e.raw.pid == pid) {
+            let stack = sym.stack(pid, &[], batch.user_stack(e));
+            out.push(stack.frames.iter().map(|f| f.symbol.clone()).collect());
+        }
+    }
+    prog.finish();
+    Ok(out)
+}
+
+/// Share of stacks starting with `chain`, printed; returns (total, matching).
+fn chain_share(what: &str, stacks: &[Vec<String>], chain: &[&str]) -> (usize, usize) {
+    let with = stacks.iter().filter(|s| s.len() >= chain.len() && s.iter().zip(chain).all(|(a, b)| a == b)).count();
+    let example = stacks.iter().find(|s| !s.starts_with(&chain.iter().map(|c| c.to_string()).collect::<Vec<_>>()));
+    println!(
+        "{what}: {with}/{} samples ({:.1}%) show {}; e.g. a miss: {example:?}",
+        stacks.len(),
+        100.0 * with as f64 / stacks.len().max(1) as f64,
+        chain.join(" <- ")
+    );
+    (stacks.len(), with)
+}
+
+fn assert_chain(what: &str, bin: &Path, args: &[&str], chain: &[&str]) -> anyhow::Result<()> {
+    let stacks = cpu_stacks(bin, args, UnwindMode::Tables)?;
+    let (total, with) = chain_share(what, &stacks, chain);
+    assert!(total >= 50, "{what}: only {total} samples");
+    assert!(with * 100 >= total * 95, "{what}: {with}/{total} samples show the full chain");
+    Ok(())
+}
+
+#[test]
+fn cpu_chains_without_frame_pointers_are_complete() -> anyhow::Result<()> {
+    if !require_root("cpu_chains_without_frame_pointers_are_complete") {
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_omit", "unwind_chain", OMIT, &[]);
+    assert_chain("-O2 -fomit-frame-pointer", &bin, &["1.5"], &["leaf_burn", "middle", "outer", "main"])?;
+    // The same program walked by frame pointers, for comparison (not asserted).
+    let fp = cpu_stacks(&bin, &["0.5"], UnwindMode::FramePointers)?;
+    chain_share("same, frame pointers only", &fp, &["leaf_burn", "middle", "outer", "main"]);
+    Ok(())
+}
+
+#[test]
+fn cpu_chains_with_a_frameless_leaf_are_complete() -> anyhow::Result<()> {
+    if !require_root("cpu_chains_with_a_frameless_leaf_are_complete") {
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_fp", "unwind_chain", FP_FRAMELESS_LEAF, &[]);
+    assert_chain("-O2 -fno-omit-frame-pointer", &bin, &["1.5"], &["leaf_burn", "middle", "outer", "main"])
+}
+
+#[test]
+fn cpu_chains_through_a_shared_library_without_frame_pointers_are_complete() -> anyhow::Result<()> {
+    if !require_root("cpu_chains_through_a_shared_library_without_frame_pointers_are_complete") {
+        return Ok(());
+    }
+    let mut lib_flags = OMIT.to_vec();
+    lib_flags.extend(["-shared", "-fPIC"]);
+    build_c("libunwind_lib.so", "unwind_lib", &lib_flags, &[]);
+    let dir = programs_dir();
+    let mut flags = OMIT.to_vec();
+    flags.push("-DWITH_LIB");
+    let link = [format!("-L{}", dir.display()), "-lunwind_lib".to_owned(), format!("-Wl,-rpath,{}", dir.display())];
+    let link: Vec<&str> = link.iter().map(String::as_str).collect();
+    let bin = build_c("unwind_chain_lib", "unwind_chain", &flags, &link);
+    assert_chain("shared library", &bin, &["1.5", "lib"], &["lib_leaf", "lib_middle", "outer", "main"])
+}
+
+#[test]
+fn stacks_deeper_than_a_record_end_in_a_truncated_marker() -> anyhow::Result<()> {
+    if !require_root("stacks_deeper_than_a_record_end_in_a_truncated_marker") {
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_deep", "unwind_chain", OMIT, &[]);
+    let stacks = cpu_stacks(&bin, &["1", "deep"], UnwindMode::Tables)?;
+    let in_leaf: Vec<&Vec<String>> = stacks.iter().filter(|s| s.first().is_some_and(|f| f == "leaf_burn")).collect();
+    let truncated = in_leaf
+        .iter()
+        .filter(|s| {
+            s.last().is_some_and(|f| f == "[truncated]") && s[1..s.len() - 1].iter().skip(1).all(|f| f == "deep")
+        })
+        .count();
+    println!(
+        "deep: {truncated}/{} leaf samples end in [truncated] after deep frames; e.g. {:?}",
+        in_leaf.len(),
+        in_leaf.first().map(|s| &s[s.len().saturating_sub(3)..])
+    );
+    assert!(in_leaf.len() >= 50, "only {} samples in leaf_burn", in_leaf.len());
+    assert!(truncated * 100 >= in_leaf.len() * 95, "{truncated}/{} end in [truncated]", in_leaf.len());
+    // Never a guessed address: every frame has a name.
+    assert!(stacks.iter().flatten().all(|f| !f.is_empty()), "a frame without a symbol");
+    Ok(())
+}
+
+/// Cpu samples of a process the walker has no table for yet keep their
+/// frame-pointer stack and are counted; the process is then picked up.
+#[test]
+fn samples_before_the_table_is_loaded_are_counted_and_the_process_is_picked_up() -> anyhow::Result<()> {
+    if !require_root("samples_before_the_table_is_loaded_are_counted_and_the_process_is_picked_up") {
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_late", "unwind_chain", OMIT, &[]);
+    let mut prog = Program::spawn(&bin, &["1.5"]);
+    let pid = prog.pid();
+    let mut probes = Probes::load(&config(Mode::Cpu, pid, UnwindMode::Tables))?;
+    let (sink, rx) = channel_sink();
+    let reader = probes.start_reader(&reader_config(), sink)?;
+    probes.attach()?;
+    prog.go();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = probes.unwind_stats();
+    probes.unwind_refresh()?;
+    assert_eq!(prog.line(), "done");
+    std::thread::sleep(Duration::from_millis(100));
+    reader.stop()?;
+    let after = probes.unwind_stats();
+    prog.finish();
+    let batches: Vec<RecordBatch> = rx.try_iter().collect();
+    let samples = batches.iter().flat_map(|b| b.events.iter()).filter(|e| e.raw.pid == pid).count();
+    println!("before refresh {:?}; after {:?}; {samples} samples", before.kernel, after.kernel);
+    assert!(before.get(UnwindStat::NoProcess) > 0, "samples before the table were not counted");
+    assert_eq!(after.processes, 1, "the sampled process was picked up");
+    assert!(after.get(UnwindStat::Walked) > 0, "no sample was walked with tables after the refresh");
+    Ok(())
+}
