@@ -52,13 +52,37 @@ struct {
 	__array(values, struct ap_unwind_rows);
 } ap_unwind_tables SEC(".maps");
 
-struct {
+/* The processes the walker knows (key: thread group id), one hash map
+ * created by user space and shared by every object through entry 0 of
+ * ap_unwind_procs. Only user space updates it, so it need not be
+ * preallocated even where perf_event programs read it (5.10 refuses
+ * run-time allocated hash maps in perf_event programs, but checks only the
+ * outer map). */
+struct ap_unwind_procs_inner {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 8192);
+	__uint(max_entries, 1);
+	/* Sizes, not types: clang only emits a forward declaration of a
+	 * struct named in an inner map template, which the loader cannot size. */
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct ap_unwind_proc));
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct ap_unwind_proc);
+	__array(values, struct ap_unwind_procs_inner);
 } ap_unwind_procs SEC(".maps");
+
+static __always_inline struct ap_unwind_proc *ap_unwind_proc_get(__u32 pid)
+{
+	__u32 zero = 0;
+	void *procs = bpf_map_lookup_elem(&ap_unwind_procs, &zero);
+	if (!procs)
+		return NULL;
+	return bpf_map_lookup_elem(procs, &pid);
+}
 
 /* Processes user space should (re)read the mappings of: sampled without
  * tables, or a pc outside every known mapping (dlopen, JIT). Value: the
@@ -186,7 +210,7 @@ static __always_inline bool ap_unwind_start(void *ctx, bool perf_ctx, __u32 pid,
 {
 	if (!ap_unwind_enabled)
 		return false;
-	if (!bpf_map_lookup_elem(&ap_unwind_procs, &pid)) {
+	if (!ap_unwind_proc_get(pid)) {
 		ap_unwind_count(AP_UNW_NO_PROC);
 		ap_unwind_note_missing(pid);
 		return false;
@@ -376,7 +400,7 @@ static __always_inline int ap_unwind_frame(struct ap_unwind_state *st, struct ap
 /* Up to AP_UNWIND_FRAMES_PER_PROG frames of the walk in progress. */
 static __always_inline int ap_unwind_frames(struct ap_unwind_state *st, struct ap_event_buf *buf)
 {
-	struct ap_unwind_proc *proc = bpf_map_lookup_elem(&ap_unwind_procs, &st->pid);
+	struct ap_unwind_proc *proc = ap_unwind_proc_get(st->pid);
 	if (!proc)
 		return ap_unwind_cut(st, buf, AP_FRAME_UNKNOWN, AP_UNW_NO_MAPPING);
 	for (int i = 0; i < AP_UNWIND_FRAMES_PER_PROG; i++) {

@@ -91,6 +91,9 @@ pub enum LoadError {
         #[source]
         source: MapError,
     },
+    /// Creating the unwinder's shared maps failed.
+    #[error("setting up the unwind tables failed: {0}; `unwind: frame_pointers` walks stacks without them")]
+    Unwind(#[source] UnwindError),
     /// Filling the pid/cgroup filter maps failed.
     #[error("filling filter map {map} of the {mode} object failed: {source}; at most 4096 pids and 4096 cgroups fit")]
     Filter {
@@ -237,7 +240,10 @@ impl Probes {
             }
             objects.push(LoadedObject { mode, ebpf });
         }
-        let unwinder = (config.unwind.mode == UnwindMode::Tables).then(|| Unwinder::new(&config.unwind));
+        let unwinder = match config.unwind.mode {
+            UnwindMode::Tables => Some(Unwinder::new(&config.unwind, &mut objects).map_err(LoadError::Unwind)?),
+            UnwindMode::FramePointers => None,
+        };
         Ok(Probes { objects, config: config.clone(), attachments: Vec::new(), cpu_events: Vec::new(), btf, unwinder })
     }
 

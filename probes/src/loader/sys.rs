@@ -110,14 +110,26 @@ struct MapCreateAttr {
 /// Creates a `BPF_MAP_TYPE_ARRAY` of `max_entries` u64 values named `name`
 /// (at most 15 bytes kept).
 pub(crate) fn array_u64_create(name: &str, max_entries: u32, flags: u32) -> io::Result<std::os::fd::OwnedFd> {
+    map_create(name, BPF_MAP_TYPE_ARRAY, 4, 8, max_entries, flags)
+}
+
+/// Creates a map (`BPF_MAP_CREATE`) named `name` (at most 15 bytes kept).
+pub(crate) fn map_create(
+    name: &str,
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
     let mut map_name = [0u8; 16];
     for (d, s) in map_name.iter_mut().zip(name.bytes().take(15)) {
         *d = s;
     }
     let attr = MapCreateAttr {
-        map_type: BPF_MAP_TYPE_ARRAY,
-        key_size: 4,
-        value_size: 8,
+        map_type,
+        key_size,
+        value_size,
         max_entries,
         map_flags: flags,
         inner_map_fd: 0,

@@ -38,6 +38,12 @@ use crate::abi::{UNWIND_MAX_MAPPINGS, UNWIND_MAX_TABLES, UNWIND_NO_TABLE, Unwind
 const UNWIND_EVICTED: u32 = u32::MAX - 1;
 /// `BPF_F_INNER_MAP`: inner arrays of different sizes share one outer map.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_MAP_TYPE_HASH`.
+const BPF_MAP_TYPE_HASH: u32 = 1;
+/// `BPF_F_NO_PREALLOC`: entries are allocated as processes are added.
+const BPF_F_NO_PREALLOC: u32 = 1;
+/// Processes the walker knows at most.
+const MAX_PROCESSES: u32 = 8192;
 /// A process's mappings are re-read at most this often on the walker's request.
 const REREAD_EVERY: Duration = Duration::from_secs(1);
 /// Tables larger than this many rows are not loaded (the walker's binary
@@ -117,6 +123,8 @@ struct Process {
 }
 
 pub(crate) struct Unwinder {
+    /// The processes map every object reads through `ap_unwind_procs[0]`.
+    procs_map: BpfHashMap<MapData, u32, UnwindProc>,
     cache: TableCache,
     budget: u64,
     files: HashMap<(u64, u64), FileInfo>,
@@ -129,8 +137,45 @@ pub(crate) struct Unwinder {
 }
 
 impl Unwinder {
-    pub(crate) fn new(settings: &UnwindSettings) -> Unwinder {
-        Unwinder {
+    /// Creates the shared processes map and installs it in every object.
+    pub(crate) fn new(settings: &UnwindSettings, objects: &mut [LoadedObject]) -> Result<Unwinder, UnwindError> {
+        let create = |e: io::Error| UnwindError::Map {
+            mode: objects.first().map_or(Mode::Cpu, |o| o.mode),
+            map: "ap_unwind_procs",
+            source: MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_create", io_error: e }),
+        };
+        let fd = sys::map_create(
+            "ap_unwind_procs",
+            BPF_MAP_TYPE_HASH,
+            4,
+            size_of::<UnwindProc>() as u32,
+            MAX_PROCESSES,
+            BPF_F_NO_PREALLOC,
+        )
+        .map_err(create)?;
+        let data = MapData::from_fd(fd).map_err(|source| UnwindError::Map {
+            mode: Mode::Cpu,
+            map: "ap_unwind_procs",
+            source,
+        })?;
+        for obj in objects.iter_mut() {
+            let mode = obj.mode;
+            let err = |source| UnwindError::Map { mode, map: "ap_unwind_procs", source };
+            let outer = obj
+                .ebpf
+                .map_mut("ap_unwind_procs")
+                .ok_or(MapError::InvalidName { name: "ap_unwind_procs".into() })
+                .map_err(err)?;
+            let mut outer = ArrayOfMaps::<_, MapData>::try_from(outer).map_err(err)?;
+            outer.set(0, &data, 0).map_err(err)?;
+        }
+        let procs_map = BpfHashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|source| UnwindError::Map {
+            mode: Mode::Cpu,
+            map: "ap_unwind_procs",
+            source,
+        })?;
+        Ok(Unwinder {
+            procs_map,
             cache: TableCache::new(settings.cache_dir.clone()),
             budget: settings.budget_bytes,
             files: HashMap::new(),
@@ -140,7 +185,7 @@ impl Unwinder {
             procs: HashMap::new(),
             bytes: 0,
             stats: UnwindStats::default(),
-        }
+        })
     }
 
     /// Reads the mappings of `pid`, loads the tables they need and
@@ -162,7 +207,11 @@ impl Unwinder {
             value.maps[value.n as usize] = entry;
             value.n += 1;
         }
-        write_proc(objects, pid, &value)?;
+        self.procs_map.insert(pid, value.as_ref(), 0).map_err(|source| UnwindError::Map {
+            mode: objects.first().map_or(Mode::Cpu, |o| o.mode),
+            map: "ap_unwind_procs",
+            source,
+        })?;
         self.procs.insert(pid, Process { value, read_at: Instant::now() });
         Ok(with_table)
     }
@@ -195,13 +244,7 @@ impl Unwinder {
             self.procs.keys().copied().filter(|pid| !Path::new(&format!("/proc/{pid}")).exists()).collect();
         for pid in gone {
             self.procs.remove(&pid);
-            for obj in objects.iter_mut() {
-                if let Some(map) = obj.ebpf.map_mut("ap_unwind_procs")
-                    && let Ok(mut procs) = BpfHashMap::<_, u32, UnwindProc>::try_from(map)
-                {
-                    let _ = procs.remove(&pid);
-                }
-            }
+            let _ = self.procs_map.remove(&pid);
         }
         Ok(())
     }
@@ -357,7 +400,7 @@ impl Unwinder {
                 }
             }
             if changed {
-                let _ = write_proc(objects, *pid, &p.value);
+                let _ = self.procs_map.insert(*pid, p.value.as_ref(), 0);
             }
         }
         for obj in objects.iter_mut() {
@@ -379,15 +422,4 @@ fn open_path(pid: u32, m: &ExecMapping) -> PathBuf {
         return via_map_files;
     }
     PathBuf::from(format!("/proc/{pid}/root{}", m.path))
-}
-
-fn write_proc(objects: &mut [LoadedObject], pid: u32, value: &UnwindProc) -> Result<(), UnwindError> {
-    for obj in objects.iter_mut() {
-        let mode = obj.mode;
-        let err = |source| UnwindError::Map { mode, map: "ap_unwind_procs", source };
-        let map = obj.ebpf.map_mut("ap_unwind_procs").ok_or(MapError::InvalidName { name: "ap_unwind_procs".into() });
-        let mut procs: BpfHashMap<_, u32, UnwindProc> = BpfHashMap::try_from(map.map_err(err)?).map_err(err)?;
-        procs.insert(pid, value, 0).map_err(err)?;
-    }
-    Ok(())
 }
