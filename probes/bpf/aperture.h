@@ -83,12 +83,13 @@ enum ap_drop_reason {
 	AP_DROP__COUNT = 6,
 };
 
-/* Key of the lock aggregate maps `ap_lock_agg_0/1`. 16 bytes. */
+/* Key of the lock aggregate maps `ap_lock_agg_0/1`. 24 bytes. */
 struct ap_lock_key {
 	__u32 pid;      /* thread group id */
-	__s32 stack_id; /* id in `ap_stacks_<slot>` (kernel stack for kernel locks, user stack for futex); <0: none */
+	__s32 stack_id; /* id in `ap_stacks_<slot>` (kernel stack for kernel locks, frame-pointer user stack for futex); <0: none */
 	__u32 flags;    /* LCB_F_* flags for kernel locks; 0 for futex */
 	__u32 futex;    /* 1 for futex waits, 0 for kernel locks */
+	__u64 ustack;   /* futex waits walked with unwind tables: key in `ap_ustacks_<slot>`; 0: none */
 };
 
 /* Value of the lock aggregate maps. 40 bytes. */

@@ -213,7 +213,8 @@ static __always_inline void ap_event_submit(void *ctx, struct ap_event_buf *buf,
 #include "unwind.bpf.h"
 
 /* Like ap_event_submit, but walks the user stack with the unwind tables:
- * tail-calls the object's step program in `progs`, whose done function
+ * tail-calls the object's step program in the prog array `progs` (a
+ * pointer), whose done function
  * must call ap_event_output. Falls back to ap_event_submit's frame-pointer
  * stack when the walk cannot start. */
 #define AP_EVENT_SUBMIT_UNWOUND(ctx, perf_ctx, buf, want, progs)                                         \
@@ -222,7 +223,7 @@ static __always_inline void ap_event_submit(void *ctx, struct ap_event_buf *buf,
 		__u32 __nu = 0;                                                                          \
 		if (((want) & AP_WANT_USER_STACK) && !ap_is_kthread()) {                                 \
 			if (ap_unwind_start((ctx), (perf_ctx), (buf)->hdr.pid, __nk))                     \
-				bpf_tail_call((ctx), &(progs), 0);                                        \
+				bpf_tail_call((ctx), (progs), 0);                                         \
 			__nu = ap_event_user_stack_fp((ctx), (buf), __nk);                                \
 		}                                                                                        \
 		ap_event_output((ctx), (buf), __nk, __nu);                                               \

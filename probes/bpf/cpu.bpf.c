@@ -28,6 +28,6 @@ int ap_cpu_sample(struct bpf_perf_event_data *ctx)
 	struct ap_event_buf *buf = ap_event_begin(AP_EVENT_CPU, id);
 	if (!buf)
 		return 0;
-	AP_EVENT_SUBMIT_UNWOUND(ctx, true, buf, AP_WANT_KERNEL_STACK | AP_WANT_USER_STACK, ap_cpu_unwind_progs);
+	AP_EVENT_SUBMIT_UNWOUND(ctx, true, buf, AP_WANT_KERNEL_STACK | AP_WANT_USER_STACK, &ap_cpu_unwind_progs);
 	return 0;
 }

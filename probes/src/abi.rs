@@ -132,8 +132,26 @@ pub struct LockKey {
     pub flags: u32,
     /// 1 for futex waits, 0 for kernel locks.
     pub futex: u32,
+    /// Futex waits walked with unwind tables: key of the stack in
+    /// `ap_ustacks_<slot>`; 0 when none.
+    pub ustack: u64,
 }
-const _: () = assert!(size_of::<LockKey>() == 16);
+const _: () = assert!(size_of::<LockKey>() == 24);
+
+/// A value of `ap_ustacks_<slot>`: user addresses, leaf first, ended by a
+/// 0 when shorter than [`MAX_FRAMES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct UserStack(pub [u64; MAX_FRAMES]);
+const _: () = assert!(size_of::<UserStack>() == 8 * MAX_FRAMES);
+
+impl UserStack {
+    /// The addresses up to the first 0.
+    pub fn frames(&self) -> &[u64] {
+        let n = self.0.iter().position(|&a| a == 0).unwrap_or(MAX_FRAMES);
+        &self.0[..n]
+    }
+}
 
 /// `struct ap_lock_value`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -336,6 +354,8 @@ unsafe impl Pod for Slot {}
 unsafe impl Pod for Settings {}
 // SAFETY: as above.
 unsafe impl Pod for UnwindMapping {}
+// SAFETY: as above.
+unsafe impl Pod for UserStack {}
 // SAFETY: as above.
 unsafe impl Pod for UnwindProc {}
 

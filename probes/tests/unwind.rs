@@ -183,3 +183,84 @@ fn samples_before_the_table_is_loaded_are_counted_and_the_process_is_picked_up()
     assert!(after.get(UnwindStat::Walked) > 0, "no sample was walked with tables after the refresh");
     Ok(())
 }
+
+/// The lock wait and the slow call of `libc_calls.c`, both made through
+/// glibc (built without frame pointers), carry the call site that called
+/// into glibc: `lock_site <- contend_worker` and `sleep_site <- main`.
+#[test]
+fn lock_and_slow_call_stacks_through_glibc_show_the_call_site() -> anyhow::Result<()> {
+    if !require_root("lock_and_slow_call_stacks_through_glibc_show_the_call_site") {
+        return Ok(());
+    }
+    let bin = build_c("libc_calls_omit", "libc_calls", OMIT, &[]);
+    let mut prog = Program::spawn(&bin, &[]);
+    let pid = prog.pid();
+    let mut probes = Probes::load(&ProbeConfig {
+        modes: Modes::only(Mode::Lock).with(Mode::Syscall),
+        ..config(Mode::Lock, pid, UnwindMode::Tables)
+    })?;
+    assert!(probes.unwind_process(pid)? > 0);
+    let (sink, rx) = channel_sink();
+    let reader = probes.start_reader(&reader_config(), sink)?;
+    probes.attach()?;
+    prog.go();
+    assert_eq!(prog.line(), "done");
+    let mut locks = probes.drain_lock_stats()?;
+    locks.extend(probes.drain_lock_stats()?);
+    std::thread::sleep(Duration::from_millis(100));
+    reader.stop()?;
+    println!("unwind stats: {:?}", probes.unwind_stats().kernel);
+
+    let mut sym = Symbolizer::new();
+    let names = |sym: &mut Symbolizer, user: &[u64]| -> Vec<String> {
+        sym.stack(pid, &[], user).frames.iter().map(|f| f.symbol.clone()).collect()
+    };
+    // Aggregated futex waits: every stack through pthread_mutex_lock goes on
+    // to lock_site <- contend_worker.
+    let (mut mutex_ns, mut at_site_ns) = (0u64, 0u64);
+    for s in locks.iter().filter(|s| s.pid == pid) {
+        let n = names(&mut sym, &s.stack);
+        println!("futex waits: {} x, {} ns: {}", s.count, s.total_ns, n.join(" <- "));
+        if let Some(i) = n.iter().rposition(|f| f.contains("mutex_lock") || f.contains("lll_lock")) {
+            mutex_ns += s.total_ns;
+            if n.get(i + 1).map(String::as_str) == Some("lock_site")
+                && n.get(i + 2).map(String::as_str) == Some("contend_worker")
+            {
+                at_site_ns += s.total_ns;
+            }
+        }
+    }
+    println!("mutex waits {mutex_ns} ns, {at_site_ns} ns of them at lock_site <- contend_worker");
+    assert!(mutex_ns > 0, "no futex wait through pthread_mutex_lock");
+    assert!(at_site_ns * 100 >= mutex_ns * 95, "only {at_site_ns} of {mutex_ns} ns at the call site");
+
+    // Individual records: slow waits and the 30 ms sleep.
+    let batches: Vec<RecordBatch> = rx.try_iter().collect();
+    let mut slow_waits = (0, 0);
+    let mut sleeps = Vec::new();
+    for b in &batches {
+        for e in b.events.iter().filter(|e| e.raw.pid == pid) {
+            let n = names(&mut sym, b.user_stack(e));
+            match e.kind {
+                EventKind::LockFutex if n.iter().any(|f| f.contains("mutex_lock") || f.contains("lll_lock")) => {
+                    slow_waits.0 += 1;
+                    slow_waits.1 += usize::from(n.windows(2).any(|w| w[0] == "lock_site" && w[1] == "contend_worker"));
+                }
+                // clock_nanosleep (230, what glibc's nanosleep calls) or nanosleep (35).
+                EventKind::SlowSyscall if e.raw.duration_ns >= 30_000_000 && matches!(e.raw.arg, 35 | 230) => {
+                    sleeps.push(n)
+                }
+                _ => {}
+            }
+        }
+    }
+    prog.finish();
+    println!("slow mutex waits {} ({} at the call site); slow sleeps {sleeps:?}", slow_waits.0, slow_waits.1);
+    assert!(slow_waits.0 > 0 && slow_waits.1 == slow_waits.0, "slow waits {slow_waits:?}");
+    assert_eq!(sleeps.len(), 1, "one slow sleep");
+    let s = &sleeps[0];
+    let site = s.iter().position(|f| f == "sleep_site").expect("sleep_site in the slow call's stack");
+    assert!(site > 0 && s[..site].iter().all(|f| f.contains("sleep")), "glibc frames before sleep_site: {s:?}");
+    assert_eq!(s.get(site + 1).map(String::as_str), Some("main"), "{s:?}");
+    Ok(())
+}

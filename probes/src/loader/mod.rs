@@ -310,8 +310,16 @@ impl Probes {
                     self.cpu_events.extend(events);
                     attachments
                 }
-                Mode::Lock => attach_lock(ebpf, &self.btf)?,
-                Mode::Syscall => attach_syscall(ebpf, &self.btf)?,
+                Mode::Lock => {
+                    if self.unwinder.is_some()
+                        && let Err(e) =
+                            install_step::<TracePoint>(ebpf, "ap_lockunw", "ap_lock_unwind_progs", |p| p.load())
+                    {
+                        tracing::warn!(error = %e, "futex wait stacks fall back to frame pointers");
+                    }
+                    attach_lock(ebpf, &self.btf)?
+                }
+                Mode::Syscall => attach_syscall(ebpf, &self.btf, self.unwinder.is_some())?,
             };
             self.attachments.extend(new);
         }
@@ -568,7 +576,7 @@ fn attach_first(ebpf: &mut Ebpf, btf: &Btf, mode: Mode, f: &Flavours) -> Result<
     }
 }
 
-fn attach_syscall(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<Attachment>, AttachError> {
+fn attach_syscall(ebpf: &mut Ebpf, btf: &Btf, unwind: bool) -> Result<Vec<Attachment>, AttachError> {
     // Exit first: an exit without a recorded enter is ignored, so no call is
     // half-counted while attaching.
     let exit = Flavours {
@@ -583,7 +591,24 @@ fn attach_syscall(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<Attachment>, AttachE
         raw: Some("ap_sysent_raw"),
         tracepoint: Some(("ap_sysent_tp", "raw_syscalls", "sys_enter")),
     };
-    Ok(vec![attach_first(ebpf, btf, Mode::Syscall, &exit)?, attach_first(ebpf, btf, Mode::Syscall, &enter)?])
+    let exit = attach_first(ebpf, btf, Mode::Syscall, &exit)?;
+    if unwind {
+        // The step program must have the type of the exit program that won.
+        let step = match exit.flavour {
+            Flavour::BtfRawTracepoint => {
+                install_step::<BtfTracePoint>(ebpf, "ap_sysunw_btf", "ap_sys_unwind_btf", |p| p.load("sys_exit", btf))
+            }
+            Flavour::RawTracepoint => {
+                install_step::<RawTracePoint>(ebpf, "ap_sysunw_raw", "ap_sys_unwind_raw", |p| p.load())
+            }
+            Flavour::Tracepoint => install_step::<TracePoint>(ebpf, "ap_sysunw_tp", "ap_sys_unwind_tp", |p| p.load()),
+            Flavour::PerfEvent => Ok(()),
+        };
+        if let Err(e) = step {
+            tracing::warn!(error = %e, "slow-call stacks fall back to frame pointers");
+        }
+    }
+    Ok(vec![exit, attach_first(ebpf, btf, Mode::Syscall, &enter)?])
 }
 
 fn attach_lock(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<Attachment>, AttachError> {
