@@ -14,7 +14,7 @@ use aperture_probes::abi::{EventKind, UnwindStat};
 use aperture_probes::{
     Filter, Modes, ProbeConfig, Probes, ReaderConfig, RecordBatch, Symbolizer, UnwindMode, UnwindSettings,
 };
-use common::{Program, build_c, channel_sink, programs_dir, require_root};
+use common::{Program, build_c, build_rust, channel_sink, programs_dir, require_root};
 
 /// No frame pointers anywhere.
 const OMIT: &[&str] = &["-O2", "-g", "-fomit-frame-pointer", "-pthread"];
@@ -68,8 +68,11 @@ fn cpu_stacks(bin: &Path, args: &[&str], unwind: UnwindMode) -> anyhow::Result<V
 
 /// Share of stacks starting with `chain`, printed; returns (total, matching).
 fn chain_share(what: &str, stacks: &[Vec<String>], chain: &[&str]) -> (usize, usize) {
-    let with = stacks.iter().filter(|s| s.len() >= chain.len() && s.iter().zip(chain).all(|(a, b)| a == b)).count();
-    let example = stacks.iter().find(|s| !s.starts_with(&chain.iter().map(|c| c.to_string()).collect::<Vec<_>>()));
+    // A Rust symbol matches by its last path segment.
+    let same = |f: &String, c: &&str| f == c || f.ends_with(&format!("::{c}"));
+    let starts = |s: &Vec<String>| s.len() >= chain.len() && s.iter().zip(chain).all(|(a, b)| same(a, b));
+    let with = stacks.iter().filter(|s| starts(s)).count();
+    let example = stacks.iter().find(|s| !starts(s));
     println!(
         "{what}: {with}/{} samples ({:.1}%) show {}; e.g. a miss: {example:?}",
         stacks.len(),
@@ -124,6 +127,16 @@ fn cpu_chains_through_a_shared_library_without_frame_pointers_are_complete() -> 
     let link: Vec<&str> = link.iter().map(String::as_str).collect();
     let bin = build_c("unwind_chain_lib", "unwind_chain", &flags, &link);
     assert_chain("shared library", &bin, &["1.5", "lib"], &["lib_leaf", "lib_middle", "outer", "main"])
+}
+
+#[test]
+fn cpu_chains_of_an_optimised_rust_binary_are_complete() -> anyhow::Result<()> {
+    if !require_root("cpu_chains_of_an_optimised_rust_binary_are_complete") {
+        return Ok(());
+    }
+    // What `cargo build --release` does: opt-level 3, no frame pointers.
+    let bin = build_rust("unwind_chain_rs", "unwind_chain_rs", &["-C", "opt-level=3", "-g"]);
+    assert_chain("Rust release", &bin, &["1.5"], &["leaf_burn", "middle", "outer", "main"])
 }
 
 #[test]

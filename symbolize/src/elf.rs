@@ -240,11 +240,16 @@ impl ElfFile {
 }
 
 /// [`ElfFile::load_bias`] from the segments alone (kept without the open file).
+///
+/// Executable segments are preferred: when segments share a page (a
+/// read-only segment ending inside the page where text starts, as lld lays
+/// out Rust binaries), the page's executable mapping belongs to the text.
 pub fn load_bias(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
-    let seg = segments.iter().find(|s| {
+    let covers = |s: &&Segment| {
         let first = s.offset - s.offset % s.align.clamp(1, 4096);
         offset >= first && offset < s.offset + s.filesz.max(1)
-    })?;
+    };
+    let seg = segments.iter().filter(|s| s.flags & PF_X != 0).find(covers).or_else(|| segments.iter().find(covers))?;
     // runtime = start + (file_off - offset), file_off = seg.offset + (vaddr - seg.vaddr)
     Some(start.wrapping_sub(offset).wrapping_add(seg.offset).wrapping_sub(seg.vaddr))
 }
@@ -283,5 +288,16 @@ mod tests {
         let elf = ElfFile { file, sections: vec![], segments: vec![seg] };
         assert_eq!(elf.load_bias(0x5555_5555_5000, 0x1000), Some(0x5555_5555_4000));
         assert_eq!(elf.load_bias(0x5555_5555_5000, 0x9000), None);
+    }
+
+    #[test]
+    fn load_bias_prefers_the_text_segment_sharing_a_page() {
+        // lld: read-only data up to 0x171a8, text from offset 0x171b0 at
+        // vaddr 0x181b0; the r-x mapping starts at file offset 0x17000.
+        let ro = Segment { offset: 0, vaddr: 0, filesz: 0x171a8, memsz: 0x171a8, flags: 4, align: 0x1000 };
+        let text =
+            Segment { offset: 0x171b0, vaddr: 0x181b0, filesz: 0x40230, memsz: 0x40230, flags: 5, align: 0x1000 };
+        let bias = load_bias(&[ro, text], 0x5555_0001_8000, 0x17000);
+        assert_eq!(bias, Some(0x5555_0000_0000), "text at vaddr 0x18000 runs at 0x5555_0001_8000");
     }
 }

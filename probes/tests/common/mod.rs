@@ -114,3 +114,23 @@ pub fn programs_dir() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     dir
 }
+
+/// Compiles `tests/programs/<src>.rs` with `rustc` and `flags` into
+/// `<tmp>/programs/<out>` (the same private-name-then-rename as [`build_c`]).
+pub fn build_rust(out: &str, src: &str, flags: &[&str]) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{src}.rs"));
+    let dir = programs_dir();
+    let bin = dir.join(out);
+    let tmp = dir.join(format!(".{out}.{}.{:?}", std::process::id(), std::thread::current().id()));
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let status = std::process::Command::new(rustc)
+        .args(flags)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("running rustc for {}: {e}", src.display()));
+    assert!(status.success(), "compiling {} failed", src.display());
+    std::fs::rename(&tmp, &bin).unwrap_or_else(|e| panic!("moving {} into place: {e}", tmp.display()));
+    bin
+}
