@@ -277,3 +277,122 @@ fn lock_and_slow_call_stacks_through_glibc_show_the_call_site() -> anyhow::Resul
     assert_eq!(s.get(site + 1).map(String::as_str), Some("main"), "{s:?}");
     Ok(())
 }
+
+/// Top-`depth` chains of `stacks` as shares of all samples.
+fn chain_shares(stacks: &[Vec<String>], depth: usize) -> std::collections::HashMap<String, f64> {
+    let mut out = std::collections::HashMap::new();
+    for s in stacks {
+        *out.entry(s.iter().take(depth).cloned().collect::<Vec<_>>().join(" <- ")).or_insert(0.0) +=
+            1.0 / stacks.len() as f64;
+    }
+    out
+}
+
+/// `perf record --call-graph dwarf` on the same process over the same
+/// interval is the reference: the distributions of the top four frames
+/// must agree on at least 95% of the samples.
+#[test]
+fn chains_agree_with_perf_dwarf_unwinding() -> anyhow::Result<()> {
+    if !require_root("chains_agree_with_perf_dwarf_unwinding") {
+        return Ok(());
+    }
+    if std::process::Command::new("perf").arg("--version").output().is_err() {
+        println!("skipped: perf is not installed");
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_perf", "unwind_chain", OMIT, &[]);
+    let mut prog = Program::spawn(&bin, &["1.5"]);
+    let pid = prog.pid();
+    let mut probes = Probes::load(&config(Mode::Cpu, pid, UnwindMode::Tables))?;
+    probes.unwind_process(pid)?;
+    let (sink, rx) = channel_sink();
+    let reader = probes.start_reader(&reader_config(), sink)?;
+    probes.attach()?;
+    let data = tempfile::tempdir()?;
+    let out = data.path().join("perf.data");
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "199", "--call-graph", "dwarf,16384", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(&out)
+        .args(["--", "sleep", "2"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    prog.go();
+    assert_eq!(prog.line(), "done");
+    let status = perf.wait()?;
+    reader.stop()?;
+    assert!(status.success(), "perf record failed: {status}");
+
+    let mut sym = Symbolizer::new();
+    let mut ours = Vec::new();
+    for batch in rx.try_iter() {
+        for e in batch.events.iter().filter(|e| e.kind == EventKind::Cpu && e.raw.pid == pid) {
+            ours.push(sym.stack(pid, &[], batch.user_stack(e)).frames.iter().map(|f| f.symbol.clone()).collect());
+        }
+    }
+    prog.finish();
+    // User frames only, as ours (perf's cpu-clock stacks start in the kernel
+    // when the sample hit there).
+    let script = std::process::Command::new("perf").args(["script", "-F", "ip,sym,dso", "-i"]).arg(&out).output()?;
+    let text = String::from_utf8_lossy(&script.stdout);
+    let reference: Vec<Vec<String>> = text
+        .split("\n\n")
+        .map(|block| {
+            block.lines().filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned)).collect::<Vec<String>>()
+        })
+        .filter(|s| !s.is_empty())
+        .collect();
+    let (a, b) = (chain_shares(&ours, 4), chain_shares(&reference, 4));
+    let agreement: f64 = a.iter().map(|(k, p)| p.min(b.get(k).copied().unwrap_or(0.0))).sum();
+    println!(
+        "perf --call-graph dwarf: {} samples, ours {}; top-4 chains agree on {:.1}% (ours {a:?}, perf {b:?})",
+        reference.len(),
+        ours.len(),
+        agreement * 100.0
+    );
+    assert!(
+        reference.len() >= 50 && ours.len() >= 50,
+        "too few samples: perf {}, ours {}",
+        reference.len(),
+        ours.len()
+    );
+    assert!(agreement >= 0.95, "chains agree on only {:.1}% of samples", agreement * 100.0);
+    Ok(())
+}
+
+/// With a budget smaller than a process's tables, the least recently
+/// sampled tables are evicted and counted, and the budget holds.
+#[test]
+fn tables_beyond_the_budget_are_evicted_and_counted() -> anyhow::Result<()> {
+    if !require_root("tables_beyond_the_budget_are_evicted_and_counted") {
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_budget", "unwind_chain", OMIT, &[]);
+    let mut prog = Program::spawn(&bin, &["0.5"]);
+    let pid = prog.pid();
+    // libc's table alone is about 190 KB; with the loader's and the
+    // program's it cannot all fit in 200 KB.
+    const BUDGET: u64 = 200_000;
+    let mut probes = Probes::load(&ProbeConfig {
+        unwind: UnwindSettings { mode: UnwindMode::Tables, cache_dir: None, budget_bytes: BUDGET },
+        ..config(Mode::Cpu, pid, UnwindMode::Tables)
+    })?;
+    probes.unwind_process(pid)?;
+    let stats = probes.unwind_stats();
+    println!("{stats:?}");
+    assert!(stats.table_bytes <= BUDGET, "{} bytes loaded over a {BUDGET} budget", stats.table_bytes);
+    assert!(stats.evictions >= 1, "nothing was evicted");
+    probes.attach()?;
+    prog.go();
+    assert_eq!(prog.line(), "done");
+    prog.finish();
+    let after = probes.unwind_stats();
+    println!("after sampling: {:?}", after.kernel);
+    // libc's table (the largest, never sampled) went; every stack passes
+    // through libc's __libc_start_call_main, and is counted there.
+    assert!(after.get(UnwindStat::Evicted) > 0, "no sample counted the evicted table");
+    assert!(after.get(UnwindStat::FramesTable) > 0, "the tables that stayed were not used");
+    Ok(())
+}

@@ -193,7 +193,7 @@ impl Unwinder {
     pub(crate) fn add_process(&mut self, objects: &mut [LoadedObject], pid: u32) -> Result<usize, UnwindError> {
         let maps = exec_mappings(pid).map_err(|source| UnwindError::Maps { pid, source })?;
         let mut value = Box::new(UnwindProc::default());
-        let mut with_table = 0;
+        let mut keys = Vec::new();
         for m in maps.iter().take(UNWIND_MAX_MAPPINGS) {
             let mut entry = UnwindMapping { start: m.start, end: m.end, bias: 0, table: UNWIND_NO_TABLE, rows: 0 };
             if m.is_file()
@@ -202,10 +202,20 @@ impl Unwinder {
                 entry.table = slot;
                 entry.rows = rows;
                 entry.bias = bias;
-                with_table += 1;
+                keys.push((value.n as usize, self.files.get(&(m.dev, m.inode)).and_then(|f| f.key.clone())));
             }
             value.maps[value.n as usize] = entry;
             value.n += 1;
+        }
+        // Loading a later mapping's table may have evicted an earlier one's.
+        let mut with_table = 0;
+        for (i, key) in keys {
+            let loaded = key.and_then(|k| self.tables.get(&k)).map(|t| t.slot);
+            if loaded == Some(value.maps[i].table) {
+                with_table += 1;
+            } else {
+                value.maps[i].table = UNWIND_EVICTED;
+            }
         }
         self.procs_map.insert(pid, value.as_ref(), 0).map_err(|source| UnwindError::Map {
             mode: objects.first().map_or(Mode::Cpu, |o| o.mode),
@@ -386,7 +396,10 @@ impl Unwinder {
                 .max()
                 .unwrap_or(0)
         };
-        let Some(key) = self.tables.iter().min_by_key(|(_, t)| used(t.slot)).map(|(k, _)| k.clone()) else {
+        // Least recently sampled first; among never-sampled ones the largest.
+        let Some(key) =
+            self.tables.iter().min_by_key(|(_, t)| (used(t.slot), u32::MAX - t.rows)).map(|(k, _)| k.clone())
+        else {
             return false;
         };
         let Some(t) = self.tables.remove(&key) else { return false };
