@@ -396,3 +396,43 @@ fn tables_beyond_the_budget_are_evicted_and_counted() -> anyhow::Result<()> {
     assert!(after.get(UnwindStat::FramesTable) > 0, "the tables that stayed were not used");
     Ok(())
 }
+
+/// Samples inside the vDSO (clock_gettime) keep their callers: the vDSO
+/// gets a table like any object. (Debian's 6.x vDSO also keeps frame
+/// pointers, so on this kernel the fallback alone passes too; the table
+/// matters for vDSOs built without them and for samples in a prologue.)
+#[test]
+fn stacks_through_the_vdso_keep_their_callers() -> anyhow::Result<()> {
+    if !require_root("stacks_through_the_vdso_keep_their_callers") {
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_vdso", "unwind_chain", OMIT, &[]);
+    let mut prog = Program::spawn(&bin, &["1", "vdso"]);
+    let pid = prog.pid();
+    let mut probes = Probes::load(&config(Mode::Cpu, pid, UnwindMode::Tables))?;
+    probes.unwind_process(pid)?;
+    let (sink, rx) = channel_sink();
+    let reader = probes.start_reader(&reader_config(), sink)?;
+    probes.attach()?;
+    prog.go();
+    assert_eq!(prog.line(), "done");
+    std::thread::sleep(Duration::from_millis(100));
+    reader.stop()?;
+    let mut sym = Symbolizer::new();
+    let (mut in_vdso, mut with_callers) = (0, 0);
+    for batch in rx.try_iter() {
+        for e in batch.events.iter().filter(|e| e.kind == EventKind::Cpu && e.raw.pid == pid) {
+            let stack = sym.stack(pid, &[], batch.user_stack(e));
+            if stack.frames.first().is_some_and(|f| f.module.contains("vdso")) {
+                in_vdso += 1;
+                let names: Vec<&str> = stack.frames.iter().map(|f| f.symbol.as_str()).collect();
+                with_callers += usize::from(names.windows(2).any(|w| w == ["vdso_site", "main"]));
+            }
+        }
+    }
+    prog.finish();
+    println!("{in_vdso} samples in the vDSO, {with_callers} with vdso_site <- main");
+    assert!(in_vdso >= 20, "only {in_vdso} samples in the vDSO");
+    assert!(with_callers * 100 >= in_vdso * 95, "{with_callers}/{in_vdso} keep vdso_site <- main");
+    Ok(())
+}

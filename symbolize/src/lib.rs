@@ -7,6 +7,7 @@
 //! - [`unwind`] — unwind tables built from `.eh_frame`/`.debug_frame` with
 //!   gimli: compact 8-byte rows the in-kernel walker searches, keyed by
 //!   build id and cached on disk.
+//! - [`vdso`] — the vDSO image as a file, so it gets a table like any object.
 //!
 //! Nothing here touches BPF: `aperture-probes` loads the tables into the
 //! kernel.
@@ -14,3 +15,4 @@
 pub mod elf;
 pub mod maps;
 pub mod unwind;
+pub mod vdso;

@@ -38,6 +38,8 @@ use crate::abi::{UNWIND_MAX_MAPPINGS, UNWIND_MAX_TABLES, UNWIND_NO_TABLE, Unwind
 const UNWIND_EVICTED: u32 = u32::MAX - 1;
 /// `BPF_F_INNER_MAP`: inner arrays of different sizes share one outer map.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// The file identity standing for the vDSO (no file has inode 0).
+const VDSO_ID: (u64, u64) = (u64::MAX, 0);
 /// `BPF_MAP_TYPE_HASH`.
 const BPF_MAP_TYPE_HASH: u32 = 1;
 /// `BPF_F_NO_PREALLOC`: entries are allocated as processes are added.
@@ -134,6 +136,9 @@ pub(crate) struct Unwinder {
     procs: HashMap<u32, Process>,
     bytes: u64,
     stats: UnwindStats,
+    cache_dir: Option<PathBuf>,
+    /// The vDSO image file, once looked for.
+    vdso: Option<Option<PathBuf>>,
 }
 
 impl Unwinder {
@@ -185,6 +190,8 @@ impl Unwinder {
             procs: HashMap::new(),
             bytes: 0,
             stats: UnwindStats::default(),
+            cache_dir: settings.cache_dir.clone(),
+            vdso: None,
         })
     }
 
@@ -196,13 +203,20 @@ impl Unwinder {
         let mut keys = Vec::new();
         for m in maps.iter().take(UNWIND_MAX_MAPPINGS) {
             let mut entry = UnwindMapping { start: m.start, end: m.end, bias: 0, table: UNWIND_NO_TABLE, rows: 0 };
-            if m.is_file()
-                && let Some((slot, rows, bias)) = self.table_for(objects, pid, m)
+            let source = if m.is_file() {
+                Some(((m.dev, m.inode), open_path(pid, m)))
+            } else if m.path == "[vdso]" {
+                self.vdso_image().map(|p| (VDSO_ID, p))
+            } else {
+                None
+            };
+            if let Some((id, path)) = source
+                && let Some((slot, rows, bias)) = self.table_for(objects, id, &path, m)
             {
                 entry.table = slot;
                 entry.rows = rows;
                 entry.bias = bias;
-                keys.push((value.n as usize, self.files.get(&(m.dev, m.inode)).and_then(|f| f.key.clone())));
+                keys.push((value.n as usize, self.files.get(&id).and_then(|f| f.key.clone())));
             }
             value.maps[value.n as usize] = entry;
             value.n += 1;
@@ -279,17 +293,21 @@ impl Unwinder {
 
     /// The table slot, row count and load bias for a file mapping, loading
     /// the table if needed; `None` walks the mapping by frame pointers.
-    fn table_for(&mut self, objects: &mut [LoadedObject], pid: u32, m: &ExecMapping) -> Option<(u32, u32, u64)> {
-        let id = (m.dev, m.inode);
-        let path = open_path(pid, m);
+    fn table_for(
+        &mut self,
+        objects: &mut [LoadedObject],
+        id: (u64, u64),
+        path: &Path,
+        m: &ExecMapping,
+    ) -> Option<(u32, u32, u64)> {
         if !self.files.contains_key(&id) {
-            let info = match self.cache.load(&path) {
+            let info = match self.cache.load(path) {
                 Ok((key, table, origin)) => {
                     match origin {
                         Origin::Disk => self.stats.from_disk += 1,
                         Origin::Built => self.stats.built += 1,
                     }
-                    let segments = ElfFile::open(&path).map(|e| e.segments).unwrap_or_default();
+                    let segments = ElfFile::open(path).map(|e| e.segments).unwrap_or_default();
                     let key = self.load_table(objects, key, &table.rows);
                     FileInfo { key, segments }
                 }
@@ -306,11 +324,28 @@ impl Unwinder {
         let bias = load_bias(&info.segments, m.start, m.offset)?;
         if !self.tables.contains_key(&key) {
             // Evicted since: load it again (from the disk cache if kept).
-            let (k, table, _) = self.cache.load(&path).ok()?;
+            let (k, table, _) = self.cache.load(path).ok()?;
             self.load_table(objects, k, &table.rows)?;
         }
         let t = self.tables.get(&key)?;
         Some((t.slot, t.rows, bias))
+    }
+
+    /// This kernel's vDSO image as a file (written once, under the cache
+    /// directory or the temporary one); `None` when it cannot be read.
+    fn vdso_image(&mut self) -> Option<PathBuf> {
+        if self.vdso.is_none() {
+            let dir =
+                self.cache_dir.clone().unwrap_or_else(std::env::temp_dir).join(format!("vdso-{}", std::process::id()));
+            self.vdso = Some(
+                aperture_symbolize::vdso::dump_own(&dir)
+                    .map_err(|e| {
+                        tracing::debug!(error = %e, "no vDSO image; its frames are walked by frame pointers");
+                    })
+                    .ok(),
+            );
+        }
+        self.vdso.clone().flatten()
     }
 
     /// Creates the inner map of a table and stores it in every object.

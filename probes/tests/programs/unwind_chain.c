@@ -3,8 +3,9 @@
  * argv[1] seconds. Built by the unwinding tests without frame pointers, and
  * with them but with a frameless leaf, so only .eh_frame recovers the
  * chain. With argv[2] = "deep", recurses 300 levels first (a stack deeper
- * than any record). Waits for a byte on stdin before starting and stays
- * alive until stdin closes. */
+ * than any record). With argv[2] = "vdso", reads the clock in a loop from
+ * vdso_site (the time goes to the vDSO). Waits for a byte on stdin before
+ * starting and stays alive until stdin closes. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,6 +64,14 @@ __attribute__((noinline)) void deep(int depth, double end)
 	__asm__ volatile("" ::: "memory");
 }
 
+__attribute__((noinline)) void vdso_site(void)
+{
+	struct timespec ts;
+	for (int i = 0; i < 1000; i++)
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+	sink += ts.tv_nsec;
+}
+
 int main(int argc, char **argv)
 {
 	double secs = argc > 1 ? atof(argv[1]) : 2.0;
@@ -73,6 +82,9 @@ int main(int argc, char **argv)
 	double end = now() + secs;
 	if (strcmp(what, "deep") == 0)
 		deep(300, end);
+	else if (strcmp(what, "vdso") == 0)
+		while (now() < end)
+			vdso_site();
 	else
 		while (now() < end)
 			outer(strcmp(what, "lib") == 0, 20000000);
