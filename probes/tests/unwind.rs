@@ -436,3 +436,44 @@ fn stacks_through_the_vdso_keep_their_callers() -> anyhow::Result<()> {
     assert!(with_callers * 100 >= in_vdso * 95, "{with_callers}/{in_vdso} keep vdso_site <- main");
     Ok(())
 }
+
+/// Cost of a cpu sample with each walker at 8, 32 and 128 frames, from the
+/// kernel's run-time accounting of the sampling program (tail calls
+/// included). Averaged over every sample the program took, other
+/// processes' filtered-out ones too, so a lower bound on the difference.
+/// A measurement, not a check: run it with `--ignored --nocapture`.
+#[test]
+#[ignore = "measurement; prints ns per sample"]
+fn cost_per_sample_by_depth() -> anyhow::Result<()> {
+    if !require_root("cost_per_sample_by_depth") {
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_cost", "unwind_chain", OMIT, &[]);
+    aperture_probes::bench::enable_bpf_stats(true)?;
+    for depth in [2, 26, 122] {
+        // deep() frames plus middle, leaf_burn, main and libc's three.
+        let frames = depth + 6;
+        let mut line = format!("{frames} frames:");
+        for mode in [UnwindMode::Tables, UnwindMode::FramePointers] {
+            let depth = depth.to_string();
+            let mut prog = Program::spawn(&bin, &["1", "deep", &depth]);
+            let pid = prog.pid();
+            let mut probes = Probes::load(&ProbeConfig { frequency_hz: 999, ..config(Mode::Cpu, pid, mode) })?;
+            probes.unwind_process(pid)?;
+            probes.attach()?;
+            prog.go();
+            assert_eq!(prog.line(), "done");
+            let runs = aperture_probes::bench::program_run_stats("ap_cpu_sample");
+            let ns: f64 = runs.iter().map(|r| r.ns_per_run()).sum::<f64>() / runs.len().max(1) as f64;
+            line.push_str(&format!(
+                " {mode:?} {ns:.0} ns/sample ({} samples);",
+                runs.iter().map(|r| r.run_count).sum::<u64>()
+            ));
+            drop(probes);
+            prog.finish();
+        }
+        println!("{line}");
+    }
+    aperture_probes::bench::enable_bpf_stats(false)?;
+    Ok(())
+}

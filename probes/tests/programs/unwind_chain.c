@@ -2,8 +2,8 @@
  * "lib", main -> outer -> lib_middle -> lib_leaf in libunwind_lib.so) for
  * argv[1] seconds. Built by the unwinding tests without frame pointers, and
  * with them but with a frameless leaf, so only .eh_frame recovers the
- * chain. With argv[2] = "deep", recurses 300 levels first (a stack deeper
- * than any record). With argv[2] = "vdso", reads the clock in a loop from
+ * chain. With argv[2] = "deep", recurses argv[3] (default 300) levels
+ * first (300: a stack deeper than any record). With argv[2] = "vdso", reads the clock in a loop from
  * vdso_site (the time goes to the vDSO). Waits for a byte on stdin before
  * starting and stays alive until stdin closes. */
 #include <stdio.h>
@@ -81,7 +81,7 @@ int main(int argc, char **argv)
 		return 1;
 	double end = now() + secs;
 	if (strcmp(what, "deep") == 0)
-		deep(300, end);
+		deep(argc > 3 ? atoi(argv[3]) : 300, end);
 	else if (strcmp(what, "vdso") == 0)
 		while (now() < end)
 			vdso_site();
