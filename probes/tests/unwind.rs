@@ -173,7 +173,7 @@ fn samples_before_the_table_is_loaded_are_counted_and_the_process_is_picked_up()
         return Ok(());
     }
     let bin = build_c("unwind_chain_late", "unwind_chain", OMIT, &[]);
-    let mut prog = Program::spawn(&bin, &["1.5"]);
+    let mut prog = Program::spawn(&bin, &["2"]);
     let pid = prog.pid();
     let mut probes = Probes::load(&config(Mode::Cpu, pid, UnwindMode::Tables))?;
     let (sink, rx) = channel_sink();
@@ -182,7 +182,14 @@ fn samples_before_the_table_is_loaded_are_counted_and_the_process_is_picked_up()
     prog.go();
     std::thread::sleep(Duration::from_millis(300));
     let before = probes.unwind_stats();
-    probes.unwind_refresh()?;
+    // The builder thread prepares the tables; refreshes install them.
+    for _ in 0..50 {
+        probes.unwind_refresh()?;
+        if probes.unwind_stats().processes == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(prog.line(), "done");
     std::thread::sleep(Duration::from_millis(100));
     reader.stop()?;

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use aperture_core::model::Mode;
@@ -46,6 +47,8 @@ const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_F_NO_PREALLOC: u32 = 1;
 /// Processes the walker knows at most.
 const MAX_PROCESSES: u32 = 8192;
+/// How long one refresh may spend installing what the builder prepared.
+const REFRESH_BUDGET: Duration = Duration::from_millis(50);
 /// A process's mappings are re-read at most this often on the walker's request.
 const REREAD_EVERY: Duration = Duration::from_secs(1);
 /// Tables larger than this many rows are not loaded (the walker's binary
@@ -105,6 +108,62 @@ impl UnwindStats {
     }
 }
 
+/// A file the builder thread prepared.
+struct BuiltFile {
+    id: (u64, u64),
+    /// `None`: no usable CFI.
+    table: Option<(TableKey, Vec<aperture_symbolize::unwind::Row>, Origin)>,
+    segments: Vec<Segment>,
+}
+
+/// What the builder thread prepared for one process.
+struct Prepared {
+    pid: u32,
+    files: Vec<BuiltFile>,
+}
+
+/// The builder thread: reads the mappings of the processes it is sent and
+/// builds (or reads from the disk cache) the table of every file it has not
+/// seen before. It ends when the unwinder drops its sender.
+fn spawn_builder(cache: TableCache) -> Option<(mpsc::Sender<u32>, mpsc::Receiver<Prepared>)> {
+    let (req_tx, req_rx) = mpsc::channel::<u32>();
+    let (done_tx, done_rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new().name("ap-unwind-build".into()).spawn(move || {
+        let mut seen = std::collections::HashSet::new();
+        for pid in req_rx {
+            let Ok(maps) = exec_mappings(pid) else { continue };
+            let mut files = Vec::new();
+            for m in maps.iter().filter(|m| m.is_file()) {
+                let id = (m.dev, m.inode);
+                if !seen.insert(id) {
+                    continue;
+                }
+                let path = open_path(pid, m);
+                let (table, segments) = match cache.load(&path) {
+                    Ok((key, table, origin)) => {
+                        (Some((key, table.rows, origin)), ElfFile::open(&path).map(|e| e.segments).unwrap_or_default())
+                    }
+                    Err(e) => {
+                        tracing::debug!(path = %m.path, error = %e, "no unwind table; frame pointers for this file");
+                        (None, Vec::new())
+                    }
+                };
+                files.push(BuiltFile { id, table, segments });
+            }
+            if done_tx.send(Prepared { pid, files }).is_err() {
+                break;
+            }
+        }
+    });
+    match spawned {
+        Ok(_) => Some((req_tx, done_rx)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no unwind-table builder thread; processes are added only explicitly");
+            None
+        }
+    }
+}
+
 /// What is known about one file (by device and inode).
 struct FileInfo {
     /// `None`: no table (no CFI, unreadable, too large).
@@ -139,6 +198,10 @@ pub(crate) struct Unwinder {
     cache_dir: Option<PathBuf>,
     /// The vDSO image file, once looked for.
     vdso: Option<Option<PathBuf>>,
+    /// Processes sent to the builder thread and not back yet.
+    pending: std::collections::HashSet<u32>,
+    builder: mpsc::Sender<u32>,
+    built: mpsc::Receiver<Prepared>,
 }
 
 impl Unwinder {
@@ -179,9 +242,19 @@ impl Unwinder {
             map: "ap_unwind_procs",
             source,
         })?;
+        let cache = TableCache::new(settings.cache_dir.clone());
+        let (builder, built) = spawn_builder(cache.clone()).unwrap_or_else(|| {
+            // Without the thread: a sender nobody reads, a receiver nobody fills.
+            let (tx, _) = mpsc::channel();
+            let (_, rx) = mpsc::channel();
+            (tx, rx)
+        });
         Ok(Unwinder {
+            pending: std::collections::HashSet::new(),
+            builder,
+            built,
             procs_map,
-            cache: TableCache::new(settings.cache_dir.clone()),
+            cache,
             budget: settings.budget_bytes,
             files: HashMap::new(),
             tables: HashMap::new(),
@@ -254,13 +327,44 @@ impl Unwinder {
         }
         wanted.sort_unstable();
         wanted.dedup();
+        // Building tables is the heaviest work here: the builder thread
+        // does it; this thread only installs what it finished, and adds a
+        // process once every file it maps is known (the last step reads
+        // its maps again and writes its entry: cheap).
         for pid in wanted {
-            if self.procs.get(&pid).is_some_and(|p| p.read_at.elapsed() < REREAD_EVERY) {
+            if self.procs.get(&pid).is_some_and(|p| p.read_at.elapsed() < REREAD_EVERY) || !self.pending.insert(pid) {
                 continue;
             }
-            match self.add_process(objects, pid) {
-                Ok(_) => {}
-                Err(UnwindError::Maps { .. }) => {} // exited meanwhile
+            if self.builder.send(pid).is_err() {
+                self.pending.remove(&pid);
+            }
+        }
+        let deadline = Instant::now() + REFRESH_BUDGET;
+        while Instant::now() < deadline {
+            let Ok(prepared) = self.built.try_recv() else { break };
+            for file in prepared.files {
+                if self.files.contains_key(&file.id) {
+                    continue;
+                }
+                let info = match file.table {
+                    Some((key, rows, origin)) => {
+                        match origin {
+                            Origin::Disk => self.stats.from_disk += 1,
+                            Origin::Built => self.stats.built += 1,
+                        }
+                        let key = self.load_table(objects, key, &rows);
+                        FileInfo { key, segments: file.segments }
+                    }
+                    None => {
+                        self.stats.without_table += 1;
+                        FileInfo { key: None, segments: Vec::new() }
+                    }
+                };
+                self.files.insert(file.id, info);
+            }
+            self.pending.remove(&prepared.pid);
+            match self.add_process(objects, prepared.pid) {
+                Ok(_) | Err(UnwindError::Maps { .. }) => {} // exited meanwhile
                 Err(e) => return Err(e),
             }
         }
