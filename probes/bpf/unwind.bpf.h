@@ -410,6 +410,20 @@ static __always_inline int ap_unwind_frames(struct ap_unwind_state *st, struct a
 	return AP_UNW_MORE;
 }
 
+/* exec replaced the process's mappings: forget them at once (a stale list
+ * would send the walker to the old image's tables) and ask user space to
+ * read the new ones. Attached from one object only (the map is shared). */
+SEC("raw_tracepoint/sched_process_exec")
+int ap_unwind_exec(void *ctx)
+{
+	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	__u32 zero = 0;
+	void *procs = bpf_map_lookup_elem(&ap_unwind_procs, &zero);
+	if (procs && bpf_map_delete_elem(procs, &pid) == 0)
+		ap_unwind_note_missing(pid);
+	return 0;
+}
+
 /* A prog array holding the object's step program at index 0. */
 #define AP_UNWIND_PROGS(name)                          \
 	struct {                                       \

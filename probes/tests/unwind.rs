@@ -484,3 +484,49 @@ fn cost_per_sample_by_depth() -> anyhow::Result<()> {
     aperture_probes::bench::enable_bpf_stats(false)?;
     Ok(())
 }
+
+/// exec replaces a known process's mappings: the walker forgets the old
+/// ones at once (sched_process_exec) and the new image is walked with its
+/// own tables after the next refreshes.
+#[test]
+fn after_exec_the_new_image_is_walked_with_its_own_tables() -> anyhow::Result<()> {
+    if !require_root("after_exec_the_new_image_is_walked_with_its_own_tables") {
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_exec", "unwind_chain", OMIT, &[]);
+    let mut prog = Program::spawn(&bin, &["1.5", "exec"]);
+    let pid = prog.pid();
+    let mut probes = Probes::load(&config(Mode::Cpu, pid, UnwindMode::Tables))?;
+    probes.unwind_process(pid)?;
+    let (sink, rx) = channel_sink();
+    let reader = probes.start_reader(&reader_config(), sink)?;
+    probes.attach()?;
+    assert!(probes.unwind_stats().exec_hook, "exec hook attached");
+    prog.go(); // exec
+    std::thread::sleep(Duration::from_millis(100));
+    prog.go(); // the new image starts
+    // What the agent does every tick, faster.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1700) {
+        probes.unwind_refresh()?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(prog.line(), "done");
+    std::thread::sleep(Duration::from_millis(100));
+    reader.stop()?;
+    let mut sym = Symbolizer::new();
+    let mut stacks = Vec::new();
+    for batch in rx.try_iter() {
+        for e in batch.events.iter().filter(|e| e.kind == EventKind::Cpu && e.raw.pid == pid) {
+            stacks.push(sym.stack(pid, &[], batch.user_stack(e)).frames.iter().map(|f| f.symbol.clone()).collect());
+        }
+    }
+    prog.finish();
+    println!("unwind stats: {:?}", probes.unwind_stats().kernel);
+    let (total, with) = chain_share("after exec", &stacks, &["leaf_burn", "middle", "outer", "main"]);
+    assert!(total >= 50, "only {total} samples");
+    // The samples taken before the new mappings are installed (a refresh
+    // or two) keep frame-pointer stacks.
+    assert!(with * 100 >= total * 85, "{with}/{total} samples show the full chain after exec");
+    Ok(())
+}

@@ -323,6 +323,29 @@ impl Probes {
             };
             self.attachments.extend(new);
         }
+        if self.unwinder.is_some()
+            && let Some(obj) = self.objects.first_mut()
+        {
+            // One object is enough: they share the processes map.
+            let mode = obj.mode;
+            let attached = program::<RawTracePoint>(&mut obj.ebpf, "ap_unwind_exec").and_then(|p| {
+                p.load().and_then(|()| p.attach("sched_process_exec")).map_err(|source| AttachError::Attach {
+                    what: "sched_process_exec",
+                    program: "ap_unwind_exec",
+                    source,
+                })
+            });
+            match attached {
+                Ok(_) => {
+                    if let Some(u) = self.unwinder.as_mut() {
+                        u.exec_hooked = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(mode = %mode, error = %e, "exec is noticed only when a sample misses the old mappings")
+                }
+            }
+        }
         Ok(())
     }
 

@@ -97,6 +97,8 @@ pub struct UnwindStats {
     pub without_table: u64,
     /// Tables evicted for the budget.
     pub evictions: u64,
+    /// Whether exec is followed at once (`sched_process_exec` hook attached).
+    pub exec_hook: bool,
     /// The walker's counters summed over CPUs and modes.
     pub kernel: Vec<(UnwindStat, u64)>,
 }
@@ -198,6 +200,8 @@ pub(crate) struct Unwinder {
     cache_dir: Option<PathBuf>,
     /// The vDSO image file, once looked for.
     vdso: Option<Option<PathBuf>>,
+    /// The `sched_process_exec` hook is attached.
+    pub(crate) exec_hooked: bool,
     /// Processes sent to the builder thread and not back yet.
     pending: std::collections::HashSet<u32>,
     builder: mpsc::Sender<u32>,
@@ -250,6 +254,7 @@ impl Unwinder {
             (tx, rx)
         });
         Ok(Unwinder {
+            exec_hooked: false,
             pending: std::collections::HashSet::new(),
             builder,
             built,
@@ -332,7 +337,10 @@ impl Unwinder {
         // process once every file it maps is known (the last step reads
         // its maps again and writes its entry: cheap).
         for pid in wanted {
-            if self.procs.get(&pid).is_some_and(|p| p.read_at.elapsed() < REREAD_EVERY) || !self.pending.insert(pid) {
+            // Read recently and still in the kernel (exec removes it): skip.
+            let fresh = self.procs.get(&pid).is_some_and(|p| p.read_at.elapsed() < REREAD_EVERY)
+                && self.procs_map.get(&pid, 0).is_ok();
+            if fresh || !self.pending.insert(pid) {
                 continue;
             }
             if self.builder.send(pid).is_err() {
@@ -382,6 +390,7 @@ impl Unwinder {
         s.processes = self.procs.len();
         s.tables = self.tables.len();
         s.table_bytes = self.bytes;
+        s.exec_hook = self.exec_hooked;
         s.kernel = UnwindStat::ALL.iter().map(|&st| (st, 0)).collect();
         for obj in objects {
             let Some(map) = obj.ebpf.map("ap_unwind_stats") else { continue };

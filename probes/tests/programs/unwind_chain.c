@@ -5,7 +5,8 @@
  * chain. With argv[2] = "deep", recurses argv[3] (default 300) levels
  * first (300: a stack deeper than any record). With argv[2] = "vdso", reads the clock in a loop from
  * vdso_site (the time goes to the vDSO). Waits for a byte on stdin before
- * starting and stays alive until stdin closes. */
+ * starting and stays alive until stdin closes. With argv[2] = "exec", execs
+ * itself (argv[1] kept) after the first go byte. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,6 +80,12 @@ int main(int argc, char **argv)
 	char go;
 	if (read(0, &go, 1) != 1)
 		return 1;
+	if (strcmp(what, "exec") == 0) {
+		/* The new image waits for its own go byte. */
+		char *args[] = { argv[0], argv[1], NULL };
+		execv(argv[0], args);
+		return 1;
+	}
 	double end = now() + secs;
 	if (strcmp(what, "deep") == 0)
 		deep(argc > 3 ? atoi(argv[3]) : 300, end);
