@@ -83,12 +83,13 @@ enum ap_drop_reason {
 	AP_DROP__COUNT = 6,
 };
 
-/* Key of the lock aggregate maps `ap_lock_agg_0/1`. 16 bytes. */
+/* Key of the lock aggregate maps `ap_lock_agg_0/1`. 24 bytes. */
 struct ap_lock_key {
 	__u32 pid;      /* thread group id */
-	__s32 stack_id; /* id in `ap_stacks_<slot>` (kernel stack for kernel locks, user stack for futex); <0: none */
+	__s32 stack_id; /* id in `ap_stacks_<slot>` (kernel stack for kernel locks, frame-pointer user stack for futex); <0: none */
 	__u32 flags;    /* LCB_F_* flags for kernel locks; 0 for futex */
 	__u32 futex;    /* 1 for futex waits, 0 for kernel locks */
+	__u64 ustack;   /* futex waits walked with unwind tables: key in `ap_ustacks_<slot>`; 0: none */
 };
 
 /* Value of the lock aggregate maps. 40 bytes. */
@@ -119,6 +120,86 @@ struct ap_syscall_value {
 struct ap_slot {
 	__u32 active;
 	__u32 _pad;
+};
+
+/* ---- user-space unwinding (unwind.bpf.h) ---- */
+
+/* Marker frames: the last user frame of a stack the walker had to cut,
+ * saying why. Never a valid user address. */
+/* The depth limit was reached. */
+#define AP_FRAME_TRUNCATED 0xffffffffffffff01ULL
+/* The caller could not be recovered: no mapping, no unwind rule the
+ * walker follows, no frame pointer, or unreadable stack memory. */
+#define AP_FRAME_UNKNOWN 0xffffffffffffff02ULL
+
+/* Executable mappings per process the walker searches (binary search). */
+#define AP_UNWIND_MAX_MAPPINGS 256
+/* Unwind tables loaded at once (index into ap_unwind_tables). */
+#define AP_UNWIND_MAX_TABLES 8192
+/* No table for a mapping: walk it with frame pointers. */
+#define AP_UNWIND_NO_TABLE 0xffffffffU
+
+/* CFA rules of a row (struct ap_unwind_row.kind & AP_CFA_MASK); the Rust
+ * builder is aperture_symbolize::unwind. */
+#define AP_CFA_MASK 0x07
+#define AP_CFA_NONE 0        /* no unwind info covers the address */
+#define AP_CFA_RSP 1         /* CFA = rsp + cfa_offset */
+#define AP_CFA_RBP 2         /* CFA = rbp + cfa_offset */
+#define AP_CFA_PLT 3         /* CFA = rsp + 8, + 8 if (pc & 15) >= cfa_offset */
+#define AP_CFA_UNSUPPORTED 4 /* a rule the walker does not follow */
+#define AP_CFA_END 5         /* outermost frame */
+#define AP_RBP_SAVED 0x08    /* caller's rbp at CFA + 8 * rbp_offset */
+#define AP_RBP_UNKNOWN 0x10  /* caller's rbp not recoverable */
+
+/* One unwind row: from pc (object address space) to the next row's pc.
+ * Stored as one u64 per entry of an inner array of ap_unwind_tables. 8 bytes. */
+struct ap_unwind_row {
+	__u32 pc;
+	__s16 cfa_offset;
+	__s8 rbp_offset;
+	__u8 kind;
+};
+
+/* One executable mapping of a process. 32 bytes. */
+struct ap_unwind_mapping {
+	__u64 start; /* first address */
+	__u64 end;   /* one past the last */
+	__u64 bias;  /* runtime address - bias = address in the object's table */
+	__u32 table; /* index into ap_unwind_tables, or AP_UNWIND_NO_TABLE */
+	__u32 rows;  /* number of rows of that table */
+};
+
+/* Value of ap_unwind_procs (key: thread group id): the process's
+ * executable mappings sorted by start. 8200 bytes. */
+struct ap_unwind_proc {
+	__u32 n;
+	__u32 _pad;
+	struct ap_unwind_mapping maps[AP_UNWIND_MAX_MAPPINGS];
+};
+
+/* Counters of the walker: index into each object's per-CPU ap_unwind_stats. */
+enum ap_unwind_stat {
+	/* Stacks walked with tables (the process was known). */
+	AP_UNW_WALKED = 0,
+	/* Stacks of processes without tables yet: kept as frame-pointer stacks. */
+	AP_UNW_NO_PROC = 1,
+	/* Frames recovered from a table row. */
+	AP_UNW_FRAMES_TABLE = 2,
+	/* Frames recovered by frame pointer (no table for the mapping). */
+	AP_UNW_FRAMES_FP = 3,
+	/* Stacks cut at the depth limit ([truncated]). */
+	AP_UNW_TRUNCATED = 4,
+	/* Stacks cut because a pc was in no known mapping ([unknown]). */
+	AP_UNW_NO_MAPPING = 5,
+	/* Stacks cut at a rule the walker does not follow ([unknown]). */
+	AP_UNW_UNSUPPORTED = 6,
+	/* Stacks cut because stack memory could not be read ([unknown]). */
+	AP_UNW_READ_FAILED = 7,
+	/* Frames whose mapping's table was evicted (walked by frame pointer). */
+	AP_UNW_EVICTED = 8,
+	/* Stacks cut because frame pointers ended without an outermost frame. */
+	AP_UNW_FP_ENDED = 9,
+	AP_UNW__COUNT = 10,
 };
 
 #endif /* __APERTURE_H__ */

@@ -152,29 +152,40 @@ static __always_inline struct ap_event_buf *ap_event_begin(__u16 kind, __u64 id_
 	return buf;
 }
 
-/* Captures the wanted stacks into the record and writes it to the perf
- * buffer of the current CPU. */
-static __always_inline void ap_event_submit(void *ctx, struct ap_event_buf *buf, __u32 want)
+/* Captures the kernel stack into the start of the record; returns the
+ * number of frames. */
+static __always_inline __u32 ap_event_kernel_stack(void *ctx, struct ap_event_buf *buf)
 {
-	__u64 nk = 0, nu = 0;
-	long r;
-
-	if (want & AP_WANT_KERNEL_STACK) {
-		r = bpf_get_stack(ctx, buf->stack, AP_MAX_FRAMES * sizeof(__u64), 0);
-		if (r < 0)
-			ap_drop(AP_DROP_KERNEL_STACK);
-		else
-			nk = (__u64)r / sizeof(__u64);
+	long r = bpf_get_stack(ctx, buf->stack, AP_MAX_FRAMES * sizeof(__u64), 0);
+	if (r < 0) {
+		ap_drop(AP_DROP_KERNEL_STACK);
+		return 0;
 	}
+	__u64 n = (__u64)r / sizeof(__u64);
+	return n > AP_MAX_FRAMES ? AP_MAX_FRAMES : n;
+}
+
+/* Captures the user stack by frame pointers after nk kernel frames;
+ * returns the number of frames. */
+static __always_inline __u32 ap_event_user_stack_fp(void *ctx, struct ap_event_buf *buf, __u32 nk)
+{
 	if (nk > AP_MAX_FRAMES)
 		nk = AP_MAX_FRAMES;
-	if ((want & AP_WANT_USER_STACK) && !ap_is_kthread()) {
-		r = bpf_get_stack(ctx, &buf->stack[nk], AP_MAX_FRAMES * sizeof(__u64), BPF_F_USER_STACK);
-		if (r < 0)
-			ap_drop(AP_DROP_USER_STACK);
-		else
-			nu = (__u64)r / sizeof(__u64);
+	long r = bpf_get_stack(ctx, &buf->stack[nk], AP_MAX_FRAMES * sizeof(__u64), BPF_F_USER_STACK);
+	if (r < 0) {
+		ap_drop(AP_DROP_USER_STACK);
+		return 0;
 	}
+	__u64 n = (__u64)r / sizeof(__u64);
+	return n > AP_MAX_FRAMES ? AP_MAX_FRAMES : n;
+}
+
+/* Writes the record with nk kernel then nu user frames to the perf buffer
+ * of the current CPU. */
+static __always_inline void ap_event_output(void *ctx, struct ap_event_buf *buf, __u64 nk, __u64 nu)
+{
+	if (nk > AP_MAX_FRAMES)
+		nk = AP_MAX_FRAMES;
 	if (nu > AP_MAX_FRAMES)
 		nu = AP_MAX_FRAMES;
 	buf->hdr.n_kernel = nk;
@@ -185,5 +196,37 @@ static __always_inline void ap_event_submit(void *ctx, struct ap_event_buf *buf,
 	if (bpf_perf_event_output(ctx, &ap_events, BPF_F_CURRENT_CPU, buf, size) < 0)
 		ap_drop(AP_DROP_OUTPUT);
 }
+
+/* Captures the wanted stacks into the record (the user stack by frame
+ * pointers) and writes it to the perf buffer of the current CPU. */
+static __always_inline void ap_event_submit(void *ctx, struct ap_event_buf *buf, __u32 want)
+{
+	__u32 nk = 0, nu = 0;
+
+	if (want & AP_WANT_KERNEL_STACK)
+		nk = ap_event_kernel_stack(ctx, buf);
+	if ((want & AP_WANT_USER_STACK) && !ap_is_kthread())
+		nu = ap_event_user_stack_fp(ctx, buf, nk);
+	ap_event_output(ctx, buf, nk, nu);
+}
+
+#include "unwind.bpf.h"
+
+/* Like ap_event_submit, but walks the user stack with the unwind tables:
+ * tail-calls the object's step program in the prog array `progs` (a
+ * pointer), whose done function
+ * must call ap_event_output. Falls back to ap_event_submit's frame-pointer
+ * stack when the walk cannot start. */
+#define AP_EVENT_SUBMIT_UNWOUND(ctx, perf_ctx, buf, want, progs)                                         \
+	do {                                                                                             \
+		__u32 __nk = ((want) & AP_WANT_KERNEL_STACK) ? ap_event_kernel_stack((ctx), (buf)) : 0;   \
+		__u32 __nu = 0;                                                                          \
+		if (((want) & AP_WANT_USER_STACK) && !ap_is_kthread()) {                                 \
+			if (ap_unwind_start((ctx), (perf_ctx), (buf)->hdr.pid, __nk))                     \
+				bpf_tail_call((ctx), (progs), 0);                                         \
+			__nu = ap_event_user_stack_fp((ctx), (buf), __nk);                                \
+		}                                                                                        \
+		ap_event_output((ctx), (buf), __nk, __nu);                                               \
+	} while (0)
 
 #endif /* __APERTURE_COMMON_BPF_H__ */

@@ -3,9 +3,19 @@
  * cpu.bpf.c — on-CPU sampling. Attached by user space to one software
  * cpu-clock perf event per online CPU at the configured frequency; each
  * sample writes one AP_EVENT_CPU record with the kernel and user stacks.
- * The idle task (pid 0) is not recorded.
+ * The idle task (pid 0) is not recorded. User stacks are walked with the
+ * unwind tables (unwind.bpf.h) when user space enabled it.
  */
 #include "common.bpf.h"
+
+AP_UNWIND_PROGS(ap_cpu_unwind_progs);
+
+static __always_inline void ap_cpu_done(void *ctx, struct ap_unwind_state *st, struct ap_event_buf *buf)
+{
+	ap_event_output(ctx, buf, st->nk, st->n);
+}
+
+AP_UNWIND_STEP(ap_cpu_unwind, "perf_event", ap_cpu_unwind_progs, ap_cpu_done)
 
 SEC("perf_event")
 int ap_cpu_sample(struct bpf_perf_event_data *ctx)
@@ -18,6 +28,6 @@ int ap_cpu_sample(struct bpf_perf_event_data *ctx)
 	struct ap_event_buf *buf = ap_event_begin(AP_EVENT_CPU, id);
 	if (!buf)
 		return 0;
-	ap_event_submit(ctx, buf, AP_WANT_KERNEL_STACK | AP_WANT_USER_STACK);
+	AP_EVENT_SUBMIT_UNWOUND(ctx, true, buf, AP_WANT_KERNEL_STACK | AP_WANT_USER_STACK, &ap_cpu_unwind_progs);
 	return 0;
 }

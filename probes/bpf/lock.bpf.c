@@ -67,6 +67,21 @@ struct ap_stack_map {
 struct ap_stack_map ap_stacks_0 SEC(".maps");
 struct ap_stack_map ap_stacks_1 SEC(".maps");
 
+/* User stacks of futex waits walked with the unwind tables, by their hash
+ * (ap_lock_key.ustack): AP_MAX_FRAMES addresses, leaf first, ended by a 0
+ * when shorter. */
+struct ap_ustack_map {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 4096);
+	__uint(key_size, sizeof(__u64));
+	__uint(value_size, AP_MAX_FRAMES * sizeof(__u64));
+};
+struct ap_ustack_map ap_ustacks_0 SEC(".maps");
+struct ap_ustack_map ap_ustacks_1 SEC(".maps");
+
+AP_UNWIND_PROGS(ap_lock_unwind_progs);
+
 static __always_inline void ap_wait_begin(void *starts, __u64 addr, __u32 arg)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -93,17 +108,8 @@ static __always_inline void ap_wait_begin(void *starts, __u64 addr, __u32 arg)
 		ap_drop(AP_DROP_MAP_FULL);
 }
 
-static __always_inline void ap_lock_account(void *agg, void *stacks, void *ctx, struct ap_lock_key *key,
-					    __u64 stack_flags, __u64 dur)
+static __always_inline void ap_lock_add(void *agg, struct ap_lock_key *key, __u64 dur)
 {
-	long sid = bpf_get_stackid(ctx, stacks, stack_flags);
-	if (sid < 0) {
-		/* -EEXIST: hash collision with another stack; else no stack. */
-		ap_drop(sid == -17 ? AP_DROP_STACK_COLLISION :
-			(stack_flags & BPF_F_USER_STACK) ? AP_DROP_USER_STACK : AP_DROP_KERNEL_STACK);
-	}
-	key->stack_id = sid < 0 ? -1 : (__s32)sid;
-
 	struct ap_lock_value *v = bpf_map_lookup_elem(agg, key);
 	if (!v) {
 		struct ap_lock_value fresh = { .count = 1, .total_ns = dur, .max_ns = dur };
@@ -121,6 +127,43 @@ static __always_inline void ap_lock_account(void *agg, void *stacks, void *ctx, 
 	if (dur > v->max_ns)
 		v->max_ns = dur;
 }
+
+static __always_inline void ap_lock_account(void *agg, void *stacks, void *ctx, struct ap_lock_key *key,
+					    __u64 stack_flags, __u64 dur)
+{
+	long sid = bpf_get_stackid(ctx, stacks, stack_flags);
+	if (sid < 0) {
+		/* -EEXIST: hash collision with another stack; else no stack. */
+		ap_drop(sid == -17 ? AP_DROP_STACK_COLLISION :
+			(stack_flags & BPF_F_USER_STACK) ? AP_DROP_USER_STACK : AP_DROP_KERNEL_STACK);
+	}
+	key->stack_id = sid < 0 ? -1 : (__s32)sid;
+	ap_lock_add(agg, key, dur);
+}
+
+/* End of a futex wait's stack walk: the stack goes to the active slot's
+ * ap_ustacks, the wait to its aggregate under the stack's hash, and the
+ * record out when the wait was above the threshold (st->arg1). */
+static __always_inline void ap_lock_done(void *ctx, struct ap_unwind_state *st, struct ap_event_buf *buf)
+{
+	struct ap_lock_key key = { .pid = st->pid, .stack_id = -1, .flags = 0, .futex = 1, .ustack = st->hash };
+	__u32 n = st->n;
+	if (n < AP_MAX_FRAMES)
+		buf->stack[n] = 0;
+	__u32 zero = 0;
+	struct ap_slot *slot = bpf_map_lookup_elem(&ap_slot, &zero);
+	if (slot && slot->active) {
+		bpf_map_update_elem(&ap_ustacks_1, &key.ustack, buf->stack, BPF_NOEXIST);
+		ap_lock_add(&ap_lock_agg_1, &key, st->arg0);
+	} else {
+		bpf_map_update_elem(&ap_ustacks_0, &key.ustack, buf->stack, BPF_NOEXIST);
+		ap_lock_add(&ap_lock_agg_0, &key, st->arg0);
+	}
+	if (st->arg1)
+		ap_event_output(ctx, buf, 0, n);
+}
+
+AP_UNWIND_STEP(ap_lockunw, "tracepoint/syscalls/sys_exit_futex", ap_lock_unwind_progs, ap_lock_done)
 
 static __always_inline void ap_wait_end(void *ctx, void *starts, __u64 addr, bool futex, long ret)
 {
@@ -140,10 +183,31 @@ static __always_inline void ap_wait_end(void *ctx, void *starts, __u64 addr, boo
 	}
 	s->active = 0;
 	__u64 dur = bpf_ktime_get_ns() - s->ts_ns;
+	struct ap_settings *cfg = ap_settings_get();
+	__u64 threshold = cfg ? cfg->lock_threshold_ns : 0;
+	if (futex && ap_unwind_enabled) {
+		/* Walk the user stack with the unwind tables; the step program
+		 * accounts the wait. Falls through to frame pointers when the
+		 * walk cannot start. */
+		struct ap_event_buf *buf = ap_event_begin(AP_EVENT_LOCK_FUTEX, id);
+		if (buf && ap_unwind_start(ctx, false, id >> 32, 0)) {
+			struct ap_unwind_state *st = ap_unwind_state_get();
+			if (st) {
+				buf->hdr.duration_ns = dur;
+				buf->hdr.ret = ret;
+				buf->hdr.addr = s->addr;
+				buf->hdr.arg = s->arg;
+				st->arg0 = dur;
+				st->arg1 = threshold && dur >= threshold;
+				bpf_tail_call(ctx, &ap_lock_unwind_progs, 0);
+			}
+		}
+	}
 	struct ap_lock_key key = {
 		.pid = id >> 32,
 		.flags = futex ? 0 : s->arg,
 		.futex = futex,
+		.ustack = 0,
 	};
 	__u64 stack_flags = futex ? BPF_F_USER_STACK : 0;
 
@@ -154,8 +218,6 @@ static __always_inline void ap_wait_end(void *ctx, void *starts, __u64 addr, boo
 	else
 		ap_lock_account(&ap_lock_agg_0, &ap_stacks_0, ctx, &key, stack_flags, dur);
 
-	struct ap_settings *cfg = ap_settings_get();
-	__u64 threshold = cfg ? cfg->lock_threshold_ns : 0;
 	if (threshold && dur >= threshold) {
 		struct ap_event_buf *buf = ap_event_begin(futex ? AP_EVENT_LOCK_FUTEX : AP_EVENT_LOCK_KERNEL, id);
 		if (!buf)

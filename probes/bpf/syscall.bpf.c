@@ -10,9 +10,23 @@
  *
  * Three attach flavours of the same logic, the loader picks the first the
  * kernel accepts: BTF raw tracepoints (cheapest), raw tracepoints, classic
- * raw_syscalls tracepoints.
+ * raw_syscalls tracepoints. Each has its own unwind step program (a tail
+ * call needs a program of the caller's type).
  */
 #include "common.bpf.h"
+
+AP_UNWIND_PROGS(ap_sys_unwind_btf);
+AP_UNWIND_PROGS(ap_sys_unwind_raw);
+AP_UNWIND_PROGS(ap_sys_unwind_tp);
+
+static __always_inline void ap_sys_done(void *ctx, struct ap_unwind_state *st, struct ap_event_buf *buf)
+{
+	ap_event_output(ctx, buf, st->nk, st->n);
+}
+
+AP_UNWIND_STEP(ap_sysunw_btf, "tp_btf/sys_exit", ap_sys_unwind_btf, ap_sys_done)
+AP_UNWIND_STEP(ap_sysunw_raw, "raw_tracepoint/sys_exit", ap_sys_unwind_raw, ap_sys_done)
+AP_UNWIND_STEP(ap_sysunw_tp, "tracepoint/raw_syscalls/sys_exit", ap_sys_unwind_tp, ap_sys_done)
 
 struct ap_sys_start {
 	__u64 ts_ns;
@@ -88,7 +102,7 @@ static __always_inline void ap_sys_account(void *stats, struct ap_syscall_key *k
 		v->hist[b] += 1;
 }
 
-static __always_inline void ap_sys_exit(void *ctx, long ret)
+static __always_inline void ap_sys_exit(void *ctx, long ret, void *progs)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tid = (__u32)id;
@@ -120,7 +134,7 @@ static __always_inline void ap_sys_exit(void *ctx, long ret)
 		buf->hdr.duration_ns = dur;
 		buf->hdr.ret = ret;
 		buf->hdr.arg = key.nr;
-		ap_event_submit(ctx, buf, AP_WANT_USER_STACK);
+		AP_EVENT_SUBMIT_UNWOUND(ctx, false, buf, AP_WANT_USER_STACK, progs);
 	}
 }
 
@@ -134,7 +148,7 @@ int BPF_PROG(ap_sysent_btf, struct pt_regs *regs, long id)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(ap_sysexit_btf, struct pt_regs *regs, long ret)
 {
-	ap_sys_exit(ctx, ret);
+	ap_sys_exit(ctx, ret, &ap_sys_unwind_btf);
 	return 0;
 }
 
@@ -148,7 +162,7 @@ int BPF_PROG(ap_sysent_raw, struct pt_regs *regs, long id)
 SEC("raw_tracepoint/sys_exit")
 int BPF_PROG(ap_sysexit_raw, struct pt_regs *regs, long ret)
 {
-	ap_sys_exit(ctx, ret);
+	ap_sys_exit(ctx, ret, &ap_sys_unwind_raw);
 	return 0;
 }
 
@@ -162,6 +176,6 @@ int ap_sysent_tp(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/raw_syscalls/sys_exit")
 int ap_sysexit_tp(struct trace_event_raw_sys_exit *ctx)
 {
-	ap_sys_exit(ctx, ctx->ret);
+	ap_sys_exit(ctx, ctx->ret, &ap_sys_unwind_tp);
 	return 0;
 }

@@ -93,6 +93,7 @@ struct trace_event_raw_sys_exit {
 
 struct task_struct {
 	unsigned int flags;
+	void *stack;
 };
 
 enum bpf_map_type {
@@ -107,6 +108,13 @@ enum bpf_map_type {
 	BPF_MAP_TYPE_CGROUP_ARRAY = 8,
 	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_LRU_PERCPU_HASH = 10,
+	BPF_MAP_TYPE_LPM_TRIE = 11,
+	BPF_MAP_TYPE_ARRAY_OF_MAPS = 12,
+};
+
+enum {
+	BPF_F_NO_PREALLOC = 1,
+	BPF_F_INNER_MAP = 4096,
 };
 
 enum {

@@ -132,8 +132,26 @@ pub struct LockKey {
     pub flags: u32,
     /// 1 for futex waits, 0 for kernel locks.
     pub futex: u32,
+    /// Futex waits walked with unwind tables: key of the stack in
+    /// `ap_ustacks_<slot>`; 0 when none.
+    pub ustack: u64,
 }
-const _: () = assert!(size_of::<LockKey>() == 16);
+const _: () = assert!(size_of::<LockKey>() == 24);
+
+/// A value of `ap_ustacks_<slot>`: user addresses, leaf first, ended by a
+/// 0 when shorter than [`MAX_FRAMES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct UserStack(pub [u64; MAX_FRAMES]);
+const _: () = assert!(size_of::<UserStack>() == 8 * MAX_FRAMES);
+
+impl UserStack {
+    /// The addresses up to the first 0.
+    pub fn frames(&self) -> &[u64] {
+        let n = self.0.iter().position(|&a| a == 0).unwrap_or(MAX_FRAMES);
+        &self.0[..n]
+    }
+}
 
 /// `struct ap_lock_value`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -201,6 +219,125 @@ pub struct Settings {
 }
 const _: () = assert!(size_of::<Settings>() == 16);
 
+/// `AP_FRAME_TRUNCATED`: marker frame ending a user stack cut at the depth limit.
+pub const FRAME_TRUNCATED: u64 = 0xffff_ffff_ffff_ff01;
+/// `AP_FRAME_UNKNOWN`: marker frame ending a user stack whose next caller
+/// could not be recovered.
+pub const FRAME_UNKNOWN: u64 = 0xffff_ffff_ffff_ff02;
+/// `AP_UNWIND_MAX_MAPPINGS`: executable mappings per process the walker knows.
+pub const UNWIND_MAX_MAPPINGS: usize = 256;
+/// `AP_UNWIND_MAX_TABLES`: unwind tables loaded at once.
+pub const UNWIND_MAX_TABLES: u32 = 8192;
+/// `AP_UNWIND_NO_TABLE`: a mapping walked by frame pointers.
+pub const UNWIND_NO_TABLE: u32 = u32::MAX;
+
+/// The marker frame name of a user address, if it is one.
+pub fn marker_frame(addr: u64) -> Option<&'static str> {
+    match addr {
+        FRAME_TRUNCATED => Some("[truncated]"),
+        FRAME_UNKNOWN => Some("[unknown]"),
+        _ => None,
+    }
+}
+
+/// `struct ap_unwind_row`: layout check only (rows travel as the u64 of
+/// `aperture_symbolize::unwind::Row::to_u64`).
+const _: () = assert!(size_of::<aperture_symbolize::unwind::Row>() == 8);
+
+/// `struct ap_unwind_mapping`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct UnwindMapping {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// Runtime address minus bias = table address.
+    pub bias: u64,
+    /// Index into `ap_unwind_tables`, or [`UNWIND_NO_TABLE`].
+    pub table: u32,
+    /// Rows of that table.
+    pub rows: u32,
+}
+const _: () = assert!(size_of::<UnwindMapping>() == 32);
+
+/// `struct ap_unwind_proc`: a process's executable mappings, sorted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct UnwindProc {
+    /// Mappings in use.
+    pub n: u32,
+    /// Padding.
+    pub pad: u32,
+    /// Sorted by start.
+    pub maps: [UnwindMapping; UNWIND_MAX_MAPPINGS],
+}
+const _: () = assert!(size_of::<UnwindProc>() == 8 + 32 * UNWIND_MAX_MAPPINGS);
+
+impl Default for UnwindProc {
+    fn default() -> Self {
+        UnwindProc { n: 0, pad: 0, maps: [UnwindMapping::default(); UNWIND_MAX_MAPPINGS] }
+    }
+}
+
+/// `enum ap_unwind_stat`: the walker's per-CPU counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum UnwindStat {
+    /// Stacks walked with tables.
+    Walked = 0,
+    /// Stacks of processes without tables yet (frame-pointer stack kept).
+    NoProcess = 1,
+    /// Frames recovered from a table row.
+    FramesTable = 2,
+    /// Frames recovered by frame pointer.
+    FramesFramePointer = 3,
+    /// Stacks cut at the depth limit.
+    Truncated = 4,
+    /// Stacks cut at a pc in no known mapping.
+    NoMapping = 5,
+    /// Stacks cut at a rule the walker does not follow.
+    Unsupported = 6,
+    /// Stacks cut because stack memory could not be read.
+    ReadFailed = 7,
+    /// Frames whose table was evicted.
+    Evicted = 8,
+    /// Stacks cut where frame pointers ended early.
+    FramePointerEnded = 9,
+}
+
+impl UnwindStat {
+    /// Every counter, in index order.
+    pub const ALL: [UnwindStat; 10] = [
+        UnwindStat::Walked,
+        UnwindStat::NoProcess,
+        UnwindStat::FramesTable,
+        UnwindStat::FramesFramePointer,
+        UnwindStat::Truncated,
+        UnwindStat::NoMapping,
+        UnwindStat::Unsupported,
+        UnwindStat::ReadFailed,
+        UnwindStat::Evicted,
+        UnwindStat::FramePointerEnded,
+    ];
+
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnwindStat::Walked => "walked",
+            UnwindStat::NoProcess => "no_process_table",
+            UnwindStat::FramesTable => "frames_table",
+            UnwindStat::FramesFramePointer => "frames_frame_pointer",
+            UnwindStat::Truncated => "truncated",
+            UnwindStat::NoMapping => "no_mapping",
+            UnwindStat::Unsupported => "unsupported_rule",
+            UnwindStat::ReadFailed => "read_failed",
+            UnwindStat::Evicted => "evicted",
+            UnwindStat::FramePointerEnded => "frame_pointer_ended",
+        }
+    }
+}
+
 // SAFETY: each type is `repr(C)`, `Copy`, made only of integers and byte
 // arrays with explicit padding fields, so every bit pattern is a valid value
 // and there are no implicit padding bytes.
@@ -215,6 +352,12 @@ unsafe impl Pod for SyscallValue {}
 unsafe impl Pod for Slot {}
 // SAFETY: as above.
 unsafe impl Pod for Settings {}
+// SAFETY: as above.
+unsafe impl Pod for UnwindMapping {}
+// SAFETY: as above.
+unsafe impl Pod for UserStack {}
+// SAFETY: as above.
+unsafe impl Pod for UnwindProc {}
 
 /// The comm bytes up to the first NUL, lossily decoded.
 pub fn comm_str(comm: &[u8; COMM_LEN]) -> String {

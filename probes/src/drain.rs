@@ -23,7 +23,7 @@ use aperture_core::model::{LockKind, Mode};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuHashMap, StackTraceMap};
 
-use crate::abi::{DropReason, HIST_BUCKETS, LockKey, LockValue, Slot, SyscallKey, SyscallValue, comm_str};
+use crate::abi::{DropReason, HIST_BUCKETS, LockKey, LockValue, Slot, SyscallKey, SyscallValue, UserStack, comm_str};
 use crate::loader::Probes;
 
 /// How long a drain waits after flipping the slot. BPF programs run for
@@ -196,10 +196,15 @@ impl Probes {
     pub fn drain_lock_stats(&mut self) -> Result<Vec<LockStats>, DrainError> {
         const AGG: [&str; 2] = ["ap_lock_agg_0", "ap_lock_agg_1"];
         const STACKS: [&str; 2] = ["ap_stacks_0", "ap_stacks_1"];
+        const USTACKS: [&str; 2] = ["ap_ustacks_0", "ap_ustacks_1"];
         let mode = Mode::Lock;
         let ebpf = self.object_mut(mode).ok_or(DrainError::NotLoaded(mode))?;
         let idle = flip_slot(ebpf, mode)? as usize;
-        let [agg, stacks] = ebpf.maps_disjoint_mut([AGG[idle], STACKS[idle]]);
+        let [agg, stacks, ustacks] = ebpf.maps_disjoint_mut([AGG[idle], STACKS[idle], USTACKS[idle]]);
+        let ustack_err = map_err(mode, USTACKS[idle]);
+        let mut ustacks: HashMap<_, u64, UserStack> =
+            HashMap::try_from(ustacks.ok_or_else(|| missing(USTACKS[idle])).map_err(&ustack_err)?)
+                .map_err(&ustack_err)?;
         let agg_err = map_err(mode, AGG[idle]);
         let stack_err = map_err(mode, STACKS[idle]);
         let mut agg: HashMap<_, LockKey, LockValue> =
@@ -213,7 +218,9 @@ impl Probes {
         for entry in agg.iter() {
             let (key, value) = entry.map_err(&agg_err)?;
             keys.push(key);
-            let stack = if key.stack_id < 0 {
+            let stack = if key.ustack != 0 {
+                ustacks.get(&key.ustack, 0).map(|st| st.frames().to_vec()).unwrap_or_default()
+            } else if key.stack_id < 0 {
                 Vec::new()
             } else {
                 resolved
@@ -239,6 +246,10 @@ impl Probes {
         }
         for key in &keys {
             let _ = agg.remove(key);
+        }
+        let hashes: Vec<u64> = ustacks.keys().filter_map(Result::ok).collect();
+        for h in hashes {
+            let _ = ustacks.remove(&h);
         }
         let ids: Vec<u32> = stacks.stack_ids().filter_map(Result::ok).collect();
         for id in ids {

@@ -18,7 +18,12 @@
 //!   (cpu samples, slow lock waits, slow syscalls) with raw stacks.
 //! - [`Probes::drain_syscall_stats`], [`Probes::drain_lock_stats`],
 //!   [`Probes::drop_counts`] — in-kernel aggregates and drop counters.
-//! - [`Symbolizer`] — raw stacks to [`aperture_core::model::Stack`].
+//! - [`Probes::unwind_process`], [`Probes::unwind_refresh`],
+//!   [`Probes::unwind_stats`] — the unwind tables the in-kernel walker uses
+//!   for user stacks ([`UnwindSettings`]: tables or frame pointers, disk
+//!   cache, memory budget).
+//! - [`Symbolizer`] — raw stacks to [`aperture_core::model::Stack`]
+//!   (marker frames `[truncated]`, `[unknown]` included).
 //! - [`syscall_name`] — x86_64 syscall numbers to names.
 //! - [`bench`] — pieces for the perf harness (BPF run-time stats, reader
 //!   throughput).
@@ -35,7 +40,8 @@ mod syscalls;
 
 pub use drain::{DrainError, DropCount, LockStats, SLOT_GRACE, SyscallStats, lock_kind};
 pub use loader::{
-    AttachError, Attachment, Filter, Flavour, LoadError, Modes, ProbeConfig, Probes, SettingsError, object_bytes,
+    AttachError, Attachment, Filter, Flavour, LoadError, Modes, ProbeConfig, Probes, SettingsError, UnwindError,
+    UnwindMode, UnwindSettings, UnwindStats, object_bytes,
 };
 pub use reader::{
     BatchSink, EventRecord, INITIAL_BATCH_EVENTS, PerfReader, ReaderConfig, ReaderError, ReaderStats, RecordBatch,

@@ -357,6 +357,9 @@ impl Symbolizer {
     pub fn stack(&mut self, pid: u32, kernel: &[u64], user: &[u64]) -> Stack {
         let mut frames = Vec::with_capacity(kernel.len() + user.len());
         self.kernel_frames(kernel, &mut frames);
+        // The stack was taken inside one of Aperture's own programs: its
+        // frames say nothing about the profiled code.
+        frames.retain(|f| !is_own_bpf_frame(&f.symbol));
         self.user_frames(pid, user, &mut frames);
         if self.opened_since_release {
             // Indexing a newly opened symbol table touched all of it; give
@@ -407,6 +410,10 @@ impl Symbolizer {
     /// Appends the frames of user addresses of process `pid` (leaf first).
     pub fn user_frames(&mut self, pid: u32, addrs: &[u64], out: &mut Vec<StackFrame>) {
         for (i, &addr) in addrs.iter().enumerate() {
+            if let Some(name) = crate::abi::marker_frame(addr) {
+                out.push(StackFrame { address: addr, symbol: name.to_owned(), ..StackFrame::default() });
+                continue;
+            }
             let Some(m) = self.mapping(pid, addr) else {
                 self.stats.unresolved += 1;
                 out.push(StackFrame { address: addr, ..StackFrame::default() });
@@ -839,9 +846,26 @@ fn parse_maps_line(line: &str) -> Option<(bool, Mapping)> {
     Some((perms.as_bytes().get(2) == Some(&b'x'), mapping))
 }
 
+/// Whether a kernel symbol is one of Aperture's BPF programs
+/// (`bpf_prog_<tag>_ap_<name>`).
+fn is_own_bpf_frame(symbol: &str) -> bool {
+    symbol
+        .strip_prefix("bpf_prog_")
+        .and_then(|rest| rest.split_once('_'))
+        .is_some_and(|(_, name)| name.starts_with("ap_"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_bpf_programs_are_recognised() {
+        assert!(is_own_bpf_frame("bpf_prog_6deef7357e7b4530_ap_lockend_btf"));
+        assert!(!is_own_bpf_frame("bpf_prog_6deef7357e7b4530_other_prog"));
+        assert!(!is_own_bpf_frame("bpf_trace_run2"));
+        assert!(!is_own_bpf_frame("ap_something"));
+    }
 
     #[test]
     fn parses_maps_lines() {

@@ -8,12 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aperture_core::config::AgentConfig;
+use aperture_core::config::{AgentConfig, UnwindChoice};
 use aperture_core::model::Mode;
 use aperture_core::ring::RingProducer;
 use aperture_probes::{
     BatchSink, DropCount, Filter, LockStats, Modes, PerfReader, ProbeConfig, Probes, ReaderConfig, ReaderStats,
-    RecordBatch, SyscallStats,
+    RecordBatch, SyscallStats, UnwindMode, UnwindSettings,
 };
 use crossbeam_channel::Receiver;
 
@@ -99,6 +99,14 @@ impl ProbeSet {
             slow_syscall_threshold: Duration::from_nanos(effective.syscall_threshold_ns),
             filter: kernel_filter(selection),
             ignore_self: true,
+            unwind: UnwindSettings {
+                mode: match config.unwind {
+                    UnwindChoice::Tables => UnwindMode::Tables,
+                    UnwindChoice::FramePointers => UnwindMode::FramePointers,
+                },
+                cache_dir: Some(config.data_dir.join("unwind")),
+                ..UnwindSettings::default()
+            },
         };
         let mut set =
             ProbeSet { probes: None, reader: None, config: probe_config, reader_config, producer, recycled, threads };
@@ -150,6 +158,16 @@ impl ProbeSet {
                 Vec::new()
             }),
             None => Vec::new(),
+        }
+    }
+
+    /// Loads unwind tables for processes the walker met without them and
+    /// forgets exited ones (call every tick).
+    pub fn unwind_refresh(&mut self) {
+        if let Some(p) = self.probes.as_mut()
+            && let Err(e) = p.unwind_refresh()
+        {
+            tracing::warn!("refreshing the unwind tables failed: {e}");
         }
     }
 

@@ -25,7 +25,7 @@ pub struct AgentConfig {
     pub frequency_hz: Frequency,
     /// Node name; empty means `NODE_NAME`, else the host name.
     pub node_name: String,
-    /// Where the agent keeps its identity file.
+    /// Where the agent keeps its identity file and its unwind-table cache.
     pub data_dir: PathBuf,
     /// Lock-contention probe settings.
     pub lock: LockSettings,
@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub budget: Budget,
     /// The agent's own metrics endpoint.
     pub metrics: MetricsSettings,
+    /// How user stacks are walked: `tables` (unwind tables from
+    /// `.eh_frame`, frame pointers where there are none) or `frame_pointers`.
+    pub unwind: UnwindChoice,
 }
 
 impl Default for AgentConfig {
@@ -63,8 +66,21 @@ impl Default for AgentConfig {
             filter: Filter::default(),
             budget: Budget::default(),
             metrics: MetricsSettings::default(),
+            unwind: UnwindChoice::Tables,
         }
     }
+}
+
+/// How the agent walks user stacks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnwindChoice {
+    /// Unwind tables built from `.eh_frame`, walked in the kernel; frame
+    /// pointers for code without them.
+    #[default]
+    Tables,
+    /// Frame pointers only, for comparison.
+    FramePointers,
 }
 
 /// Lock-contention probe settings.
@@ -266,6 +282,13 @@ impl Layered for AgentConfig {
             "frequency_hz" => self.frequency_hz = value.parse()?,
             "node_name" => self.node_name = value.to_owned(),
             "data_dir" => self.data_dir = PathBuf::from(value),
+            "unwind" => {
+                self.unwind = match value {
+                    "tables" => UnwindChoice::Tables,
+                    "frame_pointers" => UnwindChoice::FramePointers,
+                    _ => return Err(format!("invalid unwind `{value}`: expected tables or frame_pointers")),
+                }
+            }
             "metrics.listen" => self.metrics.listen = value.to_owned(),
             "transport.carrier" => {
                 self.transport.carrier = match value {
@@ -358,5 +381,17 @@ mod tests {
         assert!(why.contains("transport.insecure_plaintext"), "{why}");
         c.transport.insecure_plaintext = true;
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn unwind_defaults_to_tables_and_takes_frame_pointers() {
+        assert_eq!(AgentConfig::default().unwind, UnwindChoice::Tables);
+        let yaml: AgentConfig = yaml_serde::from_str("unwind: frame_pointers\n").expect("parses");
+        assert_eq!(yaml.unwind, UnwindChoice::FramePointers);
+        let mut c = AgentConfig::default();
+        assert!(c.set("unwind", "frame_pointers").is_ok());
+        assert_eq!(c.unwind, UnwindChoice::FramePointers);
+        let err = c.set("unwind", "dwarf").expect_err("rejected");
+        assert!(err.contains("tables or frame_pointers"), "{err}");
     }
 }

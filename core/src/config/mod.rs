@@ -14,7 +14,7 @@ mod values;
 
 pub use agent::{
     AgentConfig, AgentTransport, BatchSettings, Budget, CarrierChoice, DEFAULT_AGGREGATOR, Filter, LockSettings,
-    MetricsSettings, PerfBufferSettings, SyscallSettings,
+    MetricsSettings, PerfBufferSettings, SyscallSettings, UnwindChoice,
 };
 pub use aggregator::{AggregatorConfig, Auth, BufferSettings, ClickHouse, FlushSettings, Limits, Listen, Tls};
 pub use load::{ConfigError, FlagValue, Layered, Origin, load, parse_yaml};
@@ -52,7 +52,7 @@ mod tests {
     fn unknown_key() {
         assert_eq!(
             agent_err("mode: cpu\nfrequency: 99\n", &[]),
-            "agent.yml:2:1: `frequency`: unknown field `frequency`, expected one of `aggregator`, `auth_token`, `mode`, `frequency_hz`, `node_name`, `data_dir`, `lock`, `syscall`, `batch`, `perf_buffer`, `transport`, `filter`, `budget`, `metrics`"
+            "agent.yml:2:1: `frequency`: unknown field `frequency`, expected one of `aggregator`, `auth_token`, `mode`, `frequency_hz`, `node_name`, `data_dir`, `lock`, `syscall`, `batch`, `perf_buffer`, `transport`, `filter`, `budget`, `metrics`, `unwind`"
         );
     }
 

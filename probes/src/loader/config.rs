@@ -1,5 +1,6 @@
 //! What to load and how: modes, frequency, thresholds, filter.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use aperture_core::model::Mode;
@@ -71,6 +72,34 @@ pub struct Filter {
     pub cgroups: Vec<u64>,
 }
 
+/// How user stacks are walked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnwindMode {
+    /// Unwind tables built from `.eh_frame`, frame pointers where a mapping
+    /// has none (the default).
+    #[default]
+    Tables,
+    /// Frame pointers only (`bpf_get_stack`), for comparison.
+    FramePointers,
+}
+
+/// Unwind tables: walker choice, disk cache, memory budget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnwindSettings {
+    /// Tables or frame pointers.
+    pub mode: UnwindMode,
+    /// Where built tables are kept across restarts; `None` keeps none.
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes of table rows loaded into the kernel at most.
+    pub budget_bytes: u64,
+}
+
+impl Default for UnwindSettings {
+    fn default() -> Self {
+        UnwindSettings { mode: UnwindMode::Tables, cache_dir: None, budget_bytes: 32 << 20 }
+    }
+}
+
 /// How [`crate::Probes::load`] configures the programs.
 #[derive(Clone, Debug)]
 pub struct ProbeConfig {
@@ -86,6 +115,8 @@ pub struct ProbeConfig {
     pub filter: Option<Filter>,
     /// Never record the calling process (the agent's own syscalls and locks).
     pub ignore_self: bool,
+    /// How user stacks are walked.
+    pub unwind: UnwindSettings,
 }
 
 impl Default for ProbeConfig {
@@ -97,6 +128,7 @@ impl Default for ProbeConfig {
             slow_syscall_threshold: Duration::from_millis(10),
             filter: None,
             ignore_self: true,
+            unwind: UnwindSettings::default(),
         }
     }
 }

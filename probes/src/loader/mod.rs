@@ -13,17 +13,21 @@
 
 mod config;
 mod sys;
+mod unwind;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use aperture_core::model::Mode;
-use aya::maps::{Array, HashMap, Map, MapError};
+use aya::maps::{Array, HashMap, Map, MapError, ProgramArray};
 use aya::programs::{BtfTracePoint, PerfEvent, ProgramError, RawTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfError, EbpfLoader, include_bytes_aligned};
 
-pub use config::{Filter, Modes, ProbeConfig};
+pub use config::{Filter, Modes, ProbeConfig, UnwindMode, UnwindSettings};
+pub use unwind::{UnwindError, UnwindStats};
+
+use unwind::Unwinder;
 
 use crate::abi::Settings;
 use crate::reader::{
@@ -87,6 +91,9 @@ pub enum LoadError {
         #[source]
         source: MapError,
     },
+    /// Creating the unwinder's shared maps failed.
+    #[error("setting up the unwind tables failed: {0}; `unwind: frame_pointers` walks stacks without them")]
+    Unwind(#[source] UnwindError),
     /// Filling the pid/cgroup filter maps failed.
     #[error("filling filter map {map} of the {mode} object failed: {source}; at most 4096 pids and 4096 cgroups fit")]
     Filter {
@@ -191,6 +198,8 @@ pub struct Probes {
     /// One cpu-clock perf event per online CPU running `ap_cpu_sample`.
     cpu_events: Vec<OwnedFd>,
     btf: Btf,
+    /// Unwind tables; `None` with `unwind: frame_pointers`.
+    unwinder: Option<Unwinder>,
 }
 
 impl std::fmt::Debug for Probes {
@@ -213,14 +222,17 @@ impl Probes {
         let filter_enabled = u32::from(config.filter.is_some());
         let ignore_tgid = if config.ignore_self { std::process::id() } else { 0 };
         let settings = settings_of(config);
+        let unwind_enabled = u32::from(config.unwind.mode == UnwindMode::Tables);
+        let has_task_pt_regs = u32::from(kernel_at_least(5, 15));
         let mut objects = Vec::new();
         for mode in config.modes.iter() {
             let mut loader = EbpfLoader::new();
-            loader.btf(Some(&btf)).override_global("ap_filter_enabled", &filter_enabled, true).override_global(
-                "ap_ignore_tgid",
-                &ignore_tgid,
-                true,
-            );
+            loader
+                .btf(Some(&btf))
+                .override_global("ap_filter_enabled", &filter_enabled, true)
+                .override_global("ap_ignore_tgid", &ignore_tgid, true)
+                .override_global("ap_unwind_enabled", &unwind_enabled, true)
+                .override_global("ap_has_task_pt_regs", &has_task_pt_regs, true);
             let mut ebpf = loader.load(object_bytes(mode)).map_err(|source| LoadError::Object { mode, source })?;
             write_settings(&mut ebpf, settings).map_err(|source| LoadError::Settings { mode, source })?;
             if let Some(filter) = &config.filter {
@@ -228,7 +240,11 @@ impl Probes {
             }
             objects.push(LoadedObject { mode, ebpf });
         }
-        Ok(Probes { objects, config: config.clone(), attachments: Vec::new(), cpu_events: Vec::new(), btf })
+        let unwinder = match config.unwind.mode {
+            UnwindMode::Tables => Some(Unwinder::new(&config.unwind, &mut objects).map_err(LoadError::Unwind)?),
+            UnwindMode::FramePointers => None,
+        };
+        Ok(Probes { objects, config: config.clone(), attachments: Vec::new(), cpu_events: Vec::new(), btf, unwinder })
     }
 
     /// Changes the lock and slow-syscall thresholds of the loaded programs
@@ -287,16 +303,76 @@ impl Probes {
             let ebpf = &mut self.objects[i].ebpf;
             let new = match mode {
                 Mode::Cpu => {
+                    if self.unwinder.is_some() {
+                        install_step::<PerfEvent>(ebpf, "ap_cpu_unwind", "ap_cpu_unwind_progs", |p| p.load())?;
+                    }
                     let (attachments, events) = attach_cpu(ebpf, self.config.frequency_hz)?;
                     self.cpu_events.extend(events);
                     attachments
                 }
-                Mode::Lock => attach_lock(ebpf, &self.btf)?,
-                Mode::Syscall => attach_syscall(ebpf, &self.btf)?,
+                Mode::Lock => {
+                    if self.unwinder.is_some()
+                        && let Err(e) =
+                            install_step::<TracePoint>(ebpf, "ap_lockunw", "ap_lock_unwind_progs", |p| p.load())
+                    {
+                        tracing::warn!(error = %e, "futex wait stacks fall back to frame pointers");
+                    }
+                    attach_lock(ebpf, &self.btf)?
+                }
+                Mode::Syscall => attach_syscall(ebpf, &self.btf, self.unwinder.is_some())?,
             };
             self.attachments.extend(new);
         }
+        if self.unwinder.is_some()
+            && let Some(obj) = self.objects.first_mut()
+        {
+            // One object is enough: they share the processes map.
+            let mode = obj.mode;
+            let attached = program::<RawTracePoint>(&mut obj.ebpf, "ap_unwind_exec").and_then(|p| {
+                p.load().and_then(|()| p.attach("sched_process_exec")).map_err(|source| AttachError::Attach {
+                    what: "sched_process_exec",
+                    program: "ap_unwind_exec",
+                    source,
+                })
+            });
+            match attached {
+                Ok(_) => {
+                    if let Some(u) = self.unwinder.as_mut() {
+                        u.exec_hooked = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(mode = %mode, error = %e, "exec is noticed only when a sample misses the old mappings")
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Reads the executable mappings of `pid` and loads the unwind tables
+    /// it needs, so its stacks are walked with them from the next sample
+    /// on. Returns how many mappings have a table (0 with
+    /// `unwind: frame_pointers`).
+    pub fn unwind_process(&mut self, pid: u32) -> Result<usize, UnwindError> {
+        match &mut self.unwinder {
+            Some(u) => u.add_process(&mut self.objects, pid),
+            None => Ok(0),
+        }
+    }
+
+    /// Loads tables for the processes the walker met without them (new
+    /// processes, exec, dlopen) and forgets exited ones. Call it
+    /// periodically (every few hundred ms).
+    pub fn unwind_refresh(&mut self) -> Result<(), UnwindError> {
+        match &mut self.unwinder {
+            Some(u) => u.refresh(&mut self.objects),
+            None => Ok(()),
+        }
+    }
+
+    /// The unwinder's state and the walker's counters.
+    pub fn unwind_stats(&self) -> UnwindStats {
+        self.unwinder.as_ref().map(|u| u.stats(&self.objects)).unwrap_or_default()
     }
 
     /// What is attached, and how.
@@ -346,6 +422,53 @@ impl Probes {
     pub(crate) fn objects_mut(&mut self) -> impl Iterator<Item = (Mode, &mut Ebpf)> {
         self.objects.iter_mut().map(|o| (o.mode, &mut o.ebpf))
     }
+}
+
+/// Loads an unwind step program and stores it at index 0 of its prog array.
+fn install_step<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    array: &'static str,
+    load: impl FnOnce(&mut T) -> Result<(), ProgramError>,
+) -> Result<(), AttachError>
+where
+    for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+    T: StepProgram,
+{
+    let fail = |source| AttachError::Attach { what: "unwind step", program: name, source };
+    let prog: &mut T = program(ebpf, name)?;
+    load(prog).map_err(fail)?;
+    let fd = prog.step_fd().map_err(fail)?;
+    let map = ebpf.map_mut(array).ok_or(AttachError::Missing(array))?;
+    let mut progs = ProgramArray::try_from(map).map_err(|e| fail(ProgramError::MapError(e)))?;
+    progs.set(0, &fd, 0).map_err(|e| fail(ProgramError::MapError(e)))?;
+    Ok(())
+}
+
+/// The program types that host an unwind step program.
+trait StepProgram {
+    fn step_fd(&self) -> Result<aya::programs::ProgramFd, ProgramError>;
+}
+
+macro_rules! step_program {
+    ($($t:ty),*) => {$(
+        impl StepProgram for $t {
+            fn step_fd(&self) -> Result<aya::programs::ProgramFd, ProgramError> {
+                self.fd()?.try_clone().map_err(|io_error| {
+                    ProgramError::SyscallError(aya::sys::SyscallError { call: "dup", io_error })
+                })
+            }
+        }
+    )*};
+}
+step_program!(PerfEvent, BtfTracePoint, RawTracePoint, TracePoint);
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|r| crate::preflight::parse_kernel_version(r.trim()))
+        .is_some_and(|v| v >= (major, minor))
 }
 
 fn duration_ns(d: Duration) -> u64 {
@@ -476,7 +599,7 @@ fn attach_first(ebpf: &mut Ebpf, btf: &Btf, mode: Mode, f: &Flavours) -> Result<
     }
 }
 
-fn attach_syscall(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<Attachment>, AttachError> {
+fn attach_syscall(ebpf: &mut Ebpf, btf: &Btf, unwind: bool) -> Result<Vec<Attachment>, AttachError> {
     // Exit first: an exit without a recorded enter is ignored, so no call is
     // half-counted while attaching.
     let exit = Flavours {
@@ -491,7 +614,24 @@ fn attach_syscall(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<Attachment>, AttachE
         raw: Some("ap_sysent_raw"),
         tracepoint: Some(("ap_sysent_tp", "raw_syscalls", "sys_enter")),
     };
-    Ok(vec![attach_first(ebpf, btf, Mode::Syscall, &exit)?, attach_first(ebpf, btf, Mode::Syscall, &enter)?])
+    let exit = attach_first(ebpf, btf, Mode::Syscall, &exit)?;
+    if unwind {
+        // The step program must have the type of the exit program that won.
+        let step = match exit.flavour {
+            Flavour::BtfRawTracepoint => {
+                install_step::<BtfTracePoint>(ebpf, "ap_sysunw_btf", "ap_sys_unwind_btf", |p| p.load("sys_exit", btf))
+            }
+            Flavour::RawTracepoint => {
+                install_step::<RawTracePoint>(ebpf, "ap_sysunw_raw", "ap_sys_unwind_raw", |p| p.load())
+            }
+            Flavour::Tracepoint => install_step::<TracePoint>(ebpf, "ap_sysunw_tp", "ap_sys_unwind_tp", |p| p.load()),
+            Flavour::PerfEvent => Ok(()),
+        };
+        if let Err(e) = step {
+            tracing::warn!(error = %e, "slow-call stacks fall back to frame pointers");
+        }
+    }
+    Ok(vec![exit, attach_first(ebpf, btf, Mode::Syscall, &enter)?])
 }
 
 fn attach_lock(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<Attachment>, AttachError> {

@@ -85,3 +85,52 @@ pub fn channel_sink() -> (impl FnMut(RecordBatch) + Send + 'static, mpsc::Receiv
         rx,
     )
 }
+
+/// Compiles `tests/programs/<src>.c` with `flags` into `<tmp>/programs/<out>`
+/// (compiled to a private name, then renamed into place, so parallel tests
+/// never write a file another one runs) and returns the output's path.
+/// `link` goes after the source (libraries).
+pub fn build_c(out: &str, src: &str, flags: &[&str], link: &[&str]) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{src}.c"));
+    let dir = programs_dir();
+    let bin = dir.join(out);
+    let tmp = dir.join(format!(".{out}.{}.{:?}", std::process::id(), std::thread::current().id()));
+    let status = std::process::Command::new("cc")
+        .args(flags)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&src)
+        .args(link)
+        .status()
+        .unwrap_or_else(|e| panic!("running cc for {}: {e}", src.display()));
+    assert!(status.success(), "compiling {} failed", src.display());
+    std::fs::rename(&tmp, &bin).unwrap_or_else(|e| panic!("moving {} into place: {e}", tmp.display()));
+    bin
+}
+
+/// Where [`build_c`] puts its outputs.
+pub fn programs_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("programs");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
+}
+
+/// Compiles `tests/programs/<src>.rs` with `rustc` and `flags` into
+/// `<tmp>/programs/<out>` (the same private-name-then-rename as [`build_c`]).
+pub fn build_rust(out: &str, src: &str, flags: &[&str]) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{src}.rs"));
+    let dir = programs_dir();
+    let bin = dir.join(out);
+    let tmp = dir.join(format!(".{out}.{}.{:?}", std::process::id(), std::thread::current().id()));
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let status = std::process::Command::new(rustc)
+        .args(flags)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("running rustc for {}: {e}", src.display()));
+    assert!(status.success(), "compiling {} failed", src.display());
+    std::fs::rename(&tmp, &bin).unwrap_or_else(|e| panic!("moving {} into place: {e}", tmp.display()));
+    bin
+}

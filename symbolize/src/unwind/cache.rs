@@ -1,0 +1,180 @@
+//! Unwind tables on disk, so a restart does not rebuild them.
+//!
+//! One file per object under the cache directory, named by the object's
+//! [`TableKey`]: its GNU build id, or, for files without one, a hash of
+//! device, inode, size and modification time (a rebuilt file gets a new
+//! name). A file is a 16-byte header (`APUNW001`, row count) then the rows
+//! as little-endian u64s; anything else is ignored and rebuilt.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::{BuildError, Row, Table};
+use crate::elf::ElfFile;
+
+const MAGIC: &[u8; 8] = b"APUNW001";
+
+/// Identity of an object's unwind table.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableKey(String);
+
+impl TableKey {
+    /// The key of an opened ELF file: build id if it has one, else its
+    /// file identity from `meta`.
+    pub fn of(elf: &ElfFile, meta: &fs::Metadata) -> TableKey {
+        match elf.build_id() {
+            Some(id) if !id.is_empty() => TableKey(format!("b-{}", hex(&id))),
+            _ => {
+                let ident = format!("{}:{}:{}:{}", meta.dev(), meta.ino(), meta.size(), meta.mtime());
+                TableKey(format!("f-{:016x}", xxhash_rust::xxh3::xxh3_64(ident.as_bytes())))
+            }
+        }
+    }
+
+    /// The key as text (also the cache file name).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why the disk cache could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Building the table failed.
+    #[error("building the unwind table of {path} failed: {source}")]
+    Build {
+        /// The object.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: BuildError,
+    },
+    /// Reading the object's metadata failed.
+    #[error("reading {path} failed: {source}")]
+    Io {
+        /// The object.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Tables on disk under one directory; `None` directory keeps nothing.
+#[derive(Clone, Debug)]
+pub struct TableCache {
+    dir: Option<PathBuf>,
+}
+
+/// Where a table came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Read from the disk cache.
+    Disk,
+    /// Built from the object's CFI.
+    Built,
+}
+
+impl TableCache {
+    /// A cache in `dir` (created on first write), or none.
+    pub fn new(dir: Option<PathBuf>) -> TableCache {
+        TableCache { dir }
+    }
+
+    /// The table of the ELF file at `path` (any path that opens it, e.g.
+    /// `/proc/<pid>/map_files/...`), from disk when cached, else built and
+    /// stored. A failed write only loses the cache entry.
+    pub fn load(&self, path: &Path) -> Result<(TableKey, Table, Origin), CacheError> {
+        let io_err = |source| CacheError::Io { path: path.to_owned(), source };
+        let file = fs::File::open(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        let elf = ElfFile::from_file(file)
+            .map_err(|e| CacheError::Build { path: path.to_owned(), source: BuildError::Elf(e) })?;
+        let key = TableKey::of(&elf, &meta);
+        if let Some(table) = self.read(&key) {
+            return Ok((key, table, Origin::Disk));
+        }
+        let (table, _) =
+            Table::build_elf(&elf).map_err(|source| CacheError::Build { path: path.to_owned(), source })?;
+        if let Err(e) = self.write(&key, &table) {
+            tracing::debug!(key = key.as_str(), error = %e, "could not store an unwind table on disk");
+        }
+        Ok((key, table, Origin::Built))
+    }
+
+    fn file(&self, key: &TableKey) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join(format!("{}.unw", key.as_str())))
+    }
+
+    /// The cached table of `key`, if a valid one is on disk.
+    pub fn read(&self, key: &TableKey) -> Option<Table> {
+        let bytes = fs::read(self.file(key)?).ok()?;
+        decode(&bytes)
+    }
+
+    /// Stores `table` under `key` (write then rename, so a reader never
+    /// sees half a file).
+    pub fn write(&self, key: &TableKey, table: &Table) -> io::Result<()> {
+        let (Some(dir), Some(path)) = (&self.dir, self.file(key)) else { return Ok(()) };
+        fs::create_dir_all(dir)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        fs::write(&tmp, encode(table))?;
+        fs::rename(&tmp, &path)
+    }
+}
+
+fn encode(table: &Table) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + table.bytes());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(table.rows.len() as u64).to_le_bytes());
+    for r in &table.rows {
+        out.extend_from_slice(&r.to_u64().to_le_bytes());
+    }
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<Table> {
+    let (head, body) = bytes.split_at_checked(16)?;
+    if &head[..8] != MAGIC {
+        return None;
+    }
+    let n = u64::from_le_bytes(head[8..16].try_into().ok()?);
+    if body.len() as u64 != n.checked_mul(8)? {
+        return None;
+    }
+    let rows: Vec<Row> =
+        body.chunks_exact(8).map(|c| Row::from_u64(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))).collect();
+    rows.windows(2).all(|w| w[0].pc < w[1].pc).then_some(Table { rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_survives_the_disk_and_corrupt_files_are_ignored() {
+        let Some(libc) = crate::maps::find_libc() else { return };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = TableCache::new(Some(dir.path().to_owned()));
+        let (key, built, origin) = cache.load(&libc).expect("builds");
+        assert_eq!(origin, Origin::Built);
+        assert!(key.as_str().starts_with("b-"), "libc has a build id: {key:?}");
+        let (key2, read, origin) = cache.load(&libc).expect("reads");
+        assert_eq!((key2, origin), (key.clone(), Origin::Disk));
+        assert_eq!(read, built);
+
+        let file = dir.path().join(format!("{}.unw", key.as_str()));
+        let mut bytes = fs::read(&file).expect("cache file");
+        bytes.truncate(bytes.len() - 3);
+        fs::write(&file, &bytes).expect("corrupt");
+        assert_eq!(cache.read(&key), None, "a truncated file is not a table");
+        let (_, rebuilt, origin) = cache.load(&libc).expect("rebuilds");
+        assert_eq!((origin, rebuilt), (Origin::Built, built));
+    }
+}
