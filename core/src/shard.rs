@@ -11,7 +11,12 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::frame::FrameId;
-use crate::model::{ArchivedBatch, LATENCY_BUCKETS, Labels, Mode, Stack, StackFrame, StackHash, Target};
+use crate::model::{ArchivedBatch, LATENCY_BUCKETS, Labels, Mode, Stack, StackHash, Target};
+
+mod intake;
+
+pub use intake::truncated_marker;
+use intake::{labels_cost, stack_cost};
 
 /// What a row measures. Each kind belongs to one [`Mode`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,12 +89,6 @@ impl Default for ShardConfig {
             max_stack_frames: DEFAULT_MAX_STACK_FRAMES,
         }
     }
-}
-
-/// The root-most frame of a truncated stack, replacing the `cut` frames
-/// that were dropped: module `[aperture]`, symbol `[N frames truncated]`.
-pub fn truncated_marker(cut: usize) -> StackFrame {
-    StackFrame { symbol: format!("[{cut} frames truncated]"), module: "[aperture]".to_owned(), ..StackFrame::default() }
 }
 
 /// A batch that refers to targets or stacks it does not carry.
@@ -227,19 +226,6 @@ pub struct Shard {
 const KNOWN_STACKS_LIMIT: usize = 1 << 20;
 /// Memory cost of a row besides its name and histogram, for buffer accounting.
 const ROW_COST: usize = 160;
-/// Fixed cost of a `String` (pointer, length, capacity).
-const STRING_COST: usize = 24;
-
-/// Memory held by a label set: its strings' bytes and headers.
-fn labels_cost(l: &Labels) -> usize {
-    [&l.node, &l.namespace, &l.pod, &l.container, &l.process].iter().map(|s| STRING_COST + s.len()).sum::<usize>() + 8
-}
-
-/// Memory held by a stack: per frame the fixed fields and the strings' bytes.
-fn stack_cost(s: &Stack) -> usize {
-    48 + s.frames.iter().map(|f| 24 + 3 * STRING_COST + f.symbol.len() + f.module.len() + f.file.len()).sum::<usize>()
-}
-
 impl Shard {
     /// An empty shard.
     pub fn new(config: ShardConfig) -> Shard {
@@ -295,6 +281,7 @@ impl Shard {
     /// batch fails [`Shard::check`].
     pub fn ingest(&mut self, now_ns: u64, frame: FrameId, batch: &ArchivedBatch) -> Result<(), BatchError> {
         Shard::check(batch)?;
+        let intake = intake::new_stacks(batch, &self.known_stacks, self.config.max_stack_frames)?;
         let node = batch.node.as_str();
         let target_ids: Vec<LabelsId> = batch
             .targets
@@ -311,36 +298,9 @@ impl Shard {
             })
             .collect();
         let stack_hash = |i: u32| StackHash(batch.stacks[i as usize].hash.0.to_native());
-        // Stacks read in place until here; one is copied out, its hash
-        // checked and its length capped only the first time this shard sees
-        // it. All are checked before anything is folded.
-        let mut fresh: Vec<Stack> = Vec::new();
-        let mut fresh_hashes: HashSet<StackHash> = HashSet::new();
-        for (index, s) in batch.stacks.iter().enumerate() {
-            let hash = StackHash(s.hash.0.to_native());
-            if self.known_stacks.contains(&hash) || !fresh_hashes.insert(hash) {
-                continue;
-            }
-            if hash == StackHash::NONE && s.frames.is_empty() {
-                continue;
-            }
-            let mut stack =
-                rkyv::deserialize::<Stack, rkyv::rancor::Error>(s).map_err(|_| BatchError::BadStackData { index })?;
-            let computed = Stack::compute_hash(&stack.frames);
-            if computed != hash {
-                return Err(BatchError::StackHash { index, claimed: hash, computed });
-            }
-            let max = self.config.max_stack_frames.max(2);
-            if stack.frames.len() > max {
-                let cut = stack.frames.len() - (max - 1);
-                stack.frames.truncate(max - 1);
-                stack.frames.push(truncated_marker(cut));
-                self.stacks_truncated += 1;
-                self.stack_frames_cut += cut as u64;
-            }
-            fresh.push(stack);
-        }
-        for stack in fresh {
+        self.stacks_truncated += intake.truncated;
+        self.stack_frames_cut += intake.frames_cut;
+        for stack in intake.stacks {
             self.known_stacks.insert(stack.hash);
             self.approx_bytes += stack_cost(&stack);
             self.new_stacks.push(stack);

@@ -147,28 +147,43 @@ pub(crate) async fn check_runs(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let (lane, key) = tokio::select! {
+        let first = tokio::select! {
             next = runs.recv() => match next {
                 Some(run) => run,
                 None => return,
             },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let result = tokio::time::timeout(Duration::from_secs(5), store.load_run(key)).await;
-        let (state, ok) = match result {
-            Ok(Ok(state)) => (state, true),
+        // One query for every run waiting (many agents reconnect at once).
+        let mut wanted = vec![first];
+        while wanted.len() < MAX_RUNS_PER_CHECK {
+            match runs.try_recv() {
+                Ok(run) => wanted.push(run),
+                Err(_) => break,
+            }
+        }
+        let keys: Vec<RunKey> = wanted.iter().map(|(_, key)| *key).collect();
+        let result = tokio::time::timeout(Duration::from_secs(5), store.load_runs(&keys)).await;
+        let (mut found, ok) = match result {
+            Ok(Ok(found)) => (found.into_iter().collect::<HashMap<_, _>>(), true),
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "reading a run's committed frames failed; its frames wait");
-                (None, false)
+                tracing::warn!(error = %e, runs = keys.len(), "reading runs' committed frames failed; their frames wait");
+                (HashMap::new(), false)
             }
             Err(_) => {
-                tracing::warn!("reading a run's committed frames took over 5 s; its frames wait");
-                (None, false)
+                tracing::warn!(runs = keys.len(), "reading runs' committed frames took over 5 s; their frames wait");
+                (HashMap::new(), false)
             }
         };
-        shared.lane(lane).finish_check(key, state, ok, Instant::now());
+        let now = Instant::now();
+        for (lane, key) in wanted {
+            shared.lane(lane).finish_check(key, found.remove(&key), ok, now);
+        }
     }
 }
+
+/// Runs looked up in one store query at most.
+const MAX_RUNS_PER_CHECK: usize = 512;
 
 impl IngressSink for ShardedIngress {
     fn admit(&self, frame: ReceivedFrame) -> Admission {

@@ -380,10 +380,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The committed ledger state of every run updated at or after `since_s`.
     fn load_ledger(&self, since_s: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>>;
 
-    /// The committed ledger state of one run, if stored. Asked when the
-    /// aggregator meets a run it has not served lately, so replicas sharing
-    /// one database never admit a frame another replica committed.
-    fn load_run(&self, key: RunKey) -> StoreFuture<'_, Result<Option<RunState>, QueryError>>;
+    /// The committed ledger state of the given runs that have one stored.
+    /// Asked when the aggregator meets runs it has not served lately, so
+    /// replicas sharing one database never admit a frame another replica
+    /// committed.
+    fn load_runs<'a>(&'a self, keys: &'a [RunKey]) -> StoreFuture<'a, Result<Vec<(RunKey, RunState)>, QueryError>>;
 
     /// Cheap round trip proving the store answers.
     fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>>;

@@ -430,21 +430,29 @@ impl Store for SqliteStore {
         })
     }
 
-    fn load_run(&self, key: RunKey) -> StoreFuture<'_, Result<Option<RunState>, QueryError>> {
+    fn load_runs<'a>(&'a self, keys: &'a [RunKey]) -> StoreFuture<'a, Result<Vec<(RunKey, RunState)>, QueryError>> {
+        let keys = keys.to_vec();
         self.read(move |conn| {
-            let row = conn.query_row(
-                "SELECT watermark, above FROM frame_ledger WHERE agent_id = ?1 AND boot_id = ?2",
-                params![id_hex(&key.0), id_hex(&key.1)],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-            );
-            match row {
-                Ok((watermark, above)) => Ok(Some(RunState {
-                    watermark: from_i64(watermark),
-                    above: serde_json::from_str(&above).unwrap_or_default(),
-                })),
-                Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
-                Err(e) => Err(e),
+            let mut stmt =
+                conn.prepare_cached("SELECT watermark, above FROM frame_ledger WHERE agent_id = ?1 AND boot_id = ?2")?;
+            let mut out = Vec::new();
+            for key in keys {
+                let row = stmt.query_row(params![id_hex(&key.0), id_hex(&key.1)], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                });
+                match row {
+                    Ok((watermark, above)) => out.push((
+                        key,
+                        RunState {
+                            watermark: from_i64(watermark),
+                            above: serde_json::from_str(&above).unwrap_or_default(),
+                        },
+                    )),
+                    Err(rusqlite::Error::QueryReturnedNoRows) => {}
+                    Err(e) => return Err(e),
+                }
             }
+            Ok(out)
         })
     }
 

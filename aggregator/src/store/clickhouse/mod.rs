@@ -73,8 +73,8 @@ impl Store for ClickHouseStore {
         Box::pin(queries::ledger(&self.client, since_s, &self.undecodable))
     }
 
-    fn load_run(&self, key: RunKey) -> StoreFuture<'_, Result<Option<RunState>, QueryError>> {
-        Box::pin(ledger::run(&self.client, key))
+    fn load_runs<'a>(&'a self, keys: &'a [RunKey]) -> StoreFuture<'a, Result<Vec<(RunKey, RunState)>, QueryError>> {
+        Box::pin(ledger::runs(&self.client, keys))
     }
 
     fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>> {
