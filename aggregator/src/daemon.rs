@@ -42,6 +42,7 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
         database: ch.database.clone(),
         user: ch.user.clone(),
         password: ch.password.expose().to_owned(),
+        max_query_time: config.limits.http_request_timeout.0,
         ..ClickHouseSettings::new(ch.endpoint.clone())
     });
     Ok(s)

@@ -19,6 +19,9 @@ pub struct ClickHouseSettings {
     pub password: String,
     /// Timeout of one insert or query.
     pub request_timeout: Duration,
+    /// ClickHouse stops an API query after this long (`max_execution_time`,
+    /// whole seconds): the HTTP request timeout.
+    pub max_query_time: Duration,
 }
 
 impl ClickHouseSettings {
@@ -30,6 +33,7 @@ impl ClickHouseSettings {
             user: "default".to_owned(),
             password: String::new(),
             request_timeout: Duration::from_secs(30),
+            max_query_time: Duration::from_secs(30),
         }
     }
 }

@@ -76,6 +76,7 @@ async fn half_sent_requests_are_closed_and_connections_over_the_cap_are_refused(
         assert_eq!(r.status, 503, "a connection over the cap was served: {}", r.text());
         assert!(r.text().contains("limits.http_max_connections"), "{}", r.text());
         assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+        assert!(r.header("content-security-policy").is_some_and(|c| c.contains("default-src 'none'")));
     }
     // The server closes every half-sent request once the header timeout passes.
     for (i, s) in held.into_iter().enumerate() {

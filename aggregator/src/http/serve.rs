@@ -113,8 +113,10 @@ fn refusal_response(max: usize) -> Vec<u8> {
     .to_string();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         retry-after: 1\r\nx-content-type-options: nosniff\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+         retry-after: 1\r\nx-content-type-options: nosniff\r\ncontent-security-policy: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len(),
+        super::API_CONTENT_SECURITY_POLICY,
     )
     .into_bytes()
 }

@@ -49,7 +49,7 @@ impl ClickHouseStore {
     pub async fn open(settings: &ClickHouseSettings) -> Result<ClickHouseStore, OpenError> {
         let (admin, client) = config::clients(settings)?;
         schema::migrate(&admin, &client, &settings.database).await?;
-        let reads = queries::read_client(&client, settings.request_timeout);
+        let reads = queries::read_client(&client, settings.max_query_time);
         Ok(ClickHouseStore {
             client,
             reads,
