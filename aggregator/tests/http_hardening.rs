@@ -259,8 +259,8 @@ impl Store for DownStore {
     fn load_ledger(&self, _: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>> {
         Box::pin(async { Ok(Vec::new()) })
     }
-    fn load_run(&self, _: RunKey) -> StoreFuture<'_, Result<Option<RunState>, QueryError>> {
-        Box::pin(async { Ok(None) })
+    fn load_runs<'a>(&'a self, _: &'a [RunKey]) -> StoreFuture<'a, Result<Vec<(RunKey, RunState)>, QueryError>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
     fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>> {
         down()
