@@ -81,8 +81,13 @@ async fn accept_loop(
     conns: mpsc::Sender<Result<ConnIo, std::io::Error>>,
 ) {
     let hello_timeout = Duration::from_millis(shared.limits.hello_timeout_ms);
+    let mut shutdown = shared.shutdown.subscribe();
     loop {
-        let (tcp, addr) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        let (tcp, addr) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Out of file descriptors and the like: wait, do not spin.
