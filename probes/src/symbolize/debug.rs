@@ -20,10 +20,16 @@ pub(super) struct DebugFile {
 
 impl DebugFile {
     /// The installed debug file of the file at `path`, whose GNU build id
-    /// is `build_id`.
+    /// is `build_id`, or, when that is empty (the mapping came from
+    /// `/proc/<pid>/maps`, which has none), the build id in the file's notes.
     pub(super) fn find(path: &Path, build_id: &[u8]) -> Option<DebugFile> {
-        let debug = debug_file_path(build_id).filter(|p| p.is_file())?;
-        let elf = ElfFile::open(path).ok()?;
+        let (debug, elf) = if build_id.is_empty() {
+            let elf = ElfFile::open(path).ok()?;
+            (debug_file_path(&elf.build_id()?).filter(|p| p.is_file())?, elf)
+        } else {
+            // Most files have no debug file installed: look before opening.
+            (debug_file_path(build_id).filter(|p| p.is_file())?, ElfFile::open(path).ok()?)
+        };
         Some(DebugFile { path: debug, segments: elf.segments })
     }
 
@@ -41,7 +47,7 @@ fn virtual_offset(segments: &[Segment], offset: u64) -> Option<u64> {
 
 /// Where Debian, Fedora and others install the separate debug file of a
 /// build id: `/usr/lib/debug/.build-id/<first byte>/<rest>.debug`.
-fn debug_file_path(build_id: &[u8]) -> Option<PathBuf> {
+pub(super) fn debug_file_path(build_id: &[u8]) -> Option<PathBuf> {
     let (first, rest) = build_id.split_first()?;
     if rest.is_empty() {
         return None;
@@ -70,6 +76,20 @@ mod tests {
         let offset = addr - m.start + m.offset;
         assert_eq!(virtual_offset(&elf.segments, offset), Some(addr - bias));
         assert_eq!(virtual_offset(&elf.segments, u64::MAX / 2), None, "past every segment");
+    }
+
+    #[test]
+    fn the_build_id_is_read_from_the_file_when_the_mapping_has_none() {
+        let Some(libc) = aperture_symbolize::maps::find_libc() else { return };
+        let elf = ElfFile::open(&libc).expect("libc is an ELF file");
+        let Some(installed) = elf.build_id().and_then(|id| debug_file_path(&id)).filter(|p| p.is_file()) else {
+            eprintln!("no separate debug file for {} (libc6-dbg); nothing to check", libc.display());
+            return;
+        };
+        let found = DebugFile::find(&libc, &[]).expect("found through the build id note");
+        assert_eq!(found.path, installed);
+        assert!(!found.segments.is_empty());
+        assert!(DebugFile::find(&libc, &[0xde, 0xad, 0xbe, 0xef]).is_none(), "a given build id is used as is");
     }
 
     #[test]

@@ -96,6 +96,13 @@ impl Processes {
         Processes { processes: Bounded::new(capacity), query: Query::Unknown, name_buf: vec![0; 4096] }
     }
 
+    /// Reads `/proc/<pid>/maps` as on a kernel without `PROCMAP_QUERY`.
+    #[cfg(test)]
+    pub(super) fn without_procmap_query(mut self) -> Processes {
+        self.query = Query::Unsupported;
+        self
+    }
+
     /// The mapping of `pid` covering `addr` if already known (after [`Processes::span`]).
     pub(super) fn known(&mut self, pid: u32, addr: u64) -> Option<&Mapping> {
         self.processes.get(&pid)?.find(addr)

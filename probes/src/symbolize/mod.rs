@@ -501,6 +501,9 @@ fn is_own_bpf_frame(symbol: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use aperture_symbolize::elf::ElfFile;
+    use blazesym::inspect::source as inspect;
+
     use super::maps::read_maps;
     use super::*;
 
@@ -594,6 +597,39 @@ mod tests {
         assert!(again.frames[0].symbol.contains("symbolize_me"));
         let other = symbolize_me_too as fn() -> u64 as usize as u64;
         assert!(s.stack(pid, &[], &[other]).frames[0].symbol.contains("symbolize_me_too"));
+    }
+
+    #[test]
+    fn libc_internal_functions_resolve_from_the_maps_file() {
+        // Before Linux 6.11 (no PROCMAP_QUERY) the mappings come from
+        // /proc/<pid>/maps, which has no build ids: the separate debug file
+        // must be found from the build id in the mapped file itself.
+        let pid = std::process::id();
+        let is_libc = |m: &Mapping| m.path.rsplit('/').next().is_some_and(|n| n.starts_with("libc.so"));
+        let Some(libc) = read_maps(pid).and_then(|maps| maps.into_iter().find(is_libc)) else {
+            eprintln!("no glibc mapped; nothing to check");
+            return;
+        };
+        let elf = ElfFile::open(Path::new(&libc.path)).expect("libc is an ELF file");
+        let build_id = elf.build_id().expect("glibc is linked with a build id");
+        let Some(debug) = debug::debug_file_path(&build_id).filter(|p| p.is_file()) else {
+            eprintln!("no separate debug file for {} (libc6-dbg); nothing to check", libc.path);
+            return;
+        };
+        // start_thread is local to libc: only the debug file's .symtab has it.
+        let inspector = blazesym::inspect::Inspector::new();
+        let found = inspector
+            .lookup(&inspect::Source::Elf(inspect::Elf::new(&debug)), &["start_thread"])
+            .expect("the debug file reads");
+        let vaddr = found.first().and_then(|syms| syms.first()).expect("start_thread in the debug file").addr;
+        let bias = elf.load_bias(libc.start, libc.offset).expect("a segment covers libc's text");
+        let addr = vaddr + bias + 4;
+
+        let mut s = Symbolizer::new();
+        s.processes = Processes::new(4).without_procmap_query();
+        let frame = s.stack(pid, &[], &[addr]).frames.remove(0);
+        assert_eq!(frame.symbol, "start_thread", "{frame:?}");
+        assert!(frame.module.starts_with("libc.so"), "{frame:?}");
     }
 
     fn unsafe_free_is_root() -> bool {
