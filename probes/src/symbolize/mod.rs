@@ -28,17 +28,20 @@
 //!   mapping of the process (thousands for a compiler). Older kernels fall
 //!   back to reading the whole file.
 //!
+//! The parts: [`maps`] (which file backs an address of a process),
+//! [`debug`] (separate debug files of stripped files), [`cache`] (the
+//! bounded maps every cache here is); this module resolves with blazesym.
+//!
 //! Nothing here fails: a frame that cannot be resolved (exited process,
 //! stripped binary, JIT code) is kept with its address and, when known, its
 //! module and offset in the module.
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::hash::Hash;
-use std::os::fd::AsRawFd;
+mod cache;
+mod debug;
+mod maps;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use aperture_core::model::{Stack, StackFrame};
 use blazesym::MaybeDefault;
@@ -46,8 +49,9 @@ use blazesym::symbolize::evict::{self, Evict};
 use blazesym::symbolize::source::{Elf, Kernel, Source};
 use blazesym::symbolize::{Input, Symbolized};
 
-/// Without `PROCMAP_QUERY`, a process's maps are re-read on a miss at most this often.
-const MAPS_REFRESH: Duration = Duration::from_millis(200);
+use self::cache::Bounded;
+use self::debug::DebugFile;
+use self::maps::{Mapping, Processes, Span, parse_maps_line};
 
 /// Bounds of a [`Symbolizer`]'s caches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,60 +95,6 @@ pub struct SymbolizeStats {
     pub files_closed: u64,
 }
 
-/// A map bounded to `capacity` entries that forgets what was used least
-/// recently: entries live in a current and a previous generation; a hit in
-/// the previous one moves the entry to the current one, and when the
-/// current one is full it becomes the previous one (the old previous one
-/// is dropped). An entry used at least once per `capacity / 2` insertions
-/// is never evicted.
-#[derive(Debug)]
-pub(crate) struct Bounded<K, V> {
-    current: HashMap<K, V>,
-    previous: HashMap<K, V>,
-    half: usize,
-    evicted: u64,
-}
-
-impl<K: Eq + Hash, V> Bounded<K, V> {
-    pub(crate) fn new(capacity: usize) -> Bounded<K, V> {
-        Bounded { current: HashMap::new(), previous: HashMap::new(), half: (capacity / 2).max(1), evicted: 0 }
-    }
-
-    pub(crate) fn get(&mut self, key: &K) -> Option<&mut V> {
-        if !self.current.contains_key(key) {
-            let (k, v) = self.previous.remove_entry(key)?;
-            self.insert(k, v);
-        }
-        self.current.get_mut(key)
-    }
-
-    pub(crate) fn insert(&mut self, key: K, value: V) {
-        if self.current.len() >= self.half && !self.current.contains_key(&key) {
-            self.evicted += self.previous.len() as u64;
-            self.previous = std::mem::take(&mut self.current);
-        }
-        self.current.insert(key, value);
-    }
-
-    pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
-        self.current.remove(key).or_else(|| self.previous.remove(key))
-    }
-
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
-        self.current.retain(&mut keep);
-        self.previous.retain(&mut keep);
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.current.len() + self.previous.len()
-    }
-
-    /// Entries dropped at the bound so far.
-    pub(crate) fn evicted(&self) -> u64 {
-        self.evicted
-    }
-}
-
 /// A resolved frame as cached (without the address, which differs between
 /// processes for the same file offset).
 #[derive(Clone, Debug)]
@@ -178,67 +128,6 @@ impl CachedFrame {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Mapping {
-    start: u64,
-    end: u64,
-    offset: u64,
-    dev: u64,
-    inode: u64,
-    /// Path as seen inside the process's mount namespace; empty for
-    /// anonymous mappings, `[vdso]` and the like for special ones.
-    path: String,
-    /// The file's GNU build id, when the kernel reported it.
-    build_id: Box<[u8]>,
-}
-
-/// The part of a [`Mapping`] needed on every frame (no allocation to copy).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Span {
-    start: u64,
-    offset: u64,
-    dev: u64,
-    inode: u64,
-}
-
-impl Mapping {
-    fn span(&self) -> Span {
-        Span { start: self.start, offset: self.offset, dev: self.dev, inode: self.inode }
-    }
-}
-
-#[derive(Debug)]
-struct ProcessMaps {
-    /// Executable mappings known so far, sorted by address.
-    mappings: Vec<Mapping>,
-    read_at: Instant,
-}
-
-impl ProcessMaps {
-    fn find(&self, addr: u64) -> Option<&Mapping> {
-        let i = self.mappings.partition_point(|m| m.end <= addr);
-        self.mappings.get(i).filter(|m| m.start <= addr)
-    }
-
-    fn add(&mut self, m: Mapping) {
-        let i = self.mappings.partition_point(|x| x.start < m.start);
-        if self.mappings.get(i).is_some_and(|x| x.start == m.start) {
-            self.mappings[i] = m;
-        } else {
-            self.mappings.insert(i, m);
-        }
-        // A remapped range may overlap what was known: drop the stale part.
-        let mut last_end = 0;
-        self.mappings.retain(|x| {
-            let keep = x.start >= last_end;
-            if keep {
-                last_end = x.end;
-            }
-            keep
-        });
-    }
-}
-
 /// Identity of a code location independent of the process: file + offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct FileOffsetKey {
@@ -247,32 +136,19 @@ struct FileOffsetKey {
     offset: u64,
 }
 
-/// Whether `PROCMAP_QUERY` works on this kernel (unknown until first tried).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Query {
-    Unknown,
-    Works,
-    Unsupported,
-}
-
 /// Turns raw stacks into [`Stack`]s. One per symbolizing thread.
 pub struct Symbolizer {
     inner: blazesym::symbolize::Symbolizer,
     limits: SymbolizerLimits,
     kernel: Bounded<u64, CachedFrame>,
     user: Bounded<FileOffsetKey, CachedFrame>,
-    processes: Bounded<u32, ProcessMaps>,
+    processes: Processes,
     /// A path blazesym can open for each (dev, inode), once found.
     file_paths: Bounded<(u64, u64), PathBuf>,
-    /// Whether each (dev, inode) looked for has a separate debug file
-    /// (`/usr/lib/debug/.build-id/..`).
-    debug_files: Bounded<(u64, u64), bool>,
-    /// Loadable segments of the stripped files looked up in a debug file.
-    segments: Bounded<(u64, u64), Vec<Segment>>,
+    /// The separate debug file of each (dev, inode) looked for, if installed.
+    debug_files: Bounded<(u64, u64), Option<DebugFile>>,
     /// Files open in blazesym, least recently used first, with their identity.
     open_files: Vec<(PathBuf, (u64, u64))>,
-    query: Query,
-    name_buf: Vec<u8>,
     /// A file was opened (and its symbol table indexed, touching all of it)
     /// since the last [`Symbolizer::release_file_pages`].
     opened_since_release: bool,
@@ -318,13 +194,10 @@ impl Symbolizer {
             limits,
             kernel: Bounded::new(limits.kernel_frames),
             user: Bounded::new(limits.user_frames),
-            processes: Bounded::new(limits.processes),
+            processes: Processes::new(limits.processes),
             file_paths: Bounded::new(limits.processes.max(64) * 4),
             debug_files: Bounded::new(limits.processes.max(64) * 4),
-            segments: Bounded::new(limits.open_files.max(1) * 4),
             open_files: Vec::new(),
-            query: Query::Unknown,
-            name_buf: vec![0; 4096],
             opened_since_release: false,
             stats: SymbolizeStats::default(),
         }
@@ -414,7 +287,7 @@ impl Symbolizer {
                 out.push(StackFrame { address: addr, symbol: name.to_owned(), ..StackFrame::default() });
                 continue;
             }
-            let Some(m) = self.mapping(pid, addr) else {
+            let Some(m) = self.processes.span(pid, addr) else {
                 self.stats.unresolved += 1;
                 out.push(StackFrame { address: addr, ..StackFrame::default() });
                 continue;
@@ -441,7 +314,7 @@ impl Symbolizer {
 
     /// Resolves one user frame that is not cached.
     fn resolve_user(&mut self, pid: u32, addr: u64, span: Span, file_offset: u64, lookup: u64) -> StackFrame {
-        let Some(m) = self.processes.get(&pid).and_then(|p| p.find(addr)).cloned() else {
+        let Some(m) = self.processes.known(pid, addr).cloned() else {
             self.stats.unresolved += 1;
             return StackFrame { address: addr, module_offset: file_offset, ..StackFrame::default() };
         };
@@ -456,8 +329,7 @@ impl Symbolizer {
         let mut found = self.lookup_elf_at(&path, id, Input::FileOffset(lookup), self.limits.debug_info);
         if found.is_none()
             && !self.limits.debug_info
-            && let Some(debug) = self.debug_file(id, &m.build_id)
-            && let Some(vaddr) = self.virtual_offset(id, &path, lookup)
+            && let Some((debug, vaddr)) = self.debug_offset(id, &path, &m.build_id, lookup)
         {
             // A stripped file (only .dynsym, like distribution libraries):
             // the .symtab of its separate debug file has the local symbols,
@@ -508,27 +380,15 @@ impl Symbolizer {
         }
     }
 
-    /// The separate debug file of the file `id` with `build_id`, if installed.
-    fn debug_file(&mut self, id: (u64, u64), build_id: &[u8]) -> Option<PathBuf> {
-        if let Some(known) = self.debug_files.get(&id) {
-            return known.then(|| debug_file_path(build_id)).flatten();
+    /// The separate debug file of the file `id` (at `path`, with
+    /// `build_id`), if installed, and the virtual address in it of file
+    /// offset `offset` of the file.
+    fn debug_offset(&mut self, id: (u64, u64), path: &Path, build_id: &[u8], offset: u64) -> Option<(PathBuf, u64)> {
+        if self.debug_files.get(&id).is_none() {
+            self.debug_files.insert(id, DebugFile::find(path, build_id));
         }
-        let found = debug_file_path(build_id).filter(|p| p.is_file());
-        self.debug_files.insert(id, found.is_some());
-        found
-    }
-
-    /// The virtual address (as in the symbol tables) of `offset` in the
-    /// file `id` at `path`, from its loadable segments.
-    fn virtual_offset(&mut self, id: (u64, u64), path: &Path, offset: u64) -> Option<u64> {
-        if self.segments.get(&id).is_none() {
-            self.segments.insert(id, load_segments(path).unwrap_or_default());
-        }
-        let segments = self.segments.get(&id)?;
-        segments
-            .iter()
-            .find(|s| s.offset <= offset && offset < s.offset + s.file_size)
-            .map(|s| offset - s.offset + s.vaddr)
+        let debug = self.debug_files.get(&id)?.as_ref()?;
+        Some((debug.path.clone(), debug.virtual_offset(offset)?))
     }
 
     /// Drops this process's page-table references to the pages of the files
@@ -569,12 +429,12 @@ impl Symbolizer {
 
     /// Forgets a process's memory map (call when it exits).
     pub fn forget_process(&mut self, pid: u32) {
-        self.processes.remove(&pid);
+        self.processes.remove(pid);
     }
 
     /// Forgets the memory maps of processes that no longer exist.
     pub fn forget_exited(&mut self) {
-        self.processes.retain(|pid, _| Path::new(&format!("/proc/{pid}")).exists());
+        self.processes.retain(|pid| Path::new(&format!("/proc/{pid}")).exists());
     }
 
     /// Records that blazesym is about to use `path` (file `id`): keeps the
@@ -597,59 +457,6 @@ impl Symbolizer {
             let (p, _) = self.open_files.remove(0);
             let _ = self.inner.evict(&Evict::Elf(evict::Elf::new(p)));
             self.stats.files_closed += 1;
-        }
-    }
-
-    fn mapping(&mut self, pid: u32, addr: u64) -> Option<Span> {
-        if self.processes.get(&pid).is_none() {
-            let entry = ProcessMaps { mappings: Vec::new(), read_at: Instant::now() };
-            self.processes.insert(pid, entry);
-            if self.query == Query::Unsupported {
-                self.reread(pid);
-            }
-        }
-        let query = self.query;
-        let procs = &mut self.processes;
-        let maps = procs.get(&pid)?;
-        if let Some(m) = maps.find(addr) {
-            return Some(m.span());
-        }
-        if query != Query::Unsupported {
-            // Opened per miss rather than kept: misses are rare once a
-            // process's mappings are known, and no descriptor is held for
-            // processes that exited (or whose pid was reused).
-            let file = File::open(format!("/proc/{pid}/maps")).ok()?; // None: exited
-            match procmap_query(file.as_raw_fd(), addr, &mut self.name_buf) {
-                QueryResult::Found(m) => {
-                    self.query = Query::Works;
-                    let found = m.span();
-                    maps.add(m);
-                    return Some(found);
-                }
-                QueryResult::NotMapped => {
-                    self.query = Query::Works;
-                    return None;
-                }
-                QueryResult::Unsupported if query == Query::Unknown => {
-                    tracing::debug!("PROCMAP_QUERY not supported by this kernel; reading /proc/<pid>/maps");
-                    self.query = Query::Unsupported;
-                }
-                QueryResult::Unsupported | QueryResult::Failed => return None,
-            }
-        }
-        // Without PROCMAP_QUERY: a miss on old maps may be a new dlopen: re-read.
-        if maps.read_at.elapsed() >= MAPS_REFRESH || maps.mappings.is_empty() {
-            self.reread(pid);
-        }
-        self.processes.get(&pid)?.find(addr).map(Mapping::span)
-    }
-
-    /// Reads all of `/proc/<pid>/maps` into the process's entry (fallback).
-    fn reread(&mut self, pid: u32) {
-        let Some(mappings) = read_maps(pid) else { return }; // exited: keep what we had
-        if let Some(p) = self.processes.get(&pid) {
-            p.mappings = mappings;
-            p.read_at = Instant::now();
         }
     }
 
@@ -683,169 +490,6 @@ impl Symbolizer {
     }
 }
 
-/// `struct procmap_query` (include/uapi/linux/fs.h), 104 bytes.
-#[repr(C)]
-#[derive(Default)]
-struct ProcmapQuery {
-    size: u64,
-    query_flags: u64,
-    query_addr: u64,
-    vma_start: u64,
-    vma_end: u64,
-    vma_flags: u64,
-    vma_page_size: u64,
-    vma_offset: u64,
-    inode: u64,
-    dev_major: u32,
-    dev_minor: u32,
-    vma_name_size: u32,
-    build_id_size: u32,
-    vma_name_addr: u64,
-    build_id_addr: u64,
-}
-const _: () = assert!(size_of::<ProcmapQuery>() == 104);
-
-/// `PROCMAP_QUERY`, `_IOWR('f', 17, struct procmap_query)`.
-const PROCMAP_QUERY: libc::c_ulong = 0xC068_6611;
-/// `PROCMAP_QUERY_VMA_EXECUTABLE`.
-const PROCMAP_QUERY_VMA_EXECUTABLE: u64 = 0x04;
-/// `BUILD_ID_SIZE_MAX`.
-const BUILD_ID_SIZE_MAX: usize = 20;
-
-enum QueryResult {
-    /// The executable mapping covering the address.
-    Found(Mapping),
-    /// Nothing executable is mapped there.
-    NotMapped,
-    /// The kernel has no `PROCMAP_QUERY` (before 6.11).
-    Unsupported,
-    /// Any other error (the process exited...).
-    Failed,
-}
-
-/// Asks the kernel for the mapping covering `addr` through the open
-/// `/proc/<pid>/maps` file `fd`; `name` receives the mapping's path.
-fn procmap_query(fd: libc::c_int, addr: u64, name: &mut [u8]) -> QueryResult {
-    let mut build_id = [0u8; BUILD_ID_SIZE_MAX];
-    let mut q = ProcmapQuery {
-        size: size_of::<ProcmapQuery>() as u64,
-        query_flags: PROCMAP_QUERY_VMA_EXECUTABLE,
-        query_addr: addr,
-        vma_name_size: u32::try_from(name.len()).unwrap_or(u32::MAX),
-        vma_name_addr: name.as_mut_ptr() as u64,
-        build_id_size: BUILD_ID_SIZE_MAX as u32,
-        build_id_addr: build_id.as_mut_ptr() as u64,
-        ..ProcmapQuery::default()
-    };
-    // SAFETY: `q` is a valid procmap_query of the size it declares; the
-    // kernel writes at most `vma_name_size` bytes to `name` and at most
-    // `build_id_size` bytes to `build_id`, both live and that long.
-    let ret = unsafe { libc::ioctl(fd, PROCMAP_QUERY, &raw mut q) };
-    if ret < 0 {
-        return match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENOENT) => QueryResult::NotMapped,
-            Some(libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) => QueryResult::Unsupported,
-            _ => QueryResult::Failed,
-        };
-    }
-    let len = (q.vma_name_size as usize).min(name.len());
-    let bytes = &name[..len];
-    let bytes = bytes.split(|&b| b == 0).next().unwrap_or_default();
-    QueryResult::Found(Mapping {
-        start: q.vma_start,
-        end: q.vma_end,
-        offset: q.vma_offset,
-        dev: encode_dev(u64::from(q.dev_major), u64::from(q.dev_minor)),
-        inode: q.inode,
-        path: String::from_utf8_lossy(bytes).into_owned(),
-        build_id: build_id[..(q.build_id_size as usize).min(BUILD_ID_SIZE_MAX)].into(),
-    })
-}
-
-/// A `PT_LOAD` program header: where a file's bytes land in its virtual
-/// address space.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Segment {
-    offset: u64,
-    file_size: u64,
-    vaddr: u64,
-}
-
-/// The `PT_LOAD` segments of the 64-bit little-endian ELF file at `path`,
-/// from its file header and program header table only (a few hundred
-/// bytes; symbols are blazesym's business).
-fn load_segments(path: &Path) -> Option<Vec<Segment>> {
-    use std::io::{Read, Seek, SeekFrom};
-    const PT_LOAD: u32 = 1;
-    let mut f = File::open(path).ok()?;
-    let mut ehdr = [0u8; 64];
-    f.read_exact(&mut ehdr).ok()?;
-    // Magic, ELFCLASS64, ELFDATA2LSB.
-    if ehdr[..4] != *b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 {
-        return None;
-    }
-    let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-    let (phoff, entsize, count) = (u64_at(&ehdr, 32), usize::from(u16_at(&ehdr, 54)), usize::from(u16_at(&ehdr, 56)));
-    if entsize < 56 || count == 0 || count == 0xffff {
-        return None;
-    }
-    let mut table = vec![0u8; entsize * count];
-    f.seek(SeekFrom::Start(phoff)).ok()?;
-    f.read_exact(&mut table).ok()?;
-    let segments = table
-        .chunks_exact(entsize)
-        .filter(|ph| u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_LOAD)
-        .map(|ph| Segment { offset: u64_at(ph, 8), vaddr: u64_at(ph, 16), file_size: u64_at(ph, 32) })
-        .collect();
-    Some(segments)
-}
-
-/// Where Debian, Fedora and others install the separate debug file of a
-/// build id: `/usr/lib/debug/.build-id/<first byte>/<rest>.debug`.
-fn debug_file_path(build_id: &[u8]) -> Option<PathBuf> {
-    let (first, rest) = build_id.split_first()?;
-    if rest.is_empty() {
-        return None;
-    }
-    let rest: String = rest.iter().map(|b| format!("{b:02x}")).collect();
-    Some(PathBuf::from(format!("/usr/lib/debug/.build-id/{first:02x}/{rest}.debug")))
-}
-
-/// The encoding of st_dev (new_encode_dev), so it compares with stat().
-fn encode_dev(major: u64, minor: u64) -> u64 {
-    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
-}
-
-/// Reads `/proc/<pid>/maps` (executable mappings only, sorted by address).
-fn read_maps(pid: u32) -> Option<Vec<Mapping>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let mut out: Vec<Mapping> =
-        text.lines().filter_map(parse_maps_line).filter(|(exec, _)| *exec).map(|(_, m)| m).collect();
-    out.sort_by_key(|m| m.start);
-    Some(out)
-}
-
-/// Parses one `/proc/<pid>/maps` line: `start-end perms offset maj:min inode path`.
-fn parse_maps_line(line: &str) -> Option<(bool, Mapping)> {
-    let mut it = line.splitn(6, ' ');
-    let (range, perms, offset, dev, inode) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
-    let path = it.next().unwrap_or("").trim_start().to_owned();
-    let (start, end) = range.split_once('-')?;
-    let (major, minor) = dev.split_once(':')?;
-    let (major, minor) = (u64::from_str_radix(major, 16).ok()?, u64::from_str_radix(minor, 16).ok()?);
-    let mapping = Mapping {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
-        offset: u64::from_str_radix(offset, 16).ok()?,
-        dev: encode_dev(major, minor),
-        inode: inode.parse().ok()?,
-        path,
-        build_id: Box::default(),
-    };
-    Some((perms.as_bytes().get(2) == Some(&b'x'), mapping))
-}
-
 /// Whether a kernel symbol is one of Aperture's BPF programs
 /// (`bpf_prog_<tag>_ap_<name>`).
 fn is_own_bpf_frame(symbol: &str) -> bool {
@@ -857,6 +501,10 @@ fn is_own_bpf_frame(symbol: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use aperture_symbolize::elf::ElfFile;
+    use blazesym::inspect::source as inspect;
+
+    use super::maps::read_maps;
     use super::*;
 
     #[test]
@@ -865,24 +513,6 @@ mod tests {
         assert!(!is_own_bpf_frame("bpf_prog_6deef7357e7b4530_other_prog"));
         assert!(!is_own_bpf_frame("bpf_trace_run2"));
         assert!(!is_own_bpf_frame("ap_something"));
-    }
-
-    #[test]
-    fn parses_maps_lines() {
-        let (exec, m) =
-            parse_maps_line("7f1c2a028000-7f1c2a1bd000 r-xp 00028000 fe:01 1835 /usr/lib/x86_64-linux-gnu/libc.so.6")
-                .expect("parses");
-        assert!(exec);
-        assert_eq!((m.start, m.end, m.offset, m.inode), (0x7f1c2a028000, 0x7f1c2a1bd000, 0x28000, 1835));
-        assert_eq!(m.dev, 0xfe01);
-        assert_eq!(m.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
-        let (exec, m) =
-            parse_maps_line("7ffd5b1f0000-7ffd5b1f2000 r-xp 00000000 00:00 0                          [vdso]")
-                .expect("parses");
-        assert!(exec);
-        assert_eq!(m.path, "[vdso]");
-        let (exec, _) = parse_maps_line("55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0 ").expect("parses");
-        assert!(!exec);
     }
 
     #[inline(never)]
@@ -913,26 +543,6 @@ mod tests {
     }
 
     #[test]
-    fn bounded_map_evicts_least_recently_used() {
-        let mut b: Bounded<u32, u32> = Bounded::new(8);
-        for k in 0..4 {
-            b.insert(k, k);
-        }
-        // Keep 0 in use while 100 more keys pass through.
-        for k in 10..110 {
-            assert_eq!(b.get(&0).copied(), Some(0));
-            b.insert(k, k);
-            assert!(b.len() <= 8, "{} entries", b.len());
-        }
-        assert_eq!(b.get(&0).copied(), Some(0), "an entry in use survives");
-        assert!(b.get(&1).is_none() && b.get(&50).is_none(), "unused ones were evicted");
-        assert!(b.get(&109).is_some(), "the newest is there");
-        assert!(b.evicted() >= 90);
-        assert_eq!(b.remove(&0), Some(0));
-        assert!(b.get(&0).is_none());
-    }
-
-    #[test]
     fn caches_stay_within_their_limits_and_still_resolve() {
         let limits =
             SymbolizerLimits { user_frames: 4, kernel_frames: 4, processes: 2, open_files: 1, debug_info: false };
@@ -954,30 +564,6 @@ mod tests {
         assert!(first.frames[0].symbol.contains("symbolize_me"), "{:?}", first.frames[0]);
         let second = s.stack(pid, &[], &[b]);
         assert!(second.frames[0].symbol.contains("symbolize_me_too"), "{:?}", second.frames[0]);
-    }
-
-    #[test]
-    fn procmap_query_agrees_with_the_maps_file() {
-        let addr = symbolize_me as fn() -> u64 as usize as u64;
-        let pid = std::process::id();
-        let from_file = read_maps(pid)
-            .and_then(|maps| maps.into_iter().find(|m| m.start <= addr && addr < m.end))
-            .expect("own code is mapped");
-        let file = File::open(format!("/proc/{pid}/maps")).expect("open maps");
-        let mut name = vec![0u8; 4096];
-        match procmap_query(file.as_raw_fd(), addr, &mut name) {
-            QueryResult::Found(m) => {
-                assert_eq!(Mapping { build_id: Box::default(), ..m.clone() }, from_file);
-                assert!(!m.build_id.is_empty(), "rustc links with a build id");
-            }
-            QueryResult::Unsupported => eprintln!("PROCMAP_QUERY not supported by this kernel; fallback only"),
-            QueryResult::NotMapped | QueryResult::Failed => panic!("own code not found by PROCMAP_QUERY"),
-        }
-        // An address nothing maps.
-        assert!(matches!(
-            procmap_query(file.as_raw_fd(), 0x1000, &mut name),
-            QueryResult::NotMapped | QueryResult::Unsupported
-        ));
     }
 
     #[test]
@@ -1014,28 +600,36 @@ mod tests {
     }
 
     #[test]
-    fn loadable_segments_of_the_own_binary() {
-        let exe = std::fs::read_link("/proc/self/exe").expect("exe");
-        let segments = load_segments(&exe).expect("an ELF file");
-        assert!(!segments.is_empty());
-        // The code of this function is in a segment, at a consistent vaddr.
-        let addr = symbolize_me as fn() -> u64 as usize as u64;
-        let m = read_maps(std::process::id())
-            .and_then(|maps| maps.into_iter().find(|m| m.start <= addr && addr < m.end))
-            .expect("mapped");
-        let offset = addr - m.start + m.offset;
-        assert!(segments.iter().any(|s| s.offset <= offset && offset < s.offset + s.file_size));
-        assert_eq!(load_segments(Path::new("/proc/self/status")), None, "not an ELF file");
-    }
+    fn libc_internal_functions_resolve_from_the_maps_file() {
+        // Before Linux 6.11 (no PROCMAP_QUERY) the mappings come from
+        // /proc/<pid>/maps, which has no build ids: the separate debug file
+        // must be found from the build id in the mapped file itself.
+        let pid = std::process::id();
+        let is_libc = |m: &Mapping| m.path.rsplit('/').next().is_some_and(|n| n.starts_with("libc.so"));
+        let Some(libc) = read_maps(pid).and_then(|maps| maps.into_iter().find(is_libc)) else {
+            eprintln!("no glibc mapped; nothing to check");
+            return;
+        };
+        let elf = ElfFile::open(Path::new(&libc.path)).expect("libc is an ELF file");
+        let build_id = elf.build_id().expect("glibc is linked with a build id");
+        let Some(debug) = debug::debug_file_path(&build_id).filter(|p| p.is_file()) else {
+            eprintln!("no separate debug file for {} (libc6-dbg); nothing to check", libc.path);
+            return;
+        };
+        // start_thread is local to libc: only the debug file's .symtab has it.
+        let inspector = blazesym::inspect::Inspector::new();
+        let found = inspector
+            .lookup(&inspect::Source::Elf(inspect::Elf::new(&debug)), &["start_thread"])
+            .expect("the debug file reads");
+        let vaddr = found.first().and_then(|syms| syms.first()).expect("start_thread in the debug file").addr;
+        let bias = elf.load_bias(libc.start, libc.offset).expect("a segment covers libc's text");
+        let addr = vaddr + bias + 4;
 
-    #[test]
-    fn debug_files_are_found_by_build_id() {
-        assert_eq!(
-            debug_file_path(&[0x93, 0xac, 0x61, 0x0e]),
-            Some(PathBuf::from("/usr/lib/debug/.build-id/93/ac610e.debug"))
-        );
-        assert_eq!(debug_file_path(&[0x93]), None);
-        assert_eq!(debug_file_path(&[]), None);
+        let mut s = Symbolizer::new();
+        s.processes = Processes::new(4).without_procmap_query();
+        let frame = s.stack(pid, &[], &[addr]).frames.remove(0);
+        assert_eq!(frame.symbol, "start_thread", "{frame:?}");
+        assert!(frame.module.starts_with("libc.so"), "{frame:?}");
     }
 
     fn unsafe_free_is_root() -> bool {
