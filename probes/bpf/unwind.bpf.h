@@ -54,13 +54,11 @@ struct {
 
 /* The processes the walker knows (key: thread group id), one hash map
  * created by user space and shared by every object through entry 0 of
- * ap_unwind_procs. Only user space updates it, so it need not be
- * preallocated even where perf_event programs read it (5.10 refuses
- * run-time allocated hash maps in perf_event programs, but checks only the
- * outer map). */
+ * ap_unwind_procs. Preallocated: before 6.1 the kernel refuses perf_event
+ * programs that reach a run-time allocated hash map, also through the inner
+ * map of a map of maps. */
 struct ap_unwind_procs_inner {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1);
 	/* Sizes, not types: clang only emits a forward declaration of a
 	 * struct named in an inner map template, which the loader cannot size. */

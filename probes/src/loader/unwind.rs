@@ -43,10 +43,12 @@ const BPF_F_INNER_MAP: u32 = 1 << 12;
 const VDSO_ID: (u64, u64) = (u64::MAX, 0);
 /// `BPF_MAP_TYPE_HASH`.
 const BPF_MAP_TYPE_HASH: u32 = 1;
-/// `BPF_F_NO_PREALLOC`: entries are allocated as processes are added.
-const BPF_F_NO_PREALLOC: u32 = 1;
-/// Processes the walker knows at most.
-const MAX_PROCESSES: u32 = 8192;
+/// Processes the walker knows at most. The map is preallocated (kernels
+/// before 6.1 refuse perf_event programs that reach a run-time allocated
+/// hash map, even as the inner map of a map of maps), at about 8 KiB a
+/// process, so this costs 8 MiB of kernel memory. Processes beyond it are
+/// walked with frame pointers and counted (`AP_UNW_NO_PROC`).
+const MAX_PROCESSES: u32 = 1024;
 /// How long one refresh may spend installing what the builder prepared.
 const REFRESH_BUDGET: Duration = Duration::from_millis(50);
 /// A process's mappings are re-read at most this often on the walker's request.
@@ -216,15 +218,9 @@ impl Unwinder {
             map: "ap_unwind_procs",
             source: MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_create", io_error: e }),
         };
-        let fd = sys::map_create(
-            "ap_unwind_procs",
-            BPF_MAP_TYPE_HASH,
-            4,
-            size_of::<UnwindProc>() as u32,
-            MAX_PROCESSES,
-            BPF_F_NO_PREALLOC,
-        )
-        .map_err(create)?;
+        let fd =
+            sys::map_create("ap_unwind_procs", BPF_MAP_TYPE_HASH, 4, size_of::<UnwindProc>() as u32, MAX_PROCESSES, 0)
+                .map_err(create)?;
         let data = MapData::from_fd(fd).map_err(|source| UnwindError::Map {
             mode: Mode::Cpu,
             map: "ap_unwind_procs",

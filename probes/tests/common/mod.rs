@@ -94,6 +94,9 @@ pub fn build_c(out: &str, src: &str, flags: &[&str], link: &[&str]) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{src}.c"));
     let dir = programs_dir();
     let bin = dir.join(out);
+    if let Some(built) = prebuilt(&bin) {
+        return built;
+    }
     let tmp = dir.join(format!(".{out}.{}.{:?}", std::process::id(), std::thread::current().id()));
     let status = std::process::Command::new("cc")
         .args(flags)
@@ -106,6 +109,16 @@ pub fn build_c(out: &str, src: &str, flags: &[&str], link: &[&str]) -> PathBuf {
     assert!(status.success(), "compiling {} failed", src.display());
     std::fs::rename(&tmp, &bin).unwrap_or_else(|e| panic!("moving {} into place: {e}", tmp.display()));
     bin
+}
+
+/// With `APERTURE_TEST_PREBUILT=1` (the kernel matrix's guests, which have
+/// no compiler) the program built on the host is used as it is.
+fn prebuilt(bin: &Path) -> Option<PathBuf> {
+    if std::env::var(aperture_testkit::PREBUILT).is_ok_and(|v| v == "1") {
+        assert!(bin.exists(), "{}=1 but {} was not built on the host", aperture_testkit::PREBUILT, bin.display());
+        return Some(bin.to_path_buf());
+    }
+    None
 }
 
 /// Where [`build_c`] puts its outputs.
@@ -121,6 +134,9 @@ pub fn build_rust(out: &str, src: &str, flags: &[&str]) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs").join(format!("{src}.rs"));
     let dir = programs_dir();
     let bin = dir.join(out);
+    if let Some(built) = prebuilt(&bin) {
+        return built;
+    }
     let tmp = dir.join(format!(".{out}.{}.{:?}", std::process::id(), std::thread::current().id()));
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let status = std::process::Command::new(rustc)
