@@ -44,7 +44,7 @@ syscalls=$!
 (echo g; sleep 900) | "$programs/mutex_contend" >/dev/null &
 mutex=$!
 wait_for "syscalls?pid=$syscalls" getppid 90 && echo "e2e: syscall: getppid is counted" || fail=1
-wait_for "locks?pid=$mutex" lock_site 90 && echo "e2e: lock: the call site of pthread_mutex_lock has waits" || fail=1
+wait_for "locks?pid=$mutex" contend_worker 90 && echo "e2e: lock: the contending thread has waits" || fail=1
 kill "$burner" "$syscalls" "$mutex" 2>/dev/null
 pkill -f "sleep 900" 2>/dev/null
 if [ "$fail" != 0 ]; then
