@@ -6,8 +6,9 @@
 #
 #   KVER    5.10 (Debian 11's kernel) or 6.1 (Debian 12's kernel)
 #   SCRIPT  a /bin/sh script run inside the guest, with busybox's tools;
-#           /proc, /sys, /dev, tracefs, debugfs and lo are set up, /tmp is a
-#           tmpfs. Its exit code becomes this script's exit code.
+#           /proc, /sys, /dev, tracefs, debugfs and lo are set up; the
+#           root file system (with /tmp) is the initramfs, in memory, so
+#           files copied in under /tmp stay visible. Its exit code becomes this script's exit code.
 #   PATH    files or directories copied into the guest at the same absolute
 #           path; for every executable among them, the shared libraries
 #           ldd names are copied too, with their detached debug files
@@ -126,7 +127,7 @@ cp "$script" "$root/job"
 cat >"$root/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
+mount -t tmpfs run /run
 mount -t tracefs none /sys/kernel/tracing 2>/dev/null
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
