@@ -8,6 +8,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use aperture_core::ids::{AgentId, BootId};
+
 /// File name of the agent id inside `data_dir`.
 pub const AGENT_ID_FILE: &str = "agent-id";
 
@@ -48,58 +50,42 @@ pub enum IdentityError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Identity {
     /// Stable across restarts.
-    pub agent_id: [u8; 16],
+    pub agent_id: AgentId,
     /// New for this run.
-    pub boot_id: [u8; 16],
+    pub boot_id: BootId,
 }
 
 impl Identity {
     /// Loads (or creates) the agent id in `data_dir` and draws a boot id.
     pub fn load_or_create(data_dir: &Path) -> Result<Identity, IdentityError> {
-        Ok(Identity { agent_id: agent_id(data_dir)?, boot_id: *uuid::Uuid::new_v4().as_bytes() })
+        Ok(Identity { agent_id: agent_id(data_dir)?, boot_id: BootId(*uuid::Uuid::new_v4().as_bytes()) })
     }
 }
 
-fn agent_id(data_dir: &Path) -> Result<[u8; 16], IdentityError> {
+fn agent_id(data_dir: &Path) -> Result<AgentId, IdentityError> {
     let path = data_dir.join(AGENT_ID_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => parse_hex16(text.trim()).ok_or_else(|| IdentityError::Malformed {
+        Ok(text) => text.trim().parse::<AgentId>().map_err(|_| IdentityError::Malformed {
             path: path.clone(),
             content: text.trim().chars().take(64).collect(),
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir)
                 .map_err(|source| IdentityError::CreateDir { path: data_dir.to_owned(), source })?;
-            let id = *uuid::Uuid::new_v4().as_bytes();
+            let id = AgentId(*uuid::Uuid::new_v4().as_bytes());
             // Write then rename, so a crash never leaves a half-written id.
             let tmp = data_dir.join(format!("{AGENT_ID_FILE}.tmp"));
-            let write = |p: &Path| std::fs::write(p, format!("{}\n", hex(&id)));
+            let write = |p: &Path| std::fs::write(p, format!("{id}\n"));
             write(&tmp).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|source| IdentityError::File {
                 action: "write",
                 path: path.clone(),
                 source,
             })?;
-            tracing::info!("created agent id {} in {}", hex(&id), path.display());
+            tracing::info!("created agent id {id} in {}", path.display());
             Ok(id)
         }
         Err(source) => Err(IdentityError::File { action: "read", path, source }),
     }
-}
-
-/// Lower-case hex of an id.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn parse_hex16(s: &str) -> Option<[u8; 16]> {
-    if s.len() != 32 || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -115,7 +101,7 @@ mod tests {
         assert_eq!(a.agent_id, b.agent_id);
         assert_ne!(a.boot_id, b.boot_id);
         let text = std::fs::read_to_string(data.join(AGENT_ID_FILE)).expect("file");
-        assert_eq!(text.trim(), hex(&a.agent_id));
+        assert_eq!(text.trim(), a.agent_id.to_hex());
     }
 
     #[test]

@@ -39,6 +39,7 @@ use aperture_aggregator::{
     Acknowledge, Admission, Aggregator, Carrier, IngressSink, PeerInfo, ReceivedFrame, Settings,
 };
 use aperture_core::frame::{DecodeLimits, FrameHeader, FrameId, encode_batch};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::model::{
     Batch, CpuSample, LATENCY_BUCKETS, LockKind, LockWait, SlowCall, Stack, StackFrame, SyscallStat, Target,
     latency_bucket,
@@ -277,10 +278,10 @@ async fn main() -> anyhow::Result<()> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).context("clock before 1970")?.as_secs();
     let (current, base) = (now - 120, now - 22 * 60);
     let frames = [
-        (FrameId { agent_id: [1; 16], boot_id: [1; 16], sequence: 1 }, api_batch(base, false)),
-        (FrameId { agent_id: [1; 16], boot_id: [1; 16], sequence: 2 }, api_batch(current, true)),
-        (FrameId { agent_id: [2; 16], boot_id: [1; 16], sequence: 1 }, db_batch(base)),
-        (FrameId { agent_id: [2; 16], boot_id: [1; 16], sequence: 2 }, db_batch(current)),
+        (FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([1; 16]), sequence: 1 }, api_batch(base, false)),
+        (FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([1; 16]), sequence: 2 }, api_batch(current, true)),
+        (FrameId { agent_id: AgentId([2; 16]), boot_id: BootId([1; 16]), sequence: 1 }, db_batch(base)),
+        (FrameId { agent_id: AgentId([2; 16]), boot_id: BootId([1; 16]), sequence: 2 }, db_batch(current)),
     ];
     let ingress = handle.ingress();
     let deadline = Instant::now() + Duration::from_secs(60);

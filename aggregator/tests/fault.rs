@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aperture_core::frame::{DecodeLimits, FrameId, encode_batch};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
 use aperture_transport::tls::ClientTlsConfig;
 use common::http::get;
@@ -164,8 +165,8 @@ impl Agent {
             ..ClientConfig::default()
         };
         let identity = AgentIdentity {
-            agent_id: [0xfa; 16],
-            boot_id: [0x17; 16],
+            agent_id: AgentId([0xfa; 16]),
+            boot_id: BootId([0x17; 16]),
             node: "n1".into(),
             agent_version: "fault".into(),
         };

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use aperture_aggregator::{Aggregator, Carrier, IngressSink};
 use aperture_core::frame::{DecodeLimits, encode_batch};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_transport::auth::AuthConfig;
 use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
 use aperture_transport::server::{ServerConfig, serve};
@@ -53,8 +54,12 @@ async fn end_to_end(carrier: Carrier) {
         connect_timeout_ms: 2_000,
         ..ClientConfig::default()
     };
-    let identity =
-        AgentIdentity { agent_id: [5; 16], boot_id: [1; 16], node: "n1".into(), agent_version: "test".into() };
+    let identity = AgentIdentity {
+        agent_id: AgentId([5; 16]),
+        boot_id: BootId([1; 16]),
+        node: "n1".into(),
+        agent_version: "test".into(),
+    };
     let client = Client::start(config, identity).expect("client");
     let t0 = now_s() - 120;
     const FRAMES: u64 = 50;

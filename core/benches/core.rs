@@ -7,6 +7,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use aperture_core::frame::{DecodeLimits, FrameId, decode, encode_batch};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::model::Batch;
 use aperture_core::ring::ring;
 use aperture_core::shard::{Shard, ShardConfig};
@@ -19,7 +20,7 @@ fn realistic_batch(records: usize) -> Batch {
 }
 
 fn id(seq: u64) -> FrameId {
-    FrameId { agent_id: [1; 16], boot_id: [2; 16], sequence: seq }
+    FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([2; 16]), sequence: seq }
 }
 
 fn frame_codec(c: &mut Criterion) {

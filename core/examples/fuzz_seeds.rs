@@ -2,6 +2,7 @@
 //! target: `cargo run -p aperture-core --example fuzz_seeds -- core/fuzz/corpus/decode_frame`.
 
 use aperture_core::frame::{DecodeLimits, FrameId, encode_batch};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::model::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -75,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (i, b) in batches.iter().enumerate() {
         let frame = encode_batch(
             b,
-            FrameId { agent_id: [1; 16], boot_id: [2; 16], sequence: i as u64 + 1 },
+            FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([2; 16]), sequence: i as u64 + 1 },
             0,
             &DecodeLimits::default(),
         )?;

@@ -27,6 +27,7 @@
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
+use crate::ids::{AgentId, BootId};
 use crate::model::{ArchivedBatch, Batch};
 
 /// First four bytes of every frame.
@@ -65,9 +66,9 @@ impl FrameKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct FrameId {
     /// Agent identity (stable across restarts).
-    pub agent_id: [u8; 16],
+    pub agent_id: AgentId,
     /// Agent run identity.
-    pub boot_id: [u8; 16],
+    pub boot_id: BootId,
     /// Sequence number in the run, from 1.
     pub sequence: u64,
 }
@@ -199,8 +200,8 @@ impl FrameHeader {
         out[6..8].copy_from_slice(&(self.kind as u16).to_le_bytes());
         out[8..12].copy_from_slice(&self.payload_len.to_le_bytes());
         out[12..16].copy_from_slice(&0u32.to_le_bytes());
-        out[16..32].copy_from_slice(&self.id.agent_id);
-        out[32..48].copy_from_slice(&self.id.boot_id);
+        out[16..32].copy_from_slice(&self.id.agent_id.0);
+        out[32..48].copy_from_slice(&self.id.boot_id.0);
         out[48..56].copy_from_slice(&self.id.sequence.to_le_bytes());
         out[56..64].copy_from_slice(&self.sent_unix_ns.to_le_bytes());
     }
@@ -229,10 +230,10 @@ impl FrameHeader {
         if payload_len as usize > limits.max_payload {
             return Err(DecodeError::Oversized { len: payload_len as usize, limit: limits.max_payload });
         }
-        let mut agent_id = [0u8; 16];
-        agent_id.copy_from_slice(&h[16..32]);
-        let mut boot_id = [0u8; 16];
-        boot_id.copy_from_slice(&h[32..48]);
+        let mut agent_id = AgentId::default();
+        agent_id.0.copy_from_slice(&h[16..32]);
+        let mut boot_id = BootId::default();
+        boot_id.0.copy_from_slice(&h[32..48]);
         let mut seq = [0u8; 8];
         seq.copy_from_slice(&h[48..56]);
         let mut sent = [0u8; 8];
@@ -326,7 +327,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn id(seq: u64) -> FrameId {
-        FrameId { agent_id: [7; 16], boot_id: [9; 16], sequence: seq }
+        FrameId { agent_id: AgentId([7; 16]), boot_id: BootId([9; 16]), sequence: seq }
     }
 
     pub(crate) fn sample_batch() -> Batch {

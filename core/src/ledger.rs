@@ -22,6 +22,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::frame::FrameId;
+use crate::ids::{AgentId, BootId};
 
 /// What the ledger says of an arriving frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +100,7 @@ struct Run {
 }
 
 /// Key of an agent run.
-pub type RunKey = ([u8; 16], [u8; 16]);
+pub type RunKey = (AgentId, BootId);
 
 /// Tracks frames per agent run. Pure state: the caller persists
 /// [`FrameLedger::committed_runs`] with its data and restores it at start.
@@ -211,7 +212,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn id(boot: u8, seq: u64) -> FrameId {
-        FrameId { agent_id: [1; 16], boot_id: [boot; 16], sequence: seq }
+        FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([boot; 16]), sequence: seq }
     }
 
     #[test]
@@ -234,7 +235,7 @@ mod tests {
             l.admit(id(1, s));
         }
         l.commit(&[id(1, 3), id(1, 4)]);
-        let key = ([1; 16], [1; 16]);
+        let key = (AgentId([1; 16]), BootId([1; 16]));
         let state = &l.committed_runs([&key])[0].1;
         assert_eq!(state.watermark, 0);
         assert_eq!(state.above, BTreeSet::from([3, 4]));
@@ -255,7 +256,7 @@ mod tests {
     #[test]
     fn restored_state_survives_a_restart() {
         let mut l = FrameLedger::new(16);
-        l.restore(([1; 16], [1; 16]), RunState { watermark: 10, above: BTreeSet::from([12]) });
+        l.restore((AgentId([1; 16]), BootId([1; 16])), RunState { watermark: 10, above: BTreeSet::from([12]) });
         assert_eq!(l.admit(id(1, 10)), Admit::Committed);
         assert_eq!(l.admit(id(1, 12)), Admit::Committed);
         assert_eq!(l.admit(id(1, 11)), Admit::New);
@@ -265,7 +266,7 @@ mod tests {
     fn a_gap_left_by_dropped_frames_does_not_keep_later_frames_forever() {
         // Frame 2 was dropped by the agent during an outage; the run goes on.
         let mut l = FrameLedger::new(16);
-        let key = ([1; 16], [1; 16]);
+        let key = (AgentId([1; 16]), BootId([1; 16]));
         let mut skipped = 0;
         for seq in (1..=100_000).filter(|s| *s != 2) {
             assert_eq!(l.admit(id(1, seq)), Admit::New);
@@ -285,8 +286,8 @@ mod tests {
     fn restoring_a_huge_persisted_set_is_bounded_too() {
         let mut l = FrameLedger::new(16);
         let above: BTreeSet<u64> = (10..50_000).collect();
-        l.restore(([1; 16], [1; 16]), RunState { watermark: 5, above });
-        let state = &l.committed_runs([&([1; 16], [1; 16])])[0].1;
+        l.restore((AgentId([1; 16]), BootId([1; 16])), RunState { watermark: 5, above });
+        let state = &l.committed_runs([&(AgentId([1; 16]), BootId([1; 16]))])[0].1;
         assert!(state.above.len() as u64 <= MAX_SPAN);
         assert_eq!(state.watermark, 49_999);
         assert_eq!(l.admit(id(1, 12)), Admit::Committed);
@@ -325,7 +326,7 @@ mod tests {
         #[test]
         fn bounded_and_never_readmits_a_committed_frame(ops in proptest::collection::vec(op(), 1..2_000)) {
             let mut l = FrameLedger::new(4);
-            let key = ([1; 16], [1; 16]);
+            let key = (AgentId([1; 16]), BootId([1; 16]));
             let mut committed = BTreeSet::new();
             for op in ops {
                 match op {

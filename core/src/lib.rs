@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod frame;
+pub mod ids;
 pub mod ledger;
 pub mod model;
 pub mod ring;

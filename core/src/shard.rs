@@ -479,6 +479,7 @@ impl Shard {
 mod tests {
     use super::*;
     use crate::frame::{DecodeLimits, FrameBuf, decode, encode_batch};
+    use crate::ids::{AgentId, BootId};
     use crate::model::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -486,7 +487,7 @@ mod tests {
     const SEC: u64 = 1_000_000_000;
 
     fn fid(seq: u64) -> FrameId {
-        FrameId { agent_id: [1; 16], boot_id: [2; 16], sequence: seq }
+        FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([2; 16]), sequence: seq }
     }
 
     fn stack(name: &str) -> Stack {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aperture_core::frame::{DecodeLimits, FrameBuf, FrameHeader, FrameId, HEADER_LEN};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::model::{Batch, CpuSample, Stack, StackFrame, Target};
 
 use aperture_transport::Carrier;
@@ -223,7 +224,7 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
         };
         let id = AgentIdentity {
             agent_id: agent_id(i),
-            boot_id: [0xb0; 16],
+            boot_id: BootId([0xb0; 16]),
             node: format!("bench-{i}"),
             agent_version: "bench".into(),
         };
@@ -263,7 +264,7 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
                     acked_seen = acked;
                     if (sent.len() as u64) < in_flight && seq < max_frames {
                         seq += 1;
-                        let id = FrameId { agent_id: agent_id(i), boot_id: [0xb0; 16], sequence: seq };
+                        let id = FrameId { agent_id: agent_id(i), boot_id: BootId([0xb0; 16]), sequence: seq };
                         client.send(restamp(&template, id, seq)?).context("queueing a frame")?;
                         sent.push_back(Instant::now());
                     } else {
@@ -317,9 +318,9 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
     Ok(LoadReport { ack_latencies, dropped, ..report })
 }
 
-fn agent_id(i: usize) -> [u8; 16] {
-    let mut id = [0xa5; 16];
-    id[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+fn agent_id(i: usize) -> AgentId {
+    let mut id = AgentId([0xa5; 16]);
+    id.0[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
     id
 }
 

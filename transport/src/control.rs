@@ -32,6 +32,8 @@
 
 use std::fmt;
 
+use aperture_core::ids::{AgentId, BootId};
+
 /// First four bytes of every control message.
 pub const CONTROL_MAGIC: [u8; 4] = *b"APC\x01";
 /// Size of the control header.
@@ -199,9 +201,9 @@ pub struct Hello {
     /// Session protocol version, [`PROTOCOL_VERSION`].
     pub protocol: u16,
     /// Agent identity, as in every frame header.
-    pub agent_id: [u8; 16],
+    pub agent_id: AgentId,
     /// Agent run identity, as in every frame header.
-    pub boot_id: [u8; 16],
+    pub boot_id: BootId,
     /// Bearer token, raw bytes; empty when none is configured.
     pub token: Vec<u8>,
     /// Node name, for logs and peer info.
@@ -215,8 +217,8 @@ impl fmt::Debug for Hello {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hello")
             .field("protocol", &self.protocol)
-            .field("agent_id", &crate::hex(&self.agent_id))
-            .field("boot_id", &crate::hex(&self.boot_id))
+            .field("agent_id", &self.agent_id)
+            .field("boot_id", &self.boot_id)
             .field("token_len", &self.token.len())
             .field("node", &self.node)
             .field("agent_version", &self.agent_version)
@@ -463,8 +465,8 @@ pub fn decode_body(kind: ControlKind, body: &[u8]) -> Result<Control, ControlErr
     let msg = match kind {
         ControlKind::Hello => Control::Hello(Hello {
             protocol: r.u16()?,
-            agent_id: r.array()?,
-            boot_id: r.array()?,
+            agent_id: AgentId(r.array()?),
+            boot_id: BootId(r.array()?),
             token: r.bytes16()?.to_vec(),
             node: r.text16("node")?,
             agent_version: r.text16("agent_version")?,
@@ -527,8 +529,8 @@ impl Control {
         match self {
             Control::Hello(h) => {
                 out.extend_from_slice(&h.protocol.to_le_bytes());
-                out.extend_from_slice(&h.agent_id);
-                out.extend_from_slice(&h.boot_id);
+                out.extend_from_slice(&h.agent_id.0);
+                out.extend_from_slice(&h.boot_id.0);
                 put16(out, "token", &h.token)?;
                 put16(out, "node", h.node.as_bytes())?;
                 put16(out, "agent_version", h.agent_version.as_bytes())?;
@@ -642,8 +644,8 @@ mod tests {
         vec![
             Control::Hello(Hello {
                 protocol: PROTOCOL_VERSION,
-                agent_id: [1; 16],
-                boot_id: [2; 16],
+                agent_id: AgentId([1; 16]),
+                boot_id: BootId([2; 16]),
                 token: b"s3cret".to_vec(),
                 node: "node-a".into(),
                 agent_version: "0.1.0".into(),

@@ -67,13 +67,3 @@ impl std::fmt::Display for Carrier {
         f.write_str(self.as_str())
     }
 }
-
-/// Lower-case hex of `bytes` (ids and fingerprints in messages and logs).
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}

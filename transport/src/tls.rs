@@ -355,7 +355,7 @@ mod tests {
         let fp = [0xabu8; 32];
         let shown = format_fingerprint(&fp);
         assert_eq!(parse_fingerprint(&shown).expect("colons"), fp);
-        assert_eq!(parse_fingerprint(&crate::hex(&fp)).expect("plain"), fp);
+        assert_eq!(parse_fingerprint(&shown.replace(':', "").to_lowercase()).expect("plain"), fp);
         assert!(parse_fingerprint("abc").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
     }

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aperture_core::ids::BootId;
+
 use aperture_transport::Carrier;
 use aperture_transport::control::{self, CONTROL_HEADER_LEN, CloseReason, Control, Hello, PROTOCOL_VERSION};
 use aperture_transport::server::ServerHandle;
@@ -43,7 +45,7 @@ fn hello(boot: u8) -> Hello {
     Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: AGENT,
-        boot_id: [boot; 16],
+        boot_id: BootId([boot; 16]),
         token: TOKEN.as_bytes().to_vec(),
         node: "raw".into(),
         agent_version: "test".into(),
@@ -95,8 +97,8 @@ async fn grpc_raw(server: &ServerHandle, bytes: Vec<u8>) -> (Vec<pb::PushRespons
         pb::PushRequest {
             body: Some(pb::push_request::Body::Hello(pb::Hello {
                 protocol: 1,
-                agent_id: h.agent_id.to_vec(),
-                boot_id: h.boot_id.to_vec(),
+                agent_id: h.agent_id.0.to_vec(),
+                boot_id: h.boot_id.0.to_vec(),
                 node: h.node,
                 agent_version: h.agent_version,
             })),

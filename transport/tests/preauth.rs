@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aperture_core::frame::HEADER_LEN;
+use aperture_core::ids::BootId;
 use aperture_transport::control::{Control, Hello, PROTOCOL_VERSION};
 use aperture_transport::server::{ServerConfig, ServerHandle};
 use aperture_transport::tls::{self, ClientTlsConfig};
@@ -43,7 +44,7 @@ fn wrong_hello() -> Vec<u8> {
     Control::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: AGENT,
-        boot_id: [1; 16],
+        boot_id: BootId([1; 16]),
         token: b"not-the-token".to_vec(),
         node: "attacker".into(),
         agent_version: "x".into(),

@@ -285,6 +285,7 @@ mod tests {
     use super::*;
     use crate::selection::Selection;
     use aperture_core::frame::decode_unaligned;
+    use aperture_core::ids::{AgentId, BootId};
     use aperture_core::model::{LockKind, Stack, StackFrame};
     use aperture_probes::EventRecord;
     use aperture_probes::abi::RawEvent;
@@ -310,7 +311,7 @@ mod tests {
     }
 
     fn pipeline(proc_root: &std::path::Path, selection: Selection) -> Pipeline {
-        let identity = Identity { agent_id: [1; 16], boot_id: [2; 16] };
+        let identity = Identity { agent_id: AgentId([1; 16]), boot_id: BootId([2; 16]) };
         Pipeline::new(
             Attributor::new(proc_root, None, selection),
             Box::new(NamedFrames),
@@ -372,7 +373,7 @@ mod tests {
         assert_eq!(p.flush(FlushReason::Age, &mut sink), Some(1));
         assert_eq!(p.flush(FlushReason::Age, &mut sink), None, "nothing left");
         let (header, batch) = decode_unaligned(&sink.0[0], &DecodeLimits::default()).expect("valid frame");
-        assert_eq!(header.id, FrameId { agent_id: [1; 16], boot_id: [2; 16], sequence: 1 });
+        assert_eq!(header.id, FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([2; 16]), sequence: 1 });
         assert_eq!(batch.node, "node-1");
         let names: Vec<&str> = batch.targets.iter().map(|t| t.process.as_str()).collect();
         assert_eq!(names, ["burner", "sleeper", "locker"]);

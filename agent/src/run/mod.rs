@@ -27,7 +27,7 @@ use aperture_transport::tls::ClientTlsConfig;
 use crate::attribution::{Attributor, node_name};
 use crate::batcher::Batcher;
 use crate::budget::{AgentThreads, BudgetController, BudgetSettings, ThreadCost, threads_named};
-use crate::identity::{Identity, hex};
+use crate::identity::Identity;
 use crate::kube::{KubeClient, KubeStats, PodDirectory, run_pod_watcher};
 use crate::metrics::AgentMetrics;
 use crate::pipeline::{FrameSink, Pipeline};
@@ -156,8 +156,8 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport
     let identity = Identity::load_or_create(&config.data_dir)?;
     tracing::info!(
         node = %node,
-        agent_id = %hex(&identity.agent_id),
-        boot_id = %hex(&identity.boot_id),
+        agent_id = %identity.agent_id,
+        boot_id = %identity.boot_id,
         aggregator = %config.aggregator,
         mode = %config.mode,
         frequency_hz = config.frequency_hz.0,

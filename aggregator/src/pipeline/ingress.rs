@@ -260,11 +260,12 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::pipeline::state::Buffer;
     use aperture_core::frame::{DecodeLimits, FrameHeader, encode_batch};
+    use aperture_core::ids::{AgentId, BootId};
     use aperture_core::model::Batch;
     use crossbeam_channel::Receiver;
 
     fn received(seq: u64) -> ReceivedFrame {
-        let id = FrameId { agent_id: [3; 16], boot_id: [4; 16], sequence: seq };
+        let id = FrameId { agent_id: AgentId([3; 16]), boot_id: BootId([4; 16]), sequence: seq };
         let batch = Batch { node: "n".repeat(500), ..Batch::default() };
         let bytes = encode_batch(&batch, id, 0, &DecodeLimits::default()).expect("encode");
         let header = FrameHeader::parse(&bytes, &DecodeLimits::default()).expect("header");
@@ -323,10 +324,14 @@ mod tests {
     fn parked_frames_of_ended_sessions_stop_counting_after_the_ttl() {
         let (ingress, shared, _rx) = ingress(1 << 20, 1);
         let t0 = Instant::now();
-        ingress.park(FrameId { agent_id: [1; 16], boot_id: [1; 16], sequence: 1 }, 100, t0);
+        ingress.park(FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([1; 16]), sequence: 1 }, 100, t0);
         assert_eq!(shared.buffer.parked(), 100);
         // Another frame parked after the TTL sweeps the first one out.
-        ingress.park(FrameId { agent_id: [1; 16], boot_id: [1; 16], sequence: 2 }, 10, t0 + PARKED_TTL);
+        ingress.park(
+            FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([1; 16]), sequence: 2 },
+            10,
+            t0 + PARKED_TTL,
+        );
         assert_eq!(shared.buffer.parked(), 10);
     }
 }

@@ -302,6 +302,7 @@ fn frames_of(flushes: &[Flush]) -> Vec<FrameId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aperture_core::ids::{AgentId, BootId};
     use aperture_core::model::Stack;
     use aperture_core::shard::{RowKey, RowKind, RowValue};
 
@@ -318,7 +319,7 @@ mod tests {
     }
 
     fn fid(seq: u64) -> FrameId {
-        FrameId { agent_id: [1; 16], boot_id: [2; 16], sequence: seq }
+        FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([2; 16]), sequence: seq }
     }
 
     /// A flush of `rows` rows from frame `seq`, charged `seq` bytes.

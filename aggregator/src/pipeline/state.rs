@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aperture_core::frame::FrameId;
+use aperture_core::ids::AgentId;
 use aperture_core::ledger::{FrameLedger, RunKey, RunState};
 use aperture_core::model::StackHash;
 
@@ -133,7 +134,7 @@ impl Buffer {
 #[derive(Debug)]
 pub(crate) struct Lane {
     pub ledger: FrameLedger,
-    agents: HashMap<[u8; 16], (Carrier, Instant)>,
+    agents: HashMap<AgentId, (Carrier, Instant)>,
     /// Runs this aggregator served frames of, and when it last did.
     served: HashMap<RunKey, Instant>,
     /// Runs whose committed state is being read from the store.
@@ -201,7 +202,7 @@ impl Lane {
 
     /// Records that an agent was heard from (at most 65 536 agents per lane
     /// are tracked for reporting; the ledger does not depend on this).
-    pub fn heard_from(&mut self, agent_id: [u8; 16], carrier: Carrier, now: Instant) {
+    pub fn heard_from(&mut self, agent_id: AgentId, carrier: Carrier, now: Instant) {
         if self.agents.len() < 1 << 16 || self.agents.contains_key(&agent_id) {
             self.agents.insert(agent_id, (carrier, now));
         }
@@ -261,7 +262,7 @@ impl Shared {
     }
 
     /// The lane of an agent.
-    pub fn lane_of(&self, agent_id: &[u8; 16]) -> usize {
+    pub fn lane_of(&self, agent_id: &AgentId) -> usize {
         lane_of(agent_id, self.lanes.len())
     }
 
@@ -370,10 +371,10 @@ impl Shared {
 
 /// Maps an agent id to one of `lanes` lanes. Agent ids are random, but the
 /// bytes are mixed anyway so that ids differing in one byte spread.
-pub fn lane_of(agent_id: &[u8; 16], lanes: usize) -> usize {
+pub fn lane_of(agent_id: &AgentId, lanes: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in agent_id {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    for b in agent_id.0 {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
     (h % lanes.max(1) as u64) as usize
 }
@@ -386,8 +387,8 @@ mod tests {
     fn lanes_spread_and_are_stable() {
         let mut hits = [0usize; 4];
         for i in 0..=255u8 {
-            let mut id = [0u8; 16];
-            id[15] = i;
+            let mut id = AgentId::default();
+            id.0[15] = i;
             let lane = lane_of(&id, 4);
             assert_eq!(lane, lane_of(&id, 4));
             hits[lane] += 1;

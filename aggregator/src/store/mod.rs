@@ -432,23 +432,6 @@ pub fn mode_kinds(mode: Mode) -> &'static [RowKind] {
     }
 }
 
-/// Hex form of an agent or boot id, as stored.
-pub fn id_hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses [`id_hex`] output; `None` for anything else.
-pub fn id_from_hex(s: &str) -> Option<[u8; 16]> {
-    if s.len() != 32 || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,13 +449,5 @@ mod tests {
         let mut batch = WriteBatch { flushes: vec![flush], ..WriteBatch::default() };
         assert_eq!(batch.remove_invalid_rows(), 1);
         assert_eq!(batch.row_count(), 2);
-    }
-
-    #[test]
-    fn ids_round_trip_through_hex() {
-        let id = [0xab; 16];
-        assert_eq!(id_from_hex(&id_hex(&id)), Some(id));
-        assert_eq!(id_from_hex("zz"), None);
-        assert_eq!(id_from_hex(&"g".repeat(32)), None);
     }
 }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::ledger::{RunKey, RunState};
 use aperture_core::model::{LATENCY_BUCKETS, Mode, Stack, StackFrame, StackHash};
 use aperture_core::shard::RowKind;
@@ -32,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, StackTotal, Store, StoreFuture, StoreKind,
-    SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError, id_from_hex, id_hex, mode_kinds,
+    SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError, mode_kinds,
 };
 
 const STORE: &str = "sqlite";
@@ -259,7 +260,13 @@ impl SqliteStore {
             for ((agent, boot), state) in &batch.runs {
                 let above = serde_json::to_string(&state.above).unwrap_or_else(|_| "[]".into());
                 upsert_run
-                    .execute(params![id_hex(agent), id_hex(boot), to_i64(state.watermark), above, to_i64(batch.now_s)])
+                    .execute(params![
+                        agent.to_hex(),
+                        boot.to_hex(),
+                        to_i64(state.watermark),
+                        above,
+                        to_i64(batch.now_s)
+                    ])
                     .map_err(classify)?;
             }
         }
@@ -411,7 +418,7 @@ impl Store for SqliteStore {
             let mut out = Vec::new();
             for row in rows {
                 let (agent_hex, boot_hex, watermark, above) = row?;
-                let (Some(agent), Some(boot)) = (id_from_hex(&agent_hex), id_from_hex(&boot_hex)) else {
+                let (Ok(agent), Ok(boot)) = (agent_hex.parse::<AgentId>(), boot_hex.parse::<BootId>()) else {
                     undecodable.ledger_row(STORE, &agent_hex, &boot_hex, "agent or boot id is not 32 hex digits");
                     continue;
                 };
@@ -437,7 +444,7 @@ impl Store for SqliteStore {
                 conn.prepare_cached("SELECT watermark, above FROM frame_ledger WHERE agent_id = ?1 AND boot_id = ?2")?;
             let mut out = Vec::new();
             for key in keys {
-                let row = stmt.query_row(params![id_hex(&key.0), id_hex(&key.1)], |r| {
+                let row = stmt.query_row(params![key.0.to_hex(), key.1.to_hex()], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
                 });
                 match row {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aperture_aggregator::{Acknowledge, Admission, Carrier, IngressSink, PeerInfo, ReceivedFrame, ShardedIngress};
 use aperture_core::frame::{DecodeLimits, FrameBuf, FrameHeader, FrameId, encode_batch};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::model::{
     Batch, CpuSample, LATENCY_BUCKETS, LockKind, LockWait, SlowCall, Stack, StackFrame, SyscallStat, Target,
 };
@@ -54,7 +55,7 @@ pub fn now_s() -> u64 {
 }
 
 pub fn frame_id(agent: u8, boot: u8, seq: u64) -> FrameId {
-    FrameId { agent_id: [agent; 16], boot_id: [boot; 16], sequence: seq }
+    FrameId { agent_id: AgentId([agent; 16]), boot_id: BootId([boot; 16]), sequence: seq }
 }
 
 pub fn frame(id: FrameId, batch: &Batch) -> ReceivedFrame {

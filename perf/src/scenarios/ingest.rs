@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use aperture_core::frame::{DecodeLimits, FrameId, encode_batch};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_transport::Carrier;
 use serde::Deserialize;
 
@@ -68,7 +69,7 @@ impl Scenario for Ingest {
         let p = &self.params;
         let batch = synthetic_batch(p.samples, p.stacks);
         let samples_per_frame = batch.sample_count() as f64;
-        let id = FrameId { agent_id: [1; 16], boot_id: [0xb0; 16], sequence: 1 };
+        let id = FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([0xb0; 16]), sequence: 1 };
         let template = encode_batch(&batch, id, 0, &DecodeLimits::default())?;
         let dir = tempfile::Builder::new().prefix("aperture-perf-ingest").tempdir()?;
         let cfg = LoadConfig {

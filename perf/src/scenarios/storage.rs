@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 use aperture_aggregator::Daemon;
 use aperture_core::config::AggregatorConfig;
 use aperture_core::frame::{DecodeLimits, FrameId, encode_batch};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::model::Stack;
 use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
 use aperture_transport::tls::ClientTlsConfig;
@@ -84,11 +85,11 @@ fn push_fleet(p: &Params, pool: &[Stack], daemon: &Daemon) -> anyhow::Result<u64
                     quic_port: Some(quic.port()),
                     ..ClientConfig::default()
                 };
-                let mut agent_id = [0x5a; 16];
-                agent_id[..8].copy_from_slice(&(a as u64 + 1).to_le_bytes());
+                let mut agent_id = AgentId([0x5a; 16]);
+                agent_id.0[..8].copy_from_slice(&(a as u64 + 1).to_le_bytes());
                 let identity = AgentIdentity {
                     agent_id,
-                    boot_id: [7; 16],
+                    boot_id: BootId([7; 16]),
                     node: format!("agent-{a}"),
                     agent_version: "perf".into(),
                 };
@@ -100,7 +101,7 @@ fn push_fleet(p: &Params, pool: &[Stack], daemon: &Daemon) -> anyhow::Result<u64
                         let batch = fleet.node_batch(n, &pool, t0, frame_s);
                         samples += batch.sample_count();
                         seq += 1;
-                        let id = FrameId { agent_id, boot_id: [7; 16], sequence: seq };
+                        let id = FrameId { agent_id, boot_id: BootId([7; 16]), sequence: seq };
                         let frame = encode_batch(&batch, id, 0, &DecodeLimits::default())?;
                         while seq - client.stats().session.frames_acked > in_flight {
                             anyhow::ensure!(Instant::now() < deadline, "push did not finish in time");

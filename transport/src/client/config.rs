@@ -1,6 +1,7 @@
 //! The client's configuration, identity and start-up errors.
 
 use aperture_core::frame::HEADER_LEN;
+use aperture_core::ids::{AgentId, BootId};
 use serde::Deserialize;
 
 use crate::tls::{ClientTlsConfig, TlsError};
@@ -78,9 +79,9 @@ impl Default for ClientConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentIdentity {
     /// Stable agent id.
-    pub agent_id: [u8; 16],
+    pub agent_id: AgentId,
     /// This run's id.
-    pub boot_id: [u8; 16],
+    pub boot_id: BootId,
     /// Node name.
     pub node: String,
     /// Agent version.

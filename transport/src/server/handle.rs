@@ -35,7 +35,7 @@ impl Acker {
     /// (the agent resends them and gets `AlreadyCommitted`). Returns how
     /// many ids reached a session.
     pub fn ack(&self, ids: &[FrameId]) -> usize {
-        let mut by_run: std::collections::HashMap<([u8; 16], [u8; 16]), Vec<u64>> = Default::default();
+        let mut by_run: std::collections::HashMap<aperture_core::ledger::RunKey, Vec<u64>> = Default::default();
         for id in ids {
             by_run.entry((id.agent_id, id.boot_id)).or_default().push(id.sequence);
         }

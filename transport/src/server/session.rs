@@ -120,7 +120,7 @@ pub(crate) enum SessionCmd {
     Superseded,
 }
 
-type RunKey = ([u8; 16], [u8; 16]);
+type RunKey = aperture_core::ledger::RunKey;
 
 /// Routes acks to the live session of each (agent id, boot id).
 #[derive(Debug, Default)]
@@ -210,7 +210,7 @@ pub(crate) async fn run_session<O: Outbound>(
                     c.connected(carrier).fetch_add(1, Relaxed);
                     out.authenticated();
                     tracing::info!(
-                        carrier = carrier.as_str(), %addr, node = %p.node, agent = %crate::hex(&p.agent_id),
+                        carrier = carrier.as_str(), %addr, node = %p.node, agent = %p.agent_id,
                         version = %p.agent_version, "agent session opened"
                     );
                     peer = Some(Arc::new(PeerInfo {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use aperture_core::frame::{FrameBuf, FrameHeader};
+use aperture_core::ids::{AgentId, BootId};
 
 use crate::Carrier;
 
@@ -32,9 +33,9 @@ pub enum Admission {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
     /// Agent identity.
-    pub agent_id: [u8; 16],
+    pub agent_id: AgentId,
     /// Agent run identity.
-    pub boot_id: [u8; 16],
+    pub boot_id: BootId,
     /// Node name from the hello.
     pub node: String,
     /// Agent version from the hello.

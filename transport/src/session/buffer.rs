@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use aperture_core::frame::{DecodeLimits, FrameBuf, FrameHeader, FrameId, HEADER_LEN};
+use aperture_core::ids::{AgentId, BootId};
 
 /// A frame waiting for its acknowledgement.
 #[derive(Debug)]
@@ -21,8 +22,8 @@ pub struct UnackedBuffer {
     entries: BTreeMap<u64, Entry>,
     bytes: usize,
     limit: usize,
-    agent_id: [u8; 16],
-    boot_id: [u8; 16],
+    agent_id: AgentId,
+    boot_id: BootId,
     last_sequence: u64,
     max_frame_len: usize,
 }
@@ -44,14 +45,14 @@ pub enum PushError {
     /// The frame belongs to another agent or run than this client.
     #[error("frame is from agent/boot {found_agent}/{found_boot}, this client sends for {agent}/{boot}")]
     WrongIdentity {
-        /// The client's agent id (hex).
-        agent: String,
-        /// The client's boot id (hex).
-        boot: String,
-        /// The frame's agent id (hex).
-        found_agent: String,
-        /// The frame's boot id (hex).
-        found_boot: String,
+        /// The client's agent id.
+        agent: AgentId,
+        /// The client's boot id.
+        boot: BootId,
+        /// The frame's agent id.
+        found_agent: AgentId,
+        /// The frame's boot id.
+        found_boot: BootId,
     },
     /// Sequences must increase strictly.
     #[error("frame sequence {sequence} is not after the last one pushed ({last}); sequences must increase")]
@@ -82,7 +83,7 @@ pub struct PushReport {
 
 impl UnackedBuffer {
     /// An empty buffer for frames of one agent run.
-    pub fn new(agent_id: [u8; 16], boot_id: [u8; 16], limit_bytes: usize, max_frame_len: usize) -> UnackedBuffer {
+    pub fn new(agent_id: AgentId, boot_id: BootId, limit_bytes: usize, max_frame_len: usize) -> UnackedBuffer {
         UnackedBuffer {
             entries: BTreeMap::new(),
             bytes: 0,
@@ -110,10 +111,10 @@ impl UnackedBuffer {
         let id = header.id;
         if id.agent_id != self.agent_id || id.boot_id != self.boot_id {
             return Err(PushError::WrongIdentity {
-                agent: crate::hex(&self.agent_id),
-                boot: crate::hex(&self.boot_id),
-                found_agent: crate::hex(&id.agent_id),
-                found_boot: crate::hex(&id.boot_id),
+                agent: self.agent_id,
+                boot: self.boot_id,
+                found_agent: id.agent_id,
+                found_boot: id.boot_id,
             });
         }
         if id.sequence <= self.last_sequence {
@@ -199,12 +200,12 @@ impl UnackedBuffer {
     }
 
     /// Agent id of the frames.
-    pub fn agent_id(&self) -> [u8; 16] {
+    pub fn agent_id(&self) -> AgentId {
         self.agent_id
     }
 
     /// Boot id of the frames.
-    pub fn boot_id(&self) -> [u8; 16] {
+    pub fn boot_id(&self) -> BootId {
         self.boot_id
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aperture_core::frame::{FrameBuf, FrameId};
+use aperture_core::ids::{AgentId, BootId};
 
 use crate::control::{Close, CloseReason, Control, Hello, PROTOCOL_VERSION, Reject};
 use crate::session::buffer::{PushError, PushReport, UnackedBuffer};
@@ -14,9 +15,9 @@ use crate::session::buffer::{PushError, PushReport, UnackedBuffer};
 #[derive(Clone)]
 pub struct ClientSessionConfig {
     /// Agent identity, stamped in every frame.
-    pub agent_id: [u8; 16],
+    pub agent_id: AgentId,
     /// Agent run identity, stamped in every frame.
-    pub boot_id: [u8; 16],
+    pub boot_id: BootId,
     /// Bearer token; empty for none.
     pub token: Vec<u8>,
     /// Node name sent in the hello.
@@ -34,8 +35,8 @@ pub struct ClientSessionConfig {
 impl std::fmt::Debug for ClientSessionConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientSessionConfig")
-            .field("agent_id", &crate::hex(&self.agent_id))
-            .field("boot_id", &crate::hex(&self.boot_id))
+            .field("agent_id", &self.agent_id)
+            .field("boot_id", &self.boot_id)
             .field("token_len", &self.token.len())
             .field("node", &self.node)
             .field("buffer_bytes", &self.buffer_bytes)

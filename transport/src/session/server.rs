@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use aperture_core::frame::{FrameBuf, FrameHeader};
+use aperture_core::ids::{AgentId, BootId};
 
 use crate::auth::Authenticator;
 use crate::control::{
@@ -45,9 +46,9 @@ impl Default for ServerSessionConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity {
     /// Agent identity.
-    pub agent_id: [u8; 16],
+    pub agent_id: AgentId,
     /// Agent run identity.
-    pub boot_id: [u8; 16],
+    pub boot_id: BootId,
     /// Node name from the hello.
     pub node: String,
     /// Agent version from the hello.
@@ -237,10 +238,7 @@ impl ServerSession {
         if id.agent_id != peer.agent_id || id.boot_id != peer.boot_id {
             let msg = format!(
                 "frame from agent {}/{} on the session of {}/{}",
-                crate::hex(&id.agent_id),
-                crate::hex(&id.boot_id),
-                crate::hex(&peer.agent_id),
-                crate::hex(&peer.boot_id)
+                id.agent_id, id.boot_id, peer.agent_id, peer.boot_id
             );
             self.close(now, CloseReason::ProtocolViolation, &msg);
             return FrameOutcome::Refused(CloseReason::ProtocolViolation);

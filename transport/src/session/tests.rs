@@ -5,13 +5,14 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use aperture_core::frame::{FrameBuf, FrameHeader, FrameId, FrameKind, HEADER_LEN};
+use aperture_core::ids::{AgentId, BootId};
 
 use super::*;
 use crate::auth::Authenticator;
 use crate::control::{self, CloseReason, Control, RejectReason};
 
-const AGENT: [u8; 16] = [0xa; 16];
-const BOOT: [u8; 16] = [0xb; 16];
+const AGENT: AgentId = AgentId([0xa; 16]);
+const BOOT: BootId = BootId([0xb; 16]);
 const TOKEN: &str = "t0ken";
 
 /// A frame of `len` bytes in total (the payload is filler: the session does

@@ -10,6 +10,7 @@ pub mod pb {
 }
 
 use crate::control::{Ack, Close, CloseReason, Control, Credit, Hello, SeqRange, Welcome};
+use aperture_core::ids::{AgentId, BootId};
 
 /// A protobuf hello plus the token from the request metadata.
 pub(crate) fn hello_from_pb(h: pb::Hello) -> Result<Hello, String> {
@@ -18,8 +19,8 @@ pub(crate) fn hello_from_pb(h: pb::Hello) -> Result<Hello, String> {
     };
     Ok(Hello {
         protocol: u16::try_from(h.protocol).map_err(|_| format!("hello.protocol {} is out of range", h.protocol))?,
-        agent_id: id("agent_id", &h.agent_id)?,
-        boot_id: id("boot_id", &h.boot_id)?,
+        agent_id: AgentId(id("agent_id", &h.agent_id)?),
+        boot_id: BootId(id("boot_id", &h.boot_id)?),
         token: Vec::new(),
         node: h.node,
         agent_version: h.agent_version,
@@ -30,8 +31,8 @@ pub(crate) fn hello_from_pb(h: pb::Hello) -> Result<Hello, String> {
 pub(crate) fn hello_to_pb(h: &Hello) -> pb::Hello {
     pb::Hello {
         protocol: u32::from(h.protocol),
-        agent_id: h.agent_id.to_vec(),
-        boot_id: h.boot_id.to_vec(),
+        agent_id: h.agent_id.0.to_vec(),
+        boot_id: h.boot_id.0.to_vec(),
         node: h.node.clone(),
         agent_version: h.agent_version.clone(),
     }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aperture_core::frame::{DecodeLimits, FrameBuf, FrameId, encode_batch};
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::model::{Batch, CpuSample, Stack, StackFrame, Target};
 use aperture_transport::Carrier;
 use aperture_transport::auth::AuthConfig;
@@ -17,7 +18,7 @@ use aperture_transport::server::{Acker, Admission, IngressSink, ReceivedFrame, S
 use aperture_transport::tls::ClientTlsConfig;
 
 pub const TOKEN: &str = "integration-token-0123456789";
-pub const AGENT: [u8; 16] = [0x11; 16];
+pub const AGENT: AgentId = AgentId([0x11; 16]);
 
 /// What the sink saw of one frame.
 #[derive(Clone, Debug)]
@@ -130,7 +131,12 @@ pub fn client_config(server: &ServerHandle, carrier: Carrier, token: Option<&str
 }
 
 pub fn identity(boot: u8) -> AgentIdentity {
-    AgentIdentity { agent_id: AGENT, boot_id: [boot; 16], node: "node-test".into(), agent_version: "test".into() }
+    AgentIdentity {
+        agent_id: AGENT,
+        boot_id: BootId([boot; 16]),
+        node: "node-test".into(),
+        agent_version: "test".into(),
+    }
 }
 
 pub fn start_client(cfg: ClientConfig, boot: u8) -> Client {
@@ -174,7 +180,7 @@ pub fn frame_with(boot: u8, seq: u64, samples: u64) -> FrameBuf {
         stacks,
         ..Default::default()
     };
-    let id = FrameId { agent_id: AGENT, boot_id: [boot; 16], sequence: seq };
+    let id = FrameId { agent_id: AGENT, boot_id: BootId([boot; 16]), sequence: seq };
     encode_batch(&batch, id, seq, &DecodeLimits::default()).expect("encode")
 }
 

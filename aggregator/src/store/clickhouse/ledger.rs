@@ -2,12 +2,13 @@
 //! runs it has not served lately: with several replicas on one database,
 //! the store is the shared record of what is committed.
 
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::ledger::{RunKey, RunState};
 use clickhouse::{Client, Row};
 use serde::Deserialize;
 
 use super::queries::query_err;
-use crate::store::{QueryError, id_from_hex, id_hex};
+use crate::store::QueryError;
 
 #[derive(Row, Deserialize)]
 struct RunRow {
@@ -23,7 +24,7 @@ pub(crate) async fn runs(client: &Client, keys: &[RunKey]) -> Result<Vec<(RunKey
         return Ok(Vec::new());
     }
     // Hex digits only: safe to format into the statement.
-    let tuples: Vec<String> = keys.iter().map(|(a, b)| format!("('{}', '{}')", id_hex(a), id_hex(b))).collect();
+    let tuples: Vec<String> = keys.iter().map(|(a, b)| format!("('{a}', '{b}')")).collect();
     let sql = format!(
         "SELECT agent_id, boot_id, argMax(watermark, version), argMax(above, version) FROM frame_ledger
          WHERE (agent_id, boot_id) IN ({}) GROUP BY agent_id, boot_id",
@@ -33,7 +34,7 @@ pub(crate) async fn runs(client: &Client, keys: &[RunKey]) -> Result<Vec<(RunKey
     Ok(rows
         .into_iter()
         .filter_map(|r| {
-            let key = (id_from_hex(&r.agent_id)?, id_from_hex(&r.boot_id)?);
+            let key = (r.agent_id.parse::<AgentId>().ok()?, r.boot_id.parse::<BootId>().ok()?);
             Some((key, RunState { watermark: r.watermark, above: r.above.into_iter().collect() }))
         })
         .collect())

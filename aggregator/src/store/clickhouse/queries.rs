@@ -5,6 +5,7 @@
 //! on a client with `max_execution_time` set (see [`read_client`]), and their
 //! sums saturate at `u64::MAX` rather than wrap (see [`sat_sum`]).
 
+use aperture_core::ids::{AgentId, BootId};
 use aperture_core::model::{Mode, StackHash};
 use aperture_core::shard::RowKind;
 use clickhouse::{Client, Row};
@@ -254,8 +255,8 @@ pub(crate) async fn ledger(
     Ok(rows
         .into_iter()
         .filter_map(|r| {
-            let ids = (crate::store::id_from_hex(&r.agent_id), crate::store::id_from_hex(&r.boot_id));
-            let (Some(agent), Some(boot)) = ids else {
+            let ids = (r.agent_id.parse::<AgentId>(), r.boot_id.parse::<BootId>());
+            let (Ok(agent), Ok(boot)) = ids else {
                 undecodable.ledger_row(STORE, &r.agent_id, &r.boot_id, "agent or boot id is not 32 hex digits");
                 return None;
             };

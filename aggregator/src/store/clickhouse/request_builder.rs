@@ -6,7 +6,7 @@ use aperture_core::shard::RowKind;
 use clickhouse::Row;
 use serde::Serialize;
 
-use crate::store::{WriteBatch, WriteError, id_hex};
+use crate::store::{WriteBatch, WriteError};
 
 /// A row of `samples`.
 #[derive(Debug, Row, Serialize)]
@@ -127,8 +127,8 @@ pub(crate) fn ledger_rows(batch: &WriteBatch, version: u64) -> Vec<LedgerRow> {
         .runs
         .iter()
         .map(|((agent, boot), state)| LedgerRow {
-            agent_id: id_hex(agent),
-            boot_id: id_hex(boot),
+            agent_id: agent.to_hex(),
+            boot_id: boot.to_hex(),
             watermark: state.watermark,
             above: state.above.iter().copied().collect(),
             updated: datetime(batch.now_s),
