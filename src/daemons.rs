@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use aperture_agent::{LocalAggregator, Shutdown};
+use aperture_agent::{LocalAggregator, Shutdown, stop_signals};
 use aperture_aggregator::Daemon;
 use aperture_core::config::{AgentConfig, AggregatorConfig, FlagValue, Secret};
 use aperture_probes::{features, preflight};
@@ -31,7 +31,12 @@ pub fn agent(config: AgentConfig) -> ExitCode {
 
 /// Runs the aggregator until SIGTERM or Ctrl-C.
 pub fn aggregator(config: AggregatorConfig) -> ExitCode {
-    let result = runtime().and_then(|rt| rt.block_on(aperture_aggregator::run(config, terminated())));
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let stop = stop_signals().context("listening for SIGTERM and SIGINT")?;
+            aperture_aggregator::run(config, stop).await
+        })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => runtime_failure(&e),
@@ -89,6 +94,7 @@ async fn up_async(aggregator: AggregatorConfig, agent: AgentConfig, token: Strin
         fingerprint: daemon.fingerprint(),
     };
     let (mode, frequency) = (agent.mode, agent.frequency_hz);
+    let stop = stop_signals().context("listening for SIGTERM and SIGINT")?;
     let shutdown = Shutdown::new();
     let agent_shutdown = shutdown.clone();
     let agent_thread = std::thread::Builder::new()
@@ -110,7 +116,7 @@ async fn up_async(aggregator: AggregatorConfig, agent: AgentConfig, token: Strin
         }
     };
     tokio::select! {
-        () = terminated() => {}
+        () = stop => {}
         () = agent_done => {}
     }
     shutdown.trigger();
@@ -159,32 +165,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
-/// Completes on SIGTERM or SIGINT (Ctrl-C).
-async fn terminated() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "cannot listen for signals; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 /// Triggers `shutdown` on SIGTERM or SIGINT, from a small runtime of its own
 /// (the agent's hot path is plain threads).
 fn trigger_on_signals(shutdown: Shutdown) -> anyhow::Result<()> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the signal runtime")?;
+    let stop = {
+        let _in_runtime = rt.enter();
+        stop_signals().context("listening for SIGTERM and SIGINT")?
+    };
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            rt.block_on(terminated());
+            rt.block_on(stop);
             shutdown.trigger();
         })
         .context("starting the signal thread")?;

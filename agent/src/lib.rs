@@ -29,5 +29,7 @@ pub mod metrics;
 pub mod pipeline;
 mod run;
 pub mod selection;
+mod shutdown;
 
-pub use run::{ExitReport, LocalAggregator, ProbeStartError, Shutdown, kernel_filter, run, run_local};
+pub use run::{ExitReport, LocalAggregator, ProbeStartError, kernel_filter, run, run_local};
+pub use shutdown::{Shutdown, stop_signals};

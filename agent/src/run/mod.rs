@@ -15,7 +15,7 @@ mod probeset;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,6 +32,7 @@ use crate::kube::{KubeClient, KubeStats, PodDirectory, run_pod_watcher};
 use crate::metrics::AgentMetrics;
 use crate::pipeline::{FrameSink, Pipeline};
 use crate::selection::Selection;
+use crate::shutdown::Shutdown;
 pub use probeset::{ProbeStartError, kernel_filter};
 
 /// Reader batches the ring between the reader and the pipeline holds: at
@@ -45,44 +46,6 @@ const RECYCLED_BATCHES: usize = 8;
 const BUDGET_WARMUP_INTERVALS: u32 = 1;
 /// Name of the transport client's thread (cut to 15 bytes by the kernel).
 const TRANSPORT_THREAD: &str = "aperture-transp";
-
-/// Asks a running agent to stop. Cheap to clone; trigger it from a signal
-/// handler, another thread or a task.
-#[derive(Clone, Debug, Default)]
-pub struct Shutdown(Arc<AtomicBool>);
-
-impl Shutdown {
-    /// A flag not yet triggered.
-    pub fn new() -> Shutdown {
-        Shutdown::default()
-    }
-
-    /// Asks the agent to stop.
-    pub fn trigger(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-
-    /// Whether a stop was asked for.
-    pub fn is_triggered(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    /// Triggers the flag on SIGTERM or SIGINT. Needs a tokio runtime.
-    pub fn trigger_on_signals(&self) -> std::io::Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let flag = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
-            flag.trigger();
-        });
-        Ok(())
-    }
-}
 
 /// What a run delivered.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
