@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
-use aperture_core::config::{AgentConfig, CarrierChoice};
+use aperture_core::config::AgentConfig;
 use aperture_core::frame::{FrameBuf, FrameId};
 use aperture_transport::client::{AgentIdentity, Client, ClientConfig};
 use aperture_transport::tls::ClientTlsConfig;
@@ -298,11 +298,7 @@ fn client_config(config: &AgentConfig) -> ClientConfig {
             server_name: t.server_name.clone(),
             insecure_plaintext: t.insecure_plaintext,
         },
-        carrier: match t.carrier {
-            CarrierChoice::Auto => aperture_transport::client::CarrierChoice::Auto,
-            CarrierChoice::Quic => aperture_transport::client::CarrierChoice::Quic,
-            CarrierChoice::Grpc => aperture_transport::client::CarrierChoice::Grpc,
-        },
+        carrier: t.carrier,
         buffer_bytes: t.buffer_capacity.as_usize(),
         ..ClientConfig::default()
     }

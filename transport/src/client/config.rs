@@ -6,18 +6,9 @@ use serde::Deserialize;
 
 use crate::tls::{ClientTlsConfig, TlsError};
 
-/// Which carriers the client may use.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CarrierChoice {
-    /// QUIC, falling back to gRPC when QUIC cannot connect (and back again).
-    #[default]
-    Auto,
-    /// QUIC only.
-    Quic,
-    /// gRPC only.
-    Grpc,
-}
+/// Which carriers the client may use: the agent's `transport.carrier`
+/// setting, used as it is.
+pub use aperture_core::config::CarrierChoice;
 
 /// Client configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
