@@ -20,7 +20,7 @@ pub fn agent(config: AgentConfig) -> ExitCode {
     if let Err(e) = trigger_on_signals(shutdown.clone()) {
         return runtime_failure(&e);
     }
-    match aperture_agent::run(config, shutdown) {
+    match aperture_agent::run_agent(config, shutdown) {
         Ok(report) => {
             tracing::info!(%report, "agent stopped");
             ExitCode::SUCCESS
@@ -34,7 +34,7 @@ pub fn aggregator(config: AggregatorConfig) -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let stop = stop_signals().context("listening for SIGTERM and SIGINT")?;
-            aperture_aggregator::run(config, stop).await
+            aperture_aggregator::run_aggregator(config, stop).await
         })
     });
     match result {
@@ -99,7 +99,7 @@ async fn up_async(aggregator: AggregatorConfig, agent: AgentConfig, token: Strin
     let agent_shutdown = shutdown.clone();
     let agent_thread = std::thread::Builder::new()
         .name("agent".into())
-        .spawn(move || aperture_agent::run_local(agent, &local, agent_shutdown))
+        .spawn(move || aperture_agent::run_agent_local(agent, &local, agent_shutdown))
         .context("starting the agent thread")?;
     let url = format!("http://{}/", daemon.http_addr());
     println!();

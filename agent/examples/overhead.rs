@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aperture_agent::{Shutdown, run};
+use aperture_agent::{Shutdown, run_agent};
 use aperture_core::config::{AgentConfig, FlagValue, load};
 use aperture_transport::server::{Admission, IngressSink, ReceivedFrame, ServerConfig, serve};
 
@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
     config.transport.server_name = Some("localhost".into());
     let shutdown = Shutdown::new();
     let flag = shutdown.clone();
-    let agent = std::thread::spawn(move || run(config, flag));
+    let agent = std::thread::spawn(move || run_agent(config, flag));
     // Let start-up (BTF parsing, loading) settle before measuring.
     std::thread::sleep(Duration::from_secs(3));
     let (t0, c0) = (Instant::now(), agent_thread_ticks());

@@ -23,13 +23,13 @@ pub mod attribution;
 pub mod batcher;
 pub mod budget;
 pub mod clock;
+mod daemon;
 pub mod identity;
 pub mod kube;
 pub mod metrics;
 pub mod pipeline;
-mod run;
 pub mod selection;
 mod shutdown;
 
-pub use run::{ExitReport, LocalAggregator, ProbeStartError, kernel_filter, run, run_local};
+pub use daemon::{ExitReport, LocalAggregator, ProbeStartError, kernel_filter, run_agent, run_agent_local};
 pub use shutdown::{Shutdown, stop_signals};

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use aperture_agent::{Shutdown, run};
+use aperture_agent::{Shutdown, run_agent};
 use aperture_core::model::Batch;
 use common::{Program, Server, agent_config, build_program, require_root};
 
@@ -39,12 +39,12 @@ fn summary(server: &Server) -> String {
     out
 }
 
-fn run_agent(
+fn start_agent(
     config: aperture_core::config::AgentConfig,
 ) -> (Shutdown, std::thread::JoinHandle<anyhow::Result<aperture_agent::ExitReport>>) {
     let shutdown = Shutdown::new();
     let flag = shutdown.clone();
-    (shutdown, std::thread::spawn(move || run(config, flag)))
+    (shutdown, std::thread::spawn(move || run_agent(config, flag)))
 }
 
 #[test]
@@ -57,7 +57,7 @@ fn cpu_mode_stack_arrives_with_process_name_and_pid() {
     let dir = tempfile::tempdir().expect("tempdir");
     let yaml = "frequency_hz: 99\nbatch:\n  max_age: 2s\nfilter:\n  processes: [ap_burner]\n";
     let config = agent_config(&server, dir.path(), yaml, "cpu");
-    let (shutdown, agent) = run_agent(config);
+    let (shutdown, agent) = start_agent(config);
     let burner = Program::spawn(&bin, "20");
     let pid = burner.pid();
     let found = server.wait_for(WAIT, |frames| {
@@ -95,7 +95,7 @@ fn lock_mode_futex_waits_arrive_with_their_stack() {
     let locker = Program::spawn(&bin, "20");
     let pid = locker.pid();
     let yaml = format!("batch:\n  max_age: 2s\nsyscall:\n  drain_interval: 1s\nfilter:\n  pids: [{pid}]\n");
-    let (shutdown, agent) = run_agent(agent_config(&server, dir.path(), &yaml, "lock"));
+    let (shutdown, agent) = start_agent(agent_config(&server, dir.path(), &yaml, "lock"));
     let found = server.wait_for(WAIT, |frames| {
         frames.iter().find_map(|(_, b)| {
             b.locks.iter().find_map(|l| {
@@ -128,7 +128,7 @@ fn syscall_mode_slow_calls_and_counts_arrive() {
     let sleeper = Program::spawn(&bin, "20");
     let pid = sleeper.pid();
     let yaml = format!("batch:\n  max_age: 2s\nsyscall:\n  drain_interval: 1s\nfilter:\n  pids: [{pid}]\n");
-    let (shutdown, agent) = run_agent(agent_config(&server, dir.path(), &yaml, "syscall"));
+    let (shutdown, agent) = start_agent(agent_config(&server, dir.path(), &yaml, "syscall"));
     let found = server.wait_for(WAIT, |frames| {
         let slow = frames.iter().find_map(|(_, b)| {
             b.slow_calls.iter().find_map(|c| {

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use aperture_agent::{Shutdown, run};
+use aperture_agent::{Shutdown, run_agent};
 use common::{Program, Server, agent_config, build_program, require_root};
 
 #[test]
@@ -27,7 +27,7 @@ fn sigterm_accounts_for_every_frame() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     rt.block_on(async { shutdown.trigger_on_signals() }).expect("signal handler");
     let flag = shutdown.clone();
-    let agent = std::thread::spawn(move || run(config, flag));
+    let agent = std::thread::spawn(move || run_agent(config, flag));
     // Let a few frames go out, some acknowledged, some not yet.
     server.wait_for(Duration::from_secs(30), |frames| (frames.len() >= 4).then_some(()));
     // SAFETY: sending a signal to our own process; the handler above turns it into the shutdown flag.

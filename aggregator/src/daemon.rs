@@ -154,7 +154,7 @@ impl Daemon {
 }
 
 /// Runs the aggregator until `shutdown` completes: `aperture aggregator`.
-pub async fn run(config: AggregatorConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run_aggregator(config: AggregatorConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let daemon = Daemon::start(&config).await?;
     shutdown.await;
     tracing::info!("shutting down: draining buffered data into the store");

@@ -17,7 +17,7 @@
 //! parser (core's `AggregatorConfig` is mapped onto [`Settings`] and the
 //! transport's server configuration in [`daemon`]).
 //!
-//! Entry points: [`run`] / [`Daemon`] for the `aperture aggregator` and
+//! Entry points: [`run_aggregator`] / [`Daemon`] for the `aperture aggregator` and
 //! `aperture up` commands (store, HTTP and both carriers);
 //! [`Aggregator::start`] → [`AggregatorHandle`] (ingress, HTTP address,
 //! shutdown) for embedding and tests.
@@ -36,7 +36,7 @@ mod settings;
 pub mod store;
 
 pub use app::{Aggregator, AggregatorHandle};
-pub use daemon::{Daemon, run};
+pub use daemon::{Daemon, run_aggregator};
 pub use pipeline::ingress::{Admission, Carrier, IngressSink, PeerInfo, ReceivedFrame, ShardedIngress};
 pub use pipeline::state::Acknowledge;
 pub use settings::{ClickHouseSettings, HttpLimits, Settings};

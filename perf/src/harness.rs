@@ -202,7 +202,12 @@ impl Machine {
 }
 
 /// Runs `scenario` `reps` times per side, alternating the order of sides.
-pub fn run(file: &ScenarioFile, scenario: &mut dyn Scenario, reps: usize, root: &Path) -> anyhow::Result<Report> {
+pub fn run_scenario(
+    file: &ScenarioFile,
+    scenario: &mut dyn Scenario,
+    reps: usize,
+    root: &Path,
+) -> anyhow::Result<Report> {
     let sides = scenario.sides();
     scenario.setup()?;
     let mut raw: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
@@ -405,7 +410,8 @@ mod tests {
             at_least,
         };
         let mut s = Fake { calls: vec![] };
-        let report = run(&file(vec![t(Some(0.5), None), t(None, Some(0.6))]), &mut s, 3, Path::new(".")).expect("run");
+        let report =
+            run_scenario(&file(vec![t(Some(0.5), None), t(None, Some(0.6))]), &mut s, 3, Path::new(".")).expect("run");
         assert_eq!(s.calls, ["a", "b", "b", "a", "a", "b"]);
         assert_eq!(report.summaries["rate"]["a"].median, 2.0);
         assert_eq!(report.targets[0].measured, Some(0.5));
@@ -425,7 +431,7 @@ mod tests {
             at_least: None,
         };
         let mut s = Fake { calls: vec![] };
-        let report = run(&file(vec![t]), &mut s, 1, Path::new(".")).expect("run");
+        let report = run_scenario(&file(vec![t]), &mut s, 1, Path::new(".")).expect("run");
         assert_eq!(report.targets[0].measured, None);
         assert!(!report.targets[0].met);
     }

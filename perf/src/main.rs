@@ -106,7 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut s = scenarios::build(&file, quick, &root)?;
             let reps = reps.unwrap_or(if quick { 1 } else { file.repetitions }).max(1);
             eprintln!("load average before: {}", sys::load_average());
-            let report = harness::run(&file, s.as_mut(), reps, &root)?;
+            let report = harness::run_scenario(&file, s.as_mut(), reps, &root)?;
             eprintln!("load average after: {}", sys::load_average());
             println!("{}", report.table());
             let dir = if results.is_absolute() { results } else { root.join(results) };

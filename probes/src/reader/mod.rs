@@ -258,7 +258,7 @@ impl PerfReader {
             .spawn(move || {
                 // SAFETY: gettid has no preconditions.
                 let _ = tid_tx.send(unsafe { libc::gettid() } as u32);
-                run(poll, buffers, collector, flush_interval, &thread_stop)
+                read_loop(poll, buffers, collector, flush_interval, &thread_stop)
             })
             .map_err(ReaderError::Spawn)?;
         let tid = tid_rx.recv().unwrap_or(0);
@@ -304,7 +304,7 @@ impl Drop for PerfReader {
     }
 }
 
-fn run<S: BatchSink>(
+fn read_loop<S: BatchSink>(
     mut poll: Poll,
     mut buffers: Vec<PerfBuffer>,
     mut collector: Collector<S>,

@@ -186,7 +186,9 @@ enum LinkEnd {
     Stopped,
 }
 
-pub(crate) async fn run(inner: Arc<Inner>, c: Connectors) {
+/// Connects, sends and reconnects until the client stops: the client's
+/// thread runs this on its own runtime.
+pub(crate) async fn drive_connections(inner: Arc<Inner>, c: Connectors) {
     let mut eps = Endpoints::default();
     let mut stop = inner.stop_now.subscribe();
     let mut backoff = Backoff { min: c.backoff_min, max: c.backoff_max, failures: 0 };

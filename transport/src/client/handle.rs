@@ -105,7 +105,7 @@ impl Client {
         let driver_inner = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
             .name("aperture-transport".into())
-            .spawn(move || runtime.block_on(driver::run(driver_inner, connectors)))
+            .spawn(move || runtime.block_on(driver::drive_connections(driver_inner, connectors)))
             .map_err(StartError::Runtime)?;
         Ok(Client { inner, thread: Some(thread) })
     }

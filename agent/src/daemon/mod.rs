@@ -1,5 +1,5 @@
-//! Running the agent: [`run`] for `aperture agent`, [`run_local`] for
-//! `aperture up`.
+//! The agent as a daemon: [`run_agent`] for `aperture agent`,
+//! [`run_agent_local`] for `aperture up`.
 //!
 //! Start-up order, so that a mistake fails before anything attaches:
 //! selection and identity, the transport client (it connects in the
@@ -88,8 +88,8 @@ pub struct LocalAggregator {
 /// Runs the agent against an aggregator in the same process (`aperture up`):
 /// the address, token and certificate fingerprint come from `aggregator`;
 /// the metrics endpoint listens on loopback unless configured otherwise.
-/// Mode, frequency and everything else come from `config`. Blocks like [`run`].
-pub fn run_local(
+/// Mode, frequency and everything else come from `config`. Blocks like [`run_agent`].
+pub fn run_agent_local(
     mut config: AgentConfig,
     aggregator: &LocalAggregator,
     shutdown: Shutdown,
@@ -106,14 +106,14 @@ pub fn run_local(
     if config.metrics.listen == aperture_core::config::MetricsSettings::default().listen {
         config.metrics.listen = "127.0.0.1:9091".into();
     }
-    run(config, shutdown)
+    run_agent(config, shutdown)
 }
 
 /// Runs the agent until `shutdown` is triggered. Blocks the calling thread
 /// (call it from a plain thread, not from inside an async task); it starts
 /// its own small tokio runtime for the metrics endpoint and the Kubernetes
 /// watcher. Returns an error when start-up fails (nothing stays attached).
-pub fn run(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport> {
+pub fn run_agent(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<ExitReport> {
     let selection = Selection::new(&config.filter).context("invalid filter configuration")?;
     let node = node_name(&config.node_name);
     let identity = Identity::load_or_create(&config.data_dir)?;

@@ -1,4 +1,4 @@
-//! The pipeline's work on one thread: records in, frames out.
+//! From perf-buffer records to frames, on one thread: records in, frames out.
 //!
 //! [`Pipeline`] takes the reader's [`RecordBatch`]es and the drained
 //! in-kernel aggregates, attributes each record to its process (skipping
