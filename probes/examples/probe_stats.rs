@@ -4,7 +4,7 @@
 //! run statistics and reader counters. With `APERTURE_BPF_STATS=1` it turns
 //! on `kernel.bpf_stats_enabled` so ns per run is measured.
 //!
-//! `cargo run -p aperture-probes --example probe_stats -- syscall 10`
+//! `cargo run -p aperture-probes --features bench --example probe_stats -- syscall 10`
 
 use std::io::Read;
 use std::sync::Arc;

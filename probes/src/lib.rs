@@ -25,10 +25,12 @@
 //! - [`Symbolizer`] — raw stacks to [`aperture_core::model::Stack`]
 //!   (marker frames `[truncated]`, `[unknown]` included).
 //! - [`syscall_name`] — x86_64 syscall numbers to names.
-//! - [`bench`] — pieces for the perf harness (BPF run-time stats, reader
+//! - `bench` (with the `bench` feature, which only `aperture-perf` turns
+//!   on) — pieces for the perf harness (BPF run-time stats, reader
 //!   throughput).
 
 pub mod abi;
+#[cfg(feature = "bench")]
 pub mod bench;
 mod drain;
 pub mod features;

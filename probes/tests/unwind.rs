@@ -460,7 +460,8 @@ fn stacks_through_the_vdso_keep_their_callers() -> anyhow::Result<()> {
 /// kernel's run-time accounting of the sampling program (tail calls
 /// included). Averaged over every sample the program took, other
 /// processes' filtered-out ones too, so a lower bound on the difference.
-/// A measurement, not a check: run it with `--ignored --nocapture`.
+/// A measurement, not a check: run it with `--features bench -- --ignored --nocapture`.
+#[cfg(feature = "bench")]
 #[test]
 #[ignore = "measurement; prints ns per sample"]
 fn cost_per_sample_by_depth() -> anyhow::Result<()> {
