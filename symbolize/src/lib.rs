@@ -1,6 +1,8 @@
 //! Aperture symbols and unwinding: what user space knows about the code a
 //! process maps.
 //!
+//! - [`Bounded`] — the bounded two-generation cache the symbolizer's and
+//!   the agent's caches are made of.
 //! - [`elf`] — the parts of an ELF file unwinding needs: sections, loadable
 //!   segments (load bias), build id.
 //! - [`maps`] — a process's executable mappings from `/proc/<pid>/maps`.
@@ -12,7 +14,10 @@
 //! Nothing here touches BPF: `aperture-probes` loads the tables into the
 //! kernel.
 
+mod bounded;
 pub mod elf;
 pub mod maps;
 pub mod unwind;
 pub mod vdso;
+
+pub use bounded::Bounded;

@@ -5,9 +5,8 @@
 //! first sighting is symbolized (the symbolizer has its own per-frame
 //! caches); later ones cost one hash of the addresses and one lookup.
 
-use std::collections::HashMap;
-
 use aperture_core::model::{Stack, StackHash};
+use aperture_symbolize::Bounded;
 use xxhash_rust::xxh3::Xxh3;
 
 /// Raw stacks to symbolized [`Stack`]s; `aperture_probes::Symbolizer` in
@@ -51,52 +50,6 @@ pub struct StackCacheStats {
     pub resets: u64,
 }
 
-/// Two generations of a bounded map: an entry used since the last rotation
-/// survives the next one; the rest is dropped (least recently used first).
-#[derive(Debug)]
-struct Generations<K, V> {
-    current: HashMap<K, V>,
-    previous: HashMap<K, V>,
-    current_weight: usize,
-    /// Weight at which the current generation becomes the previous one.
-    half: usize,
-}
-
-impl<K: std::hash::Hash + Eq, V> Generations<K, V> {
-    fn new(max_weight: usize) -> Self {
-        Generations {
-            current: HashMap::new(),
-            previous: HashMap::new(),
-            current_weight: 0,
-            half: (max_weight / 2).max(1),
-        }
-    }
-
-    /// The entry, moved to the current generation if it was in the previous one.
-    fn get(&mut self, key: &K, weight: impl Fn(&V) -> usize, rotations: &mut u64) -> Option<&V> {
-        if !self.current.contains_key(key) {
-            let (k, v) = self.previous.remove_entry(key)?;
-            let w = weight(&v);
-            self.insert(k, v, w, rotations);
-        }
-        self.current.get(key)
-    }
-
-    fn insert(&mut self, key: K, value: V, weight: usize, rotations: &mut u64) {
-        if self.current_weight + weight > self.half && !self.current.is_empty() {
-            self.previous = std::mem::take(&mut self.current);
-            self.current_weight = 0;
-            *rotations += 1;
-        }
-        self.current_weight += weight;
-        self.current.insert(key, value);
-    }
-
-    fn len(&self) -> usize {
-        self.current.len() + self.previous.len()
-    }
-}
-
 /// Approximate heap and table bytes of a stack.
 pub(crate) fn stack_bytes(stack: &Stack) -> usize {
     let strings: usize = stack.frames.iter().map(|f| f.symbol.len() + f.module.len() + f.file.len()).sum();
@@ -106,9 +59,10 @@ pub(crate) fn stack_bytes(stack: &Stack) -> usize {
 /// Symbolized stacks by raw identity, bounded in memory.
 #[derive(Debug)]
 pub struct StackCache {
-    by_raw: Generations<u64, StackHash>,
-    stacks: Generations<StackHash, Stack>,
-    stats: StackCacheStats,
+    by_raw: Bounded<u64, StackHash>,
+    stacks: Bounded<StackHash, Stack>,
+    hits: u64,
+    misses: u64,
 }
 
 impl Default for StackCache {
@@ -126,12 +80,21 @@ impl StackCache {
     /// An empty cache of at most `raw` raw identities and about
     /// `stack_bytes` bytes of symbolized stacks.
     pub fn with_limits(raw: usize, stack_bytes: usize) -> StackCache {
-        StackCache { by_raw: Generations::new(raw), stacks: Generations::new(stack_bytes), stats: Default::default() }
+        StackCache {
+            by_raw: Bounded::new(raw),
+            stacks: Bounded::weighted(stack_bytes, self::stack_bytes),
+            hits: 0,
+            misses: 0,
+        }
     }
 
     /// Counters so far.
     pub fn stats(&self) -> StackCacheStats {
-        self.stats
+        StackCacheStats {
+            hits: self.hits,
+            misses: self.misses,
+            resets: self.by_raw.rotations() + self.stacks.rotations(),
+        }
     }
 
     /// (raw identities, symbolized stacks) held now.
@@ -147,29 +110,22 @@ impl StackCache {
     /// The symbolized stack of `(pid, kernel, user)`.
     pub fn stack(&mut self, symbolizer: &mut dyn Symbolize, pid: u32, kernel: &[u64], user: &[u64]) -> &Stack {
         let key = raw_key(pid, kernel, user);
-        let rotations = &mut self.stats.resets;
-        let known = self.by_raw.get(&key, |_| 1, rotations).copied();
-        let hash = match known {
-            Some(h) if self.stacks.get(&h, stack_bytes, rotations).is_some() => {
-                self.stats.hits += 1;
-                h
-            }
-            _ => {
-                self.stats.misses += 1;
-                let stack = symbolizer.stack(pid, kernel, user);
-                let h = stack.hash;
-                if known.is_none() {
-                    self.by_raw.insert(key, h, 1, rotations);
-                }
-                if self.stacks.get(&h, stack_bytes, rotations).is_none() {
-                    let w = stack_bytes(&stack);
-                    self.stacks.insert(h, stack, w, rotations);
-                }
-                h
-            }
-        };
-        // Both branches leave `hash` in the current generation.
-        self.stacks.current.entry(hash).or_default()
+        let known = self.by_raw.get(&key).copied();
+        if let Some(h) = known
+            && self.stacks.get(&h).is_some()
+        {
+            self.hits += 1;
+            // Held: the symbolizer is not called.
+            return self.stacks.get_or_insert_with(h, || symbolizer.stack(pid, kernel, user));
+        }
+        self.misses += 1;
+        let stack = symbolizer.stack(pid, kernel, user);
+        let h = stack.hash;
+        if known.is_none() {
+            self.by_raw.insert(key, h);
+        }
+        // Another raw identity may have symbolized to the same stack.
+        self.stacks.get_or_insert_with(h, || stack)
     }
 }
 

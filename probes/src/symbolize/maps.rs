@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use super::cache::Bounded;
+use aperture_symbolize::Bounded;
 
 /// Without `PROCMAP_QUERY`, a process's maps are re-read on a miss at most this often.
 const MAPS_REFRESH: Duration = Duration::from_millis(200);

@@ -29,14 +29,13 @@
 //!   back to reading the whole file.
 //!
 //! The parts: [`maps`] (which file backs an address of a process),
-//! [`debug`] (separate debug files of stripped files), [`cache`] (the
-//! bounded maps every cache here is); this module resolves with blazesym.
+//! [`debug`] (separate debug files of stripped files); every cache here is
+//! an [`aperture_symbolize::Bounded`]; this module resolves with blazesym.
 //!
 //! Nothing here fails: a frame that cannot be resolved (exited process,
 //! stripped binary, JIT code) is kept with its address and, when known, its
 //! module and offset in the module.
 
-mod cache;
 mod debug;
 mod maps;
 
@@ -44,12 +43,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use aperture_core::model::{Stack, StackFrame};
+use aperture_symbolize::Bounded;
 use blazesym::MaybeDefault;
 use blazesym::symbolize::evict::{self, Evict};
 use blazesym::symbolize::source::{Elf, Kernel, Source};
 use blazesym::symbolize::{Input, Symbolized};
 
-use self::cache::Bounded;
 use self::debug::DebugFile;
 use self::maps::{Mapping, Processes, Span, parse_maps_line};
 
