@@ -254,6 +254,17 @@ pub fn load_bias(segments: &[Segment], start: u64, offset: u64) -> Option<u64> {
     Some(start.wrapping_sub(offset).wrapping_add(seg.offset).wrapping_sub(seg.vaddr))
 }
 
+/// Lower-case hex of a build id, as in file names (`.build-id/` paths, the
+/// unwind table cache).
+pub fn build_id_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

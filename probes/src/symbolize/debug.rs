@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aperture_symbolize::elf::{ElfFile, Segment};
+use aperture_symbolize::elf::{ElfFile, Segment, build_id_hex};
 
 /// The separate debug file of one mapped file.
 #[derive(Debug)]
@@ -52,8 +52,7 @@ pub(super) fn debug_file_path(build_id: &[u8]) -> Option<PathBuf> {
     if rest.is_empty() {
         return None;
     }
-    let rest: String = rest.iter().map(|b| format!("{b:02x}")).collect();
-    Some(PathBuf::from(format!("/usr/lib/debug/.build-id/{first:02x}/{rest}.debug")))
+    Some(PathBuf::from(format!("/usr/lib/debug/.build-id/{first:02x}/{}.debug", build_id_hex(rest))))
 }
 
 #[cfg(test)]

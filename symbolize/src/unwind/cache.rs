@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{BuildError, Row, Table};
-use crate::elf::ElfFile;
+use crate::elf::{ElfFile, build_id_hex};
 
 const MAGIC: &[u8; 8] = b"APUNW001";
 
@@ -25,7 +25,7 @@ impl TableKey {
     /// file identity from `meta`.
     pub fn of(elf: &ElfFile, meta: &fs::Metadata) -> TableKey {
         match elf.build_id() {
-            Some(id) if !id.is_empty() => TableKey(format!("b-{}", hex(&id))),
+            Some(id) if !id.is_empty() => TableKey(format!("b-{}", build_id_hex(&id))),
             _ => {
                 let ident = format!("{}:{}:{}:{}", meta.dev(), meta.ino(), meta.size(), meta.mtime());
                 TableKey(format!("f-{:016x}", xxhash_rust::xxh3::xxh3_64(ident.as_bytes())))
@@ -37,10 +37,6 @@ impl TableKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Why the disk cache could not be used.
