@@ -12,7 +12,8 @@ use aperture_core::shard::ShardConfig;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::background::{health_checker, retention, unix_now_s};
+use crate::background::{health_checker, retention};
+use crate::clock::unix_now_s;
 use crate::http::{AppState, router, token_digest};
 use crate::metrics::Metrics;
 use crate::pipeline::ingress::{ShardedIngress, check_runs};

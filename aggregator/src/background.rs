@@ -3,18 +3,14 @@
 //! retention timer.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::clock::unix_now_s;
 use crate::pipeline::state::Shared;
 use crate::settings::Settings;
 use crate::store::Store;
-
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn unix_now_s() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
 
 /// Pings the store every few seconds so health reflects it even when idle.
 pub(crate) async fn health_checker(store: Arc<dyn Store>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {

@@ -27,6 +27,7 @@
 
 mod app;
 mod background;
+mod clock;
 pub mod daemon;
 pub mod http;
 pub mod metrics;

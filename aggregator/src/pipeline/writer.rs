@@ -23,7 +23,7 @@ pub(crate) use super::policy::WriterConfig;
 use super::policy::{Outcome, WriterPolicy};
 use super::shard::FlushMsg;
 use super::state::Shared;
-use crate::background::unix_now_s;
+use crate::clock::unix_now_s;
 use crate::store::{Store, WriteError};
 
 /// Starts the writer thread. It stops once every shard has stopped (the

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aperture_core::ids::{AgentId, BootId};
 use aperture_core::ledger::{RunKey, RunState};
@@ -35,6 +35,7 @@ use super::{
     LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, StackTotal, Store, StoreFuture, StoreKind,
     SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError, mode_kinds,
 };
+use crate::clock::unix_now_s;
 
 const STORE: &str = "sqlite";
 
@@ -296,7 +297,7 @@ fn migrate(conn: &Connection) -> Result<(), OpenError> {
         if applied {
             continue;
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = unix_now_s();
         let run = || -> rusqlite::Result<()> {
             conn.execute_batch("BEGIN IMMEDIATE")?;
             conn.execute_batch(sql)?;
