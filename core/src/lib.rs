@@ -5,7 +5,8 @@
 //! This crate does no I/O and reads no clock: time and bytes are passed in,
 //! work is polled out. That keeps every rule here testable deterministically.
 //!
-//! Entry points: [`model::Batch`], [`frame::encode_batch`] / [`frame::decode`],
+//! Entry points: [`model::Batch`], [`ids::AgentId`] / [`ids::BootId`],
+//! [`frame::encode_batch`] / [`frame::decode`],
 //! [`ring::ring`], [`shard::Shard`], [`config::AgentConfig`] and
 //! [`config::AggregatorConfig`].
 
