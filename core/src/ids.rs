@@ -46,24 +46,15 @@ fn write_hex16(bytes: &[u8; 16], f: &mut fmt::Formatter<'_>) -> fmt::Result {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
+        ///
+        /// The field is the 16 bytes as carried on the wire.
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
         pub struct $name(pub [u8; 16]);
 
         impl $name {
-            /// The 16 bytes, as carried on the wire.
-            pub const fn to_bytes(self) -> [u8; 16] {
-                self.0
-            }
-
             /// The 32 lower-case hex digits (the text form, as stored).
             pub fn to_hex(self) -> String {
                 self.to_string()
-            }
-        }
-
-        impl From<[u8; 16]> for $name {
-            fn from(bytes: [u8; 16]) -> $name {
-                $name(bytes)
             }
         }
 
