@@ -87,6 +87,7 @@ fn up_aggregator_config(args: &UpArgs, token: &str) -> anyhow::Result<Aggregator
 }
 
 async fn up_async(aggregator: AggregatorConfig, agent: AgentConfig, token: String) -> anyhow::Result<()> {
+    let stop = stop_signals().context("listening for SIGTERM and SIGINT")?;
     let daemon = Daemon::start(&aggregator).await?;
     let local = LocalAggregator {
         address: daemon.quic_addr().or(daemon.grpc_addr()).map(|a| a.to_string()).context("no ingress address")?,
@@ -94,7 +95,6 @@ async fn up_async(aggregator: AggregatorConfig, agent: AgentConfig, token: Strin
         fingerprint: daemon.fingerprint(),
     };
     let (mode, frequency) = (agent.mode, agent.frequency_hz);
-    let stop = stop_signals().context("listening for SIGTERM and SIGINT")?;
     let shutdown = Shutdown::new();
     let agent_shutdown = shutdown.clone();
     let agent_thread = std::thread::Builder::new()
