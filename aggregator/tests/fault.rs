@@ -356,3 +356,229 @@ async fn fault_aggregator_sigkill_clickhouse() {
     assert!(c.duplicated() <= u64::from(KILLS) * 400, "duplicates beyond one batch per kill: {}", c.duplicated());
     drop(server);
 }
+
+/// Agent run ids for the agent-restart scenario: one agent id, a boot id per
+/// run, as the real agent does.
+const CHILD_AGENT: AgentId = AgentId([0xac; 16]);
+
+/// The synthetic agent as a process of its own (this test binary, run with
+/// `APERTURE_FAULT_AGENT=<ingest port>,<t0>,<boot byte>`), so that it can be
+/// SIGKILLed. It reads commands from stdin and answers each with one line,
+/// `stats sent=N acked=N unacked=N`:
+/// - `send N`: queues N frames (one every 5 ms) and answers at once;
+/// - `settle`: waits until every frame is acknowledged, then answers.
+#[test]
+#[ignore = "the child process of fault_agent_sigkill, started by it"]
+fn fault_agent_child() {
+    let Ok(spec) = std::env::var("APERTURE_FAULT_AGENT") else { return };
+    let parts: Vec<u64> = spec.split(',').map(|p| p.parse().expect("APERTURE_FAULT_AGENT: numbers")).collect();
+    let [port, t0, boot] = parts[..] else { panic!("APERTURE_FAULT_AGENT: port,t0,boot") };
+    let config = ClientConfig {
+        aggregator: format!("127.0.0.1:{port}"),
+        carrier: CarrierChoice::Quic,
+        tls: ClientTlsConfig { insecure_skip_verify: true, ..ClientTlsConfig::default() },
+        reconnect_min_ms: 50,
+        reconnect_max_ms: 500,
+        connect_timeout_ms: 2_000,
+        ..ClientConfig::default()
+    };
+    let boot_id = BootId([u8::try_from(boot).expect("boot byte"); 16]);
+    let identity =
+        AgentIdentity { agent_id: CHILD_AGENT, boot_id, node: "n1".into(), agent_version: "fault-child".into() };
+    let client = Client::start(config, identity).expect("client");
+    let mut seq = 0u64;
+    let answer = |client: &Client, seq: u64| {
+        let s = client.stats().session;
+        println!("stats sent={seq} acked={} unacked={}", s.frames_acked, s.unacked_frames);
+    };
+    for line in std::io::stdin().lines() {
+        let line = line.expect("stdin");
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next().and_then(|n| n.parse::<u64>().ok())) {
+            (Some("send"), Some(n)) => {
+                for _ in 0..n {
+                    seq += 1;
+                    let id = FrameId { agent_id: CHILD_AGENT, boot_id, sequence: seq };
+                    let frame =
+                        encode_batch(&batch("n1", t0 + seq % 300), id, 0, &DecodeLimits::default()).expect("encode");
+                    client.send(frame).expect("send");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                answer(&client, seq);
+            }
+            (Some("settle"), _) => {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while client.stats().session.unacked_frames > 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                answer(&client, seq);
+            }
+            _ => panic!("fault agent child: unknown command `{line}`"),
+        }
+    }
+}
+
+/// A running [`fault_agent_child`].
+struct AgentProcess {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+/// What an [`AgentProcess`] said of itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AgentCounts {
+    sent: u64,
+    acked: u64,
+    unacked: u64,
+}
+
+impl AgentProcess {
+    fn start(port: u16, t0: u64, boot: u8) -> AgentProcess {
+        let exe = std::env::current_exe().expect("test binary");
+        let mut child = Command::new(exe)
+            .args(["fault_agent_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("APERTURE_FAULT_AGENT", format!("{port},{t0},{boot}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the fault agent child");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().expect("stdout")));
+        AgentProcess { child, stdin, stdout }
+    }
+
+    /// Sends a command and reads its `stats` answer (blocking: called from
+    /// `spawn_blocking`).
+    fn ask(&mut self, command: &str) -> AgentCounts {
+        writeln!(self.stdin, "{command}").expect("write to the fault agent child");
+        for line in self.stdout.by_ref() {
+            let line = line.expect("read the fault agent child");
+            // The harness's `test fault_agent_child ... ` may start the line.
+            let Some((_, rest)) = line.split_once("stats ") else { continue };
+            let field = |name: &str| -> u64 {
+                rest.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} in `{line}`"))
+            };
+            return AgentCounts { sent: field("sent"), acked: field("acked"), unacked: field("unacked") };
+        }
+        panic!("the fault agent child exited before answering `{command}`");
+    }
+
+    fn sigkill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A UDP relay between the agent and the aggregator's QUIC port that can be
+/// told to drop everything, like a network partition.
+struct Relay {
+    port: u16,
+    drop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Relay {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("relay front");
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("relay back");
+        back.connect(("127.0.0.1", upstream)).await.expect("relay upstream");
+        let port = front.local_addr().expect("relay addr").port();
+        let drop = Arc::new(AtomicBool::new(false));
+        let dropping = Arc::clone(&drop);
+        let task = tokio::spawn(async move {
+            let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            let mut client: Option<SocketAddr> = None;
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut up) => {
+                        let Ok((n, from)) = r else { continue };
+                        client = Some(from);
+                        if !dropping.load(Ordering::Relaxed) {
+                            let _ = back.send(&up[..n]).await;
+                        }
+                    }
+                    r = back.recv(&mut down) => {
+                        let Ok(n) = r else { continue };
+                        if let (Some(to), false) = (client, dropping.load(Ordering::Relaxed)) {
+                            let _ = front.send_to(&down[..n], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        Relay { port, drop, task }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An agent is SIGKILLed while frames are unacknowledged (the link to the
+/// aggregator is cut first, so they cannot arrive), then restarted as a new
+/// run. What is lost is exactly what the agent's counters called
+/// unacknowledged at the kill; everything acknowledged, before and after
+/// the restart, is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_agent_sigkill() {
+    let Some(bin) = aperture_bin("fault_agent_sigkill") else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut agg = aggregator(bin, Vec::new(), dir.path());
+    agg.start();
+    agg.wait_healthy().await;
+    let relay = Relay::start(agg.ingest).await;
+    let t0 = now_s() - 600;
+    let port = relay.port;
+    let blocking = |f: Box<dyn FnOnce() -> (AgentProcess, AgentCounts) + Send>| tokio::task::spawn_blocking(f);
+
+    // Run 1: 200 frames, all acknowledged.
+    let (agent, settled) = blocking(Box::new(move || {
+        let mut a = AgentProcess::start(port, t0, 1);
+        a.ask("send 200");
+        let c = a.ask("settle");
+        (a, c)
+    }))
+    .await
+    .expect("run 1");
+    assert_eq!(settled, AgentCounts { sent: 200, acked: 200, unacked: 0 }, "run 1 settles");
+
+    // The link goes down; 50 more frames wait in the agent; SIGKILL.
+    relay.drop.store(true, Ordering::Relaxed);
+    let (agent, at_kill) = blocking(Box::new(move || {
+        let mut a = agent;
+        let c = a.ask("send 50");
+        (a, c)
+    }))
+    .await
+    .expect("run 1, cut off");
+    agent.sigkill();
+    relay.drop.store(false, Ordering::Relaxed);
+    assert_eq!(at_kill.sent - at_kill.acked, at_kill.unacked, "the counters agree with themselves");
+
+    // Run 2: a new boot id, 100 frames, all acknowledged.
+    let (agent, run2) = blocking(Box::new(move || {
+        let mut a = AgentProcess::start(port, t0, 2);
+        a.ask("send 100");
+        let c = a.ask("settle");
+        (a, c)
+    }))
+    .await
+    .expect("run 2");
+    agent.sigkill();
+    assert_eq!(run2, AgentCounts { sent: 100, acked: 100, unacked: 0 }, "run 2 settles");
+
+    let sent = at_kill.sent + run2.sent;
+    let stored = cpu_total(agg.http, t0 - 20, t0 + 400).await / 5;
+    let c = Conservation { sent, stored, restarts: 1 };
+    c.report("agent_sigkill");
+    report(&format!("fault: agent_sigkill unacked_at_kill={}", at_kill.unacked));
+    assert_eq!(c.lost(), at_kill.unacked, "the loss is exactly what the agent called unacknowledged at the kill");
+    assert_eq!(c.duplicated(), 0);
+}
