@@ -93,11 +93,13 @@ pub struct Settings {
     pub window: Duration,
     /// A shard flushes once it holds this many rows. Default 50 000.
     pub flush_max_rows: usize,
-    /// A shard flushes once its oldest data is this old. Default 1 s.
+    /// A shard flushes once its oldest data is this old. Default 200 ms.
     pub flush_max_age: Duration,
     /// The writer inserts once it holds this many rows... Default 50 000.
     pub writer_batch_rows: usize,
-    /// ...or once its oldest row waited this long. Default 1 s.
+    /// ...or once its oldest row waited this long. Default 0: the shards'
+    /// age already batches rows, and what arrives while a write is in
+    /// flight goes into the next one.
     pub writer_max_delay: Duration,
     /// Longest pause between retries of a failed write. Default 30 s.
     pub writer_max_backoff: Duration,
@@ -135,9 +137,9 @@ impl Settings {
             shard_queue_frames: 1024,
             window: Duration::from_secs(10),
             flush_max_rows: 50_000,
-            flush_max_age: Duration::from_secs(1),
+            flush_max_age: Duration::from_millis(200),
             writer_batch_rows: 50_000,
-            writer_max_delay: Duration::from_secs(1),
+            writer_max_delay: Duration::ZERO,
             writer_max_backoff: Duration::from_secs(30),
             clickhouse: None,
             retention: Duration::from_secs(7 * 24 * 3600),

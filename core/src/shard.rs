@@ -85,7 +85,7 @@ impl Default for ShardConfig {
         ShardConfig {
             window_ns: 10_000_000_000,
             max_rows: 50_000,
-            max_age_ns: 1_000_000_000,
+            max_age_ns: 200_000_000,
             max_stack_frames: DEFAULT_MAX_STACK_FRAMES,
         }
     }

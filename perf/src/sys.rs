@@ -170,11 +170,6 @@ impl Guarded {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
-    /// Takes the piped stdout of the child, if any.
-    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
-        self.child.as_mut()?.stdout.take()
-    }
-
     /// Fails if it has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(c) = self.child.as_mut()

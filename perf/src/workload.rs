@@ -78,9 +78,9 @@ impl Fleet {
         Flush { labels, rows, stacks: Vec::new(), frames: Vec::new(), samples }
     }
 
-    /// A batch as the agent of node `n` would send for `seconds` seconds
+    /// A batch as the agent of node `n` would send for `millis` ms
     /// starting at `start_ns`: one record per sample tick and CPU.
-    pub fn node_batch(&self, n: usize, pool: &[Stack], start_ns: u64, seconds: u64) -> Batch {
+    pub fn node_batch(&self, n: usize, pool: &[Stack], start_ns: u64, millis: u64) -> Batch {
         let targets: Vec<Target> = (0..self.processes.max(1))
             .map(|p| {
                 let l = self.labels(n, p);
@@ -96,15 +96,17 @@ impl Fleet {
         let stacks: Vec<Stack> = order.iter().map(|&i| pool[i].clone()).collect();
         let index = |pool_i: usize| order.binary_search(&pool_i).unwrap_or(0) as u32;
         let period = 1_000_000_000 / u64::from(self.hz.max(1));
-        let ticks = u64::from(self.hz) * seconds;
+        let ticks = u64::from(self.hz) * millis / 1000;
+        // Ticks of the whole run, so the tick pattern goes on from batch to batch.
+        let first = start_ns / period;
         let mut cpu = Vec::with_capacity((ticks * u64::from(self.cpus)) as usize);
-        for t in 0..ticks {
+        for t in first..first + ticks {
             for c in 0..u64::from(self.cpus) {
-                let i = (t * 7 + c * 3 + (t * t) % 5) as usize;
+                let i = (t % 1_000_003 * 7 + c * 3 + (t % 5) * (t % 5) % 5) as usize;
                 let target = i % targets.len();
                 let s = used[target * k + (i / targets.len()) % k];
                 cpu.push(CpuSample {
-                    time_ns: start_ns + t * period,
+                    time_ns: t * period,
                     target: target as u32,
                     stack: index(s),
                     count: 1,

@@ -373,6 +373,23 @@ mod tests {
     }
 
     #[test]
+    fn without_a_delay_a_flush_is_written_at_once_and_what_arrives_meanwhile_goes_next() {
+        let t0 = Instant::now();
+        let mut p = WriterPolicy::new(WriterConfig { max_delay: Duration::ZERO, ..config() }, 1);
+        p.handle_flush(t0, flush(1, 2));
+        assert_eq!(poll(&mut p, t0), Some(vec![1]), "no wait of the writer's own");
+        // While that write is in flight, two more flushes arrive: nothing
+        // more is started before the result.
+        p.handle_flush(t0 + MS, flush(2, 2));
+        p.handle_flush(t0 + 2 * MS, flush(3, 2));
+        assert_eq!(poll(&mut p, t0 + 2 * MS), None, "one write at a time");
+        assert!(matches!(p.handle_result(t0 + 3 * MS, Ok(())), Some(Outcome::Committed { .. })));
+        assert_eq!(poll(&mut p, t0 + 3 * MS), Some(vec![2, 3]), "gathered into one write");
+        assert!(matches!(p.handle_result(t0 + 4 * MS, Ok(())), Some(Outcome::Committed { .. })));
+        assert_eq!(p.poll_timeout(), None, "nothing held");
+    }
+
+    #[test]
     fn frames_are_committed_only_after_the_store_said_so() {
         let t0 = Instant::now();
         let mut p = WriterPolicy::new(config(), 1);

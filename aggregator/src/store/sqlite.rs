@@ -16,10 +16,19 @@
 //! Writes run on the caller's thread (the dedicated writer thread); reads run
 //! on tokio's blocking pool over a second connection, which WAL lets proceed
 //! while a write is in progress.
+//!
+//! Rows are appended per shard flush, so one key gets a row per flush that
+//! carried it (up to ~20 per 10 s window with 500 ms agent batches). Once a
+//! write brings rows of a newer window, the rows of each key in the windows
+//! before it are merged into one (cpu, lock and slow-call rows, whose
+//! values add up; syscall rows keep their rows), in their own transaction
+//! after the write committed; windows up to [`COMPACT_LATE_S`] older are
+//! merged again for rows that arrive late.
 
+use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -97,6 +106,25 @@ pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
     undecodable: Arc<UndecodableCounts>,
+    /// Windows starting before this (Unix s) are compacted; 0 before the first write.
+    compacted_below_s: Arc<AtomicU64>,
+}
+
+/// Windows this much older than the last compacted one are compacted
+/// again, for rows written late (frames resent after a reconnect).
+pub const COMPACT_LATE_S: u64 = 60;
+
+/// The identity of a row: window, kind, labels, stack, detail, name.
+type RowIdentity = (i64, i64, String, String, String, String, String, i64, i64, i64, String);
+
+/// The merged values of the rows of one identity.
+#[derive(Default)]
+struct MergedRow {
+    rowids: Vec<i64>,
+    count: u64,
+    total_ns: u64,
+    errors: u64,
+    max_ns: u64,
 }
 
 /// Virtual-machine steps between two checks of a query's cancel flag
@@ -162,6 +190,7 @@ impl SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
             undecodable: Arc::default(),
+            compacted_below_s: Arc::default(),
         })
     }
 
@@ -271,8 +300,97 @@ impl SqliteStore {
                     .map_err(classify)?;
             }
         }
-        tx.commit().map_err(classify)
+        tx.commit().map_err(classify)?;
+        self.compact_after(&mut conn, batch);
+        Ok(())
     }
+
+    /// Compacts the windows before the newest one `batch` wrote, once per
+    /// new window. A failure is logged and left for the next pass: the rows
+    /// are committed either way, compaction only saves space.
+    fn compact_after(&self, conn: &mut Connection, batch: &WriteBatch) {
+        let Some(newest) = batch.flushes.iter().flat_map(|f| &f.rows).map(|(k, _)| k.window_start_s).max() else {
+            return;
+        };
+        let below = self.compacted_below_s.load(Ordering::Relaxed);
+        if below == 0 {
+            // Nothing older is scanned at start-up: only what this run writes.
+            self.compacted_below_s.store(newest, Ordering::Relaxed);
+            return;
+        }
+        if newest <= below {
+            return;
+        }
+        match compact(conn, below.saturating_sub(COMPACT_LATE_S), newest) {
+            Ok(removed) => tracing::debug!(removed, below = newest, "embedded store compacted"),
+            Err(e) => {
+                tracing::warn!("compacting the embedded store's rows before {newest} failed (retried later): {e}")
+            }
+        }
+        self.compacted_below_s.store(newest, Ordering::Relaxed);
+    }
+}
+
+/// Merges the rows of each identity in the windows `[from_s, to_s)` into
+/// one, for the kinds whose values add up: counts, times and errors summed
+/// (saturating, as written), the longest wait or call kept. Syscall rows
+/// (JSON histograms) are left as they are; queries sum them anyway.
+/// Returns the number of rows removed.
+fn compact(conn: &mut Connection, from_s: u64, to_s: u64) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let mut groups: HashMap<RowIdentity, MergedRow> = HashMap::new();
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT rowid, window_start, kind, node, namespace, pod, container, process, pid, stack_hash, detail, name,
+                    count, total_ns, errors, max_ns
+             FROM samples WHERE window_start >= ?1 AND window_start < ?2 AND kind IN (?3, ?4, ?5)",
+        )?;
+        let kinds = [RowKind::Cpu as u8, RowKind::Lock as u8, RowKind::SlowCall as u8];
+        let mut rows = stmt.query(params![to_i64(from_s), to_i64(to_s), kinds[0], kinds[1], kinds[2]])?;
+        while let Some(r) = rows.next()? {
+            let identity: RowIdentity = (
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+                r.get(9)?,
+                r.get(10)?,
+                r.get(11)?,
+            );
+            let m = groups.entry(identity).or_default();
+            m.rowids.push(r.get(0)?);
+            m.count = m.count.saturating_add(from_i64(r.get(12)?));
+            m.total_ns = m.total_ns.saturating_add(from_i64(r.get(13)?));
+            m.errors = m.errors.saturating_add(from_i64(r.get(14)?));
+            m.max_ns = m.max_ns.max(from_i64(r.get(15)?));
+        }
+    }
+    let mut removed = 0;
+    {
+        let mut update = tx.prepare_cached(
+            "UPDATE samples SET count = ?2, total_ns = ?3, errors = ?4, max_ns = ?5 WHERE rowid = ?1",
+        )?;
+        let mut delete = tx.prepare_cached("DELETE FROM samples WHERE rowid = ?1")?;
+        for m in groups.values().filter(|m| m.rowids.len() > 1) {
+            update.execute(params![
+                m.rowids[0],
+                to_i64(m.count),
+                to_i64(m.total_ns),
+                to_i64(m.errors),
+                to_i64(m.max_ns)
+            ])?;
+            for id in &m.rowids[1..] {
+                delete.execute([id])?;
+                removed += 1;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(removed)
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -726,6 +844,70 @@ mod read_tests {
         assert_eq!((locks[0].count, locks[0].max_ns), (u64::MAX, 7));
         let calls = rt.block_on(store.syscall_totals(&sel)).expect("syscall sums");
         assert_eq!((calls[0].count, calls[0].errors, calls[0].histogram[1]), (u64::MAX, u64::MAX, u64::MAX));
+    }
+
+    /// Rows of one key written by several flushes are merged into one once
+    /// a newer window is written; totals are unchanged, syscall rows keep
+    /// their rows, the newest window is left alone.
+    #[test]
+    fn rows_of_closed_windows_are_merged_per_key() {
+        use aperture_core::model::Labels;
+        use aperture_core::shard::{Flush, RowKey, RowValue};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let stack = Stack::new(vec![StackFrame { symbol: "f".into(), ..Default::default() }]);
+        let row = |window_start_s, kind: RowKind, pid_labels: u32, count: u64, max_ns: u64| {
+            (
+                RowKey { window_start_s, kind, labels: pid_labels, stack: stack.hash, detail: 0 },
+                RowValue {
+                    count,
+                    total_ns: count * 10,
+                    errors: 0,
+                    max_ns,
+                    histogram: if kind == RowKind::Syscall { vec![count; 2] } else { Vec::new() },
+                    name: if kind == RowKind::Cpu { String::new() } else { "read".into() },
+                },
+            )
+        };
+        let labels = vec![
+            Labels { node: "n".into(), pid: 1, ..Default::default() },
+            Labels { node: "n".into(), pid: 2, ..Default::default() },
+        ];
+        let write = |rows| {
+            let flush = Flush { labels: labels.clone(), rows, stacks: vec![stack.clone()], ..Default::default() };
+            store.write_sync(&WriteBatch { flushes: vec![flush], ..Default::default() }).expect("write");
+        };
+        let rows_in = |window: i64| -> i64 {
+            let conn = lock(&store.writer);
+            conn.query_row("SELECT count(*) FROM samples WHERE window_start = ?1", [window], |r| r.get(0))
+                .expect("count")
+        };
+        // Window 100, in three flushes: two processes' CPU rows, lock rows, syscall rows.
+        write(vec![
+            row(100, RowKind::Cpu, 0, 2, 0),
+            row(100, RowKind::Lock, 0, 1, 5),
+            row(100, RowKind::Syscall, 0, 1, 0),
+        ]);
+        write(vec![row(100, RowKind::Cpu, 0, 3, 0), row(100, RowKind::Cpu, 1, 4, 0), row(100, RowKind::Lock, 0, 1, 9)]);
+        write(vec![row(100, RowKind::Cpu, 0, 5, 0), row(100, RowKind::Syscall, 0, 2, 0)]);
+        assert_eq!(rows_in(100), 8, "nothing merged while 100 is the newest window");
+        write(vec![row(110, RowKind::Cpu, 0, 1, 0), row(110, RowKind::Cpu, 0, 1, 0)]);
+        // cpu pid 1 (one row), cpu pid 2 (one row), lock (one row), syscall (two rows).
+        assert_eq!(rows_in(100), 5, "window 100 merged per key");
+        assert_eq!(rows_in(110), 2, "the newest window is left alone");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let sel = Selector { from_s: 100, to_s: 110, filter: Default::default() };
+        let totals = rt.block_on(store.stack_totals(RowKind::Cpu, &sel)).expect("cpu sums");
+        assert_eq!((totals[0].count, totals[0].total_ns), (14, 140));
+        let locks = rt.block_on(store.lock_totals(&sel)).expect("lock sums");
+        assert_eq!((locks[0].count, locks[0].total_ns, locks[0].max_ns), (2, 20, 9));
+        let calls = rt.block_on(store.syscall_totals(&sel)).expect("syscall sums");
+        assert_eq!((calls[0].count, calls[0].histogram[1]), (3, 3));
+        // A late row for window 100 is merged by the next pass.
+        write(vec![row(100, RowKind::Cpu, 0, 6, 0)]);
+        write(vec![row(120, RowKind::Cpu, 0, 1, 0)]);
+        assert_eq!(rows_in(100), 5);
+        assert_eq!(rt.block_on(store.stack_totals(RowKind::Cpu, &sel)).expect("cpu sums")[0].count, 20);
     }
 
     /// A stack or ledger row that no longer decodes is left out, counted

@@ -126,7 +126,7 @@ pub struct BatchSettings {
 
 impl Default for BatchSettings {
     fn default() -> Self {
-        BatchSettings { max_age: HumanDuration::secs(10), max_records: 20_000 }
+        BatchSettings { max_age: HumanDuration::millis(500), max_records: 20_000 }
     }
 }
 

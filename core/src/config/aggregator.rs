@@ -136,7 +136,7 @@ pub struct FlushSettings {
 
 impl Default for FlushSettings {
     fn default() -> Self {
-        FlushSettings { max_rows: 50_000, max_age: HumanDuration::secs(1) }
+        FlushSettings { max_rows: 50_000, max_age: HumanDuration::millis(200) }
     }
 }
 

@@ -101,6 +101,16 @@ mod tests {
     }
 
     #[test]
+    fn default_delays_keep_a_sample_queryable_within_a_second() {
+        // A sample waits at most for the perf-buffer reader, the agent's
+        // batch and the shard's flush (the writer adds no wait of its own);
+        // the freshness target is p50 <= 1 s, p99 <= 2 s.
+        let (agent, aggregator) = (AgentConfig::default(), AggregatorConfig::default());
+        let worst = agent.perf_buffer.poll_interval.0 + agent.batch.max_age.0 + aggregator.flush.max_age.0;
+        assert!(worst <= std::time::Duration::from_secs(1), "default delays add up to {worst:?}");
+    }
+
+    #[test]
     fn malformed_aggregator_address() {
         assert_eq!(
             agent_err("", &[("APERTURE_AGGREGATOR", "aperture-aggregator")]),

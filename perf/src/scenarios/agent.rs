@@ -45,6 +45,11 @@ pub struct Params {
     pub warmup_s: f64,
     /// Length of the measured interval, seconds.
     pub interval_s: f64,
+    /// Also measure the agent with `batch.max_age` set to this (e.g. `10s`),
+    /// as sides `aperture_batch<age>-<mode>-<load>`: the cost of the
+    /// default batch age against another in the same run.
+    #[serde(default)]
+    pub compare_batch_max_age: Option<String>,
 }
 
 /// The scenario.
@@ -73,6 +78,22 @@ pub fn parse_side(side: &str) -> Option<(&str, &str, &str)> {
     Some((tool, mode, load))
 }
 
+/// The value of counter `name` in a Prometheus text exposition (0 when absent).
+pub fn counter(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// (frames built, frame bytes) so far, from the agent's /metrics.
+fn agent_frames(addr: SocketAddr) -> anyhow::Result<(f64, f64)> {
+    let r = http(addr, "GET", "/metrics", None, b"", Duration::from_secs(5))?;
+    let text = r.text();
+    Ok((counter(&text, "aperture_agent_frames_built_total"), counter(&text, "aperture_agent_frame_bytes_total")))
+}
+
 /// Sum of run time (ns) of the BPF programs whose name starts with `ap_`.
 fn aperture_bpf_ns() -> u64 {
     bench::program_run_stats("ap_").iter().map(|p| p.run_time_ns).sum()
@@ -84,6 +105,9 @@ impl Scenario for AgentScenario {
         for load in &self.params.loads {
             for mode in &self.params.modes {
                 out.push(format!("aperture-{mode}-{load}"));
+                if let Some(age) = &self.params.compare_batch_max_age {
+                    out.push(format!("aperture_batch{age}-{mode}-{load}"));
+                }
             }
             out.push(format!("perf-record-{load}"));
         }
@@ -124,6 +148,12 @@ impl Scenario for AgentScenario {
         })?;
         agg.check_alive()?;
         std::fs::write(dir.path().join("agent.yaml"), "transport:\n  insecure_skip_verify: true\n")?;
+        if let Some(age) = &self.params.compare_batch_max_age {
+            std::fs::write(
+                dir.path().join(format!("agent-batch{age}.yaml")),
+                format!("transport:\n  insecure_skip_verify: true\nbatch:\n  max_age: {age}\n"),
+            )?;
+        }
         bench::enable_bpf_stats(true).context("enabling kernel.bpf_stats_enabled")?;
         self.ingest_port = ingest;
         self.aggregator = Some(agg);
@@ -145,13 +175,19 @@ impl Scenario for AgentScenario {
         };
         let log = std::fs::File::create(dir.path().join(format!("{side}.log")))?;
         let metrics_port = free_port()?;
+        // `aperture` with defaults, `aperture_batch10s` with that batch age.
+        let config = match tool.strip_prefix("aperture_batch") {
+            Some(age) => format!("agent-batch{age}.yaml"),
+            None => "agent.yaml".to_owned(),
+        };
         let mut child = match tool {
-            "aperture" => Guarded::spawn(
+            "aperture_batch" => bail!("bad side name {side}"),
+            t if t.starts_with("aperture") => Guarded::spawn(
                 "aperture agent",
                 Command::new(&self.bin)
                     .arg("agent")
                     .arg("-c")
-                    .arg(dir.path().join("agent.yaml"))
+                    .arg(dir.path().join(config))
                     .args(["--aggregator", &format!("127.0.0.1:{}", self.ingest_port)])
                     .args(["--mode", mode, "--freq", &p.frequency_hz.to_string()])
                     .arg("--data-dir")
@@ -171,7 +207,7 @@ impl Scenario for AgentScenario {
             )?,
             other => bail!("unknown tool {other}"),
         };
-        if tool == "aperture" {
+        if tool.starts_with("aperture") {
             let addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
             wait_for("aperture agent", Duration::from_secs(60), || {
                 http(addr, "GET", "/healthz", None, b"", Duration::from_secs(2)).is_ok_and(|r| r.status == 200)
@@ -181,9 +217,13 @@ impl Scenario for AgentScenario {
         std::thread::sleep(Duration::from_secs_f64(p.warmup_s));
         child.check_alive()?;
         let pid = child.pid();
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+        let is_agent = tool.starts_with("aperture");
+        let frames0 = if is_agent { agent_frames(metrics_addr)? } else { (0.0, 0.0) };
         let (u0, bpf0, t0) = (proc_usage(pid)?, aperture_bpf_ns(), Instant::now());
         std::thread::sleep(Duration::from_secs_f64(p.interval_s));
         let (u1, bpf1, dt) = (proc_usage(pid)?, aperture_bpf_ns(), t0.elapsed().as_secs_f64());
+        let frames1 = if is_agent { agent_frames(metrics_addr)? } else { (0.0, 0.0) };
         child.check_alive()?;
         // perf writes its file on SIGINT; the agent flushes and exits on SIGTERM.
         let signal = if tool == "perf" { libc::SIGINT } else { libc::SIGTERM };
@@ -198,8 +238,10 @@ impl Scenario for AgentScenario {
             Metric::new("rss_mib", "MiB", u1.rss_kib as f64 / 1024.0),
             Metric::new("peak_rss_mib", "MiB", u1.hwm_kib as f64 / 1024.0),
         ];
-        if tool == "aperture" {
+        if is_agent {
             out.push(Metric::new("bpf_cpu_pct_of_one_core", "%", bpf1.saturating_sub(bpf0) as f64 / 1e9 / dt * 100.0));
+            out.push(Metric::new("frames_per_s", "frames/s", (frames1.0 - frames0.0) / dt));
+            out.push(Metric::new("frame_kib_per_s", "KiB/s", (frames1.1 - frames0.1) / 1024.0 / dt));
         }
         Ok(out)
     }
@@ -216,9 +258,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn counters_are_read_from_the_exposition() {
+        let text = "# HELP aperture_agent_frames_built_total Frames encoded.\n\
+                    # TYPE aperture_agent_frames_built_total counter\n\
+                    aperture_agent_frames_built_total 42\n\
+                    aperture_agent_frames_built_total_other 7\n";
+        assert_eq!(counter(text, "aperture_agent_frames_built_total"), 42.0);
+        assert_eq!(counter(text, "aperture_agent_frame_bytes_total"), 0.0);
+    }
+
+    #[test]
     fn sides_split_into_tool_mode_and_load() {
         assert_eq!(parse_side("aperture-cpu-idle"), Some(("aperture", "cpu", "idle")));
         assert_eq!(parse_side("perf-record-busy"), Some(("perf", "record", "busy")));
+        assert_eq!(parse_side("aperture_batch10s-cpu-idle"), Some(("aperture_batch10s", "cpu", "idle")));
         assert_eq!(parse_side("nonsense"), None);
     }
 }

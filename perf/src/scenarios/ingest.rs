@@ -3,7 +3,9 @@
 //! [`crate::load`]: the transport's own server with a sink that
 //! only acknowledges (no shards, no store), so the aggregator CPU measured —
 //! the server's `agg-*` threads — is the cost of the carriers alone, which is
-//! what the QUIC-vs-gRPC target is about. Sides are `<carrier>-k<K>`.
+//! what the QUIC-vs-gRPC target is about. Both carriers are encrypted, as
+//! in production: QUIC always, gRPC over TLS with the same certificate
+//! (`grpc_tls: false` measures plaintext gRPC). Sides are `<carrier>-k<K>`.
 
 use std::time::Duration;
 
@@ -33,6 +35,14 @@ pub struct Params {
     pub stacks: usize,
     /// Frames an agent keeps unacknowledged.
     pub in_flight: u64,
+    /// gRPC over TLS (the aggregator's certificate, pinned by fingerprint,
+    /// as QUIC always is); `false` runs it in plaintext.
+    #[serde(default = "default_grpc_tls")]
+    pub grpc_tls: bool,
+}
+
+fn default_grpc_tls() -> bool {
+    true
 }
 
 /// The scenario.
@@ -78,7 +88,7 @@ impl Scenario for Ingest {
             duration: Duration::from_secs(p.seconds),
             max_frames_per_agent: p.max_frames_per_agent,
             in_flight: p.in_flight,
-            grpc_tls: false,
+            grpc_tls: p.grpc_tls,
         };
         let r = run_load(&cfg, &template, dir.path()).with_context(|| format!("{agents} agents over {carrier}"))?;
         anyhow::ensure!(r.frames > 0, "no frame arrived");
@@ -118,6 +128,7 @@ mod tests {
             samples: 10,
             stacks: 1,
             in_flight: 1,
+            grpc_tls: true,
         });
         assert_eq!(s.sides(), ["quic-k1", "grpc-k1", "quic-k64", "grpc-k64"]);
         assert_eq!(parse_side("grpc-k64"), Some((Carrier::Grpc, 64)));

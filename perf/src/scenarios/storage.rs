@@ -7,8 +7,11 @@
 //! and the store's size on disk is divided by the samples sent. The
 //! end-to-end ingest rate (push to commit) is reported alongside.
 //!
-//! Sides: `clickhouse`, `embedded`. Each repetition starts from an empty
-//! store (a new database, a new data directory).
+//! Sides: `<store>-<ms>ms`, the store (`clickhouse`, `embedded`) and the
+//! frame cadence (the agent's batch age). Paced, each node's frames go out
+//! in real time, one per cadence, so a shorter batch age shows as more,
+//! smaller rows in the store, as it would in production. Each repetition
+//! starts from an empty store (a new database, a new data directory).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,10 +36,15 @@ use crate::workload::Fleet;
 pub struct Params {
     /// The simulated fleet.
     pub fleet: Fleet,
-    /// Seconds of samples per frame (the agent's batch age).
-    pub frame_seconds: u64,
-    /// Frames per node.
-    pub frames_per_node: u64,
+    /// Milliseconds of samples per frame (the agent's batch age); one
+    /// side per store and value, named `<store>-<ms>ms`.
+    pub frame_ms: Vec<u64>,
+    /// Seconds of samples each node sends.
+    pub span_s: u64,
+    /// Send each node's frames in real time, one every `frame_ms`, as agents
+    /// do (rows then reach the store at the cadence they would in
+    /// production); otherwise as fast as acknowledgements allow.
+    pub paced: bool,
     /// Simulated agents (connections); nodes are spread over them.
     pub agents: usize,
     /// Frames an agent keeps unacknowledged.
@@ -62,20 +70,29 @@ impl Storage {
     }
 }
 
+/// Splits `clickhouse-500ms` into (store, frame ms).
+fn parse_side(side: &str) -> Option<(&str, u64)> {
+    let (store, ms) = side.split_once('-')?;
+    Some((store, ms.strip_suffix("ms")?.parse().ok()?))
+}
+
 /// Pushes the fleet's frames through `daemon` from `agents` clients and
 /// waits until all are acknowledged. Returns the samples sent.
-fn push_fleet(p: &Params, pool: &[Stack], daemon: &Daemon) -> anyhow::Result<u64> {
+fn push_fleet(p: &Params, frame_ms: u64, pool: &[Stack], daemon: &Daemon) -> anyhow::Result<u64> {
     let quic = daemon.quic_addr().context("aggregator without QUIC")?;
-    let span_s = p.frame_seconds * p.frames_per_node;
+    let frame_ms = frame_ms.max(1);
+    let span_s = p.span_s;
+    let frames = (span_s * 1000).div_ceil(frame_ms);
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let start_ns = (now_s - span_s - 60) / 10 * 10 * 1_000_000_000;
     let deadline = Instant::now() + Duration::from_secs(p.timeout_s);
     let agents = p.agents.clamp(1, p.fleet.nodes.max(1));
     let fingerprint = daemon.fingerprint();
+    let started = Instant::now();
     let workers: Vec<_> = (0..agents)
         .map(|a| {
             let (pool, fleet, fingerprint) = (pool.to_vec(), p.fleet, fingerprint.clone());
-            let (frame_s, frames, in_flight) = (p.frame_seconds, p.frames_per_node, p.in_flight.max(1));
+            let (in_flight, paced) = (p.in_flight.max(1), p.paced);
             std::thread::spawn(move || -> anyhow::Result<u64> {
                 let cfg = ClientConfig {
                     aggregator: quic.to_string(),
@@ -96,9 +113,13 @@ fn push_fleet(p: &Params, pool: &[Stack], daemon: &Daemon) -> anyhow::Result<u64
                 let client = Client::start(cfg, identity).context("starting a simulated agent")?;
                 let (mut seq, mut samples) = (0u64, 0u64);
                 for f in 0..frames {
+                    if paced {
+                        let at = started + Duration::from_millis(f * frame_ms);
+                        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                    }
                     for n in (a..fleet.nodes).step_by(agents) {
-                        let t0 = start_ns + f * frame_s * 1_000_000_000;
-                        let batch = fleet.node_batch(n, &pool, t0, frame_s);
+                        let t0 = start_ns + f * frame_ms * 1_000_000;
+                        let batch = fleet.node_batch(n, &pool, t0, frame_ms);
                         samples += batch.sample_count();
                         seq += 1;
                         let id = FrameId { agent_id, boot_id: BootId([7; 16]), sequence: seq };
@@ -130,7 +151,13 @@ fn push_fleet(p: &Params, pool: &[Stack], daemon: &Daemon) -> anyhow::Result<u64
 
 impl Scenario for Storage {
     fn sides(&self) -> Vec<String> {
-        vec!["clickhouse".into(), "embedded".into()]
+        let mut out = Vec::new();
+        for store in ["clickhouse", "embedded"] {
+            for ms in &self.params.frame_ms {
+                out.push(format!("{store}-{ms}ms"));
+            }
+        }
+        out
     }
 
     fn setup(&mut self) -> anyhow::Result<()> {
@@ -151,21 +178,22 @@ impl Scenario for Storage {
         cfg.listen.quic = "127.0.0.1:0".into();
         cfg.auth.disabled = true;
         cfg.data_dir = dir.path().to_owned();
-        match side {
+        let Some((store, frame_ms)) = parse_side(side) else { bail!("bad side name {side}") };
+        match store {
             "clickhouse" => {
                 cfg.clickhouse.endpoint = server.endpoint();
                 cfg.clickhouse.database = database.clone();
             }
             "embedded" => {}
-            other => bail!("unknown side {other}"),
+            other => bail!("unknown store {other}"),
         }
         let daemon = rt.block_on(Daemon::start(&cfg)).context("starting the aggregator")?;
         let start = Instant::now();
-        let pushed = push_fleet(&self.params, &self.pool, &daemon);
+        let pushed = push_fleet(&self.params, frame_ms, &self.pool, &daemon);
         let elapsed = start.elapsed().as_secs_f64();
         rt.block_on(daemon.shutdown()).context("stopping the aggregator")?;
         let samples = pushed?;
-        let bytes = match side {
+        let bytes = match store {
             "clickhouse" => crate::clickhouse::database_bytes(server, &database)?,
             _ => files_size(dir.path(), "aperture.db"),
         };
@@ -179,5 +207,18 @@ impl Scenario for Storage {
     fn teardown(&mut self) {
         self.rt = None;
         self.server = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sides_name_the_store_and_the_frame_cadence() {
+        assert_eq!(parse_side("clickhouse-500ms"), Some(("clickhouse", 500)));
+        assert_eq!(parse_side("embedded-10000ms"), Some(("embedded", 10_000)));
+        assert_eq!(parse_side("embedded"), None);
+        assert_eq!(parse_side("embedded-fast"), None);
     }
 }
