@@ -13,6 +13,9 @@ const VIEW_USES_MODE = { flame: true, diff: true, syscalls: false, locks: false 
 
 class App {
   constructor() {
+    // Before anything can send a request: a sign-in link's token moves
+    // from the address bar into session storage.
+    api.adoptTokenFromFragment();
     this.api = api;
     this.state = st.parse(location.search);
     this.tooltip = document.getElementById('tooltip');

@@ -165,6 +165,53 @@ await test('the token prompt appears when the API answers 401, rejects a wrong t
   assert(stored[0] === TOKEN && stored[1] === 0, `token must be in sessionStorage only, got ${JSON.stringify(stored)}`);
 });
 
+await test('a sign-in link (/#token=...) signs the tab in, and the token leaves the address bar before any request', async () => {
+  // A fresh context: no token in session storage yet.
+  const ctx = await browser.newContext({ viewport: { width: 1440, height: 900 } });
+  const p = await ctx.newPage();
+  const api = [];
+  p.on('request', (r) => {
+    if (r.url().includes('/api/v1/')) api.push({ url: r.url(), auth: r.headers().authorization || '' });
+  });
+  // The address each request was sent from, recorded in the page itself.
+  await p.addInitScript(() => {
+    const original = window.fetch;
+    window.__fetchedFrom = [];
+    window.fetch = (...args) => {
+      window.__fetchedFrom.push(location.href);
+      return original(...args);
+    };
+  });
+  const statuses = [];
+  p.on('response', (r) => {
+    if (r.url().includes('/api/v1/')) statuses.push(r.status());
+  });
+  try {
+    await p.goto(`${BASE}/?range=1h#token=${encodeURIComponent(TOKEN)}`);
+    await p.waitForFunction(() => window.aperture);
+    await p.waitForFunction(() => window.aperture.flame.frames().length > 1, null, { timeout: 15_000 });
+    assert(!(await p.evaluate(() => document.getElementById('token-dialog').open)), 'the token prompt opened although the link carried the token');
+    const where = await p.evaluate(() => [location.hash, location.href, history.length, sessionStorage.getItem('aperture.token')]);
+    assert(where[0] === '' && !where[1].includes('token'), `the fragment is still in the address bar: ${where[1]}`);
+    assert(where[1].includes('range=1h'), `the view state in the query string was lost: ${where[1]}`);
+    assert(where[3] === TOKEN, `the token is not in session storage: ${where[3]}`);
+    assert(api.length > 0, 'no API requests were made');
+    for (const r of api) {
+      assert(r.auth === `Bearer ${TOKEN}`, `an API request went out without the token: ${r.url}`);
+      assert(!r.url.includes(TOKEN), `the token reached a request URL: ${r.url}`);
+    }
+    const from = await p.evaluate(() => window.__fetchedFrom);
+    assert(from.length > 0 && from.every((u) => !u.includes('token')), `a request was sent while the token was in the address bar: ${from.join(', ')}`);
+    assert(statuses.length > 0 && statuses.every((s) => s === 200), `API answers: ${statuses.join(', ')}`);
+    // Back/forward cannot bring the token back: the entry itself was replaced.
+    await p.reload();
+    await p.waitForFunction(() => window.aperture);
+    assert(!(await p.evaluate(() => location.href)).includes('token'), 'the token came back on reload');
+  } finally {
+    await ctx.close();
+  }
+});
+
 await test('the flame graph shows the known frames with their shares and units', async () => {
   await open('');
   await flameLoaded();
