@@ -68,6 +68,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/locks", get(api::locks))
         .route("/labels/{name}/values", get(api::label_values))
         .route("/diff", get(api::diff))
+        .route("/types", get(api::types))
         .route("/flamegraph", get(flame::flamegraph))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 
-use aperture_core::model::{Mode, StackFrame};
+use aperture_core::model::{Mode, ProfileType, StackFrame};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use prost::Message;
@@ -146,9 +146,12 @@ fn sample_types(mode: Mode) -> (&'static str, &'static str) {
     }
 }
 
-/// Encodes a profile as gzip-compressed pprof. `from_ns`/`to_ns` give the
-/// profile's time and duration.
-pub fn encode_pprof(profile: &Profile, mode: Mode, from_ns: u64, to_ns: u64) -> std::io::Result<Vec<u8>> {
+/// Encodes a profile of `kind` as gzip-compressed pprof. `from_ns`/`to_ns`
+/// give the profile's time and duration. The agent's profiles carry two
+/// values per sample, the count and the time in ns; a pushed profile its one
+/// value, with its type's sample type and unit.
+pub fn encode_pprof(profile: &Profile, kind: &ProfileType, from_ns: u64, to_ns: u64) -> std::io::Result<Vec<u8>> {
+    let Some(mode) = kind.mode() else { return encode_pushed(profile, kind, from_ns, to_ns) };
     let mut b = Builder::new();
     let (count_name, time_name) = sample_types(mode);
     let count_type = PbValueType { r#type: b.string(count_name), unit: b.string("count") };
@@ -176,9 +179,41 @@ pub fn encode_pprof(profile: &Profile, mode: Mode, from_ns: u64, to_ns: u64) -> 
         period_type: Some(time_type),
         period: 0,
     };
+    gzip(&message)
+}
+
+fn gzip(message: &PbProfile) -> std::io::Result<Vec<u8>> {
     let mut gz = GzEncoder::new(Vec::new(), Compression::default());
     gz.write_all(&message.encode_to_vec())?;
     gz.finish()
+}
+
+/// A pushed profile: one value per sample (the rows' count).
+fn encode_pushed(profile: &Profile, kind: &ProfileType, from_ns: u64, to_ns: u64) -> std::io::Result<Vec<u8>> {
+    let mut b = Builder::new();
+    let sample_type = PbValueType { r#type: b.string(&kind.sample_type), unit: b.string(&kind.sample_unit) };
+    let period_type = PbValueType { r#type: b.string(&kind.period_type), unit: b.string(&kind.period_unit) };
+    let mut samples = Vec::with_capacity(profile.stacks.len());
+    for s in &profile.stacks {
+        let location_id = if s.frames.is_empty() {
+            s.names.iter().rev().map(|n| b.unknown(n)).collect()
+        } else {
+            s.frames.iter().map(|f| b.location(f)).collect()
+        };
+        samples.push(PbSample { location_id, value: vec![i64::try_from(s.count).unwrap_or(i64::MAX)] });
+    }
+    let message = PbProfile {
+        sample_type: vec![sample_type],
+        sample: samples,
+        location: b.locations,
+        function: b.functions,
+        string_table: b.strings,
+        time_nanos: i64::try_from(from_ns).unwrap_or(i64::MAX),
+        duration_nanos: i64::try_from(to_ns.saturating_sub(from_ns)).unwrap_or(i64::MAX),
+        period_type: Some(period_type),
+        period: 0,
+    };
+    gzip(&message)
 }
 
 #[cfg(test)]
@@ -205,7 +240,7 @@ mod tests {
                 total_ns: 30,
             }],
         };
-        let gz = encode_pprof(&profile, Mode::Cpu, 1, 11).expect("encode");
+        let gz = encode_pprof(&profile, &ProfileType::of_mode(Mode::Cpu), 1, 11).expect("encode");
         let mut raw = Vec::new();
         GzDecoder::new(&gz[..]).read_to_end(&mut raw).expect("gunzip");
         let p = PbProfile::decode(&raw[..]).expect("decode");
