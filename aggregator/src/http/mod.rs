@@ -29,7 +29,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -42,6 +42,9 @@ use crate::store::Store;
 pub(crate) const API_CONTENT_SECURITY_POLICY: &str =
     "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+/// Pyroscope's ingest route; its body limit is `max_push_body_bytes`.
+const PYROSCOPE_INGEST: &str = "/ingest";
+
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub(crate) struct AppState {
@@ -49,6 +52,10 @@ pub(crate) struct AppState {
     pub shared: Arc<Shared>,
     /// Digest of the read token (`/api/v1/*`); `None` when auth is off.
     pub token_digest: Option<[u8; 32]>,
+    /// Digest of the ingest token (pushed profiles); `None` when auth is off.
+    pub ingest_digest: Option<[u8; 32]>,
+    /// Where pushed profiles enter the pipeline.
+    pub ingress: Arc<crate::pipeline::ingress::ShardedIngress>,
     pub limits: HttpLimits,
     pub started: Instant,
 }
@@ -76,6 +83,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/api/health", get(health::api_health))
         .route("/metrics", get(health::metrics))
+        .route(PYROSCOPE_INGEST, post(crate::pyroscope::ingest))
         .nest("/api/v1", api)
         .merge(ui::router())
         .fallback(not_found)
@@ -100,15 +108,20 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0);
+    let max_body =
+        if route == PYROSCOPE_INGEST { state.limits.max_push_body_bytes } else { state.limits.max_body_bytes };
     let response = if header_bytes > state.limits.max_header_bytes {
         error_response(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             format!("request headers are {header_bytes} bytes, over the limit of {}", state.limits.max_header_bytes),
         )
-    } else if declared_body > state.limits.max_body_bytes {
+    } else if declared_body > max_body {
+        if route == PYROSCOPE_INGEST {
+            state.shared.metrics.push_requests.with_label_values(&["pyroscope_ingest", "too_large"]).inc();
+        }
         error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is {declared_body} bytes, over the limit of {}", state.limits.max_body_bytes),
+            format!("request body is {declared_body} bytes, over the limit of {max_body}"),
         )
     } else {
         match tokio::time::timeout(state.limits.request_timeout, next.run(req)).await {

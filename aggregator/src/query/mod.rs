@@ -7,7 +7,7 @@
 //! of slow calls in ns (see [`profile_value`]).
 
 mod flame;
-mod pprof;
+pub(crate) mod pprof;
 mod profile;
 
 pub use flame::{FlameNode, FlameTree, ROOT, flame_tree};
