@@ -86,6 +86,37 @@ struct Function {
     name: i64,
 }
 
+/// Pyroscope's push.v1 messages (`push/v1/push.proto`).
+#[derive(Clone, PartialEq, prost::Message)]
+struct PushRequest {
+    #[prost(message, repeated, tag = "1")]
+    series: Vec<PushSeries>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PushSeries {
+    #[prost(message, repeated, tag = "1")]
+    labels: Vec<LabelPair>,
+    #[prost(message, repeated, tag = "2")]
+    samples: Vec<RawSample>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LabelPair {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    value: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawSample {
+    #[prost(bytes = "vec", tag = "1")]
+    raw_profile: Vec<u8>,
+    #[prost(string, tag = "2")]
+    id: String,
+}
+
 /// A pprof profile of `types` (type, unit) with period type `period`, whose
 /// samples are (stack root first, values).
 fn pprof(types: &[(&str, &str)], period: (&str, &str), samples: &[(&[&str], &[i64])], time_s: u64) -> Vec<u8> {
@@ -268,14 +299,81 @@ async fn suite(mut settings: Settings) {
     let r = get(addr, &format!("/api/v1/labels/service/values?{range}")).await;
     assert_eq!(r.json()["values"], serde_json::json!(["goapp", "pyapp", "rbapp"]), "refused pushes stored nothing");
 
+    // push.v1.PusherService/Push over Connect: protobuf (gzipped pprof inside) and JSON.
+    let series = |service: &str, profile: Vec<u8>| PushSeries {
+        labels: vec![
+            LabelPair { name: "__name__".into(), value: "process_cpu".into() },
+            LabelPair { name: "service_name".into(), value: service.into() },
+            LabelPair { name: "env".into(), value: "stage".into() },
+        ],
+        samples: vec![RawSample { raw_profile: profile, id: "1".into() }],
+    };
+    let nodeish = pprof(&[("cpu", "nanoseconds")], ("cpu", "nanoseconds"), &[(&["main", "tick"], &[30])], t);
+    let body = PushRequest { series: vec![series("nodeapp", gzip(&nodeish))] }.encode_to_vec();
+    let r = post_with(
+        addr,
+        "/push.v1.PusherService/Push",
+        &[("Authorization", &auth), ("Content-Type", "application/proto"), ("Connect-Protocol-Version", "1")],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/proto"));
+    let raw = base64::engine::general_purpose::STANDARD.encode(&nodeish);
+    let json = serde_json::json!({ "series": [{
+        "labels": [{ "name": "service_name", "value": "jsonapp" }, { "name": "__name__", "value": "process_cpu" }],
+        "samples": [{ "rawProfile": raw, "ID": "2" }],
+    }]});
+    let r = post_with(
+        addr,
+        "/push.v1.PusherService/Push",
+        &[("Authorization", &bearer), ("Content-Type", "application/json")],
+        json.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!((r.status, r.text()), (200, "{}".to_owned()));
+    for service in ["nodeapp", "jsonapp"] {
+        assert_eq!(
+            folded(addr, &format!("type=process_cpu:cpu:nanoseconds:cpu:nanoseconds&service={service}&{range}")).await,
+            "main;tick 30\n",
+            "{service}"
+        );
+    }
+    let nameless = serde_json::json!({ "series": [{ "labels": [], "samples": [{ "rawProfile": raw }] }] });
+    for (content_type, body, status, code) in [
+        ("application/json", nameless.to_string().into_bytes(), 400, "invalid_argument"),
+        ("application/proto", b"\xff\xff".to_vec(), 400, "invalid_argument"),
+        ("text/plain", b"x".to_vec(), 415, "internal"),
+    ] {
+        let r = post_with(
+            addr,
+            "/push.v1.PusherService/Push",
+            &[("Authorization", &bearer), ("Content-Type", content_type)],
+            &body,
+        )
+        .await;
+        assert_eq!(r.status, status, "{content_type}: {}", r.text());
+        assert_eq!(r.json()["code"], code, "{content_type}: {}", r.text());
+    }
+    let r = post_with(addr, "/push.v1.PusherService/Push", &[("Content-Type", "application/proto")], &body).await;
+    assert_eq!((r.status, r.json()["code"].as_str()), (401, Some("unauthenticated")));
+
     let m = get(addr, "/metrics").await.text();
-    let push = |result: &str| metric(&m, "aperture_push_requests_total", &[&format!("result=\"{result}\"")]);
+    let push = |result: &str| {
+        let labels = [r#"protocol="pyroscope_ingest""#.to_owned(), format!("result=\"{result}\"")];
+        metric(&m, "aperture_push_requests_total", &[&labels[0], &labels[1]])
+    };
+    let connect = |result: &str| {
+        let labels = [r#"protocol="pyroscope_push""#.to_owned(), format!("result=\"{result}\"")];
+        metric(&m, "aperture_push_requests_total", &[&labels[0], &labels[1]])
+    };
+    assert_eq!((connect("ok"), connect("bad_request"), connect("unauthorized")), (2.0, 3.0, 1.0));
     assert_eq!(push("ok"), 4.0);
     assert_eq!(push("unauthorized"), 3.0);
     assert_eq!(push("too_large"), 2.0, "the body and the labels");
     assert_eq!(push("bad_request"), 4.0);
-    // Non-zero (stack, type) values: heap 4 + 2, cpu 2, folded 2 stacks, lines 1.
-    assert_eq!(metric(&m, "aperture_push_samples_total", &[]), 6.0 + 2.0 + 2.0 + 1.0);
+    // Non-zero (stack, type) values: heap 4 + 2, cpu 2, folded 2 stacks, lines 1, pushes 2.
+    assert_eq!(metric(&m, "aperture_push_samples_total", &[]), 6.0 + 2.0 + 2.0 + 1.0 + 2.0);
     handle.shutdown().await.expect("shutdown");
 }
 

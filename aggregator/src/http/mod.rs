@@ -42,8 +42,9 @@ use crate::store::Store;
 pub(crate) const API_CONTENT_SECURITY_POLICY: &str =
     "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// Pyroscope's ingest route; its body limit is `max_push_body_bytes`.
+/// Pyroscope's ingest routes; their body limit is `max_push_body_bytes`.
 const PYROSCOPE_INGEST: &str = "/ingest";
+const PYROSCOPE_PUSH: &str = "/push.v1.PusherService/Push";
 
 /// What the handlers share.
 #[derive(Clone, Debug)]
@@ -84,6 +85,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/health", get(health::api_health))
         .route("/metrics", get(health::metrics))
         .route(PYROSCOPE_INGEST, post(crate::pyroscope::ingest))
+        .route(PYROSCOPE_PUSH, post(crate::pyroscope::push))
         .nest("/api/v1", api)
         .merge(ui::router())
         .fallback(not_found)
@@ -108,16 +110,17 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0);
-    let max_body =
-        if route == PYROSCOPE_INGEST { state.limits.max_push_body_bytes } else { state.limits.max_body_bytes };
+    let pushed = route == PYROSCOPE_INGEST || route == PYROSCOPE_PUSH;
+    let max_body = if pushed { state.limits.max_push_body_bytes } else { state.limits.max_body_bytes };
     let response = if header_bytes > state.limits.max_header_bytes {
         error_response(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             format!("request headers are {header_bytes} bytes, over the limit of {}", state.limits.max_header_bytes),
         )
     } else if declared_body > max_body {
-        if route == PYROSCOPE_INGEST {
-            state.shared.metrics.push_requests.with_label_values(&["pyroscope_ingest", "too_large"]).inc();
+        if pushed {
+            let protocol = if route == PYROSCOPE_PUSH { "pyroscope_push" } else { "pyroscope_ingest" };
+            state.shared.metrics.push_requests.with_label_values(&[protocol, "too_large"]).inc();
         }
         error_response(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -38,6 +38,9 @@ pub(crate) struct SeriesKey {
     pub suffix: String,
     /// Labels between the braces, sorted by key.
     pub tags: Vec<(String, String)>,
+    /// The profile name when the sender gives it (Push's `__name__`);
+    /// empty: derived from the suffix and the sample types.
+    pub profile_name: String,
 }
 
 /// Profile suffixes the SDKs append to the application name.
@@ -108,7 +111,60 @@ pub(crate) fn parse_name(name: &str) -> Result<SeriesKey, ConvertError> {
     if service.len() > 1024 || service.chars().any(char::is_control) {
         return Err(bad("the application name is over 1 KiB or holds control characters"));
     }
-    Ok(SeriesKey { service, suffix, tags })
+    Ok(SeriesKey { service, suffix, tags, profile_name: String::new() })
+}
+
+/// The series key of Push's label pairs: `service_name` is the service,
+/// `__name__` the profile name, other labels starting with `__` are
+/// dropped, the rest are tags.
+pub(crate) fn key_from_labels<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> Result<SeriesKey, ConvertError> {
+    let mut key =
+        SeriesKey { service: String::new(), suffix: String::new(), tags: Vec::new(), profile_name: String::new() };
+    for (k, v) in labels {
+        match k {
+            "service_name" => key.service = v.to_owned(),
+            "__name__" => key.profile_name = v.to_owned(),
+            _ if k.starts_with("__") => {}
+            _ => {
+                if !valid_tag(k, v) {
+                    return Err(bad(format!(
+                        "label {k:?}={v:?}: keys are letters, digits, `_`, `.`, `-` (at most 128 bytes), values at most 1 KiB without control characters"
+                    )));
+                }
+                key.tags.push((k.to_owned(), v.to_owned()));
+            }
+        }
+    }
+    if key.service.is_empty() {
+        return Err(bad("a series has no `service_name` label: set the application name"));
+    }
+    if key.service.len() > 1024
+        || key.service.chars().any(char::is_control)
+        || key.profile_name.chars().any(|c| c == ':' || c.is_control())
+    {
+        return Err(bad("`service_name` or `__name__` holds characters or a length that cannot be stored"));
+    }
+    key.tags.sort();
+    key.tags.dedup_by(|a, b| a.0 == b.0);
+    if key.tags.len() > MAX_TAGS {
+        return Err(ConvertError::TooLarge(format!(
+            "the series has {} labels, more than the limit of {MAX_TAGS}; send fewer tags",
+            key.tags.len()
+        )));
+    }
+    Ok(key)
+}
+
+/// Appends `more` to `batch`, renumbering its stack references.
+pub(crate) fn append(batch: &mut ProfileBatch, more: ProfileBatch) {
+    let offset = batch.stacks.len() as u32;
+    batch.stacks.extend(more.stacks);
+    for mut series in more.series {
+        for s in &mut series.samples {
+            s.stack += offset;
+        }
+        batch.series.push(series);
+    }
 }
 
 /// The Pyroscope profile name of a sample type: `process_cpu`, `memory`,
@@ -215,7 +271,11 @@ pub(crate) fn from_pprof(
         .iter()
         .map(|v| {
             let (ty, unit) = (string(v.r#type), string(v.unit));
-            let name = profile_name(&key.suffix, ty, period.0);
+            let name = if key.profile_name.is_empty() {
+                profile_name(&key.suffix, ty, period.0)
+            } else {
+                key.profile_name.clone()
+            };
             let (pt, pu) = if period.0.is_empty() { (ty, unit) } else { period };
             ProfileType::new(&name, nonempty(ty), nonempty(unit), nonempty(pt), nonempty(pu))
         })

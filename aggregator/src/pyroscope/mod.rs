@@ -1,4 +1,5 @@
-//! Pyroscope ingest on the HTTP port: `POST /ingest` with the query
+//! Pyroscope ingest on the HTTP port: `push.v1.PusherService/Push` over
+//! Connect ([`push`]), and `POST /ingest` with the query
 //! parameters Pyroscope's SDKs send (`name=app.cpu{k=v,...}`, `from`,
 //! `until`, `sampleRate`, `spyName`, `units`, `aggregationType`, `format`)
 //! and a pprof body (raw or gzipped) or folded text (`format=folded`, the
@@ -12,6 +13,9 @@
 //! `aperture_push_requests_total{protocol, result}`.
 
 mod convert;
+mod push;
+
+pub(crate) use push::push;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,14 +47,19 @@ pub mod push_result {
 }
 
 /// A decompressed body may be this many times the body limit at most.
-const MAX_INFLATE: usize = 8;
+pub(crate) const MAX_INFLATE: usize = 8;
 
 fn count(state: &AppState, result: &str) {
     state.shared.metrics.push_requests.with_label_values(&["pyroscope_ingest", result]).inc();
 }
 
+/// Reads a body of at most `limit` bytes; `None` when over it or unreadable.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Option<axum::body::Bytes> {
+    axum::body::to_bytes(body, limit).await.ok()
+}
+
 /// Whether the request carries the ingest token (or none is required).
-fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+pub(crate) fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     let Some(want) = state.ingest_digest else { return true };
     let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
     let given = bearer_token(value).map(str::to_owned).or_else(|| basic_password(value));
@@ -69,7 +78,7 @@ fn basic_password(value: &str) -> Option<String> {
     (!password.is_empty()).then(|| password.to_owned())
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
@@ -103,9 +112,9 @@ pub(crate) async fn ingest(
         return r;
     }
     let limit = state.limits.max_push_body_bytes;
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => {
+    let body = match read_body(body, limit).await {
+        Some(b) => b,
+        None => {
             count(&state, push_result::TOO_LARGE);
             return error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -124,46 +133,70 @@ pub(crate) async fn ingest(
             return error_response(StatusCode::BAD_REQUEST, m);
         }
     };
+    let charged = body.len();
+    match commit(&state, batch, charged).await {
+        Ok(()) => {
+            count(&state, push_result::OK);
+            StatusCode::OK.into_response()
+        }
+        Err(refusal) => {
+            count(&state, refusal.result);
+            let mut r = error_response(refusal.status, refusal.message);
+            if refusal.status == StatusCode::SERVICE_UNAVAILABLE {
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            r
+        }
+    }
+}
+
+/// Why a converted batch was not committed.
+pub(crate) struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+    /// `aperture_push_requests_total{result}`.
+    pub result: &'static str,
+}
+
+/// Queues `batch` (about `charged` bytes) into the pipeline and waits for
+/// its commit, within the request timeout.
+pub(crate) async fn commit(
+    state: &AppState,
+    batch: aperture_core::model::ProfileBatch,
+    charged: usize,
+) -> Result<(), Refusal> {
     let samples = batch.sample_count();
     if samples == 0 {
-        count(&state, push_result::OK);
-        return StatusCode::OK.into_response();
+        return Ok(());
     }
-    let charged = body.len().max(batch.stacks.len() * 64);
-    let done = match state.ingress.admit_profiles(batch, charged) {
-        Ok(done) => done,
-        Err(_) => {
-            count(&state, push_result::BUSY);
-            let mut r = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the aggregator's buffer is full (the store is slow or down); retry later",
-            );
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return r;
-        }
+    let charged = charged.max(batch.stacks.len() * 64);
+    let Ok(done) = state.ingress.admit_profiles(batch, charged) else {
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the aggregator's buffer is full (the store is slow or down); retry later".into(),
+            result: push_result::BUSY,
+        });
     };
     // Answer before the HTTP layer's own timeout does, with a clearer message.
     let wait = state.limits.request_timeout.saturating_sub(Duration::from_secs(1)).max(Duration::from_millis(100));
     match tokio::time::timeout(wait, done).await {
         Ok(Ok(Ok(()))) => {
-            count(&state, push_result::OK);
             state.shared.metrics.push_samples.inc_by(samples);
-            StatusCode::OK.into_response()
+            Ok(())
         }
-        Ok(Ok(Err(why))) => {
-            count(&state, push_result::BAD_REQUEST);
-            error_response(StatusCode::BAD_REQUEST, format!("the profile was refused: {why}"))
-        }
-        Ok(Err(_)) | Err(_) => {
-            count(&state, push_result::TIMEOUT);
-            error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "the profile was not committed within {wait:?} (is the store down? see /api/health); it may \
-                     still be stored, and a retry may store it twice"
-                ),
-            )
-        }
+        Ok(Ok(Err(why))) => Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("the profile was refused: {why}"),
+            result: push_result::BAD_REQUEST,
+        }),
+        Ok(Err(_)) | Err(_) => Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "the profile was not committed within {wait:?} (is the store down? see /api/health); it may \
+                 still be stored, and a retry may store it twice"
+            ),
+            result: push_result::TIMEOUT,
+        }),
     }
 }
 
