@@ -106,6 +106,20 @@ async fn suite(settings: Settings) {
     assert_eq!(j["mode"], serde_json::Value::Null);
     assert_eq!((j["type"].as_str(), j["unit"].as_str()), (Some(ALLOC), Some("bytes")));
     assert_eq!(j["root"]["value"], 4096 + 1024 + 512);
+    let r = get(addr, &format!("/api/v1/flamegraph?type={ALLOC}&service=worker&{range}")).await;
+    let j = r.json();
+    assert_eq!(
+        (j["root"]["value"].as_u64(), j["unit"].as_str(), j["count_unit"].as_str()),
+        (Some(512), Some("bytes"), Some("bytes"))
+    );
+    let r =
+        get(addr, &format!("/api/v1/diff?type={ALLOC}&{range}&base_from={}&base_to={}", t0 - 7200, t0 - 3600)).await;
+    let j = r.json();
+    assert_eq!(j["type"], ALLOC);
+    assert_eq!(
+        j["stacks"][0],
+        serde_json::json!({ "stack": "main;serve;parse", "base": 0, "value": 4096, "delta": 4096 })
+    );
     let r = get(addr, &format!("/api/v1/profile?type={GOROUTINES}&format=folded&{range}")).await;
     assert_eq!(r.text(), "main;serve;parse 7\n");
 

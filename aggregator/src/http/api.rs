@@ -81,7 +81,7 @@ fn with_type(mut r: Response, content_type: &'static str) -> Response {
 
 /// The mode whose value rules apply to a profile: a pushed profile's value
 /// is its rows' `count`, as for CPU samples.
-fn value_mode(which: &Which) -> Mode {
+pub(crate) fn value_mode(which: &Which) -> Mode {
     match which {
         Which::Mode(m) => *m,
         Which::Type(_) => Mode::Cpu,
@@ -89,7 +89,7 @@ fn value_mode(which: &Which) -> Mode {
 }
 
 /// The unit of a profile's values.
-fn unit(which: &Which) -> String {
+pub(crate) fn unit(which: &Which) -> String {
     match which {
         Which::Mode(m) => profile_unit(*m).to_owned(),
         Which::Type(t) => t.sample_unit.clone(),
@@ -97,7 +97,7 @@ fn unit(which: &Which) -> String {
 }
 
 /// What a profile response says it is: `mode` (null for pushed types), `type`, `unit`.
-fn describe(which: &Which) -> serde_json::Value {
+pub(crate) fn describe(which: &Which) -> serde_json::Value {
     let mode = match which {
         Which::Mode(m) => json!(m.as_str()),
         Which::Type(_) => serde_json::Value::Null,
@@ -106,14 +106,18 @@ fn describe(which: &Which) -> serde_json::Value {
 }
 
 /// Loads the merged profile a request asks for.
-async fn load(state: &AppState, which: &Which, sel: &crate::store::Selector) -> Result<query::Profile, QueryError> {
+pub(crate) async fn load(
+    state: &AppState,
+    which: &Which,
+    sel: &crate::store::Selector,
+) -> Result<query::Profile, QueryError> {
     match which {
         Which::Mode(m) => query::load_profile(state.store.as_ref(), *m, sel).await,
         Which::Type(_) => query::load_pushed(state.store.as_ref(), sel).await,
     }
 }
 
-fn merge(mut head: serde_json::Value, more: serde_json::Value) -> serde_json::Value {
+pub(crate) fn merge(mut head: serde_json::Value, more: serde_json::Value) -> serde_json::Value {
     if let (Some(h), serde_json::Value::Object(m)) = (head.as_object_mut(), more) {
         h.extend(m);
     }
@@ -260,21 +264,23 @@ pub(crate) async fn types(State(state): State<AppState>, Query(raw): Raw) -> Res
 /// `GET /api/v1/diff`.
 pub(crate) async fn diff(State(state): State<AppState>, Query(raw): Raw) -> Result<Response, ApiError> {
     let p = params(&state, raw);
-    p.reject_unknown(&accepted(&["mode", "base_from", "base_to", "limit"]))?;
-    let mode: Mode = p.mode()?;
+    p.reject_unknown(&accepted(&["mode", "type", "base_from", "base_to", "limit"]))?;
+    let which = p.which()?;
     let limit = p.limit(100, 10_000)?;
-    let sel = p.selector()?;
+    let sel = p.selector_for(Some(&which))?;
     let (base_from, base_to) = base_range(&p, sel.from_s, sel.to_s)?;
     let base_sel = crate::store::Selector { from_s: base_from, to_s: base_to, filter: sel.filter.clone() };
-    let current = query::load_profile(state.store.as_ref(), mode, &sel).await?;
-    let base = query::load_profile(state.store.as_ref(), mode, &base_sel).await?;
-    let stacks = query::diff(&base, &current, mode, limit);
-    Ok(axum::Json(json!({
-        "mode": mode.as_str(), "unit": profile_unit(mode),
-        "base": { "from": base_from, "to": base_to },
-        "current": { "from": sel.from_s, "to": sel.to_s },
-        "stacks": stacks,
-    }))
+    let current = load(&state, &which, &sel).await?;
+    let base = load(&state, &which, &base_sel).await?;
+    let stacks = query::diff(&base, &current, value_mode(&which), limit);
+    Ok(axum::Json(merge(
+        describe(&which),
+        json!({
+            "base": { "from": base_from, "to": base_to },
+            "current": { "from": sel.from_s, "to": sel.to_s },
+            "stacks": stacks,
+        }),
+    ))
     .into_response())
 }
 
