@@ -206,3 +206,67 @@ async fn profile_types_services_and_tags_clickhouse() {
     suite(settings).await;
     drop(server);
 }
+
+/// A database created before profile types (migrations 1 and 2 only, with
+/// an agent row in it) is migrated on start: its rows read as before and
+/// pushed rows can be written next to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clickhouse_database_from_before_profile_types_is_migrated_in_place() {
+    let test = "a_clickhouse_database_from_before_profile_types_is_migrated_in_place";
+    let Some(server) =
+        tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test)).await.expect("start")
+    else {
+        return;
+    };
+    let database = "aperture_old";
+    let admin = clickhouse::Client::default().with_url(server.endpoint());
+    admin.query(&format!("CREATE DATABASE {database}")).execute().await.expect("create database");
+    let db = admin.clone().with_database(database);
+    let t0 = now_s() - 300;
+    let window = t0 / 10 * 10;
+    let old = stack(&["main", "old_work"]);
+    for sql in [
+        "CREATE TABLE schema_migrations (version UInt32, name String, applied DateTime) ENGINE = MergeTree ORDER BY version".to_owned(),
+        "INSERT INTO schema_migrations VALUES (1, 'initial schema', now()), (2, 'samples.batch_id', now())".to_owned(),
+        "CREATE TABLE samples (window_start DateTime, kind Enum8('cpu' = 0, 'lock' = 1, 'syscall' = 2, 'slow_call' = 3),
+            node String, namespace String, pod String, container String, process String, pid UInt32,
+            stack_hash UInt64, detail UInt32, name String, count UInt64, total_ns UInt64, errors UInt64,
+            max_ns UInt64, histogram Array(UInt64), batch_id UInt64 DEFAULT 0)
+         ENGINE = MergeTree PARTITION BY toYYYYMMDD(window_start)
+         ORDER BY (kind, window_start, node, namespace, pod, process, stack_hash)"
+            .to_owned(),
+        "CREATE TABLE stacks (hash UInt64, symbols Array(String), modules Array(String), files Array(String),
+            lines Array(UInt32), offsets Array(UInt64), addresses Array(UInt64), kernel Array(UInt8), inserted DateTime)
+         ENGINE = ReplacingMergeTree(inserted) ORDER BY hash"
+            .to_owned(),
+        "CREATE TABLE frame_ledger (agent_id String, boot_id String, watermark UInt64, above Array(UInt64),
+            updated DateTime, version UInt64) ENGINE = ReplacingMergeTree(version) ORDER BY (agent_id, boot_id)"
+            .to_owned(),
+        format!(
+            "INSERT INTO samples VALUES (toDateTime({window}), 'cpu', 'n1', '', '', '', 'old', 1, {}, 0, '', 4, 40, 0, 0, [], 0)",
+            old.hash.0
+        ),
+        format!(
+            "INSERT INTO stacks VALUES ({}, ['old_work', 'main'], ['', ''], ['', ''], [0, 0], [0, 0], [0, 0], [0, 0], now())",
+            old.hash.0
+        ),
+    ] {
+        db.query(&sql).execute().await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = common::settings(dir.path());
+    settings.clickhouse =
+        Some(ClickHouseSettings { database: database.into(), ..ClickHouseSettings::new(server.endpoint()) });
+    let handle = Aggregator::start(settings).await.expect("start on the old database");
+    let addr = handle.http_addr();
+    let range = format!("from={}&to={}", t0 - 60, t0 + 60);
+    assert_eq!(get(addr, &format!("/api/v1/profile?mode=cpu&format=folded&{range}")).await.text(), "main;old_work 4\n");
+    handle.store().write(&pushed(window)).await.expect("write pushed rows after the migration");
+    assert_eq!(
+        get(addr, &format!("/api/v1/profile?type={GOROUTINES}&format=folded&{range}")).await.text(),
+        "main;serve;parse 7\n"
+    );
+    assert_eq!(get(addr, &format!("/api/v1/profile?mode=cpu&format=folded&{range}")).await.text(), "main;old_work 4\n");
+    handle.shutdown().await.expect("shutdown");
+    drop(server);
+}
