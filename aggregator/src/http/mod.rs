@@ -1,5 +1,6 @@
-//! The HTTP server on port 9090: probes, health, metrics and the query API
-//! (documented in `docs/openapi.yaml`).
+//! The HTTP server on port 9090: probes, health, metrics, the query API
+//! (documented in `docs/openapi.yaml`), Pyroscope's ingest routes and the
+//! `querier.v1.QuerierService` Grafana reads (see [`crate::pyroscope`]).
 //!
 //! Every request passes through the same guards: headers over
 //! [`HttpLimits::max_header_bytes`] get 431, a declared body over
@@ -19,6 +20,7 @@ pub mod params;
 mod serve;
 mod ui;
 
+pub(crate) use api::{load as load_profile, value_mode};
 pub(crate) use serve::serve;
 
 use std::sync::Arc;
@@ -86,6 +88,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route(PYROSCOPE_INGEST, post(crate::pyroscope::ingest))
         .route(PYROSCOPE_PUSH, post(crate::pyroscope::push))
+        .route("/querier.v1.QuerierService/{method}", post(crate::pyroscope::querier))
         .nest("/api/v1", api)
         .merge(ui::router())
         .fallback(not_found)

@@ -197,7 +197,7 @@ pub(crate) fn gunzip(body: &[u8], max: usize) -> Result<Vec<u8>, ConvertError> {
     }
     let mut out = Vec::new();
     GzDecoder::new(body)
-        .take(max as u64 + 1)
+        .take((max as u64).saturating_add(1))
         .read_to_end(&mut out)
         .map_err(|e| bad(format!("the body is not valid gzip: {e}")))?;
     if out.len() > max {

@@ -11,11 +11,16 @@
 //! shards and writer as an agent frame, and is answered 200 only once its
 //! rows are committed. Every outcome is counted in
 //! `aperture_push_requests_total{protocol, result}`.
+//!
+//! The read side Grafana's Pyroscope data source uses,
+//! `querier.v1.QuerierService`, is in [`querier`]; it takes the read token.
 
 mod convert;
 mod push;
+mod querier;
 
 pub(crate) use push::push;
+pub(crate) use querier::querier;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

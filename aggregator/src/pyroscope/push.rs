@@ -52,13 +52,14 @@ fn count(state: &AppState, result: &str) {
 }
 
 /// A Connect error: `{"code", "message"}` with the code's HTTP status.
-fn connect_error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn connect_error(status: StatusCode, message: impl Into<String>) -> Response {
     let code = match status {
         StatusCode::BAD_REQUEST => "invalid_argument",
         StatusCode::UNAUTHORIZED => "unauthenticated",
         StatusCode::PAYLOAD_TOO_LARGE | StatusCode::TOO_MANY_REQUESTS => "resource_exhausted",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "internal",
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        StatusCode::NOT_IMPLEMENTED => "unimplemented",
         _ => "internal",
     };
     let mut r = (status, axum::Json(json!({ "code": code, "message": message.into() }))).into_response();
