@@ -545,6 +545,45 @@ await test('a large tree (20 000 frames) draws and stays interactive', async () 
   await page.mouse.move(5, 5);
 });
 
+await test('the type picker lists pushed profile types and the service filter narrows to a service', async () => {
+  const heap = 'memory:alloc_space:bytes:space:bytes';
+  await open('');
+  await page.waitForFunction((id) => Array.from(document.querySelectorAll('#type-select option')).some((o) => o.value === id), heap, { timeout: 15_000 });
+  const listed = await page.$$eval('#type-select option', (os) => os.map((o) => o.value));
+  assert(JSON.stringify(listed) === JSON.stringify(['', heap]), `the picker lists the pushed types only: ${listed}`);
+  await page.selectOption('#type-select', heap);
+  await flameLoaded();
+  const names = (await frames()).map((f) => f.name);
+  assert(names.includes('parse_json') && !names.includes('compute_checksum'), `heap frames: ${names}`);
+  assert(page.url().includes(`type=${encodeURIComponent(heap)}`) || page.url().includes(`type=${heap}`), `type in URL: ${page.url()}`);
+  assert((await page.getAttribute('[data-mode="cpu"]', 'aria-pressed')) === 'false', 'a mode still shows as chosen');
+  const summary = await page.textContent('#flame-summary');
+  assert(summary.includes('4.0 KiB') && summary.includes('alloc_space'), `heap summary: ${summary}`);
+  const tip = await hover('parse_json');
+  assert(tip.includes('75.0%') && tip.includes('3.0 KiB'), `parse_json: ${tip}`);
+  await page.mouse.move(5, 5);
+  await page.waitForFunction(() => Array.from(document.querySelectorAll('#filter-service option')).map((o) => o.value).join() === ',checkout');
+  await page.selectOption('#filter-service', 'checkout');
+  await flameLoaded();
+  assert(page.url().includes('service=checkout'), `service in URL: ${page.url()}`);
+  const filtered = await page.textContent('#flame-summary');
+  assert(filtered.includes('4.0 KiB') && filtered.includes('service = checkout'), `checkout summary: ${filtered}`);
+  await shot('17-pushed-type-service');
+  await page.reload();
+  await page.waitForFunction(() => window.aperture);
+  await flameLoaded();
+  assert((await page.inputValue('#type-select')) === heap && (await page.inputValue('#filter-service')) === 'checkout', 'a reload lost the type or the service');
+  // A mode button goes back to the agent's profiles; the agent's rows have no service.
+  await page.click('#clear-filters');
+  await flameLoaded();
+  await page.click('[data-mode="cpu"]');
+  await flameLoaded();
+  assert(!page.url().includes('type='), `type still in URL: ${page.url()}`);
+  assert((await page.inputValue('#type-select')) === '', 'the picker still shows the pushed type');
+  const cpu = (await frames()).map((f) => f.name);
+  assert(cpu.includes('compute_checksum') && !cpu.includes('parse_json'), `cpu frames: ${cpu}`);
+});
+
 await test('the page loads nothing from other origins and logs no errors', async () => {
   assert(offOrigin.length === 0, `requests to other origins: ${offOrigin.join(', ')}`);
   assert(pageErrors.length === 0, `page errors: ${pageErrors.join(' | ')}`);
