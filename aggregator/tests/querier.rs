@@ -583,7 +583,38 @@ async fn suite(mut settings: Settings) {
     assert!(strings(&v["stringTable"]).contains(&"parse".to_owned()), "{v}");
     assert_eq!(v["sample"].as_array().map(Vec::len), Some(p.sample.len()));
 
-    // Errors are Connect errors.
+    // /pyroscope/render: the same flame graph as flamebearer JSON, with its timeline.
+    let render = format!(
+        "/pyroscope/render?query={CPU}%7Bservice_name%3D%22checkout%22%7D&from={}&until={}&format=json",
+        start / 1000,
+        end / 1000
+    );
+    let r = get_with(addr, &render, &[("Authorization", &format!("Bearer {READ}"))]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["flamebearer"]["numTicks"], 52);
+    assert_eq!(v["metadata"]["format"], "single");
+    assert_eq!(v["metadata"]["units"], "samples");
+    let names = strings(&v["flamebearer"]["names"]);
+    let levels: Vec<Vec<i64>> = v["flamebearer"]["levels"]
+        .as_array()
+        .expect("levels")
+        .iter()
+        .map(|l| l.as_array().into_iter().flatten().map(|x| x.as_i64().unwrap_or(-1)).collect())
+        .collect();
+    assert_eq!(flame_paths(&names, &levels).get("main;serve;parse"), Some(&(37, 37)));
+    let step = v["timeline"]["durationDelta"].as_u64().expect("durationDelta");
+    let samples: Vec<u64> =
+        v["timeline"]["samples"].as_array().expect("samples").iter().filter_map(Value::as_u64).collect();
+    assert_eq!(samples.iter().sum::<u64>(), 52);
+    let first = v["timeline"]["startTime"].as_u64().expect("startTime");
+    let at = |i: usize| first + i as u64 * step;
+    let nonzero: Vec<(u64, u64)> =
+        samples.iter().enumerate().filter(|(_, s)| **s > 0).map(|(i, s)| (at(i), *s)).collect();
+    assert_eq!(nonzero, [(t1, 45), (t2, 7)]);
+    let r = get_with(addr, &render, &[]).await;
+    assert_eq!(r.status, 401);
+
     let r = post_with(addr, "/querier.v1.QuerierService/ProfileTypes", &[("Content-Type", "application/json")], b"{}")
         .await;
     assert_eq!(r.status, 401);

@@ -89,6 +89,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(PYROSCOPE_INGEST, post(crate::pyroscope::ingest))
         .route(PYROSCOPE_PUSH, post(crate::pyroscope::push))
         .route("/querier.v1.QuerierService/{method}", post(crate::pyroscope::querier))
+        .route("/pyroscope/render", get(crate::pyroscope::render))
         .nest("/api/v1", api)
         .merge(ui::router())
         .fallback(not_found)

@@ -20,7 +20,7 @@ mod push;
 mod querier;
 
 pub(crate) use push::push;
-pub(crate) use querier::querier;
+pub(crate) use querier::{querier, render};
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -14,6 +14,10 @@
 //! tag. Only `=` matchers are supported (and `=~` with a literal value or
 //! `.*`). Times are milliseconds since the epoch. Auth is the read token.
 
+mod render;
+
+pub(crate) use render::render;
+
 use std::collections::BTreeMap;
 
 use aperture_core::model::{Mode, ProfileType};
@@ -194,6 +198,7 @@ struct SelectSeriesRequest {
     group_by: Vec<String>,
     #[prost(double, tag = "6")]
     step: f64,
+    /// Read and not used: every point is the step's sum.
     #[prost(int32, optional, tag = "7")]
     aggregation: Option<i32>,
     #[prost(int64, optional, tag = "9")]
@@ -950,8 +955,9 @@ async fn select_series(state: &AppState, body: &Request<'_>, enc: Encoding) -> R
             s.filter.profile_type = base.filter.profile_type.clone();
             let sum = bucket_sum(state, &w, mode, &s).await?;
             if sum > 0 {
-                let value = if req.aggregation == Some(1) { sum as f64 / (end - t) as f64 } else { sum as f64 };
-                points.push(Point { value, timestamp: i64::try_from(t * 1000).unwrap_or(i64::MAX) });
+                // Always the step's sum: rows are merged per aggregation
+                // window, so single profiles cannot be averaged.
+                points.push(Point { value: sum as f64, timestamp: i64::try_from(t * 1000).unwrap_or(i64::MAX) });
                 total = total.saturating_add(sum);
             }
             t = end;
