@@ -475,7 +475,7 @@ fn range(state: &AppState, start_ms: i64, end_ms: i64) -> Result<(u64, u64), Fai
         return Err(Failure::bad(format!("`start` ({start_ms}) must be before `end` ({end_ms})")));
     }
     let from_s = u64::try_from(start_ms / 1000).unwrap_or(0);
-    let to_s = u64::try_from((end_ms + 999) / 1000).unwrap_or(0).max(from_s + 1);
+    let to_s = u64::try_from(end_ms.saturating_add(999) / 1000).unwrap_or(0).max(from_s + 1);
     let max = state.limits.max_query_range.as_secs().max(1);
     if to_s - from_s > max {
         return Err(Failure::bad(format!(
@@ -914,10 +914,6 @@ async fn select_series(state: &AppState, body: &Request<'_>, enc: Encoding) -> R
         return Err(Failure::bad("the label selector names another profile type than `profileTypeID`"));
     }
     let base = selector_for(&sel, &w, from_s, to_s);
-    // Steps: at least a second, and at most MAX_POINTS of them.
-    const MAX_POINTS: u64 = 1_000;
-    let mut step_s = if req.step.is_finite() && req.step > 0.0 { req.step.ceil() as u64 } else { 15 };
-    step_s = step_s.max(1).max((to_s - from_s).div_ceil(MAX_POINTS));
     // Groups: every combination of the group-by labels' values.
     const MAX_GROUPS: usize = 100;
     let mut groups: Vec<Vec<(String, String)>> = vec![Vec::new()];
@@ -939,6 +935,13 @@ async fn select_series(state: &AppState, body: &Request<'_>, enc: Encoding) -> R
         }
         groups = next;
     }
+    // Steps: at least a second, at most MAX_POINTS per series and
+    // MAX_QUERIES (one store query per step and series) in all.
+    const MAX_POINTS: u64 = 1_000;
+    const MAX_QUERIES: u64 = 10_000;
+    let points_cap = MAX_POINTS.min(MAX_QUERIES / (groups.len() as u64).max(1)).max(1);
+    let asked = if req.step.is_finite() && req.step > 0.0 { req.step.ceil() as u64 } else { 15 };
+    let step_s = asked.max(1).max((to_s - from_s).div_ceil(points_cap));
     let mode = crate::http::value_mode(&w);
     let mut series: Vec<(u64, PbSeries)> = Vec::new();
     for g in groups {
