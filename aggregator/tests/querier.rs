@@ -398,8 +398,16 @@ async fn suite(mut settings: Settings) {
     let names = strings(&v["names"]);
     assert!(names.contains(&"service_name".to_owned()) && names.contains(&"__name__".to_owned()), "{v}");
     assert!(!names.contains(&"pod".to_owned()), "{v}");
+    assert!(names.contains(&"env".to_owned()), "tag keys are label names: {v}");
     let pb: NamesResponse = client.proto("LabelNames", &LabelNamesRequest { matchers: vec![], start, end }).await;
     assert!(pb.names.contains(&"pod".to_owned()) && pb.names.contains(&"service_name".to_owned()), "{:?}", pb.names);
+    let pb: NamesResponse = client
+        .proto(
+            "LabelNames",
+            &LabelNamesRequest { matchers: vec![format!("{{__profile_type__=\"{AGENT_CPU}\"}}")], start, end },
+        )
+        .await;
+    assert!(pb.names.contains(&"pod".to_owned()) && !pb.names.contains(&"env".to_owned()), "{:?}", pb.names);
 
     // LabelValues: services, tags, types, the agent's labels.
     let v = client

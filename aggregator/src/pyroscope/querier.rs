@@ -551,7 +551,7 @@ async fn values_of(
     Ok(values)
 }
 
-/// The label names listed: those of the type and the labels with values.
+/// The labels `LabelNames` lists when they have values (besides the type's and the tags).
 const LISTED: [&str; 7] = ["service_name", "node", "namespace", "pod", "container", "process", "pid"];
 
 fn type_labels(t: &ProfileType) -> Vec<(&'static str, String)> {
@@ -640,7 +640,17 @@ async fn label_names(state: &AppState, body: &Request<'_>, enc: Encoding) -> Res
             names.push(name.to_owned());
         }
     }
+    // Tags, by their keys.
+    if typed {
+        for (_, w, s) in per_type(state, &sel, from_s, to_s).await? {
+            names.extend(state.store.tag_keys(mode_of(&w), &s).await?);
+        }
+    } else {
+        let s = Selector { from_s, to_s, filter: sel.filter.clone() };
+        names.extend(state.store.tag_keys(None, &s).await?);
+    }
     names.sort();
+    names.dedup();
     let json = json!({ "names": names });
     Ok(answer(enc, &NamesResponse { names }, json))
 }

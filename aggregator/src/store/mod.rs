@@ -459,6 +459,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         sel: &'a Selector,
     ) -> StoreFuture<'a, Result<Vec<String>, QueryError>>;
 
+    /// Distinct tag keys among rows of `kind` (all kinds if `None`) selected by `sel`, sorted.
+    fn tag_keys<'a>(
+        &'a self,
+        kind: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>>;
+
     /// Removes rows whose window started before `cutoff_s`, and ledger state
     /// not updated since then.
     fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>>;

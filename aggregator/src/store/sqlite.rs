@@ -629,6 +629,29 @@ impl Store for SqliteStore {
         })
     }
 
+    fn tag_keys<'a>(
+        &'a self,
+        mode: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        let kinds = mode.map(mode_kinds).unwrap_or(&[]);
+        let (cond, params) = where_clause(kinds, sel);
+        self.read(move |conn| {
+            let sql = format!("SELECT DISTINCT tags FROM samples WHERE {cond} AND tags != ''");
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(params_from_iter(params), |r| r.get::<_, String>(0))?;
+            let mut out = BTreeSet::new();
+            for tags in rows {
+                for line in tags?.lines() {
+                    if let Some((k, _)) = line.split_once('=') {
+                        out.insert(k.to_owned());
+                    }
+                }
+            }
+            Ok(out.into_iter().collect())
+        })
+    }
+
     fn undecodable(&self) -> Undecodable {
         self.undecodable.snapshot()
     }

@@ -121,6 +121,14 @@ impl Store for ClickHouseStore {
         Box::pin(queries::tag_values(&self.reads, key, mode, sel))
     }
 
+    fn tag_keys<'a>(
+        &'a self,
+        mode: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        Box::pin(queries::tag_keys(&self.reads, mode, sel))
+    }
+
     fn undecodable(&self) -> Undecodable {
         self.undecodable.snapshot()
     }

@@ -251,6 +251,13 @@ pub(crate) async fn tag_values(
     bound(client, &sql, &w).fetch_all::<String>().await.map_err(query_err)
 }
 
+pub(crate) async fn tag_keys(client: &Client, mode: Option<Mode>, sel: &Selector) -> Result<Vec<String>, QueryError> {
+    let kinds = mode.map(mode_kinds).unwrap_or(&[]);
+    let w = where_clause(kinds, sel);
+    let sql = format!("SELECT DISTINCT arrayJoin(tag_keys) AS k FROM samples WHERE {} ORDER BY k", w.sql);
+    bound(client, &sql, &w).fetch_all::<String>().await.map_err(query_err)
+}
+
 #[derive(Row, Deserialize)]
 struct LedgerState {
     agent_id: String,
