@@ -959,13 +959,13 @@ async fn select_series(state: &AppState, body: &Request<'_>, enc: Encoding) -> R
         let mut gsel = selection(&matchers, "")?;
         let mut filter = sel.filter.clone();
         merge_filter(&mut filter, std::mem::take(&mut gsel.filter));
+        filter.profile_type = base.filter.profile_type.clone();
         let mut points = Vec::new();
         let mut total = 0u64;
         let mut t = from_s;
         while t < to_s {
             let end = (t + step_s).min(to_s);
-            let mut s = selector_for(&Selection { filter: filter.clone(), type_parts: Vec::new() }, &w, t, end);
-            s.filter.profile_type = base.filter.profile_type.clone();
+            let s = Selector { from_s: t, to_s: end, filter: filter.clone() };
             let sum = bucket_sum(state, &w, mode, &s).await?;
             if sum > 0 {
                 // Always the step's sum: rows are merged per aggregation
