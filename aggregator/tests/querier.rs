@@ -436,6 +436,21 @@ async fn suite(mut settings: Settings) {
         .json("LabelValues", json!({ "name": "__profile_type__", "start": start.to_string(), "end": end.to_string() }))
         .await;
     assert!(strings(&v["names"]).contains(&CPU.to_owned()), "{v}");
+    let v = client
+        .json(
+            "LabelValues",
+            json!({ "name": "__profile_type__", "matchers": ["{service_name=\"checkout\"}"],
+                    "start": start.to_string(), "end": end.to_string() }),
+        )
+        .await;
+    assert_eq!(strings(&v["names"]), [CPU], "only the types with data of the service");
+    let v = client
+        .json(
+            "LabelValues",
+            json!({ "name": "__name__", "matchers": ["{pod=\"api-1\"}"], "start": start.to_string(), "end": end.to_string() }),
+        )
+        .await;
+    assert_eq!(strings(&v["names"]), ["cpu", "lock", "syscall"], "the agent's types with data of the pod");
 
     // Series: one label set per type and service.
     let v = client

@@ -551,6 +551,16 @@ async fn values_of(
     Ok(values)
 }
 
+/// Whether `sel` selects any row of `which`: the agent's rows all carry a
+/// node, pushed rows their type.
+async fn has_data(state: &AppState, which: &Which, sel: &Selector) -> Result<bool, Failure> {
+    let (label, mode) = match which {
+        Which::Mode(m) => (LabelName::Node, Some(*m)),
+        Which::Type(_) => (LabelName::Type, None),
+    };
+    Ok(!query::sort_label_values(state.store.label_values(label, mode, sel).await?, false).is_empty())
+}
+
 /// The labels `LabelNames` lists when they have values (besides the type's and the tags).
 const LISTED: [&str; 7] = ["service_name", "node", "namespace", "pod", "container", "process", "pid"];
 
@@ -674,7 +684,7 @@ async fn label_values(state: &AppState, body: &Request<'_>, enc: Encoding) -> Re
     if let Some(i) = part {
         for (t, _, s) in per_type(state, &sel, from_s, to_s).await? {
             // A type counts when it has rows the filters select.
-            if typed_only(&sel) || !values_of(state, "node", Some(&which(&t.id())?), &s).await?.is_empty() {
+            if typed_only(&sel) || has_data(state, &which(&t.id())?, &s).await? {
                 names.push(type_labels(&t)[i].1.clone());
             }
         }
@@ -709,7 +719,7 @@ async fn series(state: &AppState, body: &Request<'_>, enc: Encoding) -> Result<R
         let mut base: Vec<(String, String)> = type_labels(&t).into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
         if services.is_empty() {
             // The agent's rows have no service: a series when there is data.
-            if !values_of(state, "node", Some(&w), &s).await?.is_empty() {
+            if has_data(state, &w, &s).await? {
                 sets.push(base);
             }
             continue;
