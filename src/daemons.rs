@@ -104,7 +104,9 @@ async fn up_async(aggregator: AggregatorConfig, agent: AgentConfig, token: Strin
     let url = format!("http://{}/", daemon.http_addr());
     println!();
     println!("  Aperture is running on this machine (mode {mode}, {frequency} Hz).");
-    println!("  UI and API:  {url}");
+    println!("  UI:          {}", sign_in_link(&url, &token));
+    println!("               (signs this browser tab in; the token after # never reaches the server)");
+    println!("  API:         {url}api/v1");
     println!("  Token:       {token}");
     println!("  Example:     curl -H 'Authorization: Bearer {token}' '{url}api/v1/top?mode=cpu'");
     println!("  Stop with Ctrl-C.");
@@ -128,6 +130,21 @@ async fn up_async(aggregator: AggregatorConfig, agent: AgentConfig, token: Strin
     let report = agent_result.context("agent")?;
     tracing::info!(%report, "agent stopped");
     stopped
+}
+
+/// The UI's address with the token in its fragment (`#token=...`): the UI
+/// moves it into the tab's session storage and out of the address bar. The
+/// token is percent-encoded, so one from APERTURE_AUTH_TOKEN survives as is.
+fn sign_in_link(url: &str, token: &str) -> String {
+    let mut link = format!("{url}#token=");
+    for b in token.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            link.push(char::from(b));
+        } else {
+            link.push_str(&format!("%{b:02X}"));
+        }
+    }
+    link
 }
 
 /// A random 32-byte token, hex.
@@ -188,4 +205,15 @@ fn trigger_on_signals(shutdown: Shutdown) -> anyhow::Result<()> {
 fn runtime_failure(e: &anyhow::Error) -> ExitCode {
     eprintln!("error: {e:#}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sign_in_link;
+
+    #[test]
+    fn the_sign_in_link_carries_the_token_in_the_fragment_percent_encoded() {
+        assert_eq!(sign_in_link("http://127.0.0.1:9090/", "ab12"), "http://127.0.0.1:9090/#token=ab12");
+        assert_eq!(sign_in_link("http://h/", "a+b&c=d e%"), "http://h/#token=a%2Bb%26c%3Dd%20e%25");
+    }
 }

@@ -15,6 +15,10 @@
 //!
 //! The data, with the shares the test checks (stacks root first):
 //!
+//! Pushed like a Pyroscope SDK (`POST /ingest`), two minutes ago: service
+//! `checkout` (tag `env=prod`), type `memory:alloc_space:bytes:space:bytes`,
+//! `main;serve;parse_json` 3072 bytes (75 %), `main;serve;render` 1024.
+//!
 //! CPU, two minutes ago, 1000 samples (10 ms period):
 //! - api on node-a: `main;worker_loop;handle_request;compute_checksum` 750
 //!   (75 %): `crc32_update` 600 of it (520 self, `crc32_fold` 80), 150 self;
@@ -261,12 +265,35 @@ fn received(id: FrameId, batch: &Batch) -> anyhow::Result<ReceivedFrame> {
     Ok(ReceivedFrame { header, bytes, carrier: Carrier::Grpc, peer })
 }
 
+/// Pushes the service `checkout`'s heap profile the way a Pyroscope SDK
+/// does (`POST /ingest`, folded), answered once committed.
+async fn push_profile(addr: SocketAddr, token: &str, time_s: u64) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = "main;serve;parse_json 3072\nmain;serve;render 1024\n";
+    let request = format!(
+        "POST /ingest?name=checkout.alloc_space%7Benv%3Dprod%7D&from={time_s}&format=folded&units=bytes HTTP/1.1\r\n\
+         Host: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(addr).await.context("connecting to the aggregator")?;
+    stream.write_all(request.as_bytes()).await.context("sending the pushed profile")?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.context("reading the answer to the push")?;
+    let answer = String::from_utf8_lossy(&answer);
+    if !answer.starts_with("HTTP/1.1 200") {
+        bail!("the pushed profile was refused: {answer}");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
     let dir = tempfile::tempdir().context("creating the data directory")?;
     let mut settings = Settings::new(dir.path());
     settings.http_listen = SocketAddr::from(([127, 0, 0, 1], args.port));
+    let ingest_token = args.token.clone();
+    settings.ingest_token = Some(args.token.clone());
     settings.auth_token = Some(args.token);
     settings.shards = 2;
     settings.flush_max_age = Duration::from_millis(100);
@@ -301,6 +328,7 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    push_profile(handle.http_addr(), &ingest_token, current).await?;
     println!("ready http://{}", handle.http_addr());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -121,6 +121,8 @@ impl Aggregator {
             store: Arc::clone(&store),
             shared: Arc::clone(&shared),
             token_digest: settings.auth_token.as_deref().map(token_digest),
+            ingest_digest: settings.ingest_token.as_deref().map(token_digest),
+            ingress: Arc::clone(&ingress),
             limits: settings.http_limits,
             started: Instant::now(),
         };

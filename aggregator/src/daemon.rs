@@ -22,6 +22,7 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
     let mut s = Settings::new(config.data_dir.clone());
     s.http_listen = listen(&config.listen.http, "listen.http")?;
     s.auth_token = config.auth.read().map(str::to_owned);
+    s.ingest_token = config.auth.ingest().map(str::to_owned);
     s.buffer_capacity_bytes = config.buffer.capacity.as_usize();
     s.high_water_percent = config.buffer.high_water_percent.0;
     s.shards = config.shards;

@@ -32,6 +32,7 @@ pub mod daemon;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod pyroscope;
 pub mod query;
 mod settings;
 pub mod store;

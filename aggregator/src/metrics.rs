@@ -38,6 +38,10 @@ pub struct Metrics {
     pub registry: Registry,
     /// `aperture_ingress_frames_total{result}`.
     pub ingress_frames: IntCounterVec,
+    /// `aperture_push_requests_total{protocol, result}`.
+    pub push_requests: IntCounterVec,
+    /// `aperture_push_samples_total`.
+    pub push_samples: IntCounter,
     /// `aperture_ingress_received_bytes_total`.
     pub ingress_bytes: IntCounter,
     /// `aperture_ingress_samples_total`.
@@ -274,6 +278,12 @@ impl Metrics {
                 &["result"],
             )?,
             ingress_bytes: counter("aperture_ingress_received_bytes_total", "Bytes of frames queued to shards.")?,
+            push_requests: counter_vec(
+                "aperture_push_requests_total",
+                "Pushed-profile requests (Pyroscope ingest), by protocol and outcome.",
+                &["protocol", "result"],
+            )?,
+            push_samples: counter("aperture_push_samples_total", "Samples of pushed profiles committed to the store.")?,
             ingress_samples: counter(
                 "aperture_ingress_samples_total",
                 "Observations (CPU samples, lock waits, syscalls, slow calls) folded into shards.",

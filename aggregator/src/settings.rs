@@ -55,6 +55,9 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// Longest time range one query may cover (answered with 400 beyond).
     pub max_query_range: Duration,
+    /// Largest body of a pushed profile (`POST /ingest`), bytes; its
+    /// decompressed form may be 8 times larger.
+    pub max_push_body_bytes: usize,
 }
 
 impl Default for HttpLimits {
@@ -66,6 +69,7 @@ impl Default for HttpLimits {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 1024,
             max_query_range: Duration::from_secs(31 * 86_400),
+            max_push_body_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -77,6 +81,9 @@ pub struct Settings {
     pub http_listen: SocketAddr,
     /// Bearer token required on `/api/v1/*` (`APERTURE_AUTH_TOKEN`); `None` disables auth.
     pub auth_token: Option<String>,
+    /// Token required of pushed profiles (`POST /ingest`): the agents'
+    /// ingest token; `None` accepts pushes without one.
+    pub ingest_token: Option<String>,
     /// Directory of the embedded store. Default `/var/lib/aperture`.
     pub data_dir: PathBuf,
     /// Bytes the ingress, shards and writer may hold in total
@@ -130,6 +137,7 @@ impl Settings {
         Settings {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             auth_token: None,
+            ingest_token: None,
             data_dir: data_dir.into(),
             buffer_capacity_bytes: 256 * 1024 * 1024,
             high_water_percent: 80,

@@ -285,6 +285,17 @@ impl Store for DownStore {
     ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
         down()
     }
+    fn tag_values<'a>(
+        &'a self,
+        _: &'a str,
+        _: Option<Mode>,
+        _: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        down()
+    }
+    fn tag_keys<'a>(&'a self, _: Option<Mode>, _: &'a Selector) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        down()
+    }
     fn apply_retention(&self, _: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>> {
         down()
     }

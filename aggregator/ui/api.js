@@ -10,6 +10,27 @@ export const token = {
   clear: () => sessionStorage.removeItem(TOKEN_KEY),
 };
 
+/**
+ * Signs in from a link of the form `/#token=<token>` (what `aperture up`
+ * prints): the token moves into this tab's session storage and the fragment
+ * leaves the address bar and the history entry. A fragment is never sent to
+ * the server, so the token stays out of its logs. Call before any request.
+ * Returns whether a token was taken from the link.
+ */
+export function adoptTokenFromFragment(loc = window.location, hist = window.history) {
+  const hash = loc.hash.startsWith('#') ? loc.hash.slice(1) : loc.hash;
+  if (!hash) return false;
+  const params = new URLSearchParams(hash);
+  if (!params.has('token')) return false;
+  const t = params.get('token') || '';
+  params.delete('token');
+  const rest = params.toString();
+  hist.replaceState(hist.state, '', `${loc.pathname}${loc.search}${rest ? `#${rest}` : ''}`);
+  if (!t) return false;
+  token.set(t);
+  return true;
+}
+
 /** A request the aggregator refused or could not answer. */
 export class ApiError extends Error {
   constructor(status, message, path) {

@@ -7,12 +7,15 @@ import * as fmt from './format.js';
 import * as st from './state.js';
 import { FlameView, DiffView, SyscallsView, LocksView, errorState, showState } from './views.js';
 
-const FILTER_LABELS = { node: 'Node', namespace: 'Namespace', pod: 'Pod', container: 'Container', process: 'Process' };
-const FILTER_ALL = { node: 'All nodes', namespace: 'All namespaces', pod: 'All pods', container: 'All containers', process: 'All processes' };
+const FILTER_LABELS = { node: 'Node', namespace: 'Namespace', pod: 'Pod', container: 'Container', process: 'Process', service: 'Service' };
+const FILTER_ALL = { node: 'All nodes', namespace: 'All namespaces', pod: 'All pods', container: 'All containers', process: 'All processes', service: 'All services' };
 const VIEW_USES_MODE = { flame: true, diff: true, syscalls: false, locks: false };
 
 class App {
   constructor() {
+    // Before anything can send a request: a sign-in link's token moves
+    // from the address bar into session storage.
+    api.adoptTokenFromFragment();
     this.api = api;
     this.state = st.parse(location.search);
     this.tooltip = document.getElementById('tooltip');
@@ -44,7 +47,7 @@ class App {
    */
   update(patch, { reload = true, replace = false } = {}) {
     const next = { ...this.state, ...patch };
-    if ('mode' in patch || 'range' in patch || 'from' in patch || st.FILTERS.some((f) => f in patch)) {
+    if ('mode' in patch || 'type' in patch || 'range' in patch || 'from' in patch || st.FILTERS.some((f) => f in patch)) {
       if (!('focus' in patch)) next.focus = '';
     }
     this.state = next;
@@ -108,9 +111,10 @@ class App {
 
   async loadFilters(state, signal) {
     const base = { ...st.apiRange(state) };
-    if (VIEW_USES_MODE[state.view]) base.mode = state.mode;
-    await Promise.all(
-      st.FILTERS.map(async (name) => {
+    if (VIEW_USES_MODE[state.view]) Object.assign(base, st.apiWhich(state));
+    await Promise.all([
+      this.loadTypes(state, signal),
+      ...st.FILTERS.map(async (name) => {
         const select = this.filterSelects[name];
         try {
           const r = await this.get(`labels/${name}/values`, { ...base, ...st.apiFilters(state, name) }, signal);
@@ -121,7 +125,25 @@ class App {
           select.title = `Could not load values: ${e.message}`;
         }
       }),
-    );
+    ]);
+  }
+
+  /** Fills the type picker with the pushed profile types there is data of. */
+  async loadTypes(state, signal) {
+    const select = this.typeSelect;
+    let ids = [];
+    try {
+      const r = await this.get('types', st.apiRange(state), signal);
+      ids = r.types.filter((t) => t.mode === null).map((t) => t.id);
+    } catch (e) {
+      if (e.name === 'AbortError') return;
+      select.title = `Could not load the profile types: ${e.message}`;
+    }
+    const opts = ids.map((id) => h('option', { value: id }, id));
+    if (state.type && !ids.includes(state.type)) opts.unshift(h('option', { value: state.type }, `${state.type} (no data)`));
+    fill(select, h('option', { value: '' }, 'Agent (by mode)'), opts);
+    select.value = state.type;
+    select.title = ids.length ? `${ids.length} pushed ${ids.length === 1 ? 'type' : 'types'} in this range (Pyroscope SDKs)` : 'No pushed profiles in this range';
   }
 
   fillSelect(select, name, values, current) {
@@ -142,8 +164,10 @@ class App {
       b.addEventListener('click', () => this.update({ view: b.dataset.view }));
     }
     for (const b of document.querySelectorAll('[data-mode]')) {
-      b.addEventListener('click', () => this.update({ mode: b.dataset.mode, q: '' }));
+      b.addEventListener('click', () => this.update({ mode: b.dataset.mode, type: '', q: '' }));
     }
+    this.typeSelect = document.getElementById('type-select');
+    this.typeSelect.addEventListener('change', () => this.update({ type: this.typeSelect.value, mode: st.DEFAULTS.mode, q: '' }));
     const presets = document.getElementById('presets');
     for (const p of st.PRESETS) {
       presets.append(h('button', { type: 'button', dataset: { range: p.key }, title: `The ${p.phrase.replace('in the ', '')}`, onclick: () => this.update({ range: p.key, from: null, to: null }) }, p.label));
@@ -200,7 +224,9 @@ class App {
       b.classList.toggle('active', on);
     }
     for (const v of st.VIEWS) document.getElementById(`view-${v}`).hidden = v !== s.view;
-    for (const b of document.querySelectorAll('[data-mode]')) b.setAttribute('aria-pressed', String(b.dataset.mode === s.mode));
+    for (const b of document.querySelectorAll('[data-mode]')) b.setAttribute('aria-pressed', String(!s.type && b.dataset.mode === s.mode));
+    if (s.type && !Array.from(this.typeSelect.options).some((o) => o.value === s.type)) this.typeSelect.append(h('option', { value: s.type }, s.type));
+    this.typeSelect.value = s.type;
     const modeGroup = document.getElementById('mode-group');
     modeGroup.classList.toggle('inactive', !VIEW_USES_MODE[s.view]);
     modeGroup.title = VIEW_USES_MODE[s.view] ? '' : 'This view does not depend on the mode';
@@ -222,7 +248,7 @@ class App {
       if (s[f]) active++;
     }
     document.getElementById('clear-filters').hidden = !active;
-    const m = fmt.MODES[s.mode];
+    const m = fmt.modeOf(st.kindOf(s));
     const viewTitle = { flame: m.title, diff: `${m.title} diff`, syscalls: 'System calls', locks: 'Lock contention' }[s.view];
     document.title = `${viewTitle} · Aperture`;
   }

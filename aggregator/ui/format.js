@@ -89,6 +89,50 @@ export const MODES = {
   },
 };
 
+/** Bytes in binary units: "4.0 KiB". */
+export function bytes(v) {
+  const units = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let x = v;
+  let i = 0;
+  while (Math.abs(x) >= 1024 && i < units.length - 1) {
+    x /= 1024;
+    i++;
+  }
+  return i ? `${x.toFixed(1)} ${units[i]}` : `${count(v)} bytes`;
+}
+
+/**
+ * How to show the values of a pushed profile type, from its id
+ * `name:sample_type:sample_unit:period_type:period_unit`: in its unit
+ * (bytes, nanoseconds, or a count of its sample type).
+ */
+export function typeMode(id) {
+  const [name = '', sampleType = '', unit = ''] = id.split(':');
+  let value;
+  if (unit === 'bytes') value = bytes;
+  else if (unit === 'nanoseconds') value = (v) => duration(v);
+  else value = (v) => `${count(v)} ${unit === 'count' || !unit ? sampleType : unit}`;
+  return {
+    key: id,
+    pushed: true,
+    unit,
+    label: name,
+    title: `${name} profile (${sampleType})`,
+    what: `${sampleType} (${name})`,
+    measure: sampleType,
+    countName: 'samples',
+    empty: `No ${sampleType} data`,
+    value,
+    short: value,
+    time: value,
+  };
+}
+
+/** The display rules of an agent mode (`cpu`, `lock`, `syscall`) or a pushed type id. */
+export function modeOf(key) {
+  return MODES[key] || typeMode(key);
+}
+
 const pad = (n) => String(n).padStart(2, '0');
 
 /** Unix seconds -> local "2024-05-01 12:03". */

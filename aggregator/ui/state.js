@@ -12,7 +12,7 @@ export const PRESETS = [
 
 export const VIEWS = ['flame', 'diff', 'syscalls', 'locks'];
 export const MODES = ['cpu', 'lock', 'syscall'];
-export const FILTERS = ['node', 'namespace', 'pod', 'container', 'process'];
+export const FILTERS = ['node', 'namespace', 'pod', 'container', 'process', 'service'];
 
 /** Base of a diff: the range compared against. */
 export const BASES = [
@@ -26,6 +26,7 @@ export const BASES = [
 export const DEFAULTS = Object.freeze({
   view: 'flame',
   mode: 'cpu',
+  type: '', // a pushed profile type id; empty: the agent's `mode`
   range: '15m',
   from: null, // unix seconds, custom ranges only
   to: null,
@@ -34,6 +35,7 @@ export const DEFAULTS = Object.freeze({
   pod: '',
   container: '',
   process: '',
+  service: '',
   q: '', // flame-graph search
   focus: '', // zoomed frame: names from the root, ';'-separated
   sort: 'self', // top functions: self | total | name
@@ -41,6 +43,9 @@ export const DEFAULTS = Object.freeze({
   base_from: null,
   base_to: null,
 });
+
+/** A profile type id: five non-empty parts separated by `:`. */
+export const TYPE_ID = /^[^:\s]+(:[^:\s]+){4}$/;
 
 const int = (v) => (v !== null && /^\d+$/.test(v) ? Number(v) : null);
 const oneOf = (v, list, d) => (list.includes(v) ? v : d);
@@ -51,6 +56,8 @@ export function parse(search) {
   const s = { ...DEFAULTS };
   s.view = oneOf(p.get('view'), VIEWS, s.view);
   s.mode = oneOf(p.get('mode'), MODES, s.mode);
+  s.type = TYPE_ID.test(p.get('type') || '') ? p.get('type') : '';
+  if (s.type) s.mode = DEFAULTS.mode;
   s.range = oneOf(p.get('range'), [...PRESETS.map((x) => x.key), 'custom'], s.range);
   s.from = int(p.get('from'));
   s.to = int(p.get('to'));
@@ -99,6 +106,16 @@ export function apiBase(s) {
   if (s.range === 'custom') return { base_from: String(s.from - b.offset), base_to: String(s.to - b.offset) };
   const len = rangeSecs(s);
   return { base_from: `-${len + b.offset}s`, base_to: `-${b.offset}s` };
+}
+
+/** What the profile routes read: the pushed `type`, or the agent's `mode`. */
+export function apiWhich(s) {
+  return s.type ? { type: s.type } : { mode: s.mode };
+}
+
+/** The key of the display rules (format.js `modeOf`): the type id or the mode. */
+export function kindOf(s) {
+  return s.type || s.mode;
 }
 
 /** The active label filters as API parameters. */

@@ -7,7 +7,7 @@ import * as fmt from './format.js';
 import { FlameGraph, diffColor } from './flame.js';
 import { SortableTable } from './tables.js';
 import { prepare, diffTree, pathOf } from './tree.js';
-import { apiRange, apiFilters, apiBase, rangePhrase, FILTERS, BASES } from './state.js';
+import { apiRange, apiFilters, apiBase, apiWhich, kindOf, rangePhrase, FILTERS, BASES } from './state.js';
 
 /** Shows (or clears, with null) a loading / empty / error message over a panel body. */
 export function showState(host, s) {
@@ -138,19 +138,19 @@ export class FlameView {
   }
 
   cellValue(v) {
-    const m = fmt.MODES[this.mode];
+    const m = fmt.modeOf(this.mode);
     if (!v) return h('span', { class: 'muted' }, '–', h('span', { class: 'pct' }, ''));
     return h('span', {}, m.short(v), h('span', { class: 'muted pct' }, fmt.pct(this.share(v))));
   }
 
   async load(state, signal) {
-    const m = fmt.MODES[state.mode];
-    this.mode = state.mode;
+    const m = fmt.modeOf(kindOf(state));
+    this.mode = kindOf(state);
     const phrase = rangePhrase(state, fmt.dateTime);
     this.legend.dataset.mode = state.mode;
     showState(this.stateHost, loadingState(`Loading ${m.what} ${phrase}…`));
     this.el.classList.add('is-loading');
-    const params = { mode: state.mode, ...apiRange(state), ...apiFilters(state) };
+    const params = { ...apiWhich(state), ...apiRange(state), ...apiFilters(state) };
     this.el.dataset.mode = state.mode;
     const top = this.loadTop(state, signal);
     let fg;
@@ -167,7 +167,7 @@ export class FlameView {
     if (!fg.root.value) {
       this.clear();
       this.summary.replaceChildren(h('span', { class: 'muted' }, `No data · ${fmt.span(fg.from, fg.to)}`));
-      showState(this.stateHost, emptyState(this.app, state, state.mode === 'cpu' ? 'No samples' : m.empty));
+      showState(this.stateHost, emptyState(this.app, state, kindOf(state) === 'cpu' ? 'No samples' : m.empty));
     } else {
       showState(this.stateHost, null);
       this.topPanel.hidden = false;
@@ -192,11 +192,11 @@ export class FlameView {
   async loadTop(state, signal) {
     const by = state.sort === 'name' ? 'total' : state.sort;
     this.topBy = by;
-    const params = { mode: state.mode, ...apiRange(state), ...apiFilters(state), by, limit: 200 };
+    const params = { ...apiWhich(state), ...apiRange(state), ...apiFilters(state), by, limit: 200 };
     showState(this.topState, loadingState('Loading top functions…'));
     try {
       const r = await this.app.get('top', params, signal);
-      this.mode = state.mode;
+      this.mode = kindOf(state);
       this.top.sort = { key: state.sort, desc: state.sort !== 'name' };
       this.top.setRows(r.functions);
       showState(this.topState, r.functions.length ? null : { kind: 'empty', title: 'No functions to rank in this range' });
@@ -209,10 +209,11 @@ export class FlameView {
   }
 
   drawSummary(fg, state) {
-    const m = fmt.MODES[state.mode];
+    const m = fmt.modeOf(kindOf(state));
     const root = fg.root;
     const parts = [];
-    if (state.mode === 'cpu') parts.push(h('strong', {}, `${fmt.count(root.count)} samples`), ` (${fmt.duration(root.ns)} of CPU time)`);
+    if (m.pushed) parts.push(h('strong', {}, m.value(root.value)), ` of ${m.measure}`);
+    else if (kindOf(state) === 'cpu') parts.push(h('strong', {}, `${fmt.count(root.count)} samples`), ` (${fmt.duration(root.ns)} of CPU time)`);
     else parts.push(h('strong', {}, fmt.duration(root.ns)), ` ${m.measure} over ${fmt.count(root.count)} ${m.countName}`);
     parts.push(h('span', { class: 'dot' }, '·'), fmt.span(fg.from, fg.to));
     const f = filterText(state);
@@ -261,7 +262,7 @@ export class FlameView {
       return;
     }
     share.hidden = false;
-    const m = fmt.MODES[state.mode];
+    const m = fmt.modeOf(kindOf(state));
     if (!r.frames) {
       share.className = 'search-share none';
       share.textContent = `No frame matches “${state.q.trim()}”`;
@@ -271,17 +272,20 @@ export class FlameView {
     fill(
       share,
       h('strong', {}, `${fmt.pct(r.share)} of total`),
-      ` · ${m.short(r.value)}${state.mode === 'cpu' ? ' samples' : ''} · ${r.frames} ${r.frames === 1 ? 'frame' : 'frames'}`,
+      ` · ${m.short(r.value)}${kindOf(state) === 'cpu' ? ' samples' : ''} · ${r.frames} ${r.frames === 1 ? 'frame' : 'frames'}`,
       r.names > 1 ? ` in ${r.names} functions` : '',
     );
   }
 
   describe(n) {
-    const m = fmt.MODES[this.mode];
+    const m = fmt.modeOf(this.mode);
     const total = this.graph.data.total;
     const isRoot = !n.parent;
     const rows = [];
-    if (this.mode === 'cpu') {
+    if (m.pushed) {
+      rows.push(row('Total', m.value(n.value)));
+      rows.push(row('Self', m.value(n.self)));
+    } else if (this.mode === 'cpu') {
       rows.push(row('Total', `${fmt.count(n.value)} samples · ${fmt.duration(n.ns)} CPU`));
       rows.push(row('Self', `${fmt.count(n.self)} samples`));
     } else {
@@ -300,7 +304,7 @@ export class FlameView {
 
   async download(format, button) {
     const s = this.app.state;
-    const params = { mode: s.mode, ...apiRange(s), ...apiFilters(s), format };
+    const params = { ...apiWhich(s), ...apiRange(s), ...apiFilters(s), format };
     const ext = { pprof: 'pb.gz', folded: 'folded.txt', svg: 'svg' }[format];
     const name = `aperture-${s.mode}-${new Date().toISOString().slice(0, 16).replace(/[:T]/g, '')}.${ext}`;
     button.disabled = true;
@@ -364,7 +368,7 @@ export class DiffView {
   }
 
   short(v) {
-    const m = fmt.MODES[this.mode];
+    const m = fmt.modeOf(this.mode);
     return m.short(v);
   }
 
@@ -378,13 +382,13 @@ export class DiffView {
   }
 
   async load(state, signal) {
-    this.mode = state.mode;
-    const m = fmt.MODES[state.mode];
+    this.mode = kindOf(state);
+    const m = fmt.modeOf(kindOf(state));
     this.baseSelect.value = state.base;
     this.customBox.hidden = state.base !== 'custom';
     if (state.base === 'custom') this.fillCustom(state);
     showState(this.stateHost, loadingState(`Comparing ${m.what}…`));
-    const params = { mode: state.mode, ...apiRange(state), ...apiFilters(state), ...apiBase(state), limit: 10000 };
+    const params = { ...apiWhich(state), ...apiRange(state), ...apiFilters(state), ...apiBase(state), limit: 10000 };
     const d = await this.app.get('diff', params, signal);
     this.response = d;
     const baseText = `${fmt.span(d.base.from, d.base.to)}`;
@@ -393,8 +397,8 @@ export class DiffView {
       this.graph.setData(prepare({ name: 'root', value: 0, children: [] }));
       this.changes.setRows([]);
       this.summary.textContent = '';
-      const empty = emptyState(this.app, state, state.mode === 'cpu' ? 'No samples' : m.empty);
-      empty.title = `${state.mode === 'cpu' ? 'No samples' : m.empty} to compare: nothing in ${baseText} nor in ${curText}`;
+      const empty = emptyState(this.app, state, kindOf(state) === 'cpu' ? 'No samples' : m.empty);
+      empty.title = `${kindOf(state) === 'cpu' ? 'No samples' : m.empty} to compare: nothing in ${baseText} nor in ${curText}`;
       showState(this.stateHost, empty);
       return;
     }
@@ -402,7 +406,7 @@ export class DiffView {
     this.data = diffTree(d.stacks);
     this.graph.setData(this.data, { diff: true });
     const side = (label, cls, total, text) =>
-      h('span', { class: `diff-side ${cls}` }, h('span', { class: 'diff-side-label' }, label), ` ${text}: `, h('strong', {}, state.mode === 'cpu' ? `${fmt.count(total)} samples` : fmt.duration(total)));
+      h('span', { class: `diff-side ${cls}` }, h('span', { class: 'diff-side-label' }, label), ` ${text}: `, h('strong', {}, kindOf(state) === 'cpu' ? `${fmt.count(total)} samples` : m.pushed ? m.value(total) : fmt.duration(total)));
     const lonely = !this.data.baseTotal ? 'The base range has no data: every frame shows as new.' : !this.data.curTotal ? 'The selected range has no data: every frame shows as gone.' : null;
     fill(
       this.summary,

@@ -174,7 +174,8 @@ pub struct Target {
     pub container: String,
 }
 
-/// The full label set of a stored row: node + target + mode.
+/// The full label set of a stored row: node + target, and for profiles
+/// that did not come from an agent, their service, tags and type.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Labels {
     /// Node (host) name.
@@ -189,6 +190,14 @@ pub struct Labels {
     pub process: String,
     /// Process id.
     pub pid: u32,
+    /// Service (a Pyroscope application name, OpenTelemetry's
+    /// `service.name`); empty for the agent's rows.
+    pub service: String,
+    /// Free-form tags, sorted by key, keys unique; empty for the agent's rows.
+    pub tags: Vec<(String, String)>,
+    /// [`ProfileType::id`] of a pushed profile; empty for the agent's rows,
+    /// whose type is their mode's [`ProfileType::of_mode`].
+    pub profile_type: String,
 }
 
 impl Labels {
@@ -201,7 +210,122 @@ impl Labels {
             container: t.container.clone(),
             process: t.process.clone(),
             pid: t.pid,
+            ..Labels::default()
         }
+    }
+}
+
+/// What a profile measures, in Pyroscope's terms: a name, the type and unit
+/// of its sample values, and the type and unit of its sampling period. The
+/// agent's three modes are the built-in members ([`ProfileType::of_mode`]);
+/// profiles pushed by SDKs keep their own (`memory:alloc_space:bytes:space:bytes`,
+/// `goroutines:goroutine:count:goroutine:count`...).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ProfileType {
+    /// Profile name (`process_cpu`, `memory`, `mutex`, `cpu`...).
+    pub name: String,
+    /// What a sample value counts (`cpu`, `alloc_space`, `contentions`...).
+    pub sample_type: String,
+    /// Its unit (`nanoseconds`, `bytes`, `count`...).
+    pub sample_unit: String,
+    /// What the sampling period measures.
+    pub period_type: String,
+    /// Its unit.
+    pub period_unit: String,
+}
+
+/// Longest profile type id accepted ([`ProfileType::parse_id`]).
+pub const MAX_PROFILE_TYPE_ID: usize = 512;
+
+impl ProfileType {
+    /// A type from its five parts.
+    pub fn new(name: &str, sample_type: &str, sample_unit: &str, period_type: &str, period_unit: &str) -> ProfileType {
+        ProfileType {
+            name: name.to_owned(),
+            sample_type: sample_type.to_owned(),
+            sample_unit: sample_unit.to_owned(),
+            period_type: period_type.to_owned(),
+            period_unit: period_unit.to_owned(),
+        }
+    }
+
+    /// The built-in type of an agent mode: `cpu:samples:count:cpu:nanoseconds`,
+    /// `lock:wait:nanoseconds:lock:count`, `syscall:slow_call:nanoseconds:syscall:count`.
+    pub fn of_mode(mode: Mode) -> ProfileType {
+        match mode {
+            Mode::Cpu => ProfileType::new("cpu", "samples", "count", "cpu", "nanoseconds"),
+            Mode::Lock => ProfileType::new("lock", "wait", "nanoseconds", "lock", "count"),
+            Mode::Syscall => ProfileType::new("syscall", "slow_call", "nanoseconds", "syscall", "count"),
+        }
+    }
+
+    /// The mode this type is the built-in type of, if any.
+    pub fn mode(&self) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| ProfileType::of_mode(*m) == *self)
+    }
+
+    /// `name:sample_type:sample_unit:period_type:period_unit`, Pyroscope's
+    /// profile type id; what storage and the API's `type=` use.
+    pub fn id(&self) -> String {
+        format!("{}:{}:{}:{}:{}", self.name, self.sample_type, self.sample_unit, self.period_type, self.period_unit)
+    }
+
+    /// The inverse of [`ProfileType::id`]: five non-empty parts without
+    /// control characters, at most [`MAX_PROFILE_TYPE_ID`] bytes.
+    pub fn parse_id(id: &str) -> Option<ProfileType> {
+        if id.len() > MAX_PROFILE_TYPE_ID || id.chars().any(char::is_control) {
+            return None;
+        }
+        let parts: Vec<&str> = id.split(':').collect();
+        match parts.as_slice() {
+            [a, b, c, d, e] if parts.iter().all(|p| !p.is_empty()) => Some(ProfileType::new(a, b, c, d, e)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ProfileType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id())
+    }
+}
+
+/// Samples pushed to the aggregator by something other than an agent (a
+/// Pyroscope SDK, an OpenTelemetry profiler), already resolved to stacks.
+/// Not part of the frame format: the aggregator builds it from the request
+/// it accepted and folds it like a frame.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ProfileBatch {
+    /// Stacks referenced by the samples.
+    pub stacks: Vec<Stack>,
+    /// One series per label set (including its profile type).
+    pub series: Vec<ProfileSeries>,
+}
+
+/// The samples of one label set in a [`ProfileBatch`].
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ProfileSeries {
+    /// Labels, with [`Labels::profile_type`] set.
+    pub labels: Labels,
+    /// Samples.
+    pub samples: Vec<ProfileSample>,
+}
+
+/// The value of one stack at one time in a [`ProfileSeries`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProfileSample {
+    /// Unix time, ns.
+    pub time_ns: u64,
+    /// Index into [`ProfileBatch::stacks`].
+    pub stack: u32,
+    /// The value, in the series type's sample unit.
+    pub value: u64,
+}
+
+impl ProfileBatch {
+    /// Number of samples.
+    pub fn sample_count(&self) -> u64 {
+        self.series.iter().map(|s| s.samples.len() as u64).sum()
     }
 }
 
@@ -520,5 +644,20 @@ mod tests {
             assert_eq!(Mode::from_u8(m as u8), Some(m));
         }
         assert_eq!(Mode::parse("gpu"), None);
+    }
+
+    #[test]
+    fn profile_type_ids_round_trip_and_modes_are_members() {
+        for m in Mode::ALL {
+            let t = ProfileType::of_mode(m);
+            assert_eq!(ProfileType::parse_id(&t.id()), Some(t.clone()));
+            assert_eq!(t.mode(), Some(m));
+        }
+        let alloc = ProfileType::parse_id("memory:alloc_space:bytes:space:bytes").expect("valid");
+        assert_eq!(alloc.sample_type, "alloc_space");
+        assert_eq!(alloc.mode(), None);
+        for bad in ["cpu", "a:b:c:d", "a:b:c:d:e:f", "a::c:d:e", "a:b:c:d:\n"] {
+            assert_eq!(ProfileType::parse_id(bad), None, "{bad:?}");
+        }
     }
 }

@@ -14,11 +14,12 @@ use crate::frame::FrameId;
 use crate::model::{ArchivedBatch, LATENCY_BUCKETS, Labels, Mode, Stack, StackHash, Target};
 
 mod intake;
+mod profiles;
 
 pub use intake::truncated_marker;
 use intake::{labels_cost, stack_cost};
 
-/// What a row measures. Each kind belongs to one [`Mode`].
+/// What a row measures. Each kind but [`RowKind::Profile`] belongs to one [`Mode`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum RowKind {
@@ -30,18 +31,23 @@ pub enum RowKind {
     Syscall = 2,
     /// Individual slow calls: `count` calls above the threshold, `total_ns`, `max_ns`; `detail` is the syscall number.
     SlowCall = 3,
+    /// Samples of a pushed profile (not from an agent): `count` is the sum
+    /// of the sample values in the unit of the label set's
+    /// [`crate::model::Labels::profile_type`].
+    Profile = 4,
 }
 
 impl RowKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [RowKind; 4] = [RowKind::Cpu, RowKind::Lock, RowKind::Syscall, RowKind::SlowCall];
+    pub const ALL: [RowKind; 5] = [RowKind::Cpu, RowKind::Lock, RowKind::Syscall, RowKind::SlowCall, RowKind::Profile];
 
-    /// The mode a row of this kind belongs to.
-    pub fn mode(self) -> Mode {
+    /// The agent mode a row of this kind belongs to; `None` for pushed profiles.
+    pub fn mode(self) -> Option<Mode> {
         match self {
-            RowKind::Cpu => Mode::Cpu,
-            RowKind::Lock => Mode::Lock,
-            RowKind::Syscall | RowKind::SlowCall => Mode::Syscall,
+            RowKind::Cpu => Some(Mode::Cpu),
+            RowKind::Lock => Some(Mode::Lock),
+            RowKind::Syscall | RowKind::SlowCall => Some(Mode::Syscall),
+            RowKind::Profile => None,
         }
     }
 
@@ -52,6 +58,7 @@ impl RowKind {
             RowKind::Lock => "lock",
             RowKind::Syscall => "syscall",
             RowKind::SlowCall => "slow_call",
+            RowKind::Profile => "profile",
         }
     }
 

@@ -39,6 +39,7 @@ impl Fleet {
             container: "app".into(),
             process: format!("worker-{p}"),
             pid: 1000 + p as u32,
+            ..Labels::default()
         }
     }
 

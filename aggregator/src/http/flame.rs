@@ -11,9 +11,9 @@ use axum::response::Response;
 use serde_json::json;
 
 use super::AppState;
-use super::api::{ApiError, json_with_root};
-use super::params::FILTERS;
-use crate::query::{self, profile_unit};
+use super::api::{ApiError, describe, json_with_root, load, merge, value_mode};
+use super::params::{FILTERS, Which};
+use crate::query;
 
 /// What one `count` stands for in a mode.
 fn count_unit(mode: Mode) -> &'static str {
@@ -30,21 +30,19 @@ pub(crate) async fn flamegraph(
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let p = super::api::params(&state, raw);
-    let mut accepted = vec!["mode", "from", "to"];
+    let mut accepted = vec!["mode", "type", "from", "to"];
     accepted.extend(FILTERS);
     p.reject_unknown(&accepted)?;
-    let mode = p.mode()?;
-    let sel = p.selector()?;
-    let profile = query::load_profile(state.store.as_ref(), mode, &sel).await?;
-    let tree = query::flame_tree(&profile, mode);
+    let which = p.which()?;
+    let sel = p.selector_for(Some(&which))?;
+    let profile = load(&state, &which, &sel).await?;
+    let tree = query::flame_tree(&profile, value_mode(&which));
+    let count_unit = match &which {
+        Which::Mode(m) => count_unit(*m).to_owned(),
+        Which::Type(t) => t.sample_unit.clone(),
+    };
     Ok(json_with_root(
-        json!({
-            "mode": mode.as_str(),
-            "from": sel.from_s,
-            "to": sel.to_s,
-            "unit": profile_unit(mode),
-            "count_unit": count_unit(mode),
-        }),
+        merge(describe(&which), json!({ "from": sel.from_s, "to": sel.to_s, "count_unit": count_unit })),
         &tree.to_json(),
     ))
 }

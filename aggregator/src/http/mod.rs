@@ -1,5 +1,6 @@
-//! The HTTP server on port 9090: probes, health, metrics and the query API
-//! (documented in `docs/openapi.yaml`).
+//! The HTTP server on port 9090: probes, health, metrics, the query API
+//! (documented in `docs/openapi.yaml`), Pyroscope's ingest routes and the
+//! `querier.v1.QuerierService` Grafana reads (see [`crate::pyroscope`]).
 //!
 //! Every request passes through the same guards: headers over
 //! [`HttpLimits::max_header_bytes`] get 431, a declared body over
@@ -19,6 +20,7 @@ pub mod params;
 mod serve;
 mod ui;
 
+pub(crate) use api::{load as load_profile, value_mode};
 pub(crate) use serve::serve;
 
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -42,6 +44,10 @@ use crate::store::Store;
 pub(crate) const API_CONTENT_SECURITY_POLICY: &str =
     "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+/// Pyroscope's ingest routes; their body limit is `max_push_body_bytes`.
+const PYROSCOPE_INGEST: &str = "/ingest";
+const PYROSCOPE_PUSH: &str = "/push.v1.PusherService/Push";
+
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub(crate) struct AppState {
@@ -49,6 +55,10 @@ pub(crate) struct AppState {
     pub shared: Arc<Shared>,
     /// Digest of the read token (`/api/v1/*`); `None` when auth is off.
     pub token_digest: Option<[u8; 32]>,
+    /// Digest of the ingest token (pushed profiles); `None` when auth is off.
+    pub ingest_digest: Option<[u8; 32]>,
+    /// Where pushed profiles enter the pipeline.
+    pub ingress: Arc<crate::pipeline::ingress::ShardedIngress>,
     pub limits: HttpLimits,
     pub started: Instant,
 }
@@ -68,6 +78,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/locks", get(api::locks))
         .route("/labels/{name}/values", get(api::label_values))
         .route("/diff", get(api::diff))
+        .route("/types", get(api::types))
         .route("/flamegraph", get(flame::flamegraph))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -75,6 +86,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/api/health", get(health::api_health))
         .route("/metrics", get(health::metrics))
+        .route(PYROSCOPE_INGEST, post(crate::pyroscope::ingest))
+        .route(PYROSCOPE_PUSH, post(crate::pyroscope::push))
+        .route("/querier.v1.QuerierService/{method}", post(crate::pyroscope::querier))
+        .route("/pyroscope/render", get(crate::pyroscope::render))
         .nest("/api/v1", api)
         .merge(ui::router())
         .fallback(not_found)
@@ -99,15 +114,21 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0);
+    let pushed = route == PYROSCOPE_INGEST || route == PYROSCOPE_PUSH;
+    let max_body = if pushed { state.limits.max_push_body_bytes } else { state.limits.max_body_bytes };
     let response = if header_bytes > state.limits.max_header_bytes {
         error_response(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             format!("request headers are {header_bytes} bytes, over the limit of {}", state.limits.max_header_bytes),
         )
-    } else if declared_body > state.limits.max_body_bytes {
+    } else if declared_body > max_body {
+        if pushed {
+            let protocol = if route == PYROSCOPE_PUSH { "pyroscope_push" } else { "pyroscope_ingest" };
+            state.shared.metrics.push_requests.with_label_values(&[protocol, "too_large"]).inc();
+        }
         error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is {declared_body} bytes, over the limit of {}", state.limits.max_body_bytes),
+            format!("request body is {declared_body} bytes, over the limit of {max_body}"),
         )
     } else {
         match tokio::time::timeout(state.limits.request_timeout, next.run(req)).await {

@@ -4,9 +4,32 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aperture_core::model::Mode;
+use aperture_core::model::{Mode, ProfileType};
 
-use crate::store::{LabelFilter, Selector};
+use crate::store::{LabelFilter, MAX_TAGS, Selector, valid_tag};
+
+/// Which profile a request reads: an agent mode (`mode=` or a built-in
+/// `type=`), or a pushed profile type (`type=<id>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Which {
+    /// The agent's rows of a mode.
+    Mode(Mode),
+    /// Pushed profiles of a type (never a built-in one).
+    Type(ProfileType),
+}
+
+impl Which {
+    /// The profile type: the mode's built-in type or the pushed one.
+    pub fn profile_type(&self) -> ProfileType {
+        match self {
+            Which::Mode(m) => ProfileType::of_mode(*m),
+            Which::Type(t) => t.clone(),
+        }
+    }
+}
+
+/// Prefix of tag filter parameters: `tag.<key>=<value>`.
+pub const TAG_PREFIX: &str = "tag.";
 
 /// A query parameter that could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,6 +85,10 @@ pub enum ParamError {
     },
 }
 
+const WHICH_EXPECTED: &str = "`mode` (cpu, lock or syscall) or `type` (a profile type id)";
+const TYPE_EXPECTED: &str =
+    "cpu, lock, syscall, or a profile type id name:sample_type:sample_unit:period_type:period_unit";
+
 const TIME_EXPECTED: &str = "unix seconds, RFC 3339 (2024-05-01T12:00:00Z), `now`, or relative like -15m";
 
 /// The query string of one request, consumed parameter by parameter.
@@ -72,8 +99,8 @@ pub struct Params {
     max_range_s: u64,
 }
 
-/// The filter parameters every data route accepts.
-pub const FILTERS: [&str; 6] = ["node", "namespace", "pod", "container", "process", "pid"];
+/// The filter parameters every data route accepts, besides `tag.<key>`.
+pub const FILTERS: [&str; 7] = ["node", "namespace", "pod", "container", "process", "pid", "service"];
 
 impl Params {
     /// Wraps a parsed query string; `now_s` anchors relative times.
@@ -98,12 +125,21 @@ impl Params {
         self.now_s
     }
 
-    /// Fails if any parameter outside `accepted` was given.
+    /// Fails if any parameter outside `accepted` was given; `tag.<key>`
+    /// filters are accepted wherever `service` is.
     pub fn reject_unknown(&self, accepted: &[&str]) -> Result<(), ParamError> {
+        let tags = accepted.contains(&"service");
         let mut names: Vec<&String> = self.values.keys().collect();
         names.sort();
-        match names.into_iter().find(|n| !accepted.contains(&n.as_str())) {
-            Some(name) => Err(ParamError::Unknown { name: name.clone(), accepted: accepted.join(", ") }),
+        let known = |n: &str| accepted.contains(&n) || (tags && n.starts_with(TAG_PREFIX));
+        match names.into_iter().find(|n| !known(n)) {
+            Some(name) => {
+                let mut list = accepted.join(", ");
+                if tags {
+                    list.push_str(", tag.<key>");
+                }
+                Err(ParamError::Unknown { name: name.clone(), accepted: list })
+            }
             None => Ok(()),
         }
     }
@@ -122,6 +158,45 @@ impl Params {
     /// An optional `mode`.
     pub fn optional_mode(&self) -> Result<Option<Mode>, ParamError> {
         if self.get("mode").is_some() { self.mode().map(Some) } else { Ok(None) }
+    }
+
+    /// The profile asked for: `mode` (cpu, lock, syscall) as always, or
+    /// `type`: a mode's name, or a profile type id
+    /// `name:sample_type:sample_unit:period_type:period_unit` (a built-in
+    /// type's id means its mode). One of the two is required; both must agree.
+    pub fn which(&self) -> Result<Which, ParamError> {
+        match self.optional_which()? {
+            Some(w) => Ok(w),
+            None => Err(ParamError::Missing { name: "mode", expected: WHICH_EXPECTED }),
+        }
+    }
+
+    /// Like [`Params::which`], `None` when neither `mode` nor `type` is given.
+    pub fn optional_which(&self) -> Result<Option<Which>, ParamError> {
+        let mode = self.optional_mode()?;
+        let Some(value) = self.get("type") else { return Ok(mode.map(Which::Mode)) };
+        let typed = match Mode::parse(value) {
+            Some(m) => Which::Mode(m),
+            None => {
+                let t = ProfileType::parse_id(value).ok_or_else(|| ParamError::Invalid {
+                    name: "type",
+                    value: value.into(),
+                    expected: TYPE_EXPECTED,
+                })?;
+                match t.mode() {
+                    Some(m) => Which::Mode(m),
+                    None => Which::Type(t),
+                }
+            }
+        };
+        match mode {
+            Some(m) if typed != Which::Mode(m) => Err(ParamError::Invalid {
+                name: "type",
+                value: value.into(),
+                expected: "the type of the `mode` given, or no `mode`",
+            }),
+            _ => Ok(Some(typed)),
+        }
     }
 
     /// A time parameter, or `default` when absent.
@@ -167,6 +242,26 @@ impl Params {
                 expected: "a process id (unsigned integer)",
             })?),
         };
+        let mut tags: Vec<(String, String)> = Vec::new();
+        for (name, value) in &self.values {
+            let Some(key) = name.strip_prefix(TAG_PREFIX) else { continue };
+            if !valid_tag(key, value) {
+                return Err(ParamError::Invalid {
+                    name: "tag.<key>",
+                    value: format!("{name}={value}"),
+                    expected: "tag.<key>=<value>: a key of letters, digits, `_`, `.`, `-`",
+                });
+            }
+            tags.push((key.to_owned(), value.clone()));
+        }
+        if tags.len() > MAX_TAGS {
+            return Err(ParamError::Invalid {
+                name: "tag.<key>",
+                value: format!("{} tag filters", tags.len()),
+                expected: "at most 32 tag filters",
+            });
+        }
+        tags.sort();
         Ok(LabelFilter {
             node: text("node"),
             namespace: text("namespace"),
@@ -174,7 +269,19 @@ impl Params {
             container: text("container"),
             process: text("process"),
             pid,
+            service: text("service"),
+            profile_type: None,
+            tags,
         })
+    }
+
+    /// `from`/`to`, the filters and, for a pushed profile type, the type.
+    pub fn selector_for(&self, which: Option<&Which>) -> Result<Selector, ParamError> {
+        let mut sel = self.selector()?;
+        if let Some(Which::Type(t)) = which {
+            sel.filter.profile_type = Some(t.id());
+        }
+        Ok(sel)
     }
 
     /// `from`/`to` and the filters.
@@ -304,6 +411,29 @@ mod tests {
         // A time far in the past (0) with the default end is still bounded.
         let e = params(&[("from", "0")]).with_max_range(Duration::from_secs(3600)).selector().unwrap_err();
         assert!(matches!(e, ParamError::RangeTooLong { .. }), "{e}");
+    }
+
+    #[test]
+    fn mode_and_type_select_the_same_profiles_and_tags_filter() {
+        assert_eq!(params(&[("mode", "cpu")]).which(), Ok(Which::Mode(Mode::Cpu)));
+        assert_eq!(params(&[("type", "lock")]).which(), Ok(Which::Mode(Mode::Lock)));
+        let builtin = ProfileType::of_mode(Mode::Syscall).id();
+        assert_eq!(params(&[("type", builtin.as_str())]).which(), Ok(Which::Mode(Mode::Syscall)));
+        let alloc = "memory:alloc_space:bytes:space:bytes";
+        let w = params(&[("type", alloc)]).which().expect("type");
+        assert_eq!(w, Which::Type(ProfileType::parse_id(alloc).expect("id")));
+        assert!(params(&[("type", alloc), ("mode", "cpu")]).which().is_err(), "disagreeing mode and type");
+        assert!(params(&[("type", "gpu")]).which().unwrap_err().to_string().contains("`type`"));
+        assert!(matches!(params(&[]).which(), Err(ParamError::Missing { name: "mode", .. })));
+        let sel = params(&[("type", alloc), ("service", "api"), ("tag.env", "prod")])
+            .selector_for(Some(&w))
+            .expect("selector");
+        assert_eq!(sel.filter.profile_type.as_deref(), Some(alloc));
+        assert_eq!(sel.filter.service.as_deref(), Some("api"));
+        assert_eq!(sel.filter.tags, vec![("env".to_owned(), "prod".to_owned())]);
+        assert!(params(&[("tag.env", "x")]).reject_unknown(&["service"]).is_ok());
+        assert!(params(&[("tag.env", "x")]).reject_unknown(&["node"]).is_err());
+        assert!(params(&[("tag.b=d", "x")]).filter().is_err());
     }
 
     #[test]

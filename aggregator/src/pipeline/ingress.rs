@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use aperture_core::frame::FrameId;
 use aperture_core::ledger::{Admit, RunKey};
+use aperture_core::model::ProfileBatch;
 use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
@@ -132,6 +133,47 @@ impl ShardedIngress {
 
     fn count(&self, result: &str) {
         self.shared.metrics.ingress_frames.with_label_values(&[result]).inc();
+    }
+
+    /// Queues a pushed profile batch of about `charged` bytes like a frame,
+    /// under the next frame id of this aggregator's push run. The receiver
+    /// resolves once the rows are committed (or the batch was rejected);
+    /// `Err(batch)` when the pipeline is too full to take it now.
+    pub(crate) fn admit_profiles(
+        &self,
+        batch: ProfileBatch,
+        charged: usize,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, ProfileBatch> {
+        if self.closed.load(Ordering::Relaxed) || !self.shared.buffer.admits(charged) {
+            return Err(batch);
+        }
+        let pushed = &self.shared.pushed;
+        let id = pushed.next_id();
+        let lane_index = self.shared.lane_of(&id.agent_id);
+        {
+            let mut lane = self.shared.lane(lane_index);
+            // A run of this process alone: nothing of it can be stored yet.
+            if lane.ledger.admit(id) != Admit::New {
+                return Err(batch);
+            }
+            self.shared.buffer.charge(charged);
+        }
+        let done = pushed.wait(id);
+        match self.queues[lane_index].try_send(ShardInput::Profiles { id, batch: Box::new(batch), charged }) {
+            Ok(()) => {
+                self.shared.metrics.ingress_bytes.inc_by(charged as u64);
+                Ok(done)
+            }
+            Err(TrySendError::Full(input) | TrySendError::Disconnected(input)) => {
+                pushed.forget(&id);
+                self.shared.lane(lane_index).ledger.abandon(&[id]);
+                self.shared.buffer.release(charged);
+                match input {
+                    ShardInput::Profiles { batch, .. } => Err(*batch),
+                    _ => Err(ProfileBatch::default()),
+                }
+            }
+        }
     }
 }
 
@@ -247,7 +289,7 @@ impl IngressSink for ShardedIngress {
                 match input {
                     ShardInput::Frame { bytes, .. } => Admission::Busy(ReceivedFrame { header, bytes, carrier, peer }),
                     // Only frames are sent by `admit`.
-                    ShardInput::Stop => Admission::Queued,
+                    ShardInput::Stop | ShardInput::Profiles { .. } => Admission::Queued,
                 }
             }
         }

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aperture_core::frame::{DecodeLimits, FrameBuf, FrameId, decode};
+use aperture_core::model::ProfileBatch;
 use aperture_core::shard::{Flush, Shard, ShardConfig};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
@@ -23,6 +24,8 @@ use crate::metrics::frame_result;
 pub(crate) enum ShardInput {
     /// A frame to fold in; `charged` bytes were accounted for it.
     Frame { id: FrameId, bytes: FrameBuf, charged: usize },
+    /// A pushed profile batch (see [`super::pushed`]), under its own frame id.
+    Profiles { id: FrameId, batch: Box<ProfileBatch>, charged: usize },
     /// Flush everything and stop.
     Stop,
 }
@@ -107,6 +110,10 @@ impl ShardThread {
                     self.fold(id, &bytes);
                     self.shared.buffer.release(charged);
                 }
+                Ok(ShardInput::Profiles { id, batch, charged }) => {
+                    self.fold_profiles(id, &batch);
+                    self.shared.buffer.release(charged);
+                }
                 Ok(ShardInput::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -139,6 +146,27 @@ impl ShardThread {
             },
             Err(e) => Some(e.to_string()),
         };
+        self.after_fold(id, rejected);
+    }
+
+    fn fold_profiles(&mut self, id: FrameId, batch: &ProfileBatch) {
+        let now = self.now_ns();
+        let rejected = match self.shard.ingest_profiles(now, id, batch) {
+            Ok(()) => {
+                self.shared.metrics.ingress_samples.inc_by(batch.sample_count());
+                self.shared.metrics.shard_frames.with_label_values(&[&self.label]).inc();
+                None
+            }
+            Err(e) => {
+                // The pusher learns it: its request fails instead of succeeding.
+                self.shared.pushed.reject(id, &e.to_string());
+                Some(e.to_string())
+            }
+        };
+        self.after_fold(id, rejected);
+    }
+
+    fn after_fold(&mut self, id: FrameId, rejected: Option<String>) {
         if let Some(reason) = rejected {
             // The frame can never be stored: count it, and acknowledge it so
             // the agent does not resend it forever.

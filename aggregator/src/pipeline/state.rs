@@ -229,6 +229,8 @@ pub(crate) struct Shared {
     /// Per shard, stacks whose write was given up: the shard forgets it
     /// handed them out, so the next batch using them carries them again.
     forgotten_stacks: Vec<Mutex<Vec<StackHash>>>,
+    /// Pushed profiles: their run and the requests waiting for a commit.
+    pub pushed: super::pushed::Pushed,
 }
 
 impl std::fmt::Debug for dyn Acknowledge {
@@ -258,6 +260,7 @@ impl Shared {
             ping_error: Mutex::new(None),
             write_error: Mutex::new(None),
             forgotten_stacks: (0..lanes).map(|_| Mutex::new(Vec::new())).collect(),
+            pushed: super::pushed::Pushed::new(),
         }
     }
 
@@ -347,6 +350,7 @@ impl Shared {
         if frames.is_empty() || self.is_halted() {
             return;
         }
+        self.pushed.committed(frames);
         let acker = self.acker.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(acker) = acker {
             acker.ack(frames);

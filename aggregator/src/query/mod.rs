@@ -7,7 +7,7 @@
 //! of slow calls in ns (see [`profile_value`]).
 
 mod flame;
-mod pprof;
+pub(crate) mod pprof;
 mod profile;
 
 pub use flame::{FlameNode, FlameTree, ROOT, flame_tree};
@@ -18,6 +18,8 @@ use std::collections::HashMap;
 
 use aperture_core::model::{Mode, StackHash, histogram_quantile};
 use serde::Serialize;
+
+use aperture_core::shard::RowKind;
 
 use crate::store::{QueryError, Selector, StackTotal, Store, profile_kind};
 
@@ -94,6 +96,16 @@ pub async fn resolve(store: &dyn Store, mode: Mode, totals: Vec<StackTotal>) -> 
         .collect();
     out.sort_by(|a, b| a.names.cmp(&b.names).then(a.hash.cmp(&b.hash)));
     Ok(Profile { mode: Some(mode), stacks: out })
+}
+
+/// Loads the merged pushed profile selected by `sel` (whose filter names
+/// the profile type). Its stacks' value is their `count`: use
+/// [`Mode::Cpu`]'s value rule with it.
+pub async fn load_pushed(store: &dyn Store, sel: &Selector) -> Result<Profile, QueryError> {
+    let totals = store.stack_totals(RowKind::Profile, sel).await?;
+    let mut profile = resolve(store, Mode::Cpu, totals).await?;
+    profile.mode = None;
+    Ok(profile)
 }
 
 /// Loads the merged profile of `mode` over `sel`.

@@ -2,14 +2,15 @@
 //! (github.com/google/pprof, `proto/profile.proto`), gzip-compressed, as
 //! `go tool pprof` and most profiling UIs read it.
 //!
-//! Only the fields Aperture fills are declared; field numbers follow the
-//! upstream schema. Each sample carries two values: the count (samples,
+//! Only the fields Aperture fills or reads (the Pyroscope ingest decodes
+//! pushed pprof with the same messages) are declared; field numbers follow
+//! the upstream schema. Each sample carries two values: the count (samples,
 //! contentions or calls) and the time in nanoseconds.
 
 use std::collections::HashMap;
 use std::io::Write;
 
-use aperture_core::model::{Mode, StackFrame};
+use aperture_core::model::{Mode, ProfileType, StackFrame};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use prost::Message;
@@ -17,71 +18,83 @@ use prost::Message;
 use super::Profile;
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct PbProfile {
+pub(crate) struct PbProfile {
     #[prost(message, repeated, tag = "1")]
-    sample_type: Vec<PbValueType>,
+    pub sample_type: Vec<PbValueType>,
     #[prost(message, repeated, tag = "2")]
-    sample: Vec<PbSample>,
+    pub sample: Vec<PbSample>,
+    #[prost(message, repeated, tag = "3")]
+    pub mapping: Vec<PbMapping>,
     #[prost(message, repeated, tag = "4")]
-    location: Vec<PbLocation>,
+    pub location: Vec<PbLocation>,
     #[prost(message, repeated, tag = "5")]
-    function: Vec<PbFunction>,
+    pub function: Vec<PbFunction>,
     #[prost(string, repeated, tag = "6")]
-    string_table: Vec<String>,
+    pub string_table: Vec<String>,
     #[prost(int64, tag = "9")]
-    time_nanos: i64,
+    pub time_nanos: i64,
     #[prost(int64, tag = "10")]
-    duration_nanos: i64,
+    pub duration_nanos: i64,
     #[prost(message, optional, tag = "11")]
-    period_type: Option<PbValueType>,
+    pub period_type: Option<PbValueType>,
     #[prost(int64, tag = "12")]
-    period: i64,
+    pub period: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct PbValueType {
+pub(crate) struct PbValueType {
     #[prost(int64, tag = "1")]
-    r#type: i64,
+    pub r#type: i64,
     #[prost(int64, tag = "2")]
-    unit: i64,
+    pub unit: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct PbSample {
+pub(crate) struct PbSample {
     #[prost(uint64, repeated, tag = "1")]
-    location_id: Vec<u64>,
+    pub location_id: Vec<u64>,
     #[prost(int64, repeated, tag = "2")]
-    value: Vec<i64>,
+    pub value: Vec<i64>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct PbLocation {
+pub(crate) struct PbMapping {
     #[prost(uint64, tag = "1")]
-    id: u64,
+    pub id: u64,
+    #[prost(int64, tag = "5")]
+    pub filename: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PbLocation {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub mapping_id: u64,
     #[prost(uint64, tag = "3")]
-    address: u64,
+    pub address: u64,
     #[prost(message, repeated, tag = "4")]
-    line: Vec<PbLine>,
+    pub line: Vec<PbLine>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct PbLine {
+pub(crate) struct PbLine {
     #[prost(uint64, tag = "1")]
-    function_id: u64,
+    pub function_id: u64,
     #[prost(int64, tag = "2")]
-    line: i64,
+    pub line: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct PbFunction {
+pub(crate) struct PbFunction {
     #[prost(uint64, tag = "1")]
-    id: u64,
+    pub id: u64,
     #[prost(int64, tag = "2")]
-    name: i64,
+    pub name: i64,
     #[prost(int64, tag = "3")]
-    system_name: i64,
+    pub system_name: i64,
     #[prost(int64, tag = "4")]
-    filename: i64,
+    pub filename: i64,
 }
 
 #[derive(Default)]
@@ -125,6 +138,7 @@ impl Builder {
         if location_id == next_loc {
             self.locations.push(PbLocation {
                 id: location_id,
+                mapping_id: 0,
                 address: frame.module_offset,
                 line: vec![PbLine { function_id, line: i64::from(frame.line) }],
             });
@@ -146,9 +160,12 @@ fn sample_types(mode: Mode) -> (&'static str, &'static str) {
     }
 }
 
-/// Encodes a profile as gzip-compressed pprof. `from_ns`/`to_ns` give the
-/// profile's time and duration.
-pub fn encode_pprof(profile: &Profile, mode: Mode, from_ns: u64, to_ns: u64) -> std::io::Result<Vec<u8>> {
+/// Encodes a profile of `kind` as gzip-compressed pprof. `from_ns`/`to_ns`
+/// give the profile's time and duration. The agent's profiles carry two
+/// values per sample, the count and the time in ns; a pushed profile its one
+/// value, with its type's sample type and unit.
+pub fn encode_pprof(profile: &Profile, kind: &ProfileType, from_ns: u64, to_ns: u64) -> std::io::Result<Vec<u8>> {
+    let Some(mode) = kind.mode() else { return encode_pushed(profile, kind, from_ns, to_ns) };
     let mut b = Builder::new();
     let (count_name, time_name) = sample_types(mode);
     let count_type = PbValueType { r#type: b.string(count_name), unit: b.string("count") };
@@ -168,6 +185,7 @@ pub fn encode_pprof(profile: &Profile, mode: Mode, from_ns: u64, to_ns: u64) -> 
     let message = PbProfile {
         sample_type: vec![count_type, time_type.clone()],
         sample: samples,
+        mapping: Vec::new(),
         location: b.locations,
         function: b.functions,
         string_table: b.strings,
@@ -176,9 +194,42 @@ pub fn encode_pprof(profile: &Profile, mode: Mode, from_ns: u64, to_ns: u64) -> 
         period_type: Some(time_type),
         period: 0,
     };
+    gzip(&message)
+}
+
+fn gzip(message: &PbProfile) -> std::io::Result<Vec<u8>> {
     let mut gz = GzEncoder::new(Vec::new(), Compression::default());
     gz.write_all(&message.encode_to_vec())?;
     gz.finish()
+}
+
+/// A pushed profile: one value per sample (the rows' count).
+fn encode_pushed(profile: &Profile, kind: &ProfileType, from_ns: u64, to_ns: u64) -> std::io::Result<Vec<u8>> {
+    let mut b = Builder::new();
+    let sample_type = PbValueType { r#type: b.string(&kind.sample_type), unit: b.string(&kind.sample_unit) };
+    let period_type = PbValueType { r#type: b.string(&kind.period_type), unit: b.string(&kind.period_unit) };
+    let mut samples = Vec::with_capacity(profile.stacks.len());
+    for s in &profile.stacks {
+        let location_id = if s.frames.is_empty() {
+            s.names.iter().rev().map(|n| b.unknown(n)).collect()
+        } else {
+            s.frames.iter().map(|f| b.location(f)).collect()
+        };
+        samples.push(PbSample { location_id, value: vec![i64::try_from(s.count).unwrap_or(i64::MAX)] });
+    }
+    let message = PbProfile {
+        sample_type: vec![sample_type],
+        sample: samples,
+        mapping: Vec::new(),
+        location: b.locations,
+        function: b.functions,
+        string_table: b.strings,
+        time_nanos: i64::try_from(from_ns).unwrap_or(i64::MAX),
+        duration_nanos: i64::try_from(to_ns.saturating_sub(from_ns)).unwrap_or(i64::MAX),
+        period_type: Some(period_type),
+        period: 0,
+    };
+    gzip(&message)
 }
 
 #[cfg(test)]
@@ -205,7 +256,7 @@ mod tests {
                 total_ns: 30,
             }],
         };
-        let gz = encode_pprof(&profile, Mode::Cpu, 1, 11).expect("encode");
+        let gz = encode_pprof(&profile, &ProfileType::of_mode(Mode::Cpu), 1, 11).expect("encode");
         let mut raw = Vec::new();
         GzDecoder::new(&gz[..]).read_to_end(&mut raw).expect("gunzip");
         let p = PbProfile::decode(&raw[..]).expect("decode");

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use aperture_core::model::Mode;
 use serde::Serialize;
 
-use super::{Profile, profile_unit};
+use super::Profile;
 
 /// Folded stacks, root first: `a;b;c 42`, one line per distinct stack, sorted.
 /// Stacks with the same names (different hashes) are merged.
@@ -34,12 +34,12 @@ fn fold_names(names: &[String]) -> String {
     names.iter().map(|n| n.replace([';', '\n'], "_")).collect::<Vec<_>>().join(";")
 }
 
-/// An SVG flame graph (inferno).
-pub fn svg(profile: &Profile, mode: Mode, title: &str) -> std::io::Result<Vec<u8>> {
+/// An SVG flame graph (inferno) of values in `unit`.
+pub fn svg(profile: &Profile, mode: Mode, unit: &str, title: &str) -> std::io::Result<Vec<u8>> {
     let text = folded(profile, mode);
     let mut options = inferno::flamegraph::Options::default();
     options.title = title.to_owned();
-    options.count_name = profile_unit(mode).to_owned();
+    options.count_name = unit.to_owned();
     let mut out = Vec::new();
     if text.is_empty() {
         // inferno refuses empty input; an empty graph is still a valid answer.
@@ -222,9 +222,9 @@ mod tests {
     #[test]
     fn svg_renders_even_without_samples() {
         let empty = Profile::default();
-        let out = svg(&empty, Mode::Cpu, "cpu").expect("svg");
+        let out = svg(&empty, Mode::Cpu, "samples", "cpu").expect("svg");
         assert!(String::from_utf8_lossy(&out).contains("<svg"));
-        let out = svg(&profile(&[("main;a", 3)]), Mode::Cpu, "cpu").expect("svg");
+        let out = svg(&profile(&[("main;a", 3)]), Mode::Cpu, "samples", "cpu").expect("svg");
         assert!(String::from_utf8_lossy(&out).contains("main"));
     }
 }

@@ -187,6 +187,12 @@ pub struct LabelFilter {
     pub process: Option<String>,
     /// Process id.
     pub pid: Option<u32>,
+    /// Service (pushed profiles).
+    pub service: Option<String>,
+    /// Profile type id of pushed profiles ([`aperture_core::model::ProfileType::id`]).
+    pub profile_type: Option<String>,
+    /// Tags every selected row must carry, `(key, value)`.
+    pub tags: Vec<(String, String)>,
 }
 
 impl LabelFilter {
@@ -198,6 +204,8 @@ impl LabelFilter {
             ("pod", &self.pod),
             ("container", &self.container),
             ("process", &self.process),
+            ("service", &self.service),
+            ("profile_type", &self.profile_type),
         ]
         .into_iter()
         .filter_map(|(c, v)| v.as_deref().map(|v| (c, v)))
@@ -283,20 +291,26 @@ pub enum LabelName {
     Process,
     /// Process id.
     Pid,
+    /// Service of pushed profiles.
+    Service,
+    /// Profile type id of pushed profiles (empty for the agent's rows).
+    Type,
 }
 
 impl LabelName {
     /// Every label.
-    pub const ALL: [LabelName; 6] = [
+    pub const ALL: [LabelName; 8] = [
         LabelName::Node,
         LabelName::Namespace,
         LabelName::Pod,
         LabelName::Container,
         LabelName::Process,
         LabelName::Pid,
+        LabelName::Service,
+        LabelName::Type,
     ];
 
-    /// Column (and API) name.
+    /// API name.
     pub fn as_str(self) -> &'static str {
         match self {
             LabelName::Node => "node",
@@ -305,6 +319,16 @@ impl LabelName {
             LabelName::Container => "container",
             LabelName::Process => "process",
             LabelName::Pid => "pid",
+            LabelName::Service => "service",
+            LabelName::Type => "type",
+        }
+    }
+
+    /// Column name in both stores.
+    pub fn column(self) -> &'static str {
+        match self {
+            LabelName::Type => "profile_type",
+            other => other.as_str(),
         }
     }
 
@@ -312,6 +336,19 @@ impl LabelName {
     pub fn parse(s: &str) -> Option<LabelName> {
         LabelName::ALL.into_iter().find(|l| l.as_str() == s)
     }
+}
+
+/// Tag keys and values: at most this many tags per label set.
+pub const MAX_TAGS: usize = 32;
+
+/// Checks one tag as stored: a key of letters, digits, `_`, `.`, `-` (at
+/// most 128 bytes) and a value without control characters (at most 1 KiB).
+pub fn valid_tag(key: &str, value: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 128
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && value.len() <= 1024
+        && !value.chars().any(char::is_control)
 }
 
 /// What a retention pass removed.
@@ -413,6 +450,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         sel: &'a Selector,
     ) -> StoreFuture<'a, Result<Vec<String>, QueryError>>;
 
+    /// Distinct values of tag `key` among rows of `kind` (all kinds if
+    /// `None`) selected by `sel` that carry the tag.
+    fn tag_values<'a>(
+        &'a self,
+        key: &'a str,
+        kind: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>>;
+
+    /// Distinct tag keys among rows of `kind` (all kinds if `None`) selected by `sel`, sorted.
+    fn tag_keys<'a>(
+        &'a self,
+        kind: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>>;
+
     /// Removes rows whose window started before `cutoff_s`, and ledger state
     /// not updated since then.
     fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>>;
@@ -421,6 +474,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn undecodable(&self) -> Undecodable {
         Undecodable::default()
     }
+}
+
+/// The embedded store's text form of tags: `key=value\n` per tag, sorted by
+/// key (keys hold no `=`, nothing holds a newline: see [`valid_tag`]). A
+/// tag filter looks for `\nkey=value\n` in `\n` + this.
+pub fn tags_text(tags: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (k, v) in tags {
+        out.push_str(k);
+        out.push('=');
+        out.push_str(v);
+        out.push('\n');
+    }
+    out
 }
 
 /// Row kinds belonging to a mode, for label listing.

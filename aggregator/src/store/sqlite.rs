@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, StackTotal, Store, StoreFuture, StoreKind,
-    SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError, mode_kinds,
+    SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError, mode_kinds, tags_text,
 };
 use crate::clock::unix_now_s;
 
@@ -50,10 +50,11 @@ const STORE: &str = "sqlite";
 
 /// Versioned schema changes, applied in order, each exactly once (recorded
 /// in `schema_migrations` in the same transaction).
-const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "initial schema",
-    "CREATE TABLE IF NOT EXISTS samples (
+const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "initial schema",
+        "CREATE TABLE IF NOT EXISTS samples (
         window_start INTEGER NOT NULL,
         kind INTEGER NOT NULL,
         node TEXT NOT NULL,
@@ -85,7 +86,15 @@ const MIGRATIONS: &[(u32, &str, &str)] = &[(
         updated_s INTEGER NOT NULL,
         PRIMARY KEY (agent_id, boot_id)
     );",
-)];
+    ),
+    (
+        2,
+        "pushed profiles: service, tags, profile type",
+        "ALTER TABLE samples ADD COLUMN service TEXT NOT NULL DEFAULT '';
+        ALTER TABLE samples ADD COLUMN tags TEXT NOT NULL DEFAULT '';
+        ALTER TABLE samples ADD COLUMN profile_type TEXT NOT NULL DEFAULT '';",
+    ),
+];
 
 /// One stack frame as stored in `stacks.frames`.
 #[derive(Serialize, Deserialize)]
@@ -239,8 +248,9 @@ impl SqliteStore {
             let mut insert_row = tx
                 .prepare_cached(
                     "INSERT INTO samples (window_start, kind, node, namespace, pod, container, process, pid,
-                        stack_hash, detail, name, count, total_ns, errors, max_ns, histogram)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                        stack_hash, detail, name, count, total_ns, errors, max_ns, histogram,
+                        service, tags, profile_type)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
                 )
                 .map_err(classify)?;
             for flush in &batch.flushes {
@@ -270,6 +280,9 @@ impl SqliteStore {
                             to_i64(value.errors),
                             to_i64(value.max_ns),
                             histogram,
+                            labels.service,
+                            tags_text(&labels.tags),
+                            labels.profile_type,
                         ])
                         .map_err(classify)?;
                 }
@@ -512,6 +525,12 @@ fn where_clause(kinds: &[RowKind], sel: &Selector) -> (String, Vec<Value>) {
         sql.push_str(" AND pid = ?");
         params.push(Value::Integer(i64::from(pid)));
     }
+    for (key, value) in &sel.filter.tags {
+        // See `tags_text`: keys hold no `=` and nothing a newline, so this
+        // matches exactly one whole tag.
+        sql.push_str(" AND instr(char(10) || tags, ?) > 0");
+        params.push(Value::Text(format!("\n{key}={value}\n")));
+    }
     (sql, params)
 }
 
@@ -701,12 +720,61 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
         let kinds = mode.map(mode_kinds).unwrap_or(&[]);
         let (cond, params) = where_clause(kinds, sel);
-        let column = label.as_str();
+        let column = label.column();
         self.read(move |conn| {
             let sql = format!("SELECT DISTINCT CAST({column} AS TEXT) FROM samples WHERE {cond}");
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt.query_map(params_from_iter(params), |r| r.get::<_, String>(0))?;
             rows.collect()
+        })
+    }
+
+    fn tag_values<'a>(
+        &'a self,
+        key: &'a str,
+        mode: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        let kinds = mode.map(mode_kinds).unwrap_or(&[]);
+        let (cond, mut params) = where_clause(kinds, sel);
+        params.push(Value::Text(format!("\n{key}=")));
+        let prefix = format!("{key}=");
+        self.read(move |conn| {
+            let sql = format!("SELECT DISTINCT tags FROM samples WHERE {cond} AND instr(char(10) || tags, ?) > 0");
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(params_from_iter(params), |r| r.get::<_, String>(0))?;
+            let mut out = BTreeSet::new();
+            for tags in rows {
+                for line in tags?.lines() {
+                    if let Some(v) = line.strip_prefix(&prefix) {
+                        out.insert(v.to_owned());
+                    }
+                }
+            }
+            Ok(out.into_iter().collect())
+        })
+    }
+
+    fn tag_keys<'a>(
+        &'a self,
+        mode: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        let kinds = mode.map(mode_kinds).unwrap_or(&[]);
+        let (cond, params) = where_clause(kinds, sel);
+        self.read(move |conn| {
+            let sql = format!("SELECT DISTINCT tags FROM samples WHERE {cond} AND tags != ''");
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(params_from_iter(params), |r| r.get::<_, String>(0))?;
+            let mut out = BTreeSet::new();
+            for tags in rows {
+                for line in tags?.lines() {
+                    if let Some((k, _)) = line.split_once('=') {
+                        out.insert(k.to_owned());
+                    }
+                }
+            }
+            Ok(out.into_iter().collect())
         })
     }
 

@@ -165,6 +165,53 @@ await test('the token prompt appears when the API answers 401, rejects a wrong t
   assert(stored[0] === TOKEN && stored[1] === 0, `token must be in sessionStorage only, got ${JSON.stringify(stored)}`);
 });
 
+await test('a sign-in link (/#token=...) signs the tab in, and the token leaves the address bar before any request', async () => {
+  // A fresh context: no token in session storage yet.
+  const ctx = await browser.newContext({ viewport: { width: 1440, height: 900 } });
+  const p = await ctx.newPage();
+  const api = [];
+  p.on('request', (r) => {
+    if (r.url().includes('/api/v1/')) api.push({ url: r.url(), auth: r.headers().authorization || '' });
+  });
+  // The address each request was sent from, recorded in the page itself.
+  await p.addInitScript(() => {
+    const original = window.fetch;
+    window.__fetchedFrom = [];
+    window.fetch = (...args) => {
+      window.__fetchedFrom.push(location.href);
+      return original(...args);
+    };
+  });
+  const statuses = [];
+  p.on('response', (r) => {
+    if (r.url().includes('/api/v1/')) statuses.push(r.status());
+  });
+  try {
+    await p.goto(`${BASE}/?range=1h#token=${encodeURIComponent(TOKEN)}`);
+    await p.waitForFunction(() => window.aperture);
+    await p.waitForFunction(() => window.aperture.flame.frames().length > 1, null, { timeout: 15_000 });
+    assert(!(await p.evaluate(() => document.getElementById('token-dialog').open)), 'the token prompt opened although the link carried the token');
+    const where = await p.evaluate(() => [location.hash, location.href, history.length, sessionStorage.getItem('aperture.token')]);
+    assert(where[0] === '' && !where[1].includes('token'), `the fragment is still in the address bar: ${where[1]}`);
+    assert(where[1].includes('range=1h'), `the view state in the query string was lost: ${where[1]}`);
+    assert(where[3] === TOKEN, `the token is not in session storage: ${where[3]}`);
+    assert(api.length > 0, 'no API requests were made');
+    for (const r of api) {
+      assert(r.auth === `Bearer ${TOKEN}`, `an API request went out without the token: ${r.url}`);
+      assert(!r.url.includes(TOKEN), `the token reached a request URL: ${r.url}`);
+    }
+    const from = await p.evaluate(() => window.__fetchedFrom);
+    assert(from.length > 0 && from.every((u) => !u.includes('token')), `a request was sent while the token was in the address bar: ${from.join(', ')}`);
+    assert(statuses.length > 0 && statuses.every((s) => s === 200), `API answers: ${statuses.join(', ')}`);
+    // Back/forward cannot bring the token back: the entry itself was replaced.
+    await p.reload();
+    await p.waitForFunction(() => window.aperture);
+    assert(!(await p.evaluate(() => location.href)).includes('token'), 'the token came back on reload');
+  } finally {
+    await ctx.close();
+  }
+});
+
 await test('the flame graph shows the known frames with their shares and units', async () => {
   await open('');
   await flameLoaded();
@@ -496,6 +543,45 @@ await test('a large tree (20 000 frames) draws and stays interactive', async () 
   await page.waitForSelector('#tooltip:not([hidden])');
   await shot('16-large-tree');
   await page.mouse.move(5, 5);
+});
+
+await test('the type picker lists pushed profile types and the service filter narrows to a service', async () => {
+  const heap = 'memory:alloc_space:bytes:space:bytes';
+  await open('');
+  await page.waitForFunction((id) => Array.from(document.querySelectorAll('#type-select option')).some((o) => o.value === id), heap, { timeout: 15_000 });
+  const listed = await page.$$eval('#type-select option', (os) => os.map((o) => o.value));
+  assert(JSON.stringify(listed) === JSON.stringify(['', heap]), `the picker lists the pushed types only: ${listed}`);
+  await page.selectOption('#type-select', heap);
+  await flameLoaded();
+  const names = (await frames()).map((f) => f.name);
+  assert(names.includes('parse_json') && !names.includes('compute_checksum'), `heap frames: ${names}`);
+  assert(page.url().includes(`type=${encodeURIComponent(heap)}`) || page.url().includes(`type=${heap}`), `type in URL: ${page.url()}`);
+  assert((await page.getAttribute('[data-mode="cpu"]', 'aria-pressed')) === 'false', 'a mode still shows as chosen');
+  const summary = await page.textContent('#flame-summary');
+  assert(summary.includes('4.0 KiB') && summary.includes('alloc_space'), `heap summary: ${summary}`);
+  const tip = await hover('parse_json');
+  assert(tip.includes('75.0%') && tip.includes('3.0 KiB'), `parse_json: ${tip}`);
+  await page.mouse.move(5, 5);
+  await page.waitForFunction(() => Array.from(document.querySelectorAll('#filter-service option')).map((o) => o.value).join() === ',checkout');
+  await page.selectOption('#filter-service', 'checkout');
+  await flameLoaded();
+  assert(page.url().includes('service=checkout'), `service in URL: ${page.url()}`);
+  const filtered = await page.textContent('#flame-summary');
+  assert(filtered.includes('4.0 KiB') && filtered.includes('service = checkout'), `checkout summary: ${filtered}`);
+  await shot('17-pushed-type-service');
+  await page.reload();
+  await page.waitForFunction(() => window.aperture);
+  await flameLoaded();
+  assert((await page.inputValue('#type-select')) === heap && (await page.inputValue('#filter-service')) === 'checkout', 'a reload lost the type or the service');
+  // A mode button goes back to the agent's profiles; the agent's rows have no service.
+  await page.click('#clear-filters');
+  await flameLoaded();
+  await page.click('[data-mode="cpu"]');
+  await flameLoaded();
+  assert(!page.url().includes('type='), `type still in URL: ${page.url()}`);
+  assert((await page.inputValue('#type-select')) === '', 'the picker still shows the pushed type');
+  const cpu = (await frames()).map((f) => f.name);
+  assert(cpu.includes('compute_checksum') && !cpu.includes('parse_json'), `cpu frames: ${cpu}`);
 });
 
 await test('the page loads nothing from other origins and logs no errors', async () => {

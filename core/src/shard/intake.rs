@@ -14,7 +14,12 @@ const STRING_COST: usize = 24;
 
 /// Memory held by a label set: its strings' bytes and headers.
 pub(super) fn labels_cost(l: &Labels) -> usize {
-    [&l.node, &l.namespace, &l.pod, &l.container, &l.process].iter().map(|s| STRING_COST + s.len()).sum::<usize>() + 8
+    [&l.node, &l.namespace, &l.pod, &l.container, &l.process, &l.service, &l.profile_type]
+        .iter()
+        .map(|s| STRING_COST + s.len())
+        .sum::<usize>()
+        + l.tags.iter().map(|(k, v)| 2 * STRING_COST + k.len() + v.len()).sum::<usize>()
+        + 32
 }
 
 /// Memory held by a stack: per frame the fixed fields and the strings' bytes.

@@ -112,6 +112,23 @@ impl Store for ClickHouseStore {
         Box::pin(queries::label_values(&self.reads, label, mode, sel))
     }
 
+    fn tag_values<'a>(
+        &'a self,
+        key: &'a str,
+        mode: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        Box::pin(queries::tag_values(&self.reads, key, mode, sel))
+    }
+
+    fn tag_keys<'a>(
+        &'a self,
+        mode: Option<Mode>,
+        sel: &'a Selector,
+    ) -> StoreFuture<'a, Result<Vec<String>, QueryError>> {
+        Box::pin(queries::tag_keys(&self.reads, mode, sel))
+    }
+
     fn undecodable(&self) -> Undecodable {
         self.undecodable.snapshot()
     }

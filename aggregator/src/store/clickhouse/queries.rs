@@ -60,6 +60,10 @@ pub(crate) fn where_clause(kinds: &[RowKind], sel: &Selector) -> Where {
         sql.push_str(&format!(" AND {column} = ?"));
         binds.push(value.to_owned());
     }
+    for (key, value) in &sel.filter.tags {
+        sql.push_str(" AND has(tag_keys, ?) AND tag_values[indexOf(tag_keys, ?)] = ?");
+        binds.extend([key.clone(), key.clone(), value.clone()]);
+    }
     if sel.filter.pid.is_some() {
         sql.push_str(" AND pid = ?");
     }
@@ -229,7 +233,29 @@ pub(crate) async fn label_values(
 ) -> Result<Vec<String>, QueryError> {
     let kinds = mode.map(mode_kinds).unwrap_or(&[]);
     let w = where_clause(kinds, sel);
-    let sql = format!("SELECT DISTINCT toString({}) FROM samples WHERE {}", label.as_str(), w.sql);
+    let sql = format!("SELECT DISTINCT toString({}) FROM samples WHERE {}", label.column(), w.sql);
+    bound(client, &sql, &w).fetch_all::<String>().await.map_err(query_err)
+}
+
+pub(crate) async fn tag_values(
+    client: &Client,
+    key: &str,
+    mode: Option<Mode>,
+    sel: &Selector,
+) -> Result<Vec<String>, QueryError> {
+    let kinds = mode.map(mode_kinds).unwrap_or(&[]);
+    let mut w = where_clause(kinds, sel);
+    // The key's placeholders come first in the SQL, so they are bound first.
+    let sql =
+        format!("SELECT DISTINCT tag_values[indexOf(tag_keys, ?)] FROM samples WHERE has(tag_keys, ?) AND {}", w.sql);
+    w.binds.splice(0..0, [key.to_owned(), key.to_owned()]);
+    bound(client, &sql, &w).fetch_all::<String>().await.map_err(query_err)
+}
+
+pub(crate) async fn tag_keys(client: &Client, mode: Option<Mode>, sel: &Selector) -> Result<Vec<String>, QueryError> {
+    let kinds = mode.map(mode_kinds).unwrap_or(&[]);
+    let w = where_clause(kinds, sel);
+    let sql = format!("SELECT DISTINCT arrayJoin(tag_keys) AS k FROM samples WHERE {} ORDER BY k", w.sql);
     bound(client, &sql, &w).fetch_all::<String>().await.map_err(query_err)
 }
 

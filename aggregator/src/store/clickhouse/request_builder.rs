@@ -30,6 +30,11 @@ pub(crate) struct SampleRow<'a> {
     pub histogram: &'a [u64],
     /// [`WriteBatch::batch_id`].
     pub batch_id: u64,
+    pub service: &'a str,
+    /// Tags, sorted by key, in two parallel arrays.
+    pub tag_keys: Vec<&'a str>,
+    pub tag_values: Vec<&'a str>,
+    pub profile_type: &'a str,
 }
 
 /// A row of `stacks`; arrays are leaf first, one element per frame.
@@ -93,6 +98,10 @@ pub(crate) fn sample_rows(batch: &WriteBatch) -> Result<Vec<SampleRow<'_>>, Writ
                 max_ns: value.max_ns,
                 histogram: &value.histogram,
                 batch_id: batch.batch_id,
+                service: &labels.service,
+                tag_keys: labels.tags.iter().map(|(k, _)| k.as_str()).collect(),
+                tag_values: labels.tags.iter().map(|(_, v)| v.as_str()).collect(),
+                profile_type: &labels.profile_type,
             });
         }
     }

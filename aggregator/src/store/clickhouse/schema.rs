@@ -69,6 +69,19 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[
         // 18.16 has no `ADD COLUMN IF NOT EXISTS`: `add_column` checks first.
         &["ADD COLUMN samples.batch_id UInt64 DEFAULT 0"],
     ),
+    (
+        3,
+        "pushed profiles: kind profile, service, tags, profile type",
+        // No Map type on 18.16: tags are two parallel arrays, sorted by key.
+        &[
+            "ALTER TABLE samples MODIFY COLUMN kind
+             Enum8('cpu' = 0, 'lock' = 1, 'syscall' = 2, 'slow_call' = 3, 'profile' = 4)",
+            "ADD COLUMN samples.service String DEFAULT ''",
+            "ADD COLUMN samples.tag_keys Array(String)",
+            "ADD COLUMN samples.tag_values Array(String)",
+            "ADD COLUMN samples.profile_type String DEFAULT ''",
+        ],
+    ),
 ];
 
 fn failed(version: u32, name: &'static str, e: impl std::fmt::Display) -> OpenError {
