@@ -1,0 +1,259 @@
+//! Label selectors and profile type ids: what a request selects, and the
+//! store look-ups that list types, labels and values for it.
+
+use aperture_core::model::{Mode, ProfileType};
+
+use super::connect::Failure;
+use crate::http::AppState;
+use crate::http::params::Which;
+use crate::query;
+use crate::store::{LabelFilter, LabelName, Selector, valid_tag};
+/// What a label selector and a profile type id select.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Selection {
+    pub(super) filter: LabelFilter,
+    /// Constraints on parts of the profile type: `(part, value)`, part one
+    /// of `id`, `name`, `sample_type`, `sample_unit`, `period_type`, `period_unit`.
+    pub(super) type_parts: Vec<(&'static str, String)>,
+}
+
+impl Selection {
+    pub(super) fn admits(&self, t: &ProfileType) -> bool {
+        self.type_parts.iter().all(|(part, want)| {
+            let have = match *part {
+                "id" => t.id(),
+                "name" => t.name.clone(),
+                "sample_type" => t.sample_type.clone(),
+                "sample_unit" => t.sample_unit.clone(),
+                "period_type" => t.period_type.clone(),
+                _ => t.period_unit.clone(),
+            };
+            have == *want
+        })
+    }
+}
+
+/// Parses `{name="value", ...}` into `(name, op, value)` triples.
+pub(super) fn parse_matchers(text: &str) -> Result<Vec<(String, String, String)>, Failure> {
+    let bad = |why: &str| Failure::bad(format!("label selector {text:?}: {why}; expected {{name=\"value\", ...}}"));
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(Vec::new());
+    }
+    let inner = t.strip_prefix('{').and_then(|s| s.strip_suffix('}')).ok_or_else(|| bad("no braces"))?;
+    let mut out = Vec::new();
+    let mut rest = inner.trim_start();
+    while !rest.is_empty() {
+        let name_len =
+            rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-')).unwrap_or(rest.len());
+        if name_len == 0 {
+            return Err(bad("a label name is missing"));
+        }
+        let name = rest[..name_len].to_owned();
+        rest = rest[name_len..].trim_start();
+        let op =
+            ["=~", "!~", "!=", "="].into_iter().find(|op| rest.starts_with(op)).ok_or_else(|| bad("no operator"))?;
+        rest = rest[op.len()..].trim_start();
+        let quote = rest
+            .chars()
+            .next()
+            .filter(|c| matches!(c, '"' | '\'' | '`'))
+            .ok_or_else(|| bad("a value is not quoted"))?;
+        let mut value = String::new();
+        let mut chars = rest[1..].char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' if quote != '`' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, 't')) => value.push('\t'),
+                    Some((_, e)) => value.push(e),
+                    None => return Err(bad("a value is not closed")),
+                },
+                c if c == quote => {
+                    end = Some(1 + i + c.len_utf8());
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        let end = end.ok_or_else(|| bad("a value is not closed"))?;
+        out.push((name, op.to_owned(), value));
+        rest = rest[end..].trim_start();
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r.trim_start();
+        } else if !rest.is_empty() {
+            return Err(bad("matchers are not separated by commas"));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads matchers (and a profile type id) into a [`Selection`].
+pub(super) fn selection(selectors: &[String], type_id: &str) -> Result<Selection, Failure> {
+    let mut sel = Selection::default();
+    if !type_id.is_empty() {
+        sel.type_parts.push(("id", type_id.to_owned()));
+    }
+    for text in selectors {
+        for (name, op, value) in parse_matchers(text)? {
+            let literal = !value.chars().any(|c| "\\.+*?()[]{}|^$".contains(c));
+            match op.as_str() {
+                "=" => {}
+                "=~" if value == ".*" => continue,
+                "=~" if literal => {}
+                _ => {
+                    return Err(Failure::bad(format!(
+                        "matcher {name}{op}{value:?} is not supported: only `=` (and `=~` with a literal value or .*)"
+                    )));
+                }
+            }
+            let set = |slot: &mut Option<String>| *slot = Some(value.clone());
+            match name.as_str() {
+                "service_name" => set(&mut sel.filter.service),
+                "node" => set(&mut sel.filter.node),
+                "namespace" => set(&mut sel.filter.namespace),
+                "pod" => set(&mut sel.filter.pod),
+                "container" => set(&mut sel.filter.container),
+                "process" => set(&mut sel.filter.process),
+                "pid" => {
+                    sel.filter.pid =
+                        Some(value.parse().map_err(|_| Failure::bad(format!("pid {value:?} is not a process id")))?)
+                }
+                "__profile_type__" => sel.type_parts.push(("id", value)),
+                "__name__" => sel.type_parts.push(("name", value)),
+                "__type__" => sel.type_parts.push(("sample_type", value)),
+                "__unit__" => sel.type_parts.push(("sample_unit", value)),
+                "__period_type__" => sel.type_parts.push(("period_type", value)),
+                "__period_unit__" => sel.type_parts.push(("period_unit", value)),
+                n if n.starts_with("__") => {}
+                n => {
+                    if !valid_tag(n, &value) {
+                        return Err(Failure::bad(format!("label {n}={value:?} is not a valid tag")));
+                    }
+                    sel.filter.tags.push((n.to_owned(), value));
+                }
+            }
+        }
+    }
+    sel.filter.tags.sort();
+    sel.filter.tags.dedup();
+    if sel.filter.tags.len() > crate::store::MAX_TAGS {
+        return Err(Failure::bad(format!("at most {} tag matchers", crate::store::MAX_TAGS)));
+    }
+    Ok(sel)
+}
+
+/// The `[from_s, to_s)` range of `start`/`end` (ms); zero means the last hour.
+pub(super) fn range(state: &AppState, start_ms: i64, end_ms: i64) -> Result<(u64, u64), Failure> {
+    let now_ms = i64::try_from(crate::pyroscope::now_ns() / 1_000_000).unwrap_or(i64::MAX);
+    let end_ms = if end_ms <= 0 { now_ms } else { end_ms };
+    let start_ms = if start_ms <= 0 { end_ms - 3_600_000 } else { start_ms };
+    if start_ms >= end_ms {
+        return Err(Failure::bad(format!("`start` ({start_ms}) must be before `end` ({end_ms})")));
+    }
+    let from_s = u64::try_from(start_ms / 1000).unwrap_or(0);
+    let to_s = u64::try_from(end_ms.saturating_add(999) / 1000).unwrap_or(0).max(from_s + 1);
+    let max = state.limits.max_query_range.as_secs().max(1);
+    if to_s - from_s > max {
+        return Err(Failure::bad(format!(
+            "the range covers {} s, more than the limit of {max} s (limits.http_max_query_range); narrow the range",
+            to_s - from_s
+        )));
+    }
+    Ok((from_s, to_s))
+}
+
+/// Reads a profile type id as what to load.
+pub(super) fn which(type_id: &str) -> Result<Which, Failure> {
+    let t = ProfileType::parse_id(type_id).ok_or_else(|| {
+        Failure::bad(format!(
+            "profile type {type_id:?} is not an id name:sample_type:sample_unit:period_type:period_unit (see ProfileTypes)"
+        ))
+    })?;
+    Ok(match t.mode() {
+        Some(m) => Which::Mode(m),
+        None => Which::Type(t),
+    })
+}
+
+pub(super) fn selector_for(sel: &Selection, which: &Which, from_s: u64, to_s: u64) -> Selector {
+    let mut filter = sel.filter.clone();
+    if let Which::Type(t) = which {
+        filter.profile_type = Some(t.id());
+    }
+    Selector { from_s, to_s, filter }
+}
+
+pub(super) fn mode_of(which: &Which) -> Option<Mode> {
+    match which {
+        Which::Mode(m) => Some(*m),
+        Which::Type(_) => None,
+    }
+}
+
+/// The types there is (or may be) data of: the agent's modes and the pushed
+/// types stored in the range, those `sel` admits.
+pub(super) async fn types(
+    state: &AppState,
+    sel: &Selection,
+    from_s: u64,
+    to_s: u64,
+) -> Result<Vec<ProfileType>, Failure> {
+    let mut out: Vec<ProfileType> = Mode::ALL.into_iter().map(ProfileType::of_mode).collect();
+    let all = Selector { from_s, to_s, filter: LabelFilter::default() };
+    let pushed = state.store.label_values(LabelName::Type, None, &all).await?;
+    out.extend(query::sort_label_values(pushed, false).iter().filter_map(|id| ProfileType::parse_id(id)));
+    out.retain(|t| sel.admits(t));
+    Ok(out)
+}
+
+/// Values of the label Pyroscope calls `name`, among rows of `which` (all
+/// if `None`) selected by `sel`.
+pub(super) async fn values_of(
+    state: &AppState,
+    name: &str,
+    which: Option<&Which>,
+    sel: &Selector,
+) -> Result<Vec<String>, Failure> {
+    let mode = which.and_then(mode_of);
+    let label = match name {
+        "service_name" => Some(LabelName::Service),
+        n => LabelName::parse(n).filter(|l| *l != LabelName::Service && *l != LabelName::Type),
+    };
+    let values = match label {
+        Some(l) => query::sort_label_values(state.store.label_values(l, mode, sel).await?, l == LabelName::Pid),
+        None if name.starts_with("__") => Vec::new(),
+        None => {
+            if !valid_tag(name, "") {
+                return Err(Failure::bad(format!("label name {name:?} is not valid")));
+            }
+            query::sort_label_values(state.store.tag_values(name, mode, sel).await?, false)
+        }
+    };
+    Ok(values)
+}
+
+/// Whether `sel` selects any row of `which`: the agent's rows all carry a
+/// node, pushed rows their type.
+pub(super) async fn has_data(state: &AppState, which: &Which, sel: &Selector) -> Result<bool, Failure> {
+    let (label, mode) = match which {
+        Which::Mode(m) => (LabelName::Node, Some(*m)),
+        Which::Type(_) => (LabelName::Type, None),
+    };
+    Ok(!query::sort_label_values(state.store.label_values(label, mode, sel).await?, false).is_empty())
+}
+
+/// The labels `LabelNames` lists when they have values (besides the type's and the tags).
+pub(super) const LISTED: [&str; 7] = ["service_name", "node", "namespace", "pod", "container", "process", "pid"];
+
+pub(super) fn type_labels(t: &ProfileType) -> Vec<(&'static str, String)> {
+    vec![
+        ("__name__", t.name.clone()),
+        ("__period_type__", t.period_type.clone()),
+        ("__period_unit__", t.period_unit.clone()),
+        ("__profile_type__", t.id()),
+        ("__type__", t.sample_type.clone()),
+        ("__unit__", t.sample_unit.clone()),
+    ]
+}
