@@ -38,6 +38,7 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
         ..HttpLimits::default()
     };
     s.max_frame_bytes = config.limits.max_frame_size.as_usize();
+    s.max_stack_frames = config.limits.max_stack_frames;
     let ch = &config.clickhouse;
     s.clickhouse = (!ch.endpoint.is_empty()).then(|| ClickHouseSettings {
         database: ch.database.clone(),
@@ -54,6 +55,7 @@ pub fn server_config(config: &AggregatorConfig) -> anyhow::Result<ServerConfig> 
     let limits = ServerLimits {
         max_frame_bytes: u32::try_from(config.limits.max_frame_size.0).unwrap_or(u32::MAX),
         max_connections: config.limits.max_connections,
+        max_unauthenticated: config.limits.max_unauthenticated,
         idle_timeout_ms: u64::try_from(config.limits.idle_timeout.0.as_millis()).unwrap_or(u64::MAX),
         ..ServerLimits::default()
     };
@@ -196,6 +198,15 @@ mod tests {
         assert_eq!(srv.quic_listen.map(|a| a.port()), Some(50051));
         assert_eq!(srv.grpc_listen.map(|a| a.port()), Some(50051));
         assert_eq!(srv.data_dir, std::path::PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn client_limits_reach_the_shards_and_the_transport() {
+        let mut c = config(&[("APERTURE_AUTH_TOKEN", "tok")]);
+        c.limits.max_unauthenticated = 7;
+        c.limits.max_stack_frames = 200;
+        assert_eq!(settings(&c).expect("settings").max_stack_frames, 200);
+        assert_eq!(server_config(&c).expect("server").limits.max_unauthenticated, 7);
     }
 
     #[test]

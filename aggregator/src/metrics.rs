@@ -139,6 +139,9 @@ struct TransportCollector {
     rejections: IntCounterVec,
     decode_errors: IntCounterVec,
     sessions_closed: IntCounterVec,
+    unauthenticated: IntGauge,
+    preauth_closed: IntCounter,
+    preauth_refused: IntCounter,
     descs: Vec<Desc>,
 }
 
@@ -176,13 +179,25 @@ impl TransportCollector {
                 "Frames or messages that failed to decode (the connection is closed), by reason.",
             )?,
             sessions_closed: by_reason("aperture_transport_sessions_closed_total", "Agent sessions ended, by reason.")?,
+            unauthenticated: IntGauge::new(
+                "aperture_transport_unauthenticated_connections",
+                "Connections open now that have not authenticated yet (both carriers).",
+            )?,
+            preauth_closed: counter(
+                "aperture_transport_preauth_closed_total",
+                "Connections that ended before authenticating (refused hello, stalled or malformed handshake, client gone).",
+            )?,
+            preauth_refused: counter(
+                "aperture_transport_preauth_refused_total",
+                "Connections refused at once because limits.max_unauthenticated others were still authenticating.",
+            )?,
             descs: Vec::new(),
         };
         c.descs = c.parts().iter().flat_map(|p| p.desc()).cloned().collect();
         Ok(c)
     }
 
-    fn parts(&self) -> [&dyn Collector; 10] {
+    fn parts(&self) -> [&dyn Collector; 13] {
         [
             &self.sessions_opened,
             &self.frames_received,
@@ -194,6 +209,9 @@ impl TransportCollector {
             &self.rejections,
             &self.decode_errors,
             &self.sessions_closed,
+            &self.unauthenticated,
+            &self.preauth_closed,
+            &self.preauth_refused,
         ]
     }
 }
@@ -217,6 +235,9 @@ impl Collector for TransportCollector {
             copy_counter(&self.frames_duplicate, s.frames_duplicate_in_session);
             copy_counter(&self.sequence_gaps, s.sequence_gaps);
             copy_counter(&self.frames_acked, s.frames_acked);
+            self.unauthenticated.set(i64::try_from(s.unauthenticated_connections).unwrap_or(i64::MAX));
+            copy_counter(&self.preauth_closed, s.preauth_closed);
+            copy_counter(&self.preauth_refused, s.preauth_refused);
             for (vec, by_reason) in [
                 (&self.rejections, &s.rejections),
                 (&self.decode_errors, &s.decode_errors),

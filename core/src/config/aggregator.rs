@@ -187,6 +187,11 @@ impl Default for Tls {
     }
 }
 
+/// Bounds of `limits.max_stack_frames`: shallower would cut real stacks,
+/// deeper lets one stack cost a query megabytes.
+const MIN_STACK_FRAMES: usize = 64;
+const MAX_STACK_FRAMES: usize = 16_384;
+
 /// Limits on clients.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -206,6 +211,12 @@ pub struct Limits {
     pub http_max_connections: usize,
     /// Longest time range one query may cover.
     pub http_max_query_range: HumanDuration,
+    /// Most connections, both carriers together, still in their TLS
+    /// handshake or hello; more are refused at once.
+    pub max_unauthenticated: usize,
+    /// Deepest stack kept: frames past it are cut, leaf side kept, and the
+    /// cut is counted.
+    pub max_stack_frames: usize,
 }
 
 impl Default for Limits {
@@ -218,6 +229,8 @@ impl Default for Limits {
             http_header_timeout: HumanDuration::secs(10),
             http_max_connections: 1024,
             http_max_query_range: HumanDuration::secs(31 * 86_400),
+            max_unauthenticated: 1024,
+            max_stack_frames: crate::shard::DEFAULT_MAX_STACK_FRAMES,
         }
     }
 }
@@ -291,6 +304,15 @@ impl Layered for AggregatorConfig {
         }
         if self.limits.http_max_query_range.0.as_secs() == 0 {
             return Err(("limits.http_max_query_range".into(), "must be at least 1s, e.g. 31d".into()));
+        }
+        if self.limits.max_unauthenticated == 0 {
+            return Err(("limits.max_unauthenticated".into(), "must be at least 1, e.g. 1024".into()));
+        }
+        if !(MIN_STACK_FRAMES..=MAX_STACK_FRAMES).contains(&self.limits.max_stack_frames) {
+            return Err((
+                "limits.max_stack_frames".into(),
+                format!("must be between {MIN_STACK_FRAMES} and {MAX_STACK_FRAMES}, e.g. 1024"),
+            ));
         }
         for (key, addr) in
             [("listen.grpc", &self.listen.grpc), ("listen.quic", &self.listen.quic), ("listen.http", &self.listen.http)]

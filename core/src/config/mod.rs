@@ -306,4 +306,16 @@ budget:
         assert_eq!(c.budget.cpu_percent, CpuPercent(0.5));
         assert!(c.mode.cpu && c.mode.syscall && !c.mode.lock);
     }
+
+    #[test]
+    fn client_limits_are_checked_and_name_their_key() {
+        let err = aggregator_err("auth:\n  disabled: true\nlimits:\n  max_stack_frames: 10\n", &[]);
+        assert!(err.contains("`limits.max_stack_frames`: must be between 64 and 16384"), "{err}");
+        let err = aggregator_err("auth:\n  disabled: true\nlimits:\n  max_unauthenticated: 0\n", &[]);
+        assert!(err.contains("`limits.max_unauthenticated`: must be at least 1"), "{err}");
+        let c =
+            aggregator("auth:\n  disabled: true\nlimits:\n  max_stack_frames: 4096\n  max_unauthenticated: 64\n", &[])
+                .expect("valid");
+        assert_eq!((c.limits.max_stack_frames, c.limits.max_unauthenticated), (4096, 64));
+    }
 }
