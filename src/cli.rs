@@ -179,9 +179,54 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// A `<VAR>_FILE` variable names a file that cannot be used.
+    #[error("{var}_FILE={path}: {problem}; point it at a readable file holding the value of {var}")]
+    ValueFile {
+        /// The variable the file stands for.
+        var: String,
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Both `<VAR>` and `<VAR>_FILE` are set.
+    #[error("both {var} and {var}_FILE are set: keep one")]
+    Both {
+        /// The variable.
+        var: String,
+    },
     /// A value is wrong.
     #[error(transparent)]
     Invalid(#[from] ConfigError),
+}
+
+/// The environment as configuration sees it: each variable `T` reads may
+/// instead be given as `<VAR>_FILE`, the path of a file holding its value
+/// (a Kubernetes secret mounted as a file), without the trailing newline.
+fn environment<T: Layered>(
+    get: &dyn Fn(&str) -> Option<String>,
+    read: &dyn Fn(&Path) -> std::io::Result<String>,
+) -> Result<Vec<(String, String)>, LoadError> {
+    let mut vars = Vec::new();
+    for (var, _) in T::ENV {
+        let direct = get(var);
+        let Some(path) = get(&format!("{var}_FILE")).filter(|p| !p.is_empty()) else {
+            vars.extend(direct.map(|v| (var.to_string(), v)));
+            continue;
+        };
+        if direct.is_some_and(|v| !v.is_empty()) {
+            return Err(LoadError::Both { var: var.to_string() });
+        }
+        let path = PathBuf::from(path);
+        let bad = |problem: String| LoadError::ValueFile { var: var.to_string(), path: path.clone(), problem };
+        let text = read(&path).map_err(|e| bad(format!("cannot be read: {e}")))?;
+        let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+        if value.is_empty() {
+            return Err(bad("the file is empty".into()));
+        }
+        vars.push((var.to_string(), value.to_owned()));
+    }
+    Ok(vars)
 }
 
 /// Reads the file (if any) and the process environment and applies `flags`.
@@ -191,7 +236,8 @@ pub fn load_config<T: Layered>(file: Option<&Path>, flags: &[FlagValue]) -> Resu
         None => None,
     };
     let path = file.map(|p| p.display().to_string()).unwrap_or_default();
-    let env = |k: &str| std::env::var(k).ok();
+    let vars = environment::<T>(&|k| std::env::var(k).ok(), &|p| std::fs::read_to_string(p))?;
+    let env = |k: &str| vars.iter().find(|(v, _)| v == k).map(|(_, value)| value.clone());
     Ok(load::<T>(contents.as_deref().map(|c| (path.as_str(), c)), &env, flags)?)
 }
 
@@ -205,5 +251,46 @@ pub fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
         LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aperture_core::config::AggregatorConfig;
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    fn files(path: &Path) -> std::io::Result<String> {
+        match path.to_str() {
+            Some("/run/secrets/ch") => Ok("s3cret\n".into()),
+            Some("/run/secrets/empty") => Ok("\n".into()),
+            _ => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        }
+    }
+
+    #[test]
+    fn a_value_file_stands_for_its_variable_without_the_newline() {
+        let env = env_of(&[("APERTURE_CLICKHOUSE_PASSWORD_FILE", "/run/secrets/ch"), ("APERTURE_AUTH_TOKEN", "t")]);
+        let vars = environment::<AggregatorConfig>(&env, &files).expect("valid");
+        assert!(vars.contains(&("APERTURE_CLICKHOUSE_PASSWORD".into(), "s3cret".into())), "{vars:?}");
+        assert!(vars.contains(&("APERTURE_AUTH_TOKEN".into(), "t".into())), "{vars:?}");
+    }
+
+    #[test]
+    fn value_files_that_cannot_be_used_are_named() {
+        let err = |vars: &[(&str, &str)]| {
+            environment::<AggregatorConfig>(&env_of(vars), &files).expect_err("must be refused").to_string()
+        };
+        assert_eq!(
+            err(&[("APERTURE_AUTH_TOKEN", "t"), ("APERTURE_AUTH_TOKEN_FILE", "/run/secrets/ch")]),
+            "both APERTURE_AUTH_TOKEN and APERTURE_AUTH_TOKEN_FILE are set: keep one"
+        );
+        let missing = err(&[("APERTURE_READ_TOKEN_FILE", "/nope")]);
+        assert!(missing.starts_with("APERTURE_READ_TOKEN_FILE=/nope: cannot be read"), "{missing}");
+        assert!(err(&[("APERTURE_INGEST_TOKEN_FILE", "/run/secrets/empty")]).contains("the file is empty"));
     }
 }
