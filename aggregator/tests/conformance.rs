@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use aperture_aggregator::{Aggregator, ClickHouseSettings, Settings};
+use aperture_aggregator::{Aggregator, Settings};
 use common::http::{get, get_with};
 use common::{SAMPLES_PER_BATCH, Taken, acks, batch, frame_id, now_s, push};
 
@@ -204,16 +204,7 @@ async fn conformance_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_clickhouse() {
-    let Some(server) =
-        tokio::task::spawn_blocking(|| aperture_testkit::clickhouse::start_or_skip("conformance_clickhouse"))
-            .await
-            .expect("start server")
-    else {
-        return;
-    };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut settings = common::settings(dir.path());
-    settings.clickhouse = Some(ClickHouseSettings::new(server.endpoint()));
+    let Some((server, _dir, settings)) = common::clickhouse_settings("conformance_clickhouse").await else { return };
     suite(settings, "clickhouse").await;
     drop(server);
 }

@@ -193,16 +193,11 @@ async fn profile_types_services_and_tags_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profile_types_services_and_tags_clickhouse() {
-    let Some(server) = tokio::task::spawn_blocking(|| {
-        aperture_testkit::clickhouse::start_or_skip("profile_types_services_and_tags_clickhouse")
-    })
-    .await
-    .expect("start server") else {
+    let Some((server, _dir, settings)) =
+        common::clickhouse_settings("profile_types_services_and_tags_clickhouse").await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut settings = common::settings(dir.path());
-    settings.clickhouse = Some(ClickHouseSettings::new(server.endpoint()));
     suite(settings).await;
     drop(server);
 }

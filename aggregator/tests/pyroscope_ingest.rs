@@ -7,7 +7,7 @@ mod common;
 
 use std::io::Write;
 
-use aperture_aggregator::{Aggregator, ClickHouseSettings, Settings};
+use aperture_aggregator::{Aggregator, Settings};
 use base64::Engine;
 use common::http::{get, post_with};
 use common::{metric, now_s};
@@ -385,16 +385,9 @@ async fn pyroscope_ingest_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pyroscope_ingest_clickhouse() {
-    let Some(server) =
-        tokio::task::spawn_blocking(|| aperture_testkit::clickhouse::start_or_skip("pyroscope_ingest_clickhouse"))
-            .await
-            .expect("start server")
-    else {
+    let Some((server, _dir, settings)) = common::clickhouse_settings("pyroscope_ingest_clickhouse").await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut settings = common::settings(dir.path());
-    settings.clickhouse = Some(ClickHouseSettings::new(server.endpoint()));
     suite(settings).await;
     drop(server);
 }

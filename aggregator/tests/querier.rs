@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aperture_aggregator::{Aggregator, ClickHouseSettings, Settings};
+use aperture_aggregator::{Aggregator, Settings};
 use common::http::{Response, get_with, post_with};
 use common::{acks, batch, frame_id, now_s};
 use prost::Message;
@@ -675,16 +675,7 @@ async fn querier_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn querier_clickhouse() {
-    let Some(server) =
-        tokio::task::spawn_blocking(|| aperture_testkit::clickhouse::start_or_skip("querier_clickhouse"))
-            .await
-            .expect("start server")
-    else {
-        return;
-    };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut settings = common::settings(dir.path());
-    settings.clickhouse = Some(ClickHouseSettings::new(server.endpoint()));
+    let Some((server, _dir, settings)) = common::clickhouse_settings("querier_clickhouse").await else { return };
     suite(settings).await;
     drop(server);
 }

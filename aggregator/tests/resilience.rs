@@ -176,16 +176,11 @@ async fn restart_keeps_acknowledged_frames_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_acknowledged_frames_clickhouse() {
-    let Some(server) = tokio::task::spawn_blocking(|| {
-        aperture_testkit::clickhouse::start_or_skip("restart_keeps_acknowledged_frames_clickhouse")
-    })
-    .await
-    .expect("start server") else {
+    let Some((server, _dir, settings)) =
+        common::clickhouse_settings("restart_keeps_acknowledged_frames_clickhouse").await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut settings = common::settings(dir.path());
-    settings.clickhouse = Some(ClickHouseSettings::new(server.endpoint()));
     restart_mid_stream(settings).await;
     drop(server);
 }

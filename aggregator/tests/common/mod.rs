@@ -188,6 +188,22 @@ pub fn acks(handle: &aperture_aggregator::AggregatorHandle) -> Arc<Acks> {
 }
 
 /// Settings for a test: loopback HTTP on a free port, two shards, short delays.
+/// A ClickHouse server of the test's own and [`settings`] that store in
+/// it, in a fresh data directory; `None` when no server can be started
+/// (reported skipped by `test`'s name). Keep the three alive for the test.
+#[allow(dead_code)] // Not every test file runs on ClickHouse.
+pub async fn clickhouse_settings(
+    test: &'static str,
+) -> Option<(aperture_testkit::clickhouse::ClickHouseServer, tempfile::TempDir, aperture_aggregator::Settings)> {
+    let server = tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test))
+        .await
+        .expect("start server")?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = settings(dir.path());
+    settings.clickhouse = Some(aperture_aggregator::ClickHouseSettings::new(server.endpoint()));
+    Some((server, dir, settings))
+}
+
 pub fn settings(data_dir: &std::path::Path) -> aperture_aggregator::Settings {
     let mut s = aperture_aggregator::Settings::new(data_dir);
     s.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
