@@ -2,7 +2,7 @@
 //! parameter, the value and what is accepted, and becomes a 400.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use aperture_core::model::{Mode, ProfileType};
 
@@ -116,7 +116,7 @@ impl Params {
 
     /// Wraps a parsed query string at the current time.
     pub fn at_now(values: HashMap<String, String>) -> Params {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = crate::clock::unix_now_s();
         Params::new(values, now)
     }
 

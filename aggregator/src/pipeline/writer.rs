@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aperture_core::ledger::{RunKey, RunState};
 use aperture_core::shard::Flush;
@@ -36,7 +36,7 @@ pub(crate) fn spawn_writer(
     shared: Arc<Shared>,
     runtime: Handle,
 ) -> std::io::Result<JoinHandle<()>> {
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+    let seed = crate::clock::unix_now_ns().max(1);
     std::thread::Builder::new()
         .name(format!("aperture-writer-{}", store.kind().as_str()))
         .spawn(move || Writer { policy: WriterPolicy::new(config, seed), store, shared, runtime }.run(input))

@@ -23,7 +23,7 @@ pub(crate) use push::push;
 pub(crate) use querier::{querier, render};
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -81,10 +81,6 @@ fn basic_password(value: &str) -> Option<String> {
     let text = String::from_utf8(decoded).ok()?;
     let (_, password) = text.split_once(':')?;
     (!password.is_empty()).then(|| password.to_owned())
-}
-
-pub(crate) fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// `from` as Pyroscope's SDKs send it: Unix seconds (milli-, micro- or
@@ -225,10 +221,10 @@ fn convert(
         ));
     }
     match get("format") {
-        "pprof" => from_pprof(&body, &key, from, now_ns()),
+        "pprof" => from_pprof(&body, &key, from, crate::clock::unix_now_ns()),
         "" | "folded" | "lines" => {
             let t = convert::folded_type(&key, get("units"));
-            from_folded(&body, &key, &t, get("format") == "lines", from.unwrap_or_else(now_ns))
+            from_folded(&body, &key, &t, get("format") == "lines", from.unwrap_or_else(crate::clock::unix_now_ns))
         }
         other => Err(ConvertError::Bad(format!(
             "`format` {other:?} is not supported: pprof, folded or lines (trie, tree and jfr are not)"

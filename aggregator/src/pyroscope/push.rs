@@ -14,7 +14,7 @@ use prost::Message;
 use serde_json::json;
 
 use super::convert::{ConvertError, append, from_pprof, gunzip, key_from_labels};
-use super::{MAX_INFLATE, Refusal, authorized, commit, now_ns, push_result, read_body};
+use super::{MAX_INFLATE, Refusal, authorized, commit, push_result, read_body};
 use crate::http::AppState;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -160,7 +160,7 @@ fn convert(body: &[u8], json: bool, max_inflated: usize) -> Result<aperture_core
         PushRequest::decode(&body[..])
             .map_err(|e| ConvertError::Bad(format!("the body is not a push.v1.PushRequest: {e}")))?
     };
-    let now = now_ns();
+    let now = crate::clock::unix_now_ns();
     let mut batch = aperture_core::model::ProfileBatch::default();
     let mut inflated = 0usize;
     for series in &request.series {

@@ -77,7 +77,7 @@ async fn answer(state: &AppState, params: &HashMap<String, String>) -> Result<Re
         Some(i) => (q[..i].trim(), &q[i..]),
         None => (q.trim(), ""),
     };
-    let now_s = super::super::now_ns() / 1_000_000_000;
+    let now_s = crate::clock::unix_now_ns() / 1_000_000_000;
     let read = |name: &'static str, default: u64| match get(name) {
         None => Ok(default),
         Some(v) => time(v, now_s).ok_or_else(|| {

@@ -146,7 +146,7 @@ pub(super) fn selection(selectors: &[String], type_id: &str) -> Result<Selection
 
 /// The `[from_s, to_s)` range of `start`/`end` (ms); zero means the last hour.
 pub(super) fn range(state: &AppState, start_ms: i64, end_ms: i64) -> Result<(u64, u64), Failure> {
-    let now_ms = i64::try_from(crate::pyroscope::now_ns() / 1_000_000).unwrap_or(i64::MAX);
+    let now_ms = i64::try_from(crate::clock::unix_now_ns() / 1_000_000).unwrap_or(i64::MAX);
     let end_ms = if end_ms <= 0 { now_ms } else { end_ms };
     let start_ms = if start_ms <= 0 { end_ms - 3_600_000 } else { start_ms };
     if start_ms >= end_ms {

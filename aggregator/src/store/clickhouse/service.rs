@@ -17,7 +17,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clickhouse::{Client, Row, RowWrite};
 
@@ -99,7 +99,7 @@ pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration
         batch.progress.store(2, Ordering::Release);
     }
     if batch.progress.load(Ordering::Acquire) < 3 {
-        let version = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let version = crate::clock::unix_now_ns();
         let rows = ledger_rows(batch, version);
         insert_all::<super::request_builder::LedgerRow>(client, "frame_ledger", &rows, timeout).await?;
         batch.progress.store(3, Ordering::Release);
