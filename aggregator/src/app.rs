@@ -14,7 +14,8 @@ use tokio::task::JoinSet;
 
 use crate::background::{health_checker, retention};
 use crate::clock::unix_now_s;
-use crate::http::{AppState, router, token_digest};
+use crate::http::router;
+use crate::http::state::{AppState, token_digest};
 use crate::metrics::Metrics;
 use crate::pipeline::ingress::{ShardedIngress, check_runs};
 use crate::pipeline::shard::spawn_shard;
@@ -132,7 +133,7 @@ impl Aggregator {
         let http_addr = listener.local_addr().context("reading the HTTP listener address")?;
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let app = router(state);
+        let app = router(state, crate::pyroscope::routes());
         let mut http_stop = stopped.clone();
         tasks.spawn(crate::http::serve(listener, app, settings.http_limits, shared.metrics.clone(), async move {
             let _ = http_stop.wait_for(|s| *s).await;

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::params::{FILTERS, ParamError, Params, TAG_PREFIX, Which};
-use super::{AppState, error_response};
+use super::state::{AppState, error_response};
 use crate::query::{self, profile_unit};
 use crate::store::{LabelName, QueryError};
 

@@ -10,9 +10,9 @@ use axum::extract::{Query, State};
 use axum::response::Response;
 use serde_json::json;
 
-use super::AppState;
 use super::api::{ApiError, describe, json_with_root, load, merge, value_mode};
 use super::params::{FILTERS, Which};
+use super::state::AppState;
 use crate::query;
 
 /// What one `count` stands for in a mode.

@@ -5,7 +5,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{AppState, authorized};
+use super::state::{AppState, authorized};
 use crate::metrics::frame_result;
 use crate::pipeline::state::CARRIERS;
 

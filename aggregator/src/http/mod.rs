@@ -13,31 +13,26 @@
 //! own, or [`API_CONTENT_SECURITY_POLICY`] (no script at all, so an SVG
 //! opened directly stays inert). Connections are limited in [`serve`].
 
-mod api;
+pub(crate) mod api;
 mod flame;
 mod health;
 pub mod params;
 mod serve;
+pub(crate) mod state;
 mod ui;
 
-pub(crate) use api::{load as load_profile, value_mode};
 pub(crate) use serve::serve;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use axum::response::Response;
+use axum::routing::get;
 
-use crate::pipeline::state::Shared;
-use crate::settings::HttpLimits;
-use crate::store::Store;
+use state::{AppState, authorized, error_response};
 
 /// Policy of every answer but the UI's: nothing may load or run; inline
 /// styles are allowed so an SVG flame graph renders when opened directly.
@@ -45,32 +40,13 @@ pub(crate) const API_CONTENT_SECURITY_POLICY: &str =
     "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Pyroscope's ingest routes; their body limit is `max_push_body_bytes`.
-const PYROSCOPE_INGEST: &str = "/ingest";
-const PYROSCOPE_PUSH: &str = "/push.v1.PusherService/Push";
+pub(crate) const PYROSCOPE_INGEST: &str = "/ingest";
+pub(crate) const PYROSCOPE_PUSH: &str = "/push.v1.PusherService/Push";
 
-/// What the handlers share.
-#[derive(Clone, Debug)]
-pub(crate) struct AppState {
-    pub store: Arc<dyn Store>,
-    pub shared: Arc<Shared>,
-    /// Digest of the read token (`/api/v1/*`); `None` when auth is off.
-    pub token_digest: Option<[u8; 32]>,
-    /// Digest of the ingest token (pushed profiles); `None` when auth is off.
-    pub ingest_digest: Option<[u8; 32]>,
-    /// Where pushed profiles enter the pipeline.
-    pub ingress: Arc<crate::pipeline::ingress::ShardedIngress>,
-    pub limits: HttpLimits,
-    pub started: Instant,
-}
-
-/// A JSON error body `{"error": "..."}` with a status.
-pub(crate) fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = serde_json::json!({ "error": message.into() });
-    (status, axum::Json(body)).into_response()
-}
-
-/// Builds the router.
-pub(crate) fn router(state: AppState) -> Router {
+/// Builds the router: the API, health, metrics and UI, and `protocols`,
+/// the routes of other tools' protocols (Pyroscope's), all under the same
+/// limits, timeouts and metrics.
+pub(crate) fn router(state: AppState, protocols: Router<AppState>) -> Router {
     let api = Router::new()
         .route("/profile", get(api::profile))
         .route("/top", get(api::top))
@@ -86,10 +62,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/api/health", get(health::api_health))
         .route("/metrics", get(health::metrics))
-        .route(PYROSCOPE_INGEST, post(crate::pyroscope::ingest))
-        .route(PYROSCOPE_PUSH, post(crate::pyroscope::push))
-        .route("/querier.v1.QuerierService/{method}", post(crate::pyroscope::querier))
-        .route("/pyroscope/render", get(crate::pyroscope::render))
+        .merge(protocols)
         .nest("/api/v1", api)
         .merge(ui::router())
         .fallback(not_found)
@@ -165,31 +138,9 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
     r
 }
 
-/// Whether the request may read: no token is configured, or it carries the
-/// read token.
-pub(crate) fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(want) = state.token_digest else { return true };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
-    given.is_some_and(|t| bool::from(token_digest(t).ct_eq(&want)))
-}
-
-/// The token of an `Authorization: Bearer <token>` value; the scheme is
-/// matched in any case (RFC 9110 §11.1).
-pub(crate) fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-/// SHA-256 of a token: what is compared, so the comparison takes the same
-/// time whatever the lengths.
-pub(crate) fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::state::bearer_token;
 
     #[test]
     fn the_bearer_scheme_matches_in_any_case() {

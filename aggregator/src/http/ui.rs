@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sha2::{Digest, Sha256};
 
-use super::error_response;
+use super::state::error_response;
 
 /// One embedded file.
 struct Asset {

@@ -19,20 +19,22 @@ mod convert;
 mod push;
 mod querier;
 
-pub(crate) use push::push;
-pub(crate) use querier::{querier, render};
+use push::push;
+use querier::{querier, render};
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use base64::Engine;
 use subtle::ConstantTimeEq;
 
-use crate::http::{AppState, bearer_token, error_response, token_digest};
+use crate::http::state::{AppState, bearer_token, error_response, token_digest};
 use convert::{ConvertError, from_folded, from_pprof, gunzip, parse_name};
 
 /// Label values of `aperture_push_requests_total{result}`.
@@ -95,8 +97,18 @@ fn parse_from(v: &str) -> Result<u64, ConvertError> {
     })
 }
 
+/// Pyroscope's routes, for the HTTP router: the SDKs' ingest and push, and
+/// the querier and render endpoints Grafana reads.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route(crate::http::PYROSCOPE_INGEST, post(ingest))
+        .route(crate::http::PYROSCOPE_PUSH, post(push))
+        .route("/querier.v1.QuerierService/{method}", post(querier))
+        .route("/pyroscope/render", get(render))
+}
+
 /// `POST /ingest`.
-pub(crate) async fn ingest(
+async fn ingest(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::convert::{ConvertError, append, from_pprof, gunzip, key_from_labels};
 use super::{MAX_INFLATE, Refusal, authorized, commit, push_result, read_body};
-use crate::http::AppState;
+use crate::http::state::AppState;
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct PushRequest {

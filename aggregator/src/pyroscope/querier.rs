@@ -33,8 +33,8 @@ use serde_json::{Value, json};
 
 use super::push::connect_error;
 use super::read_body;
-use crate::http::AppState;
 use crate::http::params::Which;
+use crate::http::state::AppState;
 use crate::query::{self, FlameTree, ROOT, profile_value};
 use crate::store::{LabelFilter, Selector};
 
@@ -331,7 +331,7 @@ async fn load(
         return Err(Failure::bad("the label selector names another profile type than `profileTypeID`"));
     }
     let s = selector_for(&sel, &w, from_s, to_s);
-    let profile = crate::http::load_profile(state, &w, &s).await?;
+    let profile = crate::http::api::load(state, &w, &s).await?;
     Ok((w, profile, s))
 }
 
@@ -341,7 +341,7 @@ async fn select_merge_stacktraces(state: &AppState, body: &Request<'_>, enc: Enc
         return Err(Failure::bad("format PROFILE_FORMAT_TREE is not supported: ask for the flame graph"));
     }
     let (w, profile, _) = load(state, &req.profile_type_id, &req.label_selector, req.start, req.end).await?;
-    let tree = query::flame_tree(&profile, crate::http::value_mode(&w));
+    let tree = query::flame_tree(&profile, crate::http::api::value_mode(&w));
     let max_nodes = req.max_nodes.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
     let fg = flame_graph(&tree, max_nodes);
     let s = |v: i64| v.to_string();
@@ -429,7 +429,7 @@ async fn select_series(state: &AppState, body: &Request<'_>, enc: Encoding) -> R
     let points_cap = MAX_POINTS.min(MAX_QUERIES / (groups.len() as u64).max(1)).max(1);
     let asked = if req.step.is_finite() && req.step > 0.0 { req.step.ceil() as u64 } else { 15 };
     let step_s = asked.max(1).max((to_s - from_s).div_ceil(points_cap));
-    let mode = crate::http::value_mode(&w);
+    let mode = crate::http::api::value_mode(&w);
     let mut series: Vec<(u64, PbSeries)> = Vec::new();
     for g in groups {
         let matchers: Vec<String> = g.iter().map(|(n, v)| format!("{{{n}={}}}", json!(v))).collect();
@@ -533,7 +533,7 @@ pub(crate) async fn querier(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if !crate::http::authorized(&state, &headers) {
+    if !crate::http::state::authorized(&state, &headers) {
         return connect_error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong token: send `Authorization: Bearer <token>` with the read token \

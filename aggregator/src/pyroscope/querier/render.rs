@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::{Failure, bucket_sum, flame_graph, load};
 use crate::http::params::parse_time;
-use crate::http::{AppState, error_response};
+use crate::http::state::{AppState, error_response};
 use crate::query;
 
 /// Reads `now`, `now-<duration>`, Unix seconds or milliseconds.
@@ -50,7 +50,7 @@ pub(crate) async fn render(
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if !crate::http::authorized(&state, &headers) {
+    if !crate::http::state::authorized(&state, &headers) {
         let mut r = error_response(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token: send `Authorization: Bearer <token>` with the read token \
@@ -92,7 +92,7 @@ async fn answer(state: &AppState, params: &HashMap<String, String>) -> Result<Re
         None => 0,
         Some(v) => v.parse::<usize>().map_err(|_| Failure::bad(format!("`maxNodes` {v:?} is not a number")))?,
     };
-    let mode = crate::http::value_mode(&w);
+    let mode = crate::http::api::value_mode(&w);
     let fg = flame_graph(&query::flame_tree(&profile, mode), max_nodes);
     // The timeline: 10 s steps (more when the range needs over 1000).
     let step = 10u64.max((sel.to_s - sel.from_s).div_ceil(1000));

@@ -4,8 +4,8 @@
 use aperture_core::model::{Mode, ProfileType};
 
 use super::connect::Failure;
-use crate::http::AppState;
 use crate::http::params::Which;
+use crate::http::state::AppState;
 use crate::query;
 use crate::store::{LabelFilter, LabelName, Selector, valid_tag};
 /// What a label selector and a profile type id select.
