@@ -143,6 +143,20 @@ impl Conservation {
     }
 }
 
+/// A synthetic agent's client: QUIC to `ingest` on loopback, quick to
+/// reconnect after a kill.
+fn client_config(ingest: u16) -> ClientConfig {
+    ClientConfig {
+        aggregator: format!("127.0.0.1:{ingest}"),
+        carrier: CarrierChoice::Quic,
+        tls: ClientTlsConfig { insecure_skip_verify: true, ..ClientTlsConfig::default() },
+        reconnect_min_ms: 50,
+        reconnect_max_ms: 500,
+        connect_timeout_ms: 2_000,
+        ..ClientConfig::default()
+    }
+}
+
 /// A synthetic agent over the real transport (QUIC): one frame of 5 CPU
 /// samples every 5 ms, counting what it sent.
 struct Agent {
@@ -155,15 +169,7 @@ struct Agent {
 
 impl Agent {
     fn start(ingest: u16) -> Agent {
-        let config = ClientConfig {
-            aggregator: format!("127.0.0.1:{ingest}"),
-            carrier: CarrierChoice::Quic,
-            tls: ClientTlsConfig { insecure_skip_verify: true, ..ClientTlsConfig::default() },
-            reconnect_min_ms: 50,
-            reconnect_max_ms: 500,
-            connect_timeout_ms: 2_000,
-            ..ClientConfig::default()
-        };
+        let config = client_config(ingest);
         let identity = AgentIdentity {
             agent_id: AgentId([0xfa; 16]),
             boot_id: BootId([0x17; 16]),
@@ -373,15 +379,7 @@ fn fault_agent_child() {
     let Ok(spec) = std::env::var("APERTURE_FAULT_AGENT") else { return };
     let parts: Vec<u64> = spec.split(',').map(|p| p.parse().expect("APERTURE_FAULT_AGENT: numbers")).collect();
     let [port, t0, boot] = parts[..] else { panic!("APERTURE_FAULT_AGENT: port,t0,boot") };
-    let config = ClientConfig {
-        aggregator: format!("127.0.0.1:{port}"),
-        carrier: CarrierChoice::Quic,
-        tls: ClientTlsConfig { insecure_skip_verify: true, ..ClientTlsConfig::default() },
-        reconnect_min_ms: 50,
-        reconnect_max_ms: 500,
-        connect_timeout_ms: 2_000,
-        ..ClientConfig::default()
-    };
+    let config = client_config(u16::try_from(port).expect("APERTURE_FAULT_AGENT: a port"));
     let boot_id = BootId([u8::try_from(boot).expect("boot byte"); 16]);
     let identity =
         AgentIdentity { agent_id: CHILD_AGENT, boot_id, node: "n1".into(), agent_version: "fault-child".into() };
