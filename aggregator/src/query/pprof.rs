@@ -182,16 +182,30 @@ pub fn encode_pprof(profile: &Profile, kind: &ProfileType, from_ns: u64, to_ns: 
             value: vec![i64::try_from(s.count).unwrap_or(i64::MAX), i64::try_from(s.total_ns).unwrap_or(i64::MAX)],
         });
     }
+    let period_type = time_type.clone();
+    finish(b, vec![count_type, time_type], samples, period_type, from_ns, to_ns)
+}
+
+/// The profile of `samples` over `[from_ns, to_ns)` with the builder's
+/// tables, gzipped.
+fn finish(
+    b: Builder,
+    sample_type: Vec<PbValueType>,
+    sample: Vec<PbSample>,
+    period_type: PbValueType,
+    from_ns: u64,
+    to_ns: u64,
+) -> std::io::Result<Vec<u8>> {
     let message = PbProfile {
-        sample_type: vec![count_type, time_type.clone()],
-        sample: samples,
+        sample_type,
+        sample,
         mapping: Vec::new(),
         location: b.locations,
         function: b.functions,
         string_table: b.strings,
         time_nanos: i64::try_from(from_ns).unwrap_or(i64::MAX),
         duration_nanos: i64::try_from(to_ns.saturating_sub(from_ns)).unwrap_or(i64::MAX),
-        period_type: Some(time_type),
+        period_type: Some(period_type),
         period: 0,
     };
     gzip(&message)
@@ -217,19 +231,7 @@ fn encode_pushed(profile: &Profile, kind: &ProfileType, from_ns: u64, to_ns: u64
         };
         samples.push(PbSample { location_id, value: vec![i64::try_from(s.count).unwrap_or(i64::MAX)] });
     }
-    let message = PbProfile {
-        sample_type: vec![sample_type],
-        sample: samples,
-        mapping: Vec::new(),
-        location: b.locations,
-        function: b.functions,
-        string_table: b.strings,
-        time_nanos: i64::try_from(from_ns).unwrap_or(i64::MAX),
-        duration_nanos: i64::try_from(to_ns.saturating_sub(from_ns)).unwrap_or(i64::MAX),
-        period_type: Some(period_type),
-        period: 0,
-    };
-    gzip(&message)
+    finish(b, vec![sample_type], samples, period_type, from_ns, to_ns)
 }
 
 #[cfg(test)]
