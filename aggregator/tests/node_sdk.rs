@@ -1,0 +1,149 @@
+//! A real Pyroscope client: `@pyroscope/nodejs` from npm (it pushes
+//! gzipped pprof to `/ingest` with a bearer token; its tags ride in `name`,
+//! and `wrapWithLabels` puts pprof labels on samples) profiles a Node
+//! program with known function names; they come out of `/api/v1/profile`
+//! under its service, its tags and its labels.
+//!
+//! Needs node and `@pyroscope/nodejs` installed (`.ci/run` installs it with
+//! npm into a fixed directory and sets `APERTURE_TEST_NODE_MODULES` to its
+//! `node_modules`); skipped otherwise.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use aperture_aggregator::Aggregator;
+use common::http::get;
+
+const TOKEN: &str = "sdk-node-secret";
+const APP: &str = "aperture-node-sdk-test";
+
+/// Burns CPU in two known functions for a few seconds under a label, then
+/// stops the profiler (which uploads what is left).
+const PROGRAM: &str = r#"
+const Pyroscope = require('@pyroscope/nodejs');
+const [server, app, token] = process.argv.slice(2);
+Pyroscope.init({
+  serverAddress: server,
+  appName: app,
+  authToken: token,
+  tags: { env: 'ci', team: 'profiling' },
+  flushIntervalMs: 1000,
+});
+Pyroscope.start();
+function aperture_known_leaf(n) {
+  let x = 0;
+  for (let i = 0; i < n; i++) { x += Math.sqrt(i * i + x); }
+  return x;
+}
+function aperture_known_caller(deadline) {
+  let s = 0;
+  while (Date.now() < deadline) { s += aperture_known_leaf(20000); }
+  return s;
+}
+Pyroscope.wrapWithLabels({ handler: 'checkout' }, () => aperture_known_caller(Date.now() + 4000));
+Pyroscope.stop().then(() => console.log('stopped'), (e) => { console.error(e); process.exit(1); });
+"#;
+
+/// `NODE_PATH` for the SDK, when node can load it; `None` after reporting the skip.
+fn node_path(test: &str) -> Option<String> {
+    let modules = std::env::var("APERTURE_TEST_NODE_MODULES").unwrap_or_default();
+    match std::process::Command::new("node")
+        .args(["-e", "require('@pyroscope/nodejs')"])
+        .env("NODE_PATH", &modules)
+        .output()
+    {
+        Ok(out) if out.status.success() => Some(modules),
+        Ok(out) => {
+            aperture_testkit::skip(
+                test,
+                &format!(
+                    "node cannot load @pyroscope/nodejs from APERTURE_TEST_NODE_MODULES={modules:?} (npm install \
+                     --prefix DIR @pyroscope/nodejs@0.6, then set it to DIR/node_modules): {}",
+                    String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            aperture_testkit::skip(test, &format!("cannot run node: {e}"));
+            None
+        }
+    }
+}
+
+async fn folded(addr: std::net::SocketAddr, query: &str) -> String {
+    let r = get(addr, &format!("/api/v1/profile?format=folded&from=-10m&{query}")).await;
+    assert_eq!(r.status, 200, "{query}: {}", r.text());
+    r.text()
+}
+
+/// Whether a stack has the caller, then (deeper) the leaf. The SDK names
+/// functions `<file>:<name>:<line>`.
+fn has_known(stacks: &str) -> bool {
+    stacks.lines().any(|l| {
+        let caller = l.find("aperture_known_caller");
+        let leaf = l.rfind("aperture_known_leaf");
+        matches!((caller, leaf), (Some(c), Some(f)) if c < f)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_sdk_pushes_profiles_stored_under_its_service_tags_and_labels() {
+    let test = "the_node_sdk_pushes_profiles_stored_under_its_service_tags_and_labels";
+    let Some(node_path) = node_path(test) else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let program = dir.path().join("program.js");
+    std::fs::write(&program, PROGRAM).expect("write the program");
+    let mut settings = common::settings(dir.path());
+    settings.ingest_token = Some(TOKEN.into());
+    let handle = Aggregator::start(settings).await.expect("start");
+    let addr = handle.http_addr();
+    let out = tokio::process::Command::new("node")
+        .arg(&program)
+        .args([&format!("http://{addr}"), APP, TOKEN])
+        .current_dir(dir.path())
+        .env("NODE_PATH", &node_path)
+        .env("DEBUG", "pyroscope*")
+        .output()
+        .await
+        .expect("run the Node program");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the Node program failed: {log}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let types = loop {
+        let r = get(addr, &format!("/api/v1/labels/type/values?from=-10m&service={APP}")).await;
+        let types: Vec<String> = r.json()["values"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        if types.iter().any(|t| t.starts_with("wall:samples:")) || Instant::now() > deadline {
+            break types;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let m = get(addr, "/metrics").await.text();
+    let wall = types.iter().find(|t| t.starts_with("wall:samples:")).unwrap_or_else(|| {
+        panic!(
+            "no wall profile for {APP} in {types:?}; push metrics: {}; SDK output: {log}",
+            m.lines().filter(|l| l.starts_with("aperture_push")).collect::<Vec<_>>().join(" | ")
+        )
+    });
+    let stacks = folded(addr, &format!("type={wall}&service={APP}")).await;
+    assert!(has_known(&stacks), "the known functions, caller then leaf, are not in the profile:\n{stacks}");
+
+    // Tags from `init({tags})`, sent in `name`.
+    assert_eq!(folded(addr, &format!("type={wall}&service={APP}&tag.env=ci&tag.team=profiling")).await, stacks);
+    assert_eq!(folded(addr, &format!("type={wall}&service={APP}&tag.env=prod")).await, "");
+    let r = get(addr, &format!("/api/v1/labels/tag.team/values?from=-10m&service={APP}")).await;
+    assert_eq!(r.json()["values"], serde_json::json!(["profiling"]));
+
+    // The label from `wrapWithLabels`, sent as pprof labels on samples.
+    let labelled = folded(addr, &format!("type={wall}&service={APP}&tag.handler=checkout&tag.env=ci")).await;
+    assert!(has_known(&labelled), "the labelled samples lack the known functions:\n{labelled}");
+    assert_eq!(folded(addr, &format!("type={wall}&service={APP}&tag.handler=refund")).await, "");
+    let r = get(addr, &format!("/api/v1/labels/tag.handler/values?from=-10m&service={APP}")).await;
+    assert_eq!(r.json()["values"], serde_json::json!(["checkout"]));
+    handle.shutdown().await.expect("shutdown");
+}
