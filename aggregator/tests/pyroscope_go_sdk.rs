@@ -137,6 +137,12 @@ async fn the_go_sdk_multipart_form_is_stored_as_its_profile_types() {
     assert_eq!(folded(addr, &format!("{cpu_type}&tag.env=canary")).await, "main;refund 10000000\n");
     assert_eq!(folded(addr, &format!("{cpu_type}&tag.env=prod")).await, "main;checkout 50000000\nmain;gc 20000000\n");
 
+    // The tag keys, for the UI's tag filter, and a label's values.
+    let r = get(addr, &format!("/api/v1/labels/tag/values?service=goapp&{range}")).await;
+    assert_eq!(r.json()["values"], serde_json::json!(["env", "handler", "region"]), "{}", r.text());
+    let r = get(addr, &format!("/api/v1/labels/tag.handler/values?service=goapp&{range}")).await;
+    assert_eq!(r.json()["values"], serde_json::json!(["checkout", "refund"]), "{}", r.text());
+
     // Refusals: cumulative profiles to subtract, no profile part, a broken form.
     let prev = form(&[("profile", "profile.pprof", &heap), ("prev_profile", "profile.pprof", &heap)]);
     let r = post_with(addr, &ingest_url(name, t), &headers, &prev).await;
