@@ -60,7 +60,7 @@ fn node_path(test: &str) -> Option<String> {
                 &format!(
                     "node cannot load @pyroscope/nodejs from APERTURE_TEST_NODE_MODULES={modules:?} (npm install \
                      --prefix DIR @pyroscope/nodejs@0.6, then set it to DIR/node_modules): {}",
-                    String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+                    String::from_utf8_lossy(&out.stderr).lines().find(|l| l.contains("Error")).unwrap_or("")
                 ),
             );
             None

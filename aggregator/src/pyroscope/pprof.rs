@@ -94,10 +94,17 @@ fn pprof_profile_name(
     profile_name("", sample_types.first().copied().unwrap_or(""), period_type)
 }
 
+/// Labels that name one request or span (Pyroscope's span profiles): as
+/// tags they would make a series per request, so they are dropped.
+const PER_REQUEST_LABELS: [&str; 2] = ["span_id", "profile_id"];
+
+/// At most this many label sets (series per sample type) in one profile.
+const MAX_LABEL_SETS: usize = 1000;
+
 /// The tags of a sample: the request's, with the sample's string labels
 /// added (a label overrides a request tag of the same key). Labels whose
-/// key starts with `__` are Pyroscope's own and dropped; numeric labels are
-/// not tags.
+/// key starts with `__` are Pyroscope's own and dropped, and so are
+/// [`PER_REQUEST_LABELS`]; numeric labels are not tags.
 fn sample_tags(
     key: &SeriesKey,
     labels: &[PbLabel],
@@ -109,7 +116,7 @@ fn sample_tags(
             continue;
         }
         let (k, v) = (string(l.key), string(l.str));
-        if k.starts_with("__") {
+        if k.starts_with("__") || PER_REQUEST_LABELS.contains(&k.as_str()) {
             continue;
         }
         if !valid_tag(&k, &v) {
@@ -208,6 +215,12 @@ pub(crate) fn from_pprof(
         let first = match first_of.get(&tags) {
             Some(i) => *i,
             None => {
+                if first_of.len() >= MAX_LABEL_SETS {
+                    return Err(ConvertError::TooLarge(format!(
+                        "the pprof profile has more than {MAX_LABEL_SETS} distinct sets of sample labels; label \
+                         samples by fewer values (not by request or span)"
+                    )));
+                }
                 let i = series.len();
                 series.extend(
                     types
@@ -285,7 +298,7 @@ mod tests {
         let body = profile(
             &[("samples", "count"), ("cpu", "nanoseconds")],
             &[
-                (&["main", "work"], &[3, 30], &[("handler", "checkout"), ("__session_id__", "x")]),
+                (&["main", "work"], &[3, 30], &[("handler", "checkout"), ("__session_id__", "x"), ("span_id", "9f0e")]),
                 (&["main", "idle"], &[1, 10], &[]),
                 (&["main", "work"], &[2, 20], &[("handler", "checkout")]),
             ],
@@ -317,6 +330,12 @@ mod tests {
         let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let body = profile(&[("samples", "count")], &[(&["main"], &[1], &many)]);
         assert!(matches!(from_pprof(&body, &key, None, 1, None), Err(ConvertError::TooLarge(_))));
+        let ids: Vec<String> = (0..=MAX_LABEL_SETS).map(|i| i.to_string()).collect();
+        let labels: Vec<[(&str, &str); 1]> = ids.iter().map(|i| [("request", i.as_str())]).collect();
+        let samples: Vec<TestSample> = labels.iter().map(|l| (&["main"][..], &[1i64][..], &l[..])).collect();
+        let body = profile(&[("samples", "count")], &samples);
+        let err = from_pprof(&body, &key, None, 1, None).expect_err("too many label sets");
+        assert!(matches!(&err, ConvertError::TooLarge(m) if m.contains("sets of sample labels")), "{err}");
     }
 
     #[test]
