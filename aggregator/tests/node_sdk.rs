@@ -17,6 +17,7 @@ use common::http::get;
 
 const TOKEN: &str = "sdk-node-secret";
 const APP: &str = "aperture-node-sdk-test";
+const WALL: &str = "wall:samples:count:wall:nanoseconds";
 
 /// Burns CPU in two known functions for a few seconds under a label, then
 /// stops the profiler (which uploads what is left).
@@ -118,13 +119,15 @@ async fn the_node_sdk_pushes_profiles_stored_under_its_service_tags_and_labels()
             .as_array()
             .map(|v| v.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
             .unwrap_or_default();
-        if types.iter().any(|t| t.starts_with("wall:samples:")) || Instant::now() > deadline {
+        if types.iter().any(|t| t == WALL) || Instant::now() > deadline {
             break types;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let m = get(addr, "/metrics").await.text();
-    let wall = types.iter().find(|t| t.starts_with("wall:samples:")).unwrap_or_else(|| {
+    // Named as Pyroscope names the SDK's wall profile.
+    assert!(types.iter().any(|t| t == "wall:wall:nanoseconds:wall:nanoseconds"), "{types:?}");
+    let wall = types.iter().find(|t| *t == WALL).unwrap_or_else(|| {
         panic!(
             "no wall profile for {APP} in {types:?}; push metrics: {}; SDK output: {log}",
             m.lines().filter(|l| l.starts_with("aperture_push")).collect::<Vec<_>>().join(" | ")
