@@ -4,9 +4,11 @@
 //! program with known function names; they come out of `/api/v1/profile`
 //! under its service, its tags and its labels.
 //!
-//! Needs node and `@pyroscope/nodejs` installed (`.ci/run` installs it with
-//! npm into a fixed directory and sets `APERTURE_TEST_NODE_MODULES` to its
-//! `node_modules`); skipped otherwise.
+//! Needs node (`APERTURE_TEST_NODE`, default `node`) and `@pyroscope/nodejs`
+//! installed (`.ci/run` installs it with npm into a fixed directory and sets
+//! `APERTURE_TEST_NODE_MODULES` to its `node_modules`); skipped otherwise.
+//! The program is an ES module (linked to those modules), which the SDK's
+//! CommonJS build cannot be loaded as on Node 18, Debian 12's.
 
 mod common;
 
@@ -22,7 +24,7 @@ const WALL: &str = "wall:samples:count:wall:nanoseconds";
 /// Burns CPU in two known functions for a few seconds under a label, then
 /// stops the profiler (which uploads what is left).
 const PROGRAM: &str = r#"
-const Pyroscope = require('@pyroscope/nodejs');
+import Pyroscope from '@pyroscope/nodejs';
 const [server, app, token] = process.argv.slice(2);
 Pyroscope.init({
   serverAddress: server,
@@ -46,28 +48,37 @@ Pyroscope.wrapWithLabels({ handler: 'checkout' }, () => aperture_known_caller(Da
 Pyroscope.stop().then(() => console.log('stopped'), (e) => { console.error(e); process.exit(1); });
 "#;
 
-/// `NODE_PATH` for the SDK, when node can load it; `None` after reporting the skip.
-fn node_path(test: &str) -> Option<String> {
+/// The node to run when it can load the SDK from `dir` (whose
+/// `node_modules` is linked to the installed modules); `None` after
+/// reporting the skip.
+fn node(test: &str, dir: &std::path::Path) -> Option<String> {
+    let node = std::env::var("APERTURE_TEST_NODE").unwrap_or_else(|_| "node".to_owned());
     let modules = std::env::var("APERTURE_TEST_NODE_MODULES").unwrap_or_default();
-    match std::process::Command::new("node")
-        .args(["-e", "require('@pyroscope/nodejs')"])
-        .env("NODE_PATH", &modules)
+    if !std::path::Path::new(&modules).join("@pyroscope/nodejs").is_dir() {
+        aperture_testkit::skip(
+            test,
+            &format!(
+                "APERTURE_TEST_NODE_MODULES={modules:?} holds no @pyroscope/nodejs (npm install --prefix DIR \
+                 @pyroscope/nodejs@0.6, then set it to DIR/node_modules)"
+            ),
+        );
+        return None;
+    }
+    std::os::unix::fs::symlink(&modules, dir.join("node_modules")).expect("link node_modules");
+    match std::process::Command::new(&node)
+        .args(["--input-type=module", "-e", "await import('@pyroscope/nodejs')"])
+        .current_dir(dir)
         .output()
     {
-        Ok(out) if out.status.success() => Some(modules),
+        Ok(out) if out.status.success() => Some(node),
         Ok(out) => {
-            aperture_testkit::skip(
-                test,
-                &format!(
-                    "node cannot load @pyroscope/nodejs from APERTURE_TEST_NODE_MODULES={modules:?} (npm install \
-                     --prefix DIR @pyroscope/nodejs@0.6, then set it to DIR/node_modules): {}",
-                    String::from_utf8_lossy(&out.stderr).lines().find(|l| l.contains("Error")).unwrap_or("")
-                ),
-            );
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            let why = stderr.lines().find(|l| l.contains("Error")).unwrap_or(&stderr).to_owned();
+            aperture_testkit::skip(test, &format!("{node} cannot load @pyroscope/nodejs from {modules}: {why}"));
             None
         }
         Err(e) => {
-            aperture_testkit::skip(test, &format!("cannot run node: {e}"));
+            aperture_testkit::skip(test, &format!("cannot run {node}: {e}"));
             None
         }
     }
@@ -92,19 +103,18 @@ fn has_known(stacks: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_sdk_pushes_profiles_stored_under_its_service_tags_and_labels() {
     let test = "the_node_sdk_pushes_profiles_stored_under_its_service_tags_and_labels";
-    let Some(node_path) = node_path(test) else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    let program = dir.path().join("program.js");
+    let Some(node) = node(test, dir.path()) else { return };
+    let program = dir.path().join("program.mjs");
     std::fs::write(&program, PROGRAM).expect("write the program");
     let mut settings = common::settings(dir.path());
     settings.ingest_token = Some(TOKEN.into());
     let handle = Aggregator::start(settings).await.expect("start");
     let addr = handle.http_addr();
-    let out = tokio::process::Command::new("node")
+    let out = tokio::process::Command::new(&node)
         .arg(&program)
         .args([&format!("http://{addr}"), APP, TOKEN])
         .current_dir(dir.path())
-        .env("NODE_PATH", &node_path)
         .env("DEBUG", "pyroscope*")
         .output()
         .await
