@@ -6,13 +6,16 @@
 mod common;
 
 use aperture_aggregator::{Aggregator, Settings};
+use std::time::Duration;
+
 use common::http::post_with;
-use common::now_s;
+use common::{acks, batch, frame_id, now_s};
 use serde_json::{Value, json};
 
 const READ: &str = "read-secret";
 const INGEST: &str = "push-secret";
 const CPU: &str = "process_cpu:samples:count:cpu:nanoseconds";
+const AGENT_CPU: &str = "cpu:samples:count:cpu:nanoseconds";
 
 async fn call(addr: std::net::SocketAddr, method: &str, body: Value) -> common::http::Response {
     let auth = format!("Bearer {READ}");
@@ -30,6 +33,7 @@ async fn suite(mut settings: Settings) {
     settings.ingest_token = Some(INGEST.into());
     let handle = Aggregator::start(settings).await.expect("start");
     let addr = handle.http_addr();
+    let received = acks(&handle);
     let t = now_s() - 120;
     let bearer = format!("Bearer {INGEST}");
     for (name, body) in [
@@ -43,14 +47,24 @@ async fn suite(mut settings: Settings) {
                 .await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
+    // The agent's data: api (pid 100, pod api-1) 3 samples, db (pid 200, pod db-0) 2.
+    let ingress = handle.ingress();
+    let id = frame_id(1, 1, 1);
+    tokio::task::spawn_blocking(move || {
+        common::push(&ingress, id, &batch("node-a", t));
+        received.wait_for(&[id], Duration::from_secs(60));
+    })
+    .await
+    .expect("agent data");
     let (start, end) = ((t - 60) * 1000, (t + 60) * 1000);
-    let total = |selector: &'static str| async move {
-        let body = json!({ "profileTypeID": CPU, "labelSelector": selector,
+    let total_of = |type_id: &'static str, selector: &'static str| async move {
+        let body = json!({ "profileTypeID": type_id, "labelSelector": selector,
                            "start": start.to_string(), "end": end.to_string() });
         let r = call(addr, "SelectMergeStacktraces", body).await;
         assert_eq!(r.status, 200, "{selector}: {}", r.text());
         r.json()["flamegraph"]["total"].as_str().unwrap_or("0").parse::<u64>().expect("total")
     };
+    let total = |selector: &'static str| total_of(CPU, selector);
     assert_eq!(total(r#"{service_name="checkout"}"#).await, 17);
     // `!=` keeps the rows without the label.
     assert_eq!(total(r#"{service_name="checkout", env!="prod"}"#).await, 5 + 2);
@@ -66,6 +80,16 @@ async fn suite(mut settings: Settings) {
     assert_eq!(total(r#"{env!=""}"#).await, 16);
     assert_eq!(total(r#"{env=~"nothing"}"#).await, 0);
     assert_eq!(total(r#"{region!~"eu", __name__=~"process_.*"}"#).await, 2 + 1);
+
+    // The agent's labels are columns: the same rules.
+    assert_eq!(total_of(AGENT_CPU, "{}").await, 5);
+    assert_eq!(total_of(AGENT_CPU, r#"{pod=~"api-.*"}"#).await, 3);
+    assert_eq!(total_of(AGENT_CPU, r#"{pod!="api-1", namespace="prod"}"#).await, 2);
+    assert_eq!(total_of(AGENT_CPU, r#"{pid=~"2.."}"#).await, 2);
+    assert_eq!(total_of(AGENT_CPU, r#"{pid!~"1.*|3.*"}"#).await, 2);
+    // The agent's rows have no service: `!=` keeps them, `=~".+"` does not.
+    assert_eq!(total_of(AGENT_CPU, r#"{service_name!="checkout"}"#).await, 5);
+    assert_eq!(total_of(AGENT_CPU, r#"{service_name=~".+"}"#).await, 0);
 
     let r = call(
         addr,
