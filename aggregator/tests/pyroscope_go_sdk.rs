@@ -152,6 +152,10 @@ async fn the_go_sdk_multipart_form_is_stored_as_its_profile_types() {
     let r = post_with(addr, &ingest_url(name, t), &headers, &none).await;
     assert_eq!(r.status, 400);
     assert!(r.text().contains("`profile` part"), "{}", r.text());
+    let jfr = form(&[("jfr", "jfr", b"FLR\0"), ("labels", "labels", b"")]);
+    let r = post_with(addr, &format!("{}&format=jfr", ingest_url(name, t)), &headers, &jfr).await;
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("jfr") && r.text().contains("not supported"), "{}", r.text());
     let r = post_with(addr, &ingest_url(name, t), &headers, b"not a form").await;
     assert_eq!(r.status, 400);
     assert!(r.text().contains("multipart"), "{}", r.text());

@@ -232,7 +232,14 @@ async fn convert(
     };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if content_type.starts_with("multipart/") {
-        // The Go SDK's form: always pprof (it sends no `format`).
+        // The Go SDK's form: pprof (it sends no `format`); the Java SDK's
+        // JFR forms are not read.
+        if !matches!(get("format"), "" | "pprof") {
+            return Err(ConvertError::Bad(format!(
+                "`format` {:?} is not supported in a multipart body: only pprof (the Go SDK's form)",
+                get("format")
+            )));
+        }
         let form = form::read_form(content_type, body).await?;
         let profile = gunzip(&form.profile, max_inflated)?;
         return from_pprof(&profile, &key, from, crate::clock::unix_now_ns(), form.sample_types.as_ref());
