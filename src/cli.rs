@@ -86,6 +86,9 @@ pub struct AggregatorArgs {
     /// QUIC address (UDP).
     #[arg(long)]
     quic_listen: Option<String>,
+    /// Second HTTP address for Pyroscope's routes, e.g. 0.0.0.0:4040 (overrides APERTURE_PYROSCOPE_LISTEN).
+    #[arg(long)]
+    pyroscope_listen: Option<String>,
     /// Data directory (embedded store, generated certificate).
     #[arg(long)]
     data_dir: Option<String>,
@@ -157,6 +160,7 @@ impl AggregatorArgs {
         flag(&mut f, "--http-listen", "listen.http", &self.http_listen);
         flag(&mut f, "--grpc-listen", "listen.grpc", &self.grpc_listen);
         flag(&mut f, "--quic-listen", "listen.quic", &self.quic_listen);
+        flag(&mut f, "--pyroscope-listen", "pyroscope.listen", &self.pyroscope_listen);
         flag(&mut f, "--data-dir", "data_dir", &self.data_dir);
         flag(&mut f, "--clickhouse-endpoint", "clickhouse.endpoint", &self.clickhouse_endpoint);
         flag(&mut f, "--retention", "retention", &self.retention);

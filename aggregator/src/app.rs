@@ -37,6 +37,7 @@ pub struct AggregatorHandle {
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
     http_addr: SocketAddr,
+    pyroscope_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     shard_threads: Vec<JoinHandle<()>>,
@@ -133,6 +134,23 @@ impl Aggregator {
         let http_addr = listener.local_addr().context("reading the HTTP listener address")?;
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        // Pyroscope's own port: its routes alone, with the same auth and limits.
+        let pyroscope_addr = match settings.pyroscope_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the Pyroscope listener on {addr} (pyroscope.listen)"))?;
+                let bound = listener.local_addr().context("reading the Pyroscope listener address")?;
+                let app = crate::http::protocol_router(state.clone(), crate::pyroscope::routes());
+                let mut stop = stopped.clone();
+                let limits = settings.http_limits;
+                tasks.spawn(crate::http::serve(listener, app, limits, shared.metrics.clone(), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }));
+                Some(bound)
+            }
+            None => None,
+        };
         let app = router(state, crate::pyroscope::routes());
         let mut http_stop = stopped.clone();
         tasks.spawn(crate::http::serve(listener, app, settings.http_limits, shared.metrics.clone(), async move {
@@ -146,6 +164,7 @@ impl Aggregator {
             shared,
             store,
             http_addr,
+            pyroscope_addr,
             stop,
             tasks,
             shard_threads,
@@ -169,6 +188,11 @@ impl AggregatorHandle {
     /// The bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The bound address of Pyroscope's own port, when one is configured.
+    pub fn pyroscope_addr(&self) -> Option<SocketAddr> {
+        self.pyroscope_addr
     }
 
     /// The aggregator's metrics (what `/metrics` renders).

@@ -21,6 +21,8 @@ use crate::settings::{ClickHouseSettings, HttpLimits, Settings};
 pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
     let mut s = Settings::new(config.data_dir.clone());
     s.http_listen = listen(&config.listen.http, "listen.http")?;
+    let pyroscope = &config.pyroscope.listen;
+    s.pyroscope_listen = if pyroscope.is_empty() { None } else { Some(listen(pyroscope, "pyroscope.listen")?) };
     s.auth_token = config.auth.read().map(str::to_owned);
     s.ingest_token = config.auth.ingest().map(str::to_owned);
     s.buffer_capacity_bytes = config.buffer.capacity.as_usize();
@@ -104,6 +106,7 @@ impl Daemon {
         aggregator.metrics().set_transport_stats(Box::new(move || stats.upgrade().map(|s| s.stats())));
         tracing::info!(
             http = %aggregator.http_addr(),
+            pyroscope = ?aggregator.pyroscope_addr(),
             quic = ?server.quic_addr(),
             grpc = ?server.grpc_addr(),
             store = aggregator.store().kind().as_str(),
@@ -198,6 +201,18 @@ mod tests {
         assert_eq!(srv.quic_listen.map(|a| a.port()), Some(50051));
         assert_eq!(srv.grpc_listen.map(|a| a.port()), Some(50051));
         assert_eq!(srv.data_dir, std::path::PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn pyroscope_port_is_off_unless_configured() {
+        assert_eq!(settings(&config(&[("APERTURE_AUTH_TOKEN", "tok")])).expect("settings").pyroscope_listen, None);
+        let c = config(&[("APERTURE_AUTH_TOKEN", "tok"), ("APERTURE_PYROSCOPE_LISTEN", "0.0.0.0:4040")]);
+        assert_eq!(settings(&c).expect("settings").pyroscope_listen.map(|a| a.port()), Some(4040));
+        let vars =
+            [("APERTURE_AUTH_TOKEN".to_owned(), "t".to_owned()), ("APERTURE_PYROSCOPE_LISTEN".into(), "4040".into())];
+        let env = move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let err = load::<AggregatorConfig>(None, &env, &[]).expect_err("not an address");
+        assert!(err.to_string().contains("pyroscope.listen"), "{err}");
     }
 
     #[test]

@@ -79,6 +79,9 @@ impl Default for HttpLimits {
 pub struct Settings {
     /// HTTP listen address (REST API, `/metrics`, probes). Default `0.0.0.0:9090`.
     pub http_listen: SocketAddr,
+    /// A second HTTP address serving only Pyroscope's routes (usually
+    /// `0.0.0.0:4040`). Default `None`.
+    pub pyroscope_listen: Option<SocketAddr>,
     /// Bearer token required on `/api/v1/*` (`APERTURE_AUTH_TOKEN`); `None` disables auth.
     pub auth_token: Option<String>,
     /// Token required of pushed profiles (`POST /ingest`): the agents'
@@ -136,6 +139,7 @@ impl Settings {
     pub fn new(data_dir: impl Into<PathBuf>) -> Settings {
         Settings {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            pyroscope_listen: None,
             auth_token: None,
             ingest_token: None,
             data_dir: data_dir.into(),

@@ -5,86 +5,14 @@
 
 mod common;
 
-use std::io::Write;
-
 use aperture_aggregator::{Aggregator, Settings};
 use base64::Engine;
 use common::http::{get, post_with};
+use common::pprof::{gzip, pprof};
 use common::{metric, now_s};
 use prost::Message;
 
 const TOKEN: &str = "push-secret";
-
-/// The pprof messages a test sends (google/pprof `profile.proto`, the fields used).
-#[derive(Clone, PartialEq, prost::Message)]
-struct Profile {
-    #[prost(message, repeated, tag = "1")]
-    sample_type: Vec<ValueType>,
-    #[prost(message, repeated, tag = "2")]
-    sample: Vec<Sample>,
-    #[prost(message, repeated, tag = "3")]
-    mapping: Vec<Mapping>,
-    #[prost(message, repeated, tag = "4")]
-    location: Vec<Location>,
-    #[prost(message, repeated, tag = "5")]
-    function: Vec<Function>,
-    #[prost(string, repeated, tag = "6")]
-    string_table: Vec<String>,
-    #[prost(int64, tag = "9")]
-    time_nanos: i64,
-    #[prost(message, optional, tag = "11")]
-    period_type: Option<ValueType>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ValueType {
-    #[prost(int64, tag = "1")]
-    r#type: i64,
-    #[prost(int64, tag = "2")]
-    unit: i64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Sample {
-    #[prost(uint64, repeated, tag = "1")]
-    location_id: Vec<u64>,
-    #[prost(int64, repeated, tag = "2")]
-    value: Vec<i64>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Mapping {
-    #[prost(uint64, tag = "1")]
-    id: u64,
-    #[prost(int64, tag = "5")]
-    filename: i64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Location {
-    #[prost(uint64, tag = "1")]
-    id: u64,
-    #[prost(uint64, tag = "2")]
-    mapping_id: u64,
-    #[prost(message, repeated, tag = "4")]
-    line: Vec<Line>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Line {
-    #[prost(uint64, tag = "1")]
-    function_id: u64,
-    #[prost(int64, tag = "2")]
-    line: i64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Function {
-    #[prost(uint64, tag = "1")]
-    id: u64,
-    #[prost(int64, tag = "2")]
-    name: i64,
-}
 
 /// Pyroscope's push.v1 messages (`push/v1/push.proto`).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -115,61 +43,6 @@ struct RawSample {
     raw_profile: Vec<u8>,
     #[prost(string, tag = "2")]
     id: String,
-}
-
-/// A pprof profile of `types` (type, unit) with period type `period`, whose
-/// samples are (stack root first, values).
-fn pprof(types: &[(&str, &str)], period: (&str, &str), samples: &[(&[&str], &[i64])], time_s: u64) -> Vec<u8> {
-    let mut strings: Vec<String> = vec![String::new()];
-    let mut s = |x: &str| -> i64 {
-        match strings.iter().position(|y| y == x) {
-            Some(i) => i as i64,
-            None => {
-                strings.push(x.to_owned());
-                strings.len() as i64 - 1
-            }
-        }
-    };
-    let sample_type = types.iter().map(|(t, u)| ValueType { r#type: s(t), unit: s(u) }).collect();
-    let period_type = Some(ValueType { r#type: s(period.0), unit: s(period.1) });
-    let mapping = vec![Mapping { id: 1, filename: s("/usr/bin/app") }];
-    let mut function: Vec<Function> = Vec::new();
-    let mut location: Vec<Location> = Vec::new();
-    let mut sample = Vec::new();
-    for (stack, values) in samples {
-        let mut ids = Vec::new();
-        for name in stack.iter().rev() {
-            let n = s(name);
-            let id = match function.iter().position(|f| f.name == n) {
-                Some(i) => i as u64 + 1,
-                None => {
-                    function.push(Function { id: function.len() as u64 + 1, name: n });
-                    let id = function.len() as u64;
-                    location.push(Location { id, mapping_id: 1, line: vec![Line { function_id: id, line: 1 }] });
-                    id
-                }
-            };
-            ids.push(id);
-        }
-        sample.push(Sample { location_id: ids, value: values.to_vec() });
-    }
-    Profile {
-        sample_type,
-        sample,
-        mapping,
-        location,
-        function,
-        string_table: strings,
-        time_nanos: (time_s * 1_000_000_000) as i64,
-        period_type,
-    }
-    .encode_to_vec()
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(bytes).expect("gzip");
-    gz.finish().expect("gzip")
 }
 
 fn basic(password: &str) -> String {

@@ -8,7 +8,7 @@ import * as st from './state.js';
 import { FlameView, DiffView, SyscallsView, LocksView, errorState, showState } from './views.js';
 
 const FILTER_LABELS = { node: 'Node', namespace: 'Namespace', pod: 'Pod', container: 'Container', process: 'Process', service: 'Service' };
-const FILTER_ALL = { node: 'All nodes', namespace: 'All namespaces', pod: 'All pods', container: 'All containers', process: 'All processes', service: 'All services' };
+const FILTER_ALL = { node: 'All nodes', namespace: 'All namespaces', pod: 'All pods', container: 'All containers', process: 'All processes', service: 'All services', tag_key: 'Any tag', tag_value: 'Any value' };
 const VIEW_USES_MODE = { flame: true, diff: true, syscalls: false, locks: false };
 
 class App {
@@ -47,7 +47,7 @@ class App {
    */
   update(patch, { reload = true, replace = false } = {}) {
     const next = { ...this.state, ...patch };
-    if ('mode' in patch || 'type' in patch || 'range' in patch || 'from' in patch || st.FILTERS.some((f) => f in patch)) {
+    if ('mode' in patch || 'type' in patch || 'range' in patch || 'from' in patch || 'tag_value' in patch || st.FILTERS.some((f) => f in patch)) {
       if (!('focus' in patch)) next.focus = '';
     }
     this.state = next;
@@ -64,7 +64,7 @@ class App {
   clearFilters() {
     const patch = {};
     for (const f of st.FILTERS) patch[f] = '';
-    this.update(patch);
+    this.update({ ...patch, tag_key: '', tag_value: '' });
   }
 
   reload() {
@@ -125,7 +125,32 @@ class App {
           select.title = `Could not load values: ${e.message}`;
         }
       }),
+      this.loadTagFilter(state, base, signal),
     ]);
+  }
+
+  /** The tag filter: the tag keys there are, then the chosen key's values. */
+  async loadTagFilter(state, base, signal) {
+    const others = { ...base, ...st.apiFilters(state, 'tag') };
+    const lists = [
+      [this.tagKeySelect, 'tag_key', 'labels/tag/values', state.tag_key],
+      [this.tagValueSelect, 'tag_value', state.tag_key ? `labels/tag.${state.tag_key}/values` : null, state.tag_value],
+    ];
+    await Promise.all(lists.map(async ([select, name, path, current]) => {
+      if (!path) {
+        this.fillSelect(select, name, [], current);
+        return;
+      }
+      try {
+        const r = await this.get(path, others, signal);
+        this.fillSelect(select, name, r.values, current);
+      } catch (e) {
+        if (e.name === 'AbortError') return;
+        this.fillSelect(select, name, [], current);
+        select.title = `Could not load values: ${e.message}`;
+      }
+    }));
+    this.tagKeySelect.closest('.filter').classList.toggle('active', !!(state.tag_key && state.tag_value));
   }
 
   /** Fills the type picker with the pushed profile types there is data of. */
@@ -194,6 +219,10 @@ class App {
       this.filterSelects[name] = select;
       filters.append(h('label', { class: 'filter' }, h('span', { class: 'filter-label' }, FILTER_LABELS[name]), select));
     }
+    // The tag filter (pushed profiles' tags): a key, then one of its values.
+    this.tagKeySelect = h('select', { id: 'filter-tag-key', name: 'tag_key', 'aria-label': 'Tag key', onchange: () => this.update({ tag_key: this.tagKeySelect.value, tag_value: '' }) }, h('option', { value: '' }, FILTER_ALL.tag_key));
+    this.tagValueSelect = h('select', { id: 'filter-tag-value', name: 'tag_value', 'aria-label': 'Tag value', disabled: true, onchange: () => this.update({ tag_value: this.tagValueSelect.value }) }, h('option', { value: '' }, FILTER_ALL.tag_value));
+    filters.append(h('label', { class: 'filter filter-tag', title: 'Tags of pushed profiles (Pyroscope SDKs)' }, h('span', { class: 'filter-label' }, 'Tag'), this.tagKeySelect, h('span', { class: 'filter-eq', 'aria-hidden': 'true' }, '='), this.tagValueSelect));
     document.getElementById('clear-filters').addEventListener('click', () => this.clearFilters());
     document.addEventListener('keydown', (e) => {
       if (e.key === '/' && document.activeElement.tagName !== 'INPUT' && this.state.view === 'flame') {
@@ -247,6 +276,13 @@ class App {
       sel.closest('.filter').classList.toggle('active', !!s[f]);
       if (s[f]) active++;
     }
+    for (const [sel, v] of [[this.tagKeySelect, s.tag_key], [this.tagValueSelect, s.tag_value]]) {
+      if (v && !Array.from(sel.options).some((o) => o.value === v)) sel.append(h('option', { value: v }, v));
+      sel.value = v;
+    }
+    this.tagValueSelect.disabled = !s.tag_key;
+    this.tagKeySelect.closest('.filter').classList.toggle('active', !!(s.tag_key && s.tag_value));
+    if (s.tag_key && s.tag_value) active++;
     document.getElementById('clear-filters').hidden = !active;
     const m = fmt.modeOf(st.kindOf(s));
     const viewTitle = { flame: m.title, diff: `${m.title} diff`, syscalls: 'System calls', locks: 'Lock contention' }[s.view];

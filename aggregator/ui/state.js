@@ -36,6 +36,8 @@ export const DEFAULTS = Object.freeze({
   container: '',
   process: '',
   service: '',
+  tag_key: '', // the tag filter: `tag.<tag_key>=<tag_value>` once both are chosen
+  tag_value: '',
   q: '', // flame-graph search
   focus: '', // zoomed frame: names from the root, ';'-separated
   sort: 'self', // top functions: self | total | name
@@ -43,6 +45,9 @@ export const DEFAULTS = Object.freeze({
   base_from: null,
   base_to: null,
 });
+
+/** A tag key as the API takes it. */
+export const TAG_KEY = /^[A-Za-z0-9_.-]{1,128}$/;
 
 /** A profile type id: five non-empty parts separated by `:`. */
 export const TYPE_ID = /^[^:\s]+(:[^:\s]+){4}$/;
@@ -64,6 +69,8 @@ export function parse(search) {
   if (s.range === 'custom' && !(s.from !== null && s.to !== null && s.from < s.to)) s.range = DEFAULTS.range;
   if (s.range !== 'custom') s.from = s.to = null;
   for (const f of FILTERS) s[f] = p.get(f) || '';
+  s.tag_key = TAG_KEY.test(p.get('tag_key') || '') ? p.get('tag_key') : '';
+  s.tag_value = s.tag_key ? p.get('tag_value') || '' : '';
   s.q = p.get('q') || '';
   s.focus = p.get('focus') || '';
   s.sort = oneOf(p.get('sort'), ['self', 'total', 'name'], s.sort);
@@ -118,10 +125,18 @@ export function kindOf(s) {
   return s.type || s.mode;
 }
 
-/** The active label filters as API parameters. */
+/** The active label filters as API parameters (`except`: one to leave out, `tag` for the tag filter). */
 export function apiFilters(s, except) {
   const out = {};
   for (const f of FILTERS) if (s[f] && f !== except) out[f] = s[f];
+  if (s.tag_key && s.tag_value && except !== 'tag') out[`tag.${s.tag_key}`] = s.tag_value;
+  return out;
+}
+
+/** The active filters as [label, value] pairs, for summaries. */
+export function activeFilters(s) {
+  const out = FILTERS.filter((f) => s[f]).map((f) => [f, s[f]]);
+  if (s.tag_key && s.tag_value) out.push([s.tag_key, s.tag_value]);
   return out;
 }
 

@@ -7,7 +7,7 @@ import * as fmt from './format.js';
 import { FlameGraph, diffColor } from './flame.js';
 import { SortableTable } from './tables.js';
 import { prepare, diffTree, pathOf } from './tree.js';
-import { apiRange, apiFilters, apiBase, apiWhich, kindOf, rangePhrase, FILTERS, BASES } from './state.js';
+import { apiRange, apiFilters, apiBase, apiWhich, kindOf, rangePhrase, activeFilters, BASES } from './state.js';
 
 /** Shows (or clears, with null) a loading / empty / error message over a panel body. */
 export function showState(host, s) {
@@ -36,12 +36,12 @@ export function showState(host, s) {
 }
 
 function filterText(state) {
-  return FILTERS.filter((f) => state[f]).map((f) => `${f} = ${state[f]}`).join(', ');
+  return activeFilters(state).map(([f, v]) => `${f} = ${v}`).join(', ');
 }
 
 /** The empty state of a data view: what is missing, where, and what to try. */
 export function emptyState(app, state, what) {
-  const filtered = FILTERS.some((f) => state[f]);
+  const filtered = activeFilters(state).length > 0;
   const phrase = rangePhrase(state, fmt.dateTime);
   const actions = [];
   if (filtered) actions.push({ label: 'Clear filters', primary: true, run: () => app.clearFilters() });

@@ -214,6 +214,11 @@ pub(crate) async fn label_values(
         _ => None,
     };
     let sel = p.selector_for(which.as_ref())?;
+    if name == "tag" {
+        // The tag keys, for the UI's tag filter.
+        let keys = query::sort_label_values(state.store.tag_keys(mode, &sel).await?, false);
+        return Ok(axum::Json(json!({ "name": name, "values": keys })).into_response());
+    }
     if let Some(key) = name.strip_prefix(TAG_PREFIX) {
         if !crate::store::valid_tag(key, "") {
             return Err(ParamError::Invalid {
@@ -230,7 +235,7 @@ pub(crate) async fn label_values(
     let label = LabelName::parse(&name).ok_or_else(|| ParamError::Invalid {
         name: "name",
         value: name.clone(),
-        expected: "node, namespace, pod, container, process, pid, service, type or tag.<key>",
+        expected: "node, namespace, pod, container, process, pid, service, type, tag (the tag keys) or tag.<key>",
     })?;
     let values = state.store.label_values(label, mode, &sel).await?;
     let values = query::sort_label_values(values, label == LabelName::Pid);

@@ -71,6 +71,16 @@ pub(crate) fn router(state: AppState, protocols: Router<AppState>) -> Router {
         .with_state(state)
 }
 
+/// `protocols` alone, under the same limits, timeouts and metrics: the
+/// router of Pyroscope's own port.
+pub(crate) fn protocol_router(state: AppState, protocols: Router<AppState>) -> Router {
+    protocols
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .with_state(state)
+}
+
 async fn not_found(req: Request) -> Response {
     error_response(StatusCode::NOT_FOUND, format!("no route for {} {}", req.method(), req.uri().path()))
 }

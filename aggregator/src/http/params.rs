@@ -272,6 +272,7 @@ impl Params {
             service: text("service"),
             profile_type: None,
             tags,
+            sets: Vec::new(),
         })
     }
 

@@ -1,16 +1,14 @@
 //! What a Pyroscope `/ingest` request carries, turned into a
 //! [`ProfileBatch`]: the series key in `name` (`app.cpu{k=v,...}`), pprof
 //! bodies (raw or gzipped) and folded text (`a;b;c 10` per line, or `lines`:
-//! one sample per line).
+//! one sample per line). pprof bodies are read in [`super::pprof`].
 
 use std::collections::HashMap;
 use std::io::Read;
 
 use aperture_core::model::{Labels, ProfileBatch, ProfileSample, ProfileSeries, ProfileType, Stack, StackFrame};
 use flate2::read::GzDecoder;
-use prost::Message;
 
-use crate::query::pprof::PbProfile;
 use crate::store::{MAX_TAGS, valid_tag};
 
 /// Why a request's data cannot be taken; each becomes a 4xx answer.
@@ -169,7 +167,7 @@ pub(crate) fn append(batch: &mut ProfileBatch, more: ProfileBatch) {
 
 /// The Pyroscope profile name of a sample type: `process_cpu`, `memory`,
 /// `goroutines`, `mutex`, `block`, `wall`, else the suffix.
-fn profile_name(suffix: &str, sample_type: &str, period_type: &str) -> String {
+pub(super) fn profile_name(suffix: &str, sample_type: &str, period_type: &str) -> String {
     let s = if suffix.is_empty() { sample_type } else { suffix };
     if s.starts_with("mutex") || s.starts_with("lock") {
         "mutex".into()
@@ -207,18 +205,23 @@ pub(crate) fn gunzip(body: &[u8], max: usize) -> Result<Vec<u8>, ConvertError> {
 }
 
 fn labels(key: &SeriesKey, t: &ProfileType) -> Labels {
-    Labels { service: key.service.clone(), tags: key.tags.clone(), profile_type: t.id(), ..Labels::default() }
+    labels_with(key, key.tags.clone(), t)
+}
+
+/// The labels of a series of `key`'s service with `tags` (sorted by key).
+pub(super) fn labels_with(key: &SeriesKey, tags: Vec<(String, String)>, t: &ProfileType) -> Labels {
+    Labels { service: key.service.clone(), tags, profile_type: t.id(), ..Labels::default() }
 }
 
 /// Stacks interned by hash while a batch is built.
 #[derive(Default)]
-struct Stacks {
-    stacks: Vec<Stack>,
+pub(super) struct Stacks {
+    pub stacks: Vec<Stack>,
     index: HashMap<aperture_core::model::StackHash, u32>,
 }
 
 impl Stacks {
-    fn add(&mut self, frames: Vec<StackFrame>) -> u32 {
+    pub fn add(&mut self, frames: Vec<StackFrame>) -> u32 {
         let s = Stack::new(frames);
         let next = self.stacks.len() as u32;
         *self.index.entry(s.hash).or_insert_with(|| {
@@ -228,93 +231,7 @@ impl Stacks {
     }
 }
 
-/// A pprof profile: one series per sample type, stacks from locations
-/// (inlined lines innermost first), at `time_ns`.
-pub(crate) fn from_pprof(
-    bytes: &[u8],
-    key: &SeriesKey,
-    time_ns: Option<u64>,
-    now_ns: u64,
-) -> Result<ProfileBatch, ConvertError> {
-    let p = PbProfile::decode(bytes).map_err(|e| bad(format!("the body is not a pprof profile: {e}")))?;
-    let string =
-        |i: i64| -> &str { usize::try_from(i).ok().and_then(|i| p.string_table.get(i)).map_or("", String::as_str) };
-    let functions: HashMap<u64, (&str, &str)> =
-        p.function.iter().map(|f| (f.id, (string(f.name), string(f.filename)))).collect();
-    let mappings: HashMap<u64, &str> = p.mapping.iter().map(|m| (m.id, string(m.filename))).collect();
-    let mut locations: HashMap<u64, Vec<StackFrame>> = HashMap::with_capacity(p.location.len());
-    for loc in &p.location {
-        let module = mappings.get(&loc.mapping_id).map_or("", |f| f.rsplit('/').next().unwrap_or(f));
-        let frames = if loc.line.is_empty() {
-            vec![StackFrame { address: loc.address, module: module.to_owned(), ..StackFrame::default() }]
-        } else {
-            loc.line
-                .iter()
-                .map(|l| {
-                    let (name, file) = functions.get(&l.function_id).copied().unwrap_or(("", ""));
-                    StackFrame {
-                        address: loc.address,
-                        symbol: name.to_owned(),
-                        module: module.to_owned(),
-                        file: file.to_owned(),
-                        line: u32::try_from(l.line).unwrap_or(0),
-                        ..StackFrame::default()
-                    }
-                })
-                .collect()
-        };
-        locations.insert(loc.id, frames);
-    }
-    let period = p.period_type.as_ref().map_or(("", ""), |v| (string(v.r#type), string(v.unit)));
-    let types: Vec<ProfileType> = p
-        .sample_type
-        .iter()
-        .map(|v| {
-            let (ty, unit) = (string(v.r#type), string(v.unit));
-            let name = if key.profile_name.is_empty() {
-                profile_name(&key.suffix, ty, period.0)
-            } else {
-                key.profile_name.clone()
-            };
-            let (pt, pu) = if period.0.is_empty() { (ty, unit) } else { period };
-            ProfileType::new(&name, nonempty(ty), nonempty(unit), nonempty(pt), nonempty(pu))
-        })
-        .collect();
-    if types.is_empty() {
-        return Err(bad("the pprof profile declares no sample types"));
-    }
-    let t = time_ns.or_else(|| u64::try_from(p.time_nanos).ok().filter(|t| *t > 0)).unwrap_or(now_ns);
-    let mut stacks = Stacks::default();
-    let mut series: Vec<ProfileSeries> =
-        types.iter().map(|ty| ProfileSeries { labels: labels(key, ty), samples: Vec::new() }).collect();
-    for s in &p.sample {
-        if s.value.len() != types.len() {
-            return Err(bad(format!("a pprof sample has {} values for {} sample types", s.value.len(), types.len())));
-        }
-        let mut frames = Vec::new();
-        for id in &s.location_id {
-            let loc = locations
-                .get(id)
-                .ok_or_else(|| bad(format!("a pprof sample refers to location {id}, which is not in the profile")))?;
-            frames.extend(loc.iter().cloned());
-        }
-        if frames.is_empty() {
-            continue;
-        }
-        let stack = stacks.add(frames);
-        for (out, v) in series.iter_mut().zip(&s.value) {
-            if let Ok(value) = u64::try_from(*v)
-                && value > 0
-            {
-                out.samples.push(ProfileSample { time_ns: t, stack, value });
-            }
-        }
-    }
-    series.retain(|s| !s.samples.is_empty());
-    Ok(ProfileBatch { stacks: stacks.stacks, series })
-}
-
-fn nonempty(s: &str) -> &str {
+pub(super) fn nonempty(s: &str) -> &str {
     if s.is_empty() { "unknown" } else { s }
 }
 

@@ -2,8 +2,10 @@
 //! Connect ([`push`]), and `POST /ingest` with the query
 //! parameters Pyroscope's SDKs send (`name=app.cpu{k=v,...}`, `from`,
 //! `until`, `sampleRate`, `spyName`, `units`, `aggregationType`, `format`)
-//! and a pprof body (raw or gzipped) or folded text (`format=folded`, the
-//! default for text, or `lines`).
+//! and a pprof body (raw or gzipped: the Node SDK's), the Go SDK's
+//! multipart form ([`form`]: `profile`, `sample_type_config`) or folded text
+//! (`format=folded`, the default for text, or `lines`). pprof labels on
+//! samples become tags ([`pprof`]).
 //!
 //! Auth is the ingest token (as agents use): `Authorization: Bearer <token>`
 //! or Basic auth whose password is the token. An accepted request becomes a
@@ -16,6 +18,8 @@
 //! `querier.v1.QuerierService`, is in [`querier`]; it takes the read token.
 
 mod convert;
+mod form;
+mod pprof;
 mod push;
 mod querier;
 
@@ -35,7 +39,8 @@ use base64::Engine;
 use subtle::ConstantTimeEq;
 
 use crate::http::state::{AppState, bearer_token, error_response, token_digest};
-use convert::{ConvertError, from_folded, from_pprof, gunzip, parse_name};
+use convert::{ConvertError, from_folded, gunzip, parse_name};
+use pprof::from_pprof;
 
 /// Label values of `aperture_push_requests_total{result}`.
 pub mod push_result {
@@ -135,7 +140,8 @@ async fn ingest(
             );
         }
     };
-    let batch = match convert(&params, &headers, &body, limit.saturating_mul(MAX_INFLATE)) {
+    let charged = body.len();
+    let batch = match convert(&params, &headers, body, limit.saturating_mul(MAX_INFLATE)).await {
         Ok(b) => b,
         Err(ConvertError::Bad(m)) => {
             count(&state, push_result::BAD_REQUEST);
@@ -146,7 +152,6 @@ async fn ingest(
             return error_response(StatusCode::BAD_REQUEST, m);
         }
     };
-    let charged = body.len();
     match commit(&state, batch, charged).await {
         Ok(()) => {
             count(&state, push_result::OK);
@@ -213,10 +218,10 @@ pub(crate) async fn commit(
     }
 }
 
-fn convert(
+async fn convert(
     params: &HashMap<String, String>,
     headers: &HeaderMap,
-    body: &[u8],
+    body: axum::body::Bytes,
     max_inflated: usize,
 ) -> Result<aperture_core::model::ProfileBatch, ConvertError> {
     let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
@@ -225,15 +230,23 @@ fn convert(
         "" => None,
         v => Some(parse_from(v)?),
     };
-    let body = gunzip(body, max_inflated)?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if content_type.starts_with("multipart/") {
-        return Err(ConvertError::Bad(
-            "multipart bodies (the Go SDK's) are not supported yet; send pprof with format=pprof".into(),
-        ));
+        // The Go SDK's form: pprof (it sends no `format`); the Java SDK's
+        // JFR forms are not read.
+        if !matches!(get("format"), "" | "pprof") {
+            return Err(ConvertError::Bad(format!(
+                "`format` {:?} is not supported in a multipart body: only pprof (the Go SDK's form)",
+                get("format")
+            )));
+        }
+        let form = form::read_form(content_type, body).await?;
+        let profile = gunzip(&form.profile, max_inflated)?;
+        return from_pprof(&profile, &key, from, crate::clock::unix_now_ns(), form.sample_types.as_ref());
     }
+    let body = gunzip(&body, max_inflated)?;
     match get("format") {
-        "pprof" => from_pprof(&body, &key, from, crate::clock::unix_now_ns()),
+        "pprof" => from_pprof(&body, &key, from, crate::clock::unix_now_ns(), None),
         "" | "folded" | "lines" => {
             let t = convert::folded_type(&key, get("units"));
             from_folded(&body, &key, &t, get("format") == "lines", from.unwrap_or_else(crate::clock::unix_now_ns))

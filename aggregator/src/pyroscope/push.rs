@@ -13,7 +13,8 @@ use base64::Engine;
 use prost::Message;
 use serde_json::json;
 
-use super::convert::{ConvertError, append, from_pprof, gunzip, key_from_labels};
+use super::convert::{ConvertError, append, gunzip, key_from_labels};
+use super::pprof::from_pprof;
 use super::{MAX_INFLATE, Refusal, authorized, commit, push_result, read_body};
 use crate::http::state::AppState;
 
@@ -173,7 +174,7 @@ fn convert(body: &[u8], json: bool, max_inflated: usize) -> Result<aperture_core
                     "the profiles decompress to more than the limit of {max_inflated} bytes"
                 )));
             }
-            append(&mut batch, from_pprof(&raw, &key, None, now)?);
+            append(&mut batch, from_pprof(&raw, &key, None, now, None)?);
         }
     }
     Ok(batch)

@@ -11,8 +11,10 @@
 //! `container`, `process` and `pid` are the agent's, `__profile_type__`,
 //! `__name__`, `__type__`, `__unit__`, `__period_type__` and
 //! `__period_unit__` name parts of the profile type, and any other name is a
-//! tag. Only `=` matchers are supported (and `=~` with a literal value or
-//! `.*`). Times are milliseconds since the epoch. Auth is the read token.
+//! tag. Matchers are `=`, `!=`, `=~` and `!~` (regexes match whole values,
+//! a label a row lacks is ""); the others become sets of the values their
+//! label has in the range. Times are milliseconds since the epoch. Auth is
+//! the read token.
 
 mod connect;
 mod messages;
@@ -97,7 +99,7 @@ async fn label_names(state: &AppState, body: &Request<'_>, enc: Encoding) -> Res
         })
     })?;
     let (from_s, to_s) = range(state, req.start, req.end)?;
-    let sel = selection(&req.matchers, "")?;
+    let sel = select(state, &req.matchers, "", from_s, to_s).await?;
     let mut names: Vec<String> = type_labels(&ProfileType::default()).into_iter().map(|(n, _)| n.to_owned()).collect();
     let typed = !sel.type_parts.is_empty();
     for name in LISTED {
@@ -145,7 +147,7 @@ async fn label_values(state: &AppState, body: &Request<'_>, enc: Encoding) -> Re
         return Err(Failure::bad("`name` is required: the label whose values to list"));
     }
     let (from_s, to_s) = range(state, req.start, req.end)?;
-    let sel = selection(&req.matchers, "")?;
+    let sel = select(state, &req.matchers, "", from_s, to_s).await?;
     let mut names: Vec<String> = Vec::new();
     let part = type_labels(&ProfileType::default()).iter().position(|(n, _)| *n == req.name);
     if let Some(i) = part {
@@ -179,7 +181,7 @@ async fn series(state: &AppState, body: &Request<'_>, enc: Encoding) -> Result<R
         })
     })?;
     let (from_s, to_s) = range(state, req.start, req.end)?;
-    let sel = selection(&req.matchers, "")?;
+    let sel = select(state, &req.matchers, "", from_s, to_s).await?;
     let mut sets: Vec<Vec<(String, String)>> = Vec::new();
     for (t, w, s) in per_type(state, &sel, from_s, to_s).await? {
         let services = values_of(state, "service_name", Some(&w), &s).await?;
@@ -326,7 +328,7 @@ async fn load(
     }
     let w = which(type_id)?;
     let (from_s, to_s) = range(state, start, end)?;
-    let sel = selection(&[label_selector.to_owned()], type_id)?;
+    let sel = select(state, &[label_selector.to_owned()], type_id, from_s, to_s).await?;
     if !sel.admits(&w.profile_type()) {
         return Err(Failure::bad("the label selector names another profile type than `profileTypeID`"));
     }
@@ -396,7 +398,7 @@ async fn select_series(state: &AppState, body: &Request<'_>, enc: Encoding) -> R
     }
     let w = which(&req.profile_type_id)?;
     let (from_s, to_s) = range(state, req.start, req.end)?;
-    let sel = selection(std::slice::from_ref(&req.label_selector), &req.profile_type_id)?;
+    let sel = select(state, std::slice::from_ref(&req.label_selector), &req.profile_type_id, from_s, to_s).await?;
     if !sel.admits(&w.profile_type()) {
         return Err(Failure::bad("the label selector names another profile type than `profileTypeID`"));
     }
@@ -488,6 +490,7 @@ fn merge_filter(into: &mut LabelFilter, more: LabelFilter) {
     into.tags.extend(more.tags);
     into.tags.sort();
     into.tags.dedup();
+    into.sets.extend(more.sets);
 }
 
 async fn bucket_sum(state: &AppState, w: &Which, mode: Mode, s: &Selector) -> Result<u64, Failure> {
@@ -604,7 +607,17 @@ mod tests {
         assert!(sel.admits(&ProfileType::new("memory", "alloc_space", "bytes", "space", "bytes")));
         assert!(!sel.admits(&ProfileType::new("memory", "inuse_space", "bytes", "space", "bytes")));
         assert!(selection(&["{}".to_owned()], "").is_ok());
-        assert!(selection(&[r#"{a=~"x|y"}"#.to_owned()], "").is_err());
+        let sel =
+            selection(&[r#"{a=~"x|y", pod!="p-2", __name__!~"mem.*", b=~".*"}"#.to_owned()], "").ok().expect("parses");
+        assert_eq!(sel.pending.len(), 2, "the regex and the negation wait for the values of their labels");
+        assert!(sel.pending[0].matches("y") && !sel.pending[0].matches("xy") && !sel.pending[0].matches(""));
+        assert!(sel.pending[1].matches("p-1") && sel.pending[1].matches("") && !sel.pending[1].matches("p-2"));
+        assert!(!sel.admits(&ProfileType::new("memory", "alloc_space", "bytes", "space", "bytes")));
+        assert!(sel.admits(&ProfileType::new("process_cpu", "cpu", "nanoseconds", "cpu", "nanoseconds")));
+        let bad = selection(&[r#"{a=~"(x"}"#.to_owned()], "").expect_err("a bad regex");
+        assert_eq!(bad.0, StatusCode::BAD_REQUEST);
+        assert!(bad.1.contains("a=~") && bad.1.contains("regular expression"), "{}", bad.1);
+        assert!(selection(&[r#"{"a b"!="x"}"#.to_owned()], "").is_err());
         assert!(selection(&[r#"{a="x"#.to_owned()], "").is_err());
         assert!(selection(&[r#"{a="x" b="y"}"#.to_owned()], "").is_err());
     }

@@ -55,6 +55,18 @@ pub(crate) struct PbSample {
     pub location_id: Vec<u64>,
     #[prost(int64, repeated, tag = "2")]
     pub value: Vec<i64>,
+    /// Read from pushed profiles (their string labels become tags); never written.
+    #[prost(message, repeated, tag = "3")]
+    pub label: Vec<PbLabel>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PbLabel {
+    #[prost(int64, tag = "1")]
+    pub key: i64,
+    /// A string value (0: none, the label is numeric).
+    #[prost(int64, tag = "2")]
+    pub str: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -180,6 +192,7 @@ pub fn encode_pprof(profile: &Profile, kind: &ProfileType, from_ns: u64, to_ns: 
         samples.push(PbSample {
             location_id,
             value: vec![i64::try_from(s.count).unwrap_or(i64::MAX), i64::try_from(s.total_ns).unwrap_or(i64::MAX)],
+            label: Vec::new(),
         });
     }
     let period_type = time_type.clone();
@@ -229,7 +242,11 @@ fn encode_pushed(profile: &Profile, kind: &ProfileType, from_ns: u64, to_ns: u64
         } else {
             s.frames.iter().map(|f| b.location(f)).collect()
         };
-        samples.push(PbSample { location_id, value: vec![i64::try_from(s.count).unwrap_or(i64::MAX)] });
+        samples.push(PbSample {
+            location_id,
+            value: vec![i64::try_from(s.count).unwrap_or(i64::MAX)],
+            label: Vec::new(),
+        });
     }
     finish(b, vec![sample_type], samples, period_type, from_ns, to_ns)
 }

@@ -193,6 +193,42 @@ pub struct LabelFilter {
     pub profile_type: Option<String>,
     /// Tags every selected row must carry, `(key, value)`.
     pub tags: Vec<(String, String)>,
+    /// Labels whose value must (or must not) be one of a set.
+    pub sets: Vec<SetFilter>,
+}
+
+/// A label that a [`SetFilter`] tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SetLabel {
+    /// A label column: `node`, `namespace`, `pod`, `container`, `process`,
+    /// `pid` or `service` (its name is written into the SQL, so only these).
+    Column(&'static str),
+    /// A tag, by its key.
+    Tag(String),
+}
+
+/// Rows whose label value is in `values` (`exclude: false`) or is not
+/// (`exclude: true`). A row without the tag has no value: an including set
+/// never selects it, an excluding set always does. An empty including set
+/// selects nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetFilter {
+    /// The label tested.
+    pub label: SetLabel,
+    /// The values.
+    pub values: Vec<String>,
+    /// Whether the values are the ones left out.
+    pub exclude: bool,
+}
+
+impl SetLabel {
+    /// The column of a label the querier can name, `None` for a tag.
+    pub fn column(name: &str) -> Option<SetLabel> {
+        ["node", "namespace", "pod", "container", "process", "pid", "service"]
+            .into_iter()
+            .find(|c| *c == name)
+            .map(SetLabel::Column)
+    }
 }
 
 impl LabelFilter {

@@ -41,8 +41,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, params, params_from_iter};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, StackTotal, Store, StoreFuture, StoreKind,
-    SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError, mode_kinds, tags_text,
+    LabelName, LockTotal, OpenError, QueryError, RetentionReport, Selector, SetLabel, StackTotal, Store, StoreFuture,
+    StoreKind, SyscallTotal, Undecodable, UndecodableCounts, WriteBatch, WriteError, mode_kinds, tags_text,
 };
 use crate::clock::unix_now_s;
 
@@ -486,6 +486,28 @@ fn where_clause(kinds: &[RowKind], sel: &Selector) -> (String, Vec<Value>) {
         // matches exactly one whole tag.
         sql.push_str(" AND instr(char(10) || tags, ?) > 0");
         params.push(Value::Text(format!("\n{key}={value}\n")));
+    }
+    for set in &sel.filter.sets {
+        if set.values.is_empty() {
+            if !set.exclude {
+                sql.push_str(" AND 0");
+            }
+            continue;
+        }
+        let test = match &set.label {
+            SetLabel::Column(column) => {
+                // The name comes from SetLabel::column's list, never from a request.
+                let column = if *column == "pid" { "CAST(pid AS TEXT)" } else { column };
+                params.extend(set.values.iter().map(|v| Value::Text(v.clone())));
+                format!("{column} IN ({})", vec!["?"; set.values.len()].join(", "))
+            }
+            SetLabel::Tag(key) => {
+                // As for `tags` above: one whole tag per value.
+                params.extend(set.values.iter().map(|v| Value::Text(format!("\n{key}={v}\n"))));
+                vec!["instr(char(10) || tags, ?) > 0"; set.values.len()].join(" OR ")
+            }
+        };
+        sql.push_str(&format!(" AND {}({test})", if set.exclude { "NOT " } else { "" }));
     }
     (sql, params)
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset of the helpers")]
 
 pub mod http;
+pub mod pprof;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

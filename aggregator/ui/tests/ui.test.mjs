@@ -584,6 +584,31 @@ await test('the type picker lists pushed profile types and the service filter na
   assert(cpu.includes('compute_checksum') && !cpu.includes('parse_json'), `cpu frames: ${cpu}`);
 });
 
+await test('the tag filter lists the tag keys, then the values of one, and narrows to it', async () => {
+  const heap = 'memory:alloc_space:bytes:space:bytes';
+  await open(`?type=${encodeURIComponent(heap)}`);
+  await flameLoaded();
+  await page.waitForFunction(() => Array.from(document.querySelectorAll('#filter-tag-key option')).map((o) => o.value).join() === ',env');
+  assert(await page.isDisabled('#filter-tag-value'), 'values are offered before a key is chosen');
+  await page.selectOption('#filter-tag-key', 'env');
+  await page.waitForFunction(() => Array.from(document.querySelectorAll('#filter-tag-value option')).map((o) => o.value).join() === ',prod');
+  await page.selectOption('#filter-tag-value', 'prod');
+  await flameLoaded();
+  assert(page.url().includes('tag_key=env') && page.url().includes('tag_value=prod'), `tag in URL: ${page.url()}`);
+  const summary = await page.textContent('#flame-summary');
+  assert(summary.includes('4.0 KiB') && summary.includes('env = prod'), `tagged summary: ${summary}`);
+  await shot('18-tag-filter');
+  // Another value selects nothing; clearing the filters clears the tag too.
+  await open(`?type=${encodeURIComponent(heap)}&tag_key=env&tag_value=dev`);
+  await settled('flame');
+  const empty = await page.textContent('#flame-state');
+  assert(empty.includes('Clear filters'), `tag=dev: ${empty}`);
+  await page.click('#flame-state button:has-text("Clear filters")');
+  await flameLoaded();
+  assert(!page.url().includes('tag_'), `the tag stayed in the URL: ${page.url()}`);
+  assert((await frames()).some((f) => f.name === 'parse_json'), 'clearing the tag filter shows the data');
+});
+
 await test('the page loads nothing from other origins and logs no errors', async () => {
   assert(offOrigin.length === 0, `requests to other origins: ${offOrigin.join(', ')}`);
   assert(pageErrors.length === 0, `page errors: ${pageErrors.join(' | ')}`);

@@ -34,6 +34,19 @@ pub struct AggregatorConfig {
     pub tls: Tls,
     /// Limits on what clients may send.
     pub limits: Limits,
+    /// Pyroscope's own port.
+    pub pyroscope: Pyroscope,
+}
+
+/// Pyroscope compatibility.
+#[derive(Clone, Debug, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pyroscope {
+    /// A second HTTP address serving only Pyroscope's routes (the SDKs'
+    /// ingest and push, the querier, render), usually `0.0.0.0:4040`
+    /// (`APERTURE_PYROSCOPE_LISTEN`). Empty: off; they are always on the
+    /// HTTP port.
+    pub listen: String,
 }
 
 impl Default for AggregatorConfig {
@@ -50,6 +63,7 @@ impl Default for AggregatorConfig {
             retention: HumanDuration::secs(7 * 86_400),
             tls: Tls::default(),
             limits: Limits::default(),
+            pyroscope: Pyroscope::default(),
         }
     }
 }
@@ -246,6 +260,7 @@ impl Layered for AggregatorConfig {
         ("APERTURE_CLICKHOUSE_PASSWORD", "clickhouse.password"),
         ("APERTURE_BUFFER_CAPACITY", "buffer.capacity"),
         ("APERTURE_DATA_DIR", "data_dir"),
+        ("APERTURE_PYROSCOPE_LISTEN", "pyroscope.listen"),
     ];
 
     fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
@@ -267,6 +282,7 @@ impl Layered for AggregatorConfig {
             "listen.quic" => self.listen.quic = value.to_owned(),
             "listen.http" => self.listen.http = value.to_owned(),
             "retention" => self.retention = value.parse()?,
+            "pyroscope.listen" => self.pyroscope.listen = value.to_owned(),
             other => return Err(format!("`{other}` cannot be set from the command line or environment")),
         }
         Ok(())
@@ -323,6 +339,13 @@ impl Layered for AggregatorConfig {
                     format!("invalid listen address `{addr}`: expected ip:port, e.g. 0.0.0.0:9090"),
                 ));
             }
+        }
+        let pyroscope = &self.pyroscope.listen;
+        if !pyroscope.is_empty() && pyroscope.parse::<std::net::SocketAddr>().is_err() {
+            return Err((
+                "pyroscope.listen".into(),
+                format!("invalid listen address `{pyroscope}`: expected ip:port, e.g. 0.0.0.0:4040, or empty for none"),
+            ));
         }
         let ch = &self.clickhouse;
         if !ch.endpoint.is_empty() && !ch.endpoint.starts_with("http://") && !ch.endpoint.starts_with("https://") {

@@ -2,19 +2,64 @@
 //! store look-ups that list types, labels and values for it.
 
 use aperture_core::model::{Mode, ProfileType};
+use regex::{Regex, RegexBuilder};
 
 use super::connect::Failure;
 use crate::http::params::Which;
 use crate::http::state::AppState;
 use crate::query;
-use crate::store::{LabelFilter, LabelName, Selector, valid_tag};
+use crate::store::{LabelFilter, LabelName, Selector, SetFilter, SetLabel, valid_tag};
+
+/// At most this many values in the set a matcher other than `=` selects.
+const MAX_SET: usize = 1000;
+
+/// One matcher of a label selector: `=`, `!=`, `=~` or `!~`. A regex
+/// matches the whole value, as in Prometheus; a label a row lacks has the
+/// value "".
+#[derive(Debug, Clone)]
+pub(super) struct Matcher {
+    name: String,
+    op: &'static str,
+    value: String,
+    regex: Option<Regex>,
+}
+
+impl Matcher {
+    fn new(name: String, op: &'static str, value: String) -> Result<Matcher, Failure> {
+        let regex = if op.ends_with('~') {
+            let re = RegexBuilder::new(&format!("^(?:{value})$")).size_limit(1 << 20).build().map_err(|e| {
+                Failure::bad(format!("matcher {name}{op}{value:?}: the regular expression is invalid: {e}"))
+            })?;
+            Some(re)
+        } else {
+            None
+        };
+        Ok(Matcher { name, op, value, regex })
+    }
+
+    fn equal(value: &str) -> Matcher {
+        Matcher { name: String::new(), op: "=", value: value.to_owned(), regex: None }
+    }
+
+    pub(super) fn matches(&self, v: &str) -> bool {
+        match (self.op, &self.regex) {
+            ("=~", Some(re)) => re.is_match(v),
+            ("!~", Some(re)) => !re.is_match(v),
+            ("!=", _) => v != self.value,
+            _ => v == self.value,
+        }
+    }
+}
+
 /// What a label selector and a profile type id select.
 #[derive(Debug, Default, Clone)]
 pub(super) struct Selection {
     pub(super) filter: LabelFilter,
-    /// Constraints on parts of the profile type: `(part, value)`, part one
+    /// Constraints on parts of the profile type: `(part, matcher)`, part one
     /// of `id`, `name`, `sample_type`, `sample_unit`, `period_type`, `period_unit`.
-    pub(super) type_parts: Vec<(&'static str, String)>,
+    pub(super) type_parts: Vec<(&'static str, Matcher)>,
+    /// Matchers other than `=` on labels, made set filters by [`resolve`].
+    pub(super) pending: Vec<Matcher>,
 }
 
 impl Selection {
@@ -28,7 +73,7 @@ impl Selection {
                 "period_type" => t.period_type.clone(),
                 _ => t.period_unit.clone(),
             };
-            have == *want
+            want.matches(&have)
         })
     }
 }
@@ -93,20 +138,36 @@ pub(super) fn parse_matchers(text: &str) -> Result<Vec<(String, String, String)>
 pub(super) fn selection(selectors: &[String], type_id: &str) -> Result<Selection, Failure> {
     let mut sel = Selection::default();
     if !type_id.is_empty() {
-        sel.type_parts.push(("id", type_id.to_owned()));
+        sel.type_parts.push(("id", Matcher::equal(type_id)));
     }
     for text in selectors {
         for (name, op, value) in parse_matchers(text)? {
-            let literal = !value.chars().any(|c| "\\.+*?()[]{}|^$".contains(c));
-            match op.as_str() {
-                "=" => {}
-                "=~" if value == ".*" => continue,
-                "=~" if literal => {}
-                _ => {
-                    return Err(Failure::bad(format!(
-                        "matcher {name}{op}{value:?} is not supported: only `=` (and `=~` with a literal value or .*)"
-                    )));
+            let op = ["=~", "!~", "!=", "="].into_iter().find(|o| *o == op).unwrap_or("=");
+            let part = match name.as_str() {
+                "__profile_type__" => Some("id"),
+                "__name__" => Some("name"),
+                "__type__" => Some("sample_type"),
+                "__unit__" => Some("sample_unit"),
+                "__period_type__" => Some("period_type"),
+                "__period_unit__" => Some("period_unit"),
+                _ => None,
+            };
+            if op == "=~" && value == ".*" {
+                continue;
+            }
+            if let Some(part) = part {
+                sel.type_parts.push((part, Matcher::new(name, op, value)?));
+                continue;
+            }
+            if name.starts_with("__") {
+                continue;
+            }
+            if op != "=" {
+                if name != "service_name" && SetLabel::column(&name).is_none() && !valid_tag(&name, "") {
+                    return Err(Failure::bad(format!("label {name:?} is not a valid tag key")));
                 }
+                sel.pending.push(Matcher::new(name, op, value)?);
+                continue;
             }
             let set = |slot: &mut Option<String>| *slot = Some(value.clone());
             match name.as_str() {
@@ -120,13 +181,6 @@ pub(super) fn selection(selectors: &[String], type_id: &str) -> Result<Selection
                     sel.filter.pid =
                         Some(value.parse().map_err(|_| Failure::bad(format!("pid {value:?} is not a process id")))?)
                 }
-                "__profile_type__" => sel.type_parts.push(("id", value)),
-                "__name__" => sel.type_parts.push(("name", value)),
-                "__type__" => sel.type_parts.push(("sample_type", value)),
-                "__unit__" => sel.type_parts.push(("sample_unit", value)),
-                "__period_type__" => sel.type_parts.push(("period_type", value)),
-                "__period_unit__" => sel.type_parts.push(("period_unit", value)),
-                n if n.starts_with("__") => {}
                 n => {
                     if !valid_tag(n, &value) {
                         return Err(Failure::bad(format!("label {n}={value:?} is not a valid tag")));
@@ -141,6 +195,50 @@ pub(super) fn selection(selectors: &[String], type_id: &str) -> Result<Selection
     if sel.filter.tags.len() > crate::store::MAX_TAGS {
         return Err(Failure::bad(format!("at most {} tag matchers", crate::store::MAX_TAGS)));
     }
+    Ok(sel)
+}
+
+/// Makes the matchers other than `=` set filters: the values their labels
+/// have in `[from_s, to_s)` among the rows the `=` matchers select, those
+/// that match (or, when a row without the label matches, those that do not,
+/// left out).
+pub(super) async fn resolve(state: &AppState, sel: &mut Selection, from_s: u64, to_s: u64) -> Result<(), Failure> {
+    let base = Selector { from_s, to_s, filter: sel.filter.clone() };
+    for m in std::mem::take(&mut sel.pending) {
+        let column = if m.name == "service_name" { "service" } else { m.name.as_str() };
+        let label = SetLabel::column(column).unwrap_or_else(|| SetLabel::Tag(m.name.clone()));
+        let set = if m.op == "!=" && !m.value.is_empty() {
+            SetFilter { label, values: vec![m.value.clone()], exclude: true }
+        } else {
+            let values = values_of(state, &m.name, None, &base).await?;
+            let exclude = m.matches("");
+            let values: Vec<String> = values.into_iter().filter(|v| !v.is_empty() && m.matches(v) != exclude).collect();
+            if values.len() > MAX_SET {
+                return Err(Failure::bad(format!(
+                    "matcher {}{}{:?} stands for {} values, more than {MAX_SET}; narrow it",
+                    m.name,
+                    m.op,
+                    m.value,
+                    values.len()
+                )));
+            }
+            SetFilter { label, values, exclude }
+        };
+        sel.filter.sets.push(set);
+    }
+    Ok(())
+}
+
+/// [`selection`] and [`resolve`]: what `selectors` and `type_id` select in `[from_s, to_s)`.
+pub(super) async fn select(
+    state: &AppState,
+    selectors: &[String],
+    type_id: &str,
+    from_s: u64,
+    to_s: u64,
+) -> Result<Selection, Failure> {
+    let mut sel = selection(selectors, type_id)?;
+    resolve(state, &mut sel, from_s, to_s).await?;
     Ok(sel)
 }
 

@@ -12,7 +12,7 @@ use clickhouse::{Client, Row};
 use serde::Deserialize;
 
 use crate::store::{
-    LabelName, LockTotal, QueryError, Selector, StackTotal, SyscallTotal, UndecodableCounts, mode_kinds,
+    LabelName, LockTotal, QueryError, Selector, SetLabel, StackTotal, SyscallTotal, UndecodableCounts, mode_kinds,
 };
 
 const STORE: &str = "clickhouse";
@@ -63,6 +63,25 @@ pub(crate) fn where_clause(kinds: &[RowKind], sel: &Selector) -> Where {
     for (key, value) in &sel.filter.tags {
         sql.push_str(" AND has(tag_keys, ?) AND tag_values[indexOf(tag_keys, ?)] = ?");
         binds.extend([key.clone(), key.clone(), value.clone()]);
+    }
+    for set in &sel.filter.sets {
+        if set.values.is_empty() {
+            if !set.exclude {
+                sql.push_str(" AND 0");
+            }
+            continue;
+        }
+        let marks = vec!["?"; set.values.len()].join(", ");
+        let test = match &set.label {
+            // The name comes from SetLabel::column's list, never from a request.
+            SetLabel::Column(column) => format!("toString({column}) IN ({marks})"),
+            SetLabel::Tag(key) => {
+                binds.extend([key.clone(), key.clone()]);
+                format!("has(tag_keys, ?) AND tag_values[indexOf(tag_keys, ?)] IN ({marks})")
+            }
+        };
+        binds.extend(set.values.iter().cloned());
+        sql.push_str(&format!(" AND {}({test})", if set.exclude { "NOT " } else { "" }));
     }
     if sel.filter.pid.is_some() {
         sql.push_str(" AND pid = ?");
