@@ -34,6 +34,8 @@ pub struct AggregatorConfig {
     pub tls: Tls,
     /// Limits on what clients may send.
     pub limits: Limits,
+    /// OpenTelemetry (OTLP) profiles.
+    pub otlp: Otlp,
 }
 
 impl Default for AggregatorConfig {
@@ -50,6 +52,7 @@ impl Default for AggregatorConfig {
             retention: HumanDuration::secs(7 * 86_400),
             tls: Tls::default(),
             limits: Limits::default(),
+            otlp: Otlp::default(),
         }
     }
 }
@@ -70,6 +73,15 @@ impl Default for Listen {
     fn default() -> Self {
         Listen { grpc: "0.0.0.0:50051".into(), quic: "0.0.0.0:50051".into(), http: "0.0.0.0:9090".into() }
     }
+}
+
+/// OpenTelemetry (OTLP) profiles ingest.
+#[derive(Clone, Debug, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Otlp {
+    /// Address of the OTLP gRPC listener (`ProfilesService/Export`), e.g.
+    /// `0.0.0.0:4317`; empty: not served (OTLP/HTTP on the HTTP port always is).
+    pub grpc_listen: String,
 }
 
 /// Authentication. One shared token serves agents and API clients; a
@@ -246,6 +258,7 @@ impl Layered for AggregatorConfig {
         ("APERTURE_CLICKHOUSE_PASSWORD", "clickhouse.password"),
         ("APERTURE_BUFFER_CAPACITY", "buffer.capacity"),
         ("APERTURE_DATA_DIR", "data_dir"),
+        ("APERTURE_OTLP_GRPC_LISTEN", "otlp.grpc_listen"),
     ];
 
     fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
@@ -266,6 +279,7 @@ impl Layered for AggregatorConfig {
             "listen.grpc" => self.listen.grpc = value.to_owned(),
             "listen.quic" => self.listen.quic = value.to_owned(),
             "listen.http" => self.listen.http = value.to_owned(),
+            "otlp.grpc_listen" => self.otlp.grpc_listen = value.to_owned(),
             "retention" => self.retention = value.parse()?,
             other => return Err(format!("`{other}` cannot be set from the command line or environment")),
         }
@@ -314,8 +328,11 @@ impl Layered for AggregatorConfig {
                 format!("must be between {MIN_STACK_FRAMES} and {MAX_STACK_FRAMES}, e.g. 1024"),
             ));
         }
+        let otlp = ("otlp.grpc_listen", &self.otlp.grpc_listen);
         for (key, addr) in
             [("listen.grpc", &self.listen.grpc), ("listen.quic", &self.listen.quic), ("listen.http", &self.listen.http)]
+                .into_iter()
+                .chain(Some(otlp).filter(|(_, a)| !a.is_empty()))
         {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err((
