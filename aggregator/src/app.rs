@@ -37,6 +37,8 @@ pub struct AggregatorHandle {
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
     http_addr: SocketAddr,
+    /// What the handlers share (the OTLP gRPC sink commits through it too).
+    state: AppState,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     shard_threads: Vec<JoinHandle<()>>,
@@ -133,7 +135,7 @@ impl Aggregator {
         let http_addr = listener.local_addr().context("reading the HTTP listener address")?;
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let app = router(state, crate::pyroscope::routes());
+        let app = router(state.clone(), crate::pyroscope::routes().merge(crate::otlp::routes()));
         let mut http_stop = stopped.clone();
         tasks.spawn(crate::http::serve(listener, app, settings.http_limits, shared.metrics.clone(), async move {
             let _ = http_stop.wait_for(|s| *s).await;
@@ -146,6 +148,7 @@ impl Aggregator {
             shared,
             store,
             http_addr,
+            state,
             stop,
             tasks,
             shard_threads,
@@ -164,6 +167,12 @@ impl AggregatorHandle {
     /// before one is set are not acknowledged to anyone.
     pub fn set_acker(&self, acker: Arc<dyn Acknowledge>) {
         *self.shared.acker.lock().unwrap_or_else(|p| p.into_inner()) = Some(acker);
+    }
+
+    /// Where the OTLP gRPC listener hands requests: they are committed
+    /// like pushes on the HTTP port.
+    pub fn otlp_sink(&self) -> Arc<dyn aperture_transport::server::otlp::OtlpSink> {
+        crate::otlp::OtlpIngest::sink(self.state.clone())
     }
 
     /// The bound HTTP address.

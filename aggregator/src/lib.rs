@@ -31,6 +31,7 @@ mod clock;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
+mod otlp;
 pub mod pipeline;
 pub mod pyroscope;
 pub mod query;
