@@ -14,6 +14,7 @@ mod config;
 mod grpc;
 mod handle;
 pub mod otlp;
+pub mod otlp_export;
 mod quic;
 mod session;
 mod sink;
