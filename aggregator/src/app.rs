@@ -135,6 +135,13 @@ impl Aggregator {
         let http_addr = listener.local_addr().context("reading the HTTP listener address")?;
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        if let Some(export) = &settings.otlp_export {
+            let (tap, task) =
+                crate::otlp::export::start(export, Arc::clone(&store), &shared.metrics.registry, stopped.clone())
+                    .context("starting the OTLP export (otlp.export)")?;
+            *shared.commit_tap.lock().unwrap_or_else(|p| p.into_inner()) = Some(tap);
+            tasks.spawn(task);
+        }
         let app = router(state.clone(), crate::pyroscope::routes().merge(crate::otlp::routes()));
         let mut http_stop = stopped.clone();
         tasks.spawn(crate::http::serve(listener, app, settings.http_limits, shared.metrics.clone(), async move {

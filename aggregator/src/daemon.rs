@@ -16,7 +16,7 @@ use aperture_transport::server::{ServerConfig, ServerHandle, ServerLimits, serve
 use aperture_transport::tls::ServerTlsConfig;
 
 use crate::app::{Aggregator, AggregatorHandle};
-use crate::settings::{ClickHouseSettings, HttpLimits, Settings};
+use crate::settings::{ClickHouseSettings, HttpLimits, OtlpExportSettings, Settings};
 
 /// Maps the configuration onto the aggregator's settings.
 pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
@@ -40,6 +40,13 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
     };
     s.max_frame_bytes = config.limits.max_frame_size.as_usize();
     s.max_stack_frames = config.limits.max_stack_frames;
+    let export = &config.otlp.export;
+    s.otlp_export = (!export.endpoint.is_empty()).then(|| OtlpExportSettings {
+        token: export.token.expose().to_owned(),
+        queue_batches: export.queue,
+        timeout: export.timeout.0,
+        ..OtlpExportSettings::new(export.endpoint.clone())
+    });
     let ch = &config.clickhouse;
     s.clickhouse = (!ch.endpoint.is_empty()).then(|| ClickHouseSettings {
         database: ch.database.clone(),

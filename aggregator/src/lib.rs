@@ -42,4 +42,4 @@ pub use app::{Aggregator, AggregatorHandle};
 pub use daemon::{Daemon, run_aggregator};
 pub use pipeline::ingress::{Admission, Carrier, IngressSink, PeerInfo, ReceivedFrame, ShardedIngress};
 pub use pipeline::state::Acknowledge;
-pub use settings::{ClickHouseSettings, HttpLimits, Settings};
+pub use settings::{ClickHouseSettings, HttpLimits, OtlpExportSettings, Settings};

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use aperture_core::model::{Labels, ProfileBatch, ProfileSample, ProfileSeries, ProfileType, Stack, StackFrame};
+use aperture_core::model::{Labels, Mode, ProfileBatch, ProfileSample, ProfileSeries, ProfileType, Stack, StackFrame};
 use aperture_transport::server::otlp::proto::collector::ExportProfilesServiceRequest;
 use aperture_transport::server::otlp::proto::common::{AnyValue, KeyValue, any_value};
 use aperture_transport::server::otlp::proto::profiles::{Profile, ProfilesDictionary, Stack as PbStack};
@@ -186,6 +186,15 @@ fn profile_type(p: &Profile, strings: &[String]) -> Result<ProfileType, ConvertE
         return Err(bad("a sample or period type holds `:`, control characters or is over 100 bytes"));
     }
     let or = |a: &str, b: &str| if a.is_empty() { b.to_owned() } else { a.to_owned() };
+    // Aperture's own lock and syscall types (as its export sends them) keep
+    // their names; CPU samples are `process_cpu`, whoever sent them.
+    let own = [Mode::Lock, Mode::Syscall].into_iter().map(ProfileType::of_mode).find(|t| {
+        (t.sample_type.as_str(), t.sample_unit.as_str(), t.period_type.as_str(), t.period_unit.as_str())
+            == (ty.as_str(), unit.as_str(), pt.as_str(), pu.as_str())
+    });
+    if let Some(t) = own {
+        return Ok(t);
+    }
     let name = profile_name(&ty, &pt);
     let (ty, unit) = (or(&ty, "unknown"), or(&unit, "unknown"));
     Ok(ProfileType::new(&name, &ty, &unit, &or(&pt, &ty), &or(&pu, &unit)))

@@ -12,8 +12,12 @@
 //! `google.rpc.Status` body) and nothing of it is stored. Auth is the
 //! ingest token as a bearer token. Every outcome is counted in
 //! `aperture_push_requests_total{protocol="otlp_grpc"|"otlp_http", result}`.
+//!
+//! The other direction, forwarding what is committed to an OTLP endpoint,
+//! is [`export`].
 
 mod convert;
+pub(crate) mod export;
 
 use std::sync::Arc;
 
