@@ -2,7 +2,8 @@
 //! profiles endpoint. The receiver is a real one, a `grpcio` server with the
 //! `opentelemetry-proto` package from PyPI, which prints what it got; a
 //! profile pushed to the aggregator arrives there with its stack, value,
-//! type and labels as resource attributes, and the configured token.
+//! type and labels as resource attributes, and the configured token, after
+//! a retry the receiver asked for.
 //!
 //! Needs python3 with `opentelemetry-proto` and `grpcio` (`.ci/run` installs
 //! them and sets `APERTURE_TEST_PYTHON`); skipped otherwise.
@@ -20,7 +21,8 @@ const DOWNSTREAM: &str = "downstream-secret";
 
 /// Serves `ProfilesService/Export` on a free port, prints `{"port": n}`,
 /// then one JSON line per request: its authorization and its samples with
-/// resolved function names (leaf first) and resource attributes.
+/// resolved function names (leaf first) and resource attributes. The first
+/// call is answered `UNAVAILABLE`, as an overloaded receiver would.
 const RECEIVER: &str = r#"
 import json
 from concurrent import futures
@@ -32,7 +34,11 @@ def value(v):
     return v.string_value if v.HasField("string_value") else v.int_value
 
 class Receiver(svc_grpc.ProfilesServiceServicer):
+    calls = 0
     def Export(self, request, context):
+        Receiver.calls += 1
+        if Receiver.calls == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
         d = request.dictionary
         s = d.string_table
         samples = []
@@ -105,6 +111,7 @@ async fn committed_profiles_reach_an_otlp_receiver() {
     settings.ingest_token = Some(TOKEN.into());
     settings.otlp_export = Some(OtlpExportSettings {
         token: DOWNSTREAM.into(),
+        min_backoff: Duration::from_millis(50),
         ..OtlpExportSettings::new(format!("http://127.0.0.1:{port}"))
     });
     let handle = Aggregator::start(settings).await.expect("start");
@@ -136,7 +143,19 @@ async fn committed_profiles_reach_an_otlp_receiver() {
     let want = |a: &str, n: u64| (vec![a.to_owned(), "main".to_owned()], n);
     assert_eq!(samples, [want("idle", 2), want("work", 5)], "leaf first, as committed");
 
-    let metrics = get(addr, "/metrics").await.text();
-    assert!(metrics.lines().any(|l| l == "aperture_otlp_export_requests_total{result=\"ok\"} 1"), "{metrics}");
+    // The receiver prints before it answers: wait for the answer to be counted.
+    let want = [
+        "aperture_otlp_export_requests_total{result=\"retry\"} 1",
+        "aperture_otlp_export_requests_total{result=\"ok\"} 1",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = get(addr, "/metrics").await.text();
+        if want.iter().all(|w| metrics.lines().any(|l| l == *w)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{want:?} not in {metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     handle.shutdown().await.expect("shutdown");
 }

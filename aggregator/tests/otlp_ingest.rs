@@ -23,7 +23,8 @@ const CPU: &str = "process_cpu:samples:count:cpu:nanoseconds";
 /// Sends, by `argv[1]`: `grpc` and `http` a good request for service
 /// `argv[4]`; `bad-grpc`/`bad-http` one whose sample refers outside the
 /// stack table; `garbage-grpc` bytes that are no protobuf; `wrong-token`
-/// a good request with another token. Prints one JSON line of outcomes.
+/// a good request with another token; `huge-grpc` 9 MiB, over the 8 MiB
+/// limit. Prints one JSON line of outcomes.
 const PROGRAM: &str = r#"
 import gzip, json, sys, time, urllib.request, urllib.error
 import grpc
@@ -80,7 +81,11 @@ auth = [("authorization", "Bearer " + token)]
 if mode.endswith("grpc") or mode == "wrong-token":
     channel = grpc.insecure_channel(grpc_addr)
     try:
-        if mode == "garbage-grpc":
+        if mode == "huge-grpc":
+            call = channel.unary_unary(
+                "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export")
+            call(b"\x0a" * (9 << 20), metadata=auth, timeout=20)
+        elif mode == "garbage-grpc":
             call = channel.unary_unary(
                 "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export")
             call(b"\xff\xff\xff\xff not protobuf", metadata=auth, timeout=20)
@@ -255,6 +260,19 @@ async fn otlp_profiles_over_grpc_and_http_are_committed_with_their_attributes_ma
     assert_eq!(out["code"], "UNAUTHENTICATED", "{out}");
     let out = send(&python, &daemon, "http", bad, READ).await;
     assert_eq!(out["status"], 401, "the read token does not push: {out}");
+    // Over the size limit.
+    let out = send(&python, &daemon, "huge-grpc", bad, INGEST).await;
+    assert!(matches!(out["code"].as_str(), Some("RESOURCE_EXHAUSTED" | "OUT_OF_RANGE")), "{out}");
+    assert!(out["message"].as_str().is_some_and(|m| m.contains("too large")), "a clear message: {out}");
+    // (urllib fails on the early answer, so the raw client sends this one.)
+    let r = common::http::post_with(
+        daemon.http_addr(),
+        "/v1development/profiles",
+        &[("Authorization", &format!("Bearer {INGEST}")), ("Content-Type", "application/x-protobuf")],
+        &vec![0x0a; 9 << 20],
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.text());
     // Refused requests are refused whole.
     assert_eq!(types_of(&daemon, bad).await, serde_json::json!([]));
 
@@ -266,6 +284,8 @@ async fn otlp_profiles_over_grpc_and_http_are_committed_with_their_attributes_ma
         ("otlp_http", "ok", 1.0),
         ("otlp_http", "bad_request", 1.0),
         ("otlp_http", "unauthorized", 1.0),
+        ("otlp_grpc", "too_large", 1.0),
+        ("otlp_http", "too_large", 1.0),
     ] {
         assert_eq!(counted(&metrics, protocol, result), n, "{protocol} {result}");
     }
