@@ -218,12 +218,19 @@ fn locations(d: &ProfilesDictionary) -> Result<Vec<Vec<StackFrame>>, ConvertErro
                 )));
             }
         };
+        // The OpenTelemetry eBPF profiler marks each location with its
+        // frame type (`kernel`, `native`, `python`...).
+        let mut kinds = LabelSet::default();
+        apply_indices(&mut kinds, &loc.attribute_indices, d)?;
+        let kernel = kinds.tags.get("profile.frame.type").is_some_and(|t| t == "kernel");
+        let module = if kernel && module.is_empty() { "[kernel]".to_owned() } else { module };
         let frame = |symbol: String, file: String, line: i64| StackFrame {
             address: loc.address,
             symbol,
             module: module.clone(),
             file,
             line: u32::try_from(line).unwrap_or(0),
+            kernel,
             ..StackFrame::default()
         };
         let frames = if loc.lines.is_empty() {
@@ -387,7 +394,8 @@ mod tests {
     /// container known only by id, a sample attribute that overrides a
     /// resource one.
     fn request(samples: Vec<Sample>) -> ExportProfilesServiceRequest {
-        let strings = ["", "samples", "count", "cpu", "nanoseconds", "leaf", "outer", "env", "dev"];
+        let strings =
+            ["", "samples", "count", "cpu", "nanoseconds", "leaf", "outer", "env", "dev", "profile.frame.type"];
         let dictionary = ProfilesDictionary {
             string_table: strings.iter().map(|s| s.to_string()).collect(),
             function_table: vec![
@@ -403,6 +411,7 @@ mod tests {
                         Line { function_index: 1, line: 3, column: 0 },
                         Line { function_index: 2, line: 9, column: 0 },
                     ],
+                    attribute_indices: vec![2],
                     ..Location::default()
                 },
             ],
@@ -410,6 +419,7 @@ mod tests {
             attribute_table: vec![
                 KeyValueAndUnit::default(),
                 KeyValueAndUnit { key_strindex: 7, value: text("dev"), unit_strindex: 0 },
+                KeyValueAndUnit { key_strindex: 9, value: text("kernel"), unit_strindex: 0 },
             ],
             ..ProfilesDictionary::default()
         };
@@ -454,6 +464,7 @@ mod tests {
         assert_eq!(b.stacks.len(), 1);
         let names: Vec<&str> = b.stacks[0].frames.iter().map(|f| f.symbol.as_str()).collect();
         assert_eq!(names, ["leaf", "outer"], "inlined lines innermost first");
+        assert!(b.stacks[0].frames.iter().all(|f| f.kernel && f.module == "[kernel]"), "the location's frame type");
         assert_eq!(b.series.len(), 2, "the sample attribute makes its own series");
         let l = &b.series[0].labels;
         assert_eq!((l.service.as_str(), l.container.as_str(), l.pid), ("api", "abc123", 77));

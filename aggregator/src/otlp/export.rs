@@ -21,8 +21,8 @@ use aperture_core::shard::RowKind;
 use aperture_transport::server::otlp::proto::collector::ExportProfilesServiceRequest;
 use aperture_transport::server::otlp::proto::common::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use aperture_transport::server::otlp::proto::profiles::{
-    Function, Line, Location, Mapping, Profile, ProfilesDictionary, ResourceProfiles, Sample, ScopeProfiles,
-    Stack as PbStack, ValueType,
+    Function, KeyValueAndUnit, Line, Location, Mapping, Profile, ProfilesDictionary, ResourceProfiles, Sample,
+    ScopeProfiles, Stack as PbStack, ValueType,
 };
 use aperture_transport::server::otlp::proto::resource::Resource;
 use aperture_transport::server::otlp_export::OtlpExportClient;
@@ -205,8 +205,9 @@ struct Dictionary {
     strings: HashMap<String, i32>,
     functions: HashMap<(i32, i32), i32>,
     mappings: HashMap<i32, i32>,
-    locations: HashMap<(i32, i32, i64, u64), i32>,
+    locations: HashMap<(i32, i32, i64, u64, bool), i32>,
     stacks: HashMap<StackHash, i32>,
+    kernel: Option<i32>,
 }
 
 impl Dictionary {
@@ -229,6 +230,19 @@ impl Dictionary {
         let i = self.d.string_table.len() as i32;
         self.d.string_table.push(s.to_owned());
         self.strings.insert(s.to_owned(), i);
+        i
+    }
+
+    /// `profile.frame.type = kernel`, as the OpenTelemetry eBPF profiler marks kernel frames.
+    fn kernel_attribute(&mut self) -> i32 {
+        if let Some(i) = self.kernel {
+            return i;
+        }
+        let key_strindex = self.string("profile.frame.type");
+        let value = Some(AnyValue { value: Some(any_value::Value::StringValue("kernel".into())) });
+        let i = self.d.attribute_table.len() as i32;
+        self.d.attribute_table.push(KeyValueAndUnit { key_strindex, value, unit_strindex: 0 });
+        self.kernel = Some(i);
         i
     }
 
@@ -260,15 +274,16 @@ impl Dictionary {
                 }
                 m
             };
-            let key = (function, mapping, i64::from(f.line), f.address);
+            let key = (function, mapping, i64::from(f.line), f.address, f.kernel);
             let next = self.d.location_table.len() as i32;
             let location = *self.locations.entry(key).or_insert(next);
             if location == next {
+                let attribute_indices = if f.kernel { vec![self.kernel_attribute()] } else { Vec::new() };
                 self.d.location_table.push(Location {
                     mapping_index: mapping,
                     address: f.address,
                     lines: vec![Line { function_index: function, line: i64::from(f.line), column: 0 }],
-                    ..Location::default()
+                    attribute_indices,
                 });
             }
             location_indices.push(location);
@@ -394,7 +409,16 @@ mod tests {
     use aperture_core::shard::{Flush, RowKey, RowValue};
 
     fn stack(names: &[&str]) -> Stack {
-        Stack::new(names.iter().map(|n| StackFrame { symbol: (*n).into(), ..StackFrame::default() }).collect())
+        Stack::new(
+            names
+                .iter()
+                .map(|n| {
+                    let kernel = n.starts_with("k_");
+                    let module = if kernel { "[kernel]" } else { "" }.to_owned();
+                    StackFrame { symbol: (*n).into(), kernel, module, ..StackFrame::default() }
+                })
+                .collect(),
+        )
     }
 
     fn batch(rows: &[(RowKind, &Stack, u64)]) -> WriteBatch {
@@ -447,7 +471,7 @@ mod tests {
     #[test]
     fn what_is_exported_reads_back_as_what_was_committed() {
         let (e, mut rx) = exporter(4);
-        let (a, b) = (stack(&["leaf", "main"]), stack(&["other", "main"]));
+        let (a, b) = (stack(&["k_leaf", "main"]), stack(&["other", "main"]));
         e.committed(&batch(&[(RowKind::Profile, &a, 3), (RowKind::Profile, &b, 4), (RowKind::Lock, &a, 2)]));
         let committed = rx.try_recv().expect("queued");
         let known: HashMap<StackHash, Stack> = [(a.hash, a.clone())].into_iter().collect();
@@ -464,7 +488,9 @@ mod tests {
             })
             .collect();
         got.sort();
-        let names = vec!["leaf".to_owned(), "main".to_owned()];
+        let names = vec!["k_leaf".to_owned(), "main".to_owned()];
+        let frames = &back.stacks[0].frames;
+        assert!(frames[0].kernel && !frames[1].kernel, "kernel frames stay kernel frames: {frames:?}");
         assert_eq!(
             got,
             [
