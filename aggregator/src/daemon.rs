@@ -96,6 +96,8 @@ pub fn otlp_config(config: &AggregatorConfig) -> anyhow::Result<Option<OtlpServe
         // The limit of pushed profiles, after decompression.
         max_message_bytes: HttpLimits::default().max_push_body_bytes,
         max_concurrent_streams: 64,
+        max_connections: config.limits.max_connections,
+        idle_timeout: config.limits.idle_timeout.0,
     }))
 }
 

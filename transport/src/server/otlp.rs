@@ -24,8 +24,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes};
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
@@ -122,6 +125,10 @@ pub struct OtlpServerConfig {
     pub max_message_bytes: usize,
     /// Most concurrent calls per connection.
     pub max_concurrent_streams: u32,
+    /// Most connections at once; more are closed at once (and counted as busy).
+    pub max_connections: usize,
+    /// A connection without traffic for this long is closed.
+    pub idle_timeout: std::time::Duration,
 }
 
 /// A running OTLP gRPC listener.
@@ -138,10 +145,14 @@ impl OtlpServer {
         self.addr
     }
 
-    /// Stops listening; calls in flight are cut.
-    pub async fn shutdown(self) {
+    /// Stops listening, lets calls in flight finish for up to a second,
+    /// then closes every connection.
+    pub async fn shutdown(mut self) {
         self.stop.send_replace(true);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
+        if tokio::time::timeout(std::time::Duration::from_secs(1), &mut self.task).await.is_err() {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
     }
 }
 
@@ -152,9 +163,12 @@ pub async fn serve_otlp(config: OtlpServerConfig, sink: Arc<dyn OtlpSink>) -> Re
     let bind_error = |source| ServeError::Bind { carrier: Carrier::Grpc, addr, source };
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_error)?;
     let bound = listener.local_addr().map_err(bind_error)?;
+    let idle = config.idle_timeout.max(std::time::Duration::from_secs(1));
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(config.max_concurrent_streams.max(1)))
-        .http2_max_header_list_size(16 * 1024);
+        .http2_max_header_list_size(16 * 1024)
+        .http2_keepalive_interval(Some(idle / 2))
+        .http2_keepalive_timeout(Some(idle / 2));
     let plaintext = config.tls.insecure_plaintext;
     if plaintext {
         tracing::warn!(addr = %bound, "OTLP gRPC ingress WITHOUT TLS (tls.insecure_plaintext)");
@@ -165,20 +179,91 @@ pub async fn serve_otlp(config: OtlpServerConfig, sink: Arc<dyn OtlpSink>) -> Re
             ServeError::Limit { name: "tls", value: 0, reason: format!("the certificate does not suit gRPC: {e}") }
         })?;
     }
-    let service = ExportService { sink, auth, max_message: config.max_message_bytes.max(1) };
+    let service = ExportService { sink: Arc::clone(&sink), auth, max_message: config.max_message_bytes.max(1) };
     let router = builder.add_service(service);
     let (stop, mut stopped) = watch::channel(false);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (conn_tx, conn_rx) = mpsc::channel::<Result<Limited, std::io::Error>>(64);
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let accept = tokio::spawn(accept_loop(listener, slots, sink, conn_tx, stopped.clone()));
     let task = tokio::spawn(async move {
         let stop = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+        if let Err(e) = router.serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), stop).await {
             tracing::error!(error = %e, "OTLP gRPC ingress stopped");
         }
+        accept.abort();
     });
     tracing::info!(addr = %bound, tls = !plaintext, "OTLP gRPC ingress listening");
     Ok(OtlpServer { addr: bound, stop, task })
+}
+
+/// Accepts connections while fewer than `max_connections` are open.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    slots: Arc<Semaphore>,
+    sink: Arc<dyn OtlpSink>,
+    conns: mpsc::Sender<Result<Limited, std::io::Error>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopped.wait_for(|s| *s) => return,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, do not spin.
+                tracing::warn!(error = %e, "accepting an OTLP gRPC connection");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            sink.refused(OtlpCode::Unavailable);
+            tracing::debug!(%addr, "OTLP gRPC connection refused: too many open (limits.max_connections)");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        if conns.send(Ok(Limited { tcp, _permit: permit })).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A connection holding one of the `max_connections` slots until it closes.
+struct Limited {
+    tcp: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Limited {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp.connect_info()
+    }
+}
+
+impl AsyncRead for Limited {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Limited {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 /// The service: the token is checked from the headers before the body is
@@ -295,5 +380,52 @@ impl Decoder for RawCodec {
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
         Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::io::AsyncReadExt;
+
+    #[derive(Default)]
+    struct Counting(Mutex<Vec<OtlpCode>>);
+
+    impl OtlpSink for Counting {
+        fn export(&self, _request: Bytes) -> ExportFuture {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn refused(&self, code: OtlpCode) {
+            self.0.lock().expect("lock").push(code);
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_and_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = Arc::new(Counting::default());
+        let config = OtlpServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            auth: AuthConfig { token: Some("t".into()), disabled: false },
+            tls: ServerTlsConfig { insecure_plaintext: true, ..ServerTlsConfig::default() },
+            data_dir: dir.path().to_owned(),
+            max_message_bytes: 1024,
+            max_concurrent_streams: 1,
+            max_connections: 1,
+            idle_timeout: std::time::Duration::from_secs(30),
+        };
+        let server = serve_otlp(config, Arc::clone(&sink) as Arc<dyn OtlpSink>).await.expect("serve");
+        let _held = TcpStream::connect(server.addr()).await.expect("first connection");
+        let mut second = TcpStream::connect(server.addr()).await.expect("second connection");
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), second.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the second connection is closed unanswered");
+        assert_eq!(*sink.0.lock().expect("lock"), [OtlpCode::Unavailable]);
+        server.shutdown().await;
     }
 }
