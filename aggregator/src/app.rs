@@ -38,6 +38,8 @@ pub struct AggregatorHandle {
     store: Arc<dyn Store>,
     http_addr: SocketAddr,
     pyroscope_addr: Option<SocketAddr>,
+    /// What the handlers share (the OTLP gRPC sink commits through it too).
+    state: AppState,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     shard_threads: Vec<JoinHandle<()>>,
@@ -151,7 +153,14 @@ impl Aggregator {
             }
             None => None,
         };
-        let app = router(state, crate::pyroscope::routes());
+        if let Some(export) = &settings.otlp_export {
+            let (tap, task) =
+                crate::otlp::export::start(export, Arc::clone(&store), &shared.metrics.registry, stopped.clone())
+                    .context("starting the OTLP export (otlp.export)")?;
+            *shared.commit_tap.lock().unwrap_or_else(|p| p.into_inner()) = Some(tap);
+            tasks.spawn(task);
+        }
+        let app = router(state.clone(), crate::pyroscope::routes().merge(crate::otlp::routes()));
         let mut http_stop = stopped.clone();
         tasks.spawn(crate::http::serve(listener, app, settings.http_limits, shared.metrics.clone(), async move {
             let _ = http_stop.wait_for(|s| *s).await;
@@ -165,6 +174,7 @@ impl Aggregator {
             store,
             http_addr,
             pyroscope_addr,
+            state,
             stop,
             tasks,
             shard_threads,
@@ -183,6 +193,12 @@ impl AggregatorHandle {
     /// before one is set are not acknowledged to anyone.
     pub fn set_acker(&self, acker: Arc<dyn Acknowledge>) {
         *self.shared.acker.lock().unwrap_or_else(|p| p.into_inner()) = Some(acker);
+    }
+
+    /// Where the OTLP gRPC listener hands requests: they are committed
+    /// like pushes on the HTTP port.
+    pub fn otlp_sink(&self) -> Arc<dyn aperture_transport::server::otlp::OtlpSink> {
+        crate::otlp::OtlpIngest::sink(self.state.clone())
     }
 
     /// The bound HTTP address.

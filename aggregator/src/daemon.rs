@@ -11,11 +11,12 @@ use std::time::Duration;
 use anyhow::Context;
 use aperture_core::config::AggregatorConfig;
 use aperture_transport::auth::AuthConfig;
+use aperture_transport::server::otlp::{OtlpServer, OtlpServerConfig, serve_otlp};
 use aperture_transport::server::{ServerConfig, ServerHandle, ServerLimits, serve};
 use aperture_transport::tls::ServerTlsConfig;
 
 use crate::app::{Aggregator, AggregatorHandle};
-use crate::settings::{ClickHouseSettings, HttpLimits, Settings};
+use crate::settings::{ClickHouseSettings, HttpLimits, OtlpExportSettings, Settings};
 
 /// Maps the configuration onto the aggregator's settings.
 pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
@@ -41,6 +42,13 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
     };
     s.max_frame_bytes = config.limits.max_frame_size.as_usize();
     s.max_stack_frames = config.limits.max_stack_frames;
+    let export = &config.otlp.export;
+    s.otlp_export = (!export.endpoint.is_empty()).then(|| OtlpExportSettings {
+        token: export.token.expose().to_owned(),
+        queue_batches: export.queue,
+        timeout: export.timeout.0,
+        ..OtlpExportSettings::new(export.endpoint.clone())
+    });
     let ch = &config.clickhouse;
     s.clickhouse = (!ch.endpoint.is_empty()).then(|| ClickHouseSettings {
         database: ch.database.clone(),
@@ -76,6 +84,25 @@ pub fn server_config(config: &AggregatorConfig) -> anyhow::Result<ServerConfig> 
     })
 }
 
+/// The OTLP gRPC listener's configuration; `None` when `otlp.grpc_listen` is empty.
+pub fn otlp_config(config: &AggregatorConfig) -> anyhow::Result<Option<OtlpServerConfig>> {
+    if config.otlp.grpc_listen.is_empty() {
+        return Ok(None);
+    }
+    let server = server_config(config)?;
+    Ok(Some(OtlpServerConfig {
+        listen: listen(&config.otlp.grpc_listen, "otlp.grpc_listen")?,
+        auth: server.auth,
+        tls: server.tls,
+        data_dir: server.data_dir,
+        // The limit of pushed profiles, after decompression.
+        max_message_bytes: HttpLimits::default().max_push_body_bytes,
+        max_concurrent_streams: 64,
+        max_connections: config.limits.max_connections,
+        idle_timeout: config.limits.idle_timeout.0,
+    }))
+}
+
 fn listen(addr: &str, key: &str) -> anyhow::Result<SocketAddr> {
     addr.parse().with_context(|| format!("`{key}`: invalid listen address `{addr}`: expected ip:port"))
 }
@@ -85,6 +112,7 @@ fn listen(addr: &str, key: &str) -> anyhow::Result<SocketAddr> {
 pub struct Daemon {
     aggregator: AggregatorHandle,
     server: Arc<ServerHandle>,
+    otlp: Option<OtlpServer>,
 }
 
 impl Daemon {
@@ -101,6 +129,22 @@ impl Daemon {
             }
         };
         aggregator.set_acker(Arc::new(server.acker()));
+        let otlp = match otlp_config(config) {
+            Ok(None) => None,
+            Ok(Some(c)) => match serve_otlp(c, aggregator.otlp_sink()).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    server.shutdown(Duration::from_secs(1)).await;
+                    let _ = aggregator.shutdown().await;
+                    return Err(anyhow::Error::new(e).context("starting the OTLP gRPC listener (otlp.grpc_listen)"));
+                }
+            },
+            Err(e) => {
+                server.shutdown(Duration::from_secs(1)).await;
+                let _ = aggregator.shutdown().await;
+                return Err(e);
+            }
+        };
         let server = Arc::new(server);
         let stats = Arc::downgrade(&server);
         aggregator.metrics().set_transport_stats(Box::new(move || stats.upgrade().map(|s| s.stats())));
@@ -109,11 +153,12 @@ impl Daemon {
             pyroscope = ?aggregator.pyroscope_addr(),
             quic = ?server.quic_addr(),
             grpc = ?server.grpc_addr(),
+            otlp_grpc = ?otlp.as_ref().map(OtlpServer::addr),
             store = aggregator.store().kind().as_str(),
             tls_fingerprint_sha256 = %server.fingerprint(),
             "aggregator started"
         );
-        Ok(Daemon { aggregator, server })
+        Ok(Daemon { aggregator, server, otlp })
     }
 
     /// The HTTP address (UI, API, metrics, health).
@@ -131,6 +176,11 @@ impl Daemon {
         self.server.grpc_addr()
     }
 
+    /// The OTLP gRPC listener's address, when `otlp.grpc_listen` is set.
+    pub fn otlp_grpc_addr(&self) -> Option<SocketAddr> {
+        self.otlp.as_ref().map(OtlpServer::addr)
+    }
+
     /// SHA-256 fingerprint of the ingress certificate, as agents pin it.
     pub fn fingerprint(&self) -> String {
         self.server.fingerprint()
@@ -143,6 +193,9 @@ impl Daemon {
 
     /// Stops accepting agents, then drains shards and writer into the store.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        if let Some(otlp) = self.otlp {
+            otlp.shutdown().await;
+        }
         // `/metrics` holds the server only while it reads its counters.
         let mut server = self.server;
         let server = loop {
@@ -233,6 +286,19 @@ mod tests {
         let c = config(&[("APERTURE_AUTH_TOKEN", "shared"), ("APERTURE_READ_TOKEN", "read")]);
         assert_eq!(settings(&c).expect("settings").auth_token.as_deref(), Some("read"));
         assert_eq!(server_config(&c).expect("server").auth.token.as_deref(), Some("shared"));
+    }
+
+    #[test]
+    fn the_otlp_listener_runs_only_when_configured() {
+        assert!(otlp_config(&config(&[("APERTURE_AUTH_TOKEN", "t")])).expect("valid").is_none());
+        let c = config(&[
+            ("APERTURE_INGEST_TOKEN", "push"),
+            ("APERTURE_READ_TOKEN", "r"),
+            ("APERTURE_OTLP_GRPC_LISTEN", "127.0.0.1:4317"),
+        ]);
+        let o = otlp_config(&c).expect("valid").expect("configured");
+        assert_eq!(o.listen.port(), 4317);
+        assert_eq!(o.auth.token.as_deref(), Some("push"), "OTLP senders present the ingest token");
     }
 
     #[test]

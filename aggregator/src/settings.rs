@@ -38,6 +38,34 @@ impl ClickHouseSettings {
     }
 }
 
+/// Forwarding committed profiles to an OTLP endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtlpExportSettings {
+    /// `http://host:4317` (`otlp.export.endpoint`).
+    pub endpoint: String,
+    /// Bearer token for the endpoint; empty: none.
+    pub token: String,
+    /// Committed batches waiting to be sent; more are dropped and counted. Default 256.
+    pub queue_batches: usize,
+    /// Timeout of one send. Default 10 s.
+    pub timeout: Duration,
+    /// First pause between retries, doubled each time (at most 30 s; 5 sends in all). Default 500 ms.
+    pub min_backoff: Duration,
+}
+
+impl OtlpExportSettings {
+    /// Settings for `endpoint` with the defaults.
+    pub fn new(endpoint: impl Into<String>) -> OtlpExportSettings {
+        OtlpExportSettings {
+            endpoint: endpoint.into(),
+            token: String::new(),
+            queue_batches: 256,
+            timeout: Duration::from_secs(10),
+            min_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
 /// Limits on HTTP requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HttpLimits {
@@ -132,6 +160,8 @@ pub struct Settings {
     pub max_frame_bytes: usize,
     /// Frames kept per stack; deeper stacks are cut and marked. Default 1024.
     pub max_stack_frames: usize,
+    /// Forward what is committed to an OTLP endpoint; `None`: not. Default `None`.
+    pub otlp_export: Option<OtlpExportSettings>,
 }
 
 impl Settings {
@@ -162,6 +192,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             max_frame_bytes: 4 * 1024 * 1024,
             max_stack_frames: aperture_core::shard::DEFAULT_MAX_STACK_FRAMES,
+            otlp_export: None,
         }
     }
 

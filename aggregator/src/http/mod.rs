@@ -1,6 +1,7 @@
 //! The HTTP server on port 9090: probes, health, metrics, the query API
 //! (documented in `docs/openapi.yaml`), Pyroscope's ingest routes and the
-//! `querier.v1.QuerierService` Grafana reads (see [`crate::pyroscope`]).
+//! `querier.v1.QuerierService` Grafana reads (see [`crate::pyroscope`]), and
+//! OTLP/HTTP profiles (`crate::otlp`).
 //!
 //! Every request passes through the same guards: headers over
 //! [`HttpLimits::max_header_bytes`] get 431, a declared body over
@@ -42,6 +43,8 @@ pub(crate) const API_CONTENT_SECURITY_POLICY: &str =
 /// Pyroscope's ingest routes; their body limit is `max_push_body_bytes`.
 pub(crate) const PYROSCOPE_INGEST: &str = "/ingest";
 pub(crate) const PYROSCOPE_PUSH: &str = "/push.v1.PusherService/Push";
+/// OTLP/HTTP profiles export; the same body limit.
+pub(crate) const OTLP_HTTP: &str = "/v1development/profiles";
 
 /// Builds the router: the API, health, metrics and UI, and `protocols`,
 /// the routes of other tools' protocols (Pyroscope's), all under the same
@@ -97,7 +100,7 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0);
-    let pushed = route == PYROSCOPE_INGEST || route == PYROSCOPE_PUSH;
+    let pushed = route == PYROSCOPE_INGEST || route == PYROSCOPE_PUSH || route == OTLP_HTTP;
     let max_body = if pushed { state.limits.max_push_body_bytes } else { state.limits.max_body_bytes };
     let response = if header_bytes > state.limits.max_header_bytes {
         error_response(
@@ -106,7 +109,11 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
         )
     } else if declared_body > max_body {
         if pushed {
-            let protocol = if route == PYROSCOPE_PUSH { "pyroscope_push" } else { "pyroscope_ingest" };
+            let protocol = match route.as_str() {
+                PYROSCOPE_PUSH => "pyroscope_push",
+                OTLP_HTTP => "otlp_http",
+                _ => "pyroscope_ingest",
+            };
             state.shared.metrics.push_requests.with_label_values(&[protocol, "too_large"]).inc();
         }
         error_response(

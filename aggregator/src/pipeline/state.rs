@@ -33,6 +33,13 @@ pub trait Acknowledge: Send + Sync + 'static {
     fn ack(&self, frames: &[FrameId]);
 }
 
+/// What sees every batch once the store committed it (the OTLP exporter).
+/// Called on the writer thread: it must not block.
+pub trait CommitTap: Send + Sync + std::fmt::Debug + 'static {
+    /// `batch` is committed.
+    fn committed(&self, batch: &crate::store::WriteBatch);
+}
+
 impl Acknowledge for aperture_transport::server::Acker {
     fn ack(&self, frames: &[FrameId]) {
         // Frames of agents no longer connected are not delivered; they resend
@@ -216,6 +223,8 @@ pub(crate) struct Shared {
     pub buffer: Buffer,
     pub metrics: Metrics,
     pub acker: Mutex<Option<Arc<dyn Acknowledge>>>,
+    /// Sees committed batches, when set.
+    pub commit_tap: Mutex<Option<Arc<dyn CommitTap>>>,
     pub agent_idle: Duration,
     /// Set by [`crate::AggregatorHandle::abort`]: threads stop at once and
     /// write nothing more, as if the process had died.
@@ -255,6 +264,7 @@ impl Shared {
             buffer,
             metrics,
             acker: Mutex::new(None),
+            commit_tap: Mutex::new(None),
             agent_idle,
             halted: AtomicBool::new(false),
             ping_error: Mutex::new(None),

@@ -126,6 +126,10 @@ impl Writer {
                 m.writer_batches.with_label_values(&[store_name, "ok"]).inc();
                 m.writer_last_success.set(i64::try_from(unix_now_s()).unwrap_or(i64::MAX));
                 self.shared.set_write_error(None);
+                let tap = self.shared.commit_tap.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(tap) = tap {
+                    tap.committed(batch);
+                }
             }
             Err(WriteError::Rejected { reason, .. }) => {
                 tracing::error!(flushes = batch.flushes.len(), rows = batch.row_count(), %reason, "store refused a batch");

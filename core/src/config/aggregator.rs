@@ -36,6 +36,8 @@ pub struct AggregatorConfig {
     pub limits: Limits,
     /// Pyroscope's own port.
     pub pyroscope: Pyroscope,
+    /// OpenTelemetry (OTLP) profiles.
+    pub otlp: Otlp,
 }
 
 /// Pyroscope compatibility.
@@ -64,6 +66,7 @@ impl Default for AggregatorConfig {
             tls: Tls::default(),
             limits: Limits::default(),
             pyroscope: Pyroscope::default(),
+            otlp: Otlp::default(),
         }
     }
 }
@@ -83,6 +86,37 @@ pub struct Listen {
 impl Default for Listen {
     fn default() -> Self {
         Listen { grpc: "0.0.0.0:50051".into(), quic: "0.0.0.0:50051".into(), http: "0.0.0.0:9090".into() }
+    }
+}
+
+/// OpenTelemetry (OTLP) profiles, in and out.
+#[derive(Clone, Debug, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Otlp {
+    /// Address of the OTLP gRPC listener (`ProfilesService/Export`), e.g.
+    /// `0.0.0.0:4317`; empty: not served (OTLP/HTTP on the HTTP port always is).
+    pub grpc_listen: String,
+    /// Forwarding what is committed to an OTLP profiles endpoint.
+    pub export: OtlpExport,
+}
+
+/// Forwarding committed profiles to an OTLP endpoint.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpExport {
+    /// `http://host:4317`; empty: no export.
+    pub endpoint: String,
+    /// Bearer token sent to the endpoint; empty: none.
+    pub token: Secret,
+    /// Committed batches waiting to be sent; more are dropped and counted.
+    pub queue: usize,
+    /// Timeout of one send.
+    pub timeout: HumanDuration,
+}
+
+impl Default for OtlpExport {
+    fn default() -> Self {
+        OtlpExport { endpoint: String::new(), token: Secret::default(), queue: 256, timeout: HumanDuration::secs(10) }
     }
 }
 
@@ -261,6 +295,9 @@ impl Layered for AggregatorConfig {
         ("APERTURE_BUFFER_CAPACITY", "buffer.capacity"),
         ("APERTURE_DATA_DIR", "data_dir"),
         ("APERTURE_PYROSCOPE_LISTEN", "pyroscope.listen"),
+        ("APERTURE_OTLP_GRPC_LISTEN", "otlp.grpc_listen"),
+        ("APERTURE_OTLP_EXPORT_ENDPOINT", "otlp.export.endpoint"),
+        ("APERTURE_OTLP_EXPORT_TOKEN", "otlp.export.token"),
     ];
 
     fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
@@ -281,6 +318,9 @@ impl Layered for AggregatorConfig {
             "listen.grpc" => self.listen.grpc = value.to_owned(),
             "listen.quic" => self.listen.quic = value.to_owned(),
             "listen.http" => self.listen.http = value.to_owned(),
+            "otlp.grpc_listen" => self.otlp.grpc_listen = value.to_owned(),
+            "otlp.export.endpoint" => self.otlp.export.endpoint = value.to_owned(),
+            "otlp.export.token" => self.otlp.export.token = Secret(value.to_owned()),
             "retention" => self.retention = value.parse()?,
             "pyroscope.listen" => self.pyroscope.listen = value.to_owned(),
             other => return Err(format!("`{other}` cannot be set from the command line or environment")),
@@ -330,8 +370,24 @@ impl Layered for AggregatorConfig {
                 format!("must be between {MIN_STACK_FRAMES} and {MAX_STACK_FRAMES}, e.g. 1024"),
             ));
         }
+        let export = &self.otlp.export;
+        if !export.endpoint.is_empty() && !export.endpoint.starts_with("http://") {
+            return Err((
+                "otlp.export.endpoint".into(),
+                format!(
+                    "`{}`: only plaintext http://host:port endpoints are supported, e.g. http://otel-collector:4317",
+                    export.endpoint
+                ),
+            ));
+        }
+        if export.queue == 0 || export.timeout.0.is_zero() {
+            return Err(("otlp.export".into(), "queue and timeout must be above zero, e.g. 256 and 10s".into()));
+        }
+        let otlp = ("otlp.grpc_listen", &self.otlp.grpc_listen);
         for (key, addr) in
             [("listen.grpc", &self.listen.grpc), ("listen.quic", &self.listen.quic), ("listen.http", &self.listen.http)]
+                .into_iter()
+                .chain(Some(otlp).filter(|(_, a)| !a.is_empty()))
         {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err((

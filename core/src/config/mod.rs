@@ -16,7 +16,9 @@ pub use agent::{
     AgentConfig, AgentTransport, BatchSettings, Budget, CarrierChoice, DEFAULT_AGGREGATOR, Filter, LockSettings,
     MetricsSettings, PerfBufferSettings, SyscallSettings, UnwindChoice,
 };
-pub use aggregator::{AggregatorConfig, Auth, BufferSettings, ClickHouse, FlushSettings, Limits, Listen, Tls};
+pub use aggregator::{
+    AggregatorConfig, Auth, BufferSettings, ClickHouse, FlushSettings, Limits, Listen, Otlp, OtlpExport, Tls,
+};
 pub use load::{ConfigError, FlagValue, Layered, Origin, load, parse_yaml};
 pub use values::{ByteSize, CpuPercent, FREQUENCY_RANGE, Frequency, HostPort, HumanDuration, ModeSet, Percent, Secret};
 

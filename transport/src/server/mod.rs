@@ -6,10 +6,15 @@
 //!                 ├─► ServerSession (each) ┤
 //! gRPC tcp/50051 ─┘                        └─◄ Acker::ack(ids)  (after the store committed)
 //! ```
+//!
+//! OTLP profiles senders have a listener of their own ([`otlp`]), feeding an
+//! [`otlp::OtlpSink`].
 
 mod config;
 mod grpc;
 mod handle;
+pub mod otlp;
+pub mod otlp_export;
 mod quic;
 mod session;
 mod sink;
