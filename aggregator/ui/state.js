@@ -13,6 +13,8 @@ export const PRESETS = [
 export const VIEWS = ['flame', 'diff', 'syscalls', 'locks'];
 export const MODES = ['cpu', 'lock', 'syscall'];
 export const FILTERS = ['node', 'namespace', 'pod', 'container', 'process', 'service'];
+/** Which lock waits lock data shows (the API's `lock_class`): contention by default. */
+export const LOCK_CLASSES = ['contention', 'waiting', 'all'];
 
 /** Base of a diff: the range compared against. */
 export const BASES = [
@@ -36,6 +38,7 @@ export const DEFAULTS = Object.freeze({
   container: '',
   process: '',
   service: '',
+  lock_class: 'contention',
   q: '', // flame-graph search
   focus: '', // zoomed frame: names from the root, ';'-separated
   sort: 'self', // top functions: self | total | name
@@ -64,6 +67,7 @@ export function parse(search) {
   if (s.range === 'custom' && !(s.from !== null && s.to !== null && s.from < s.to)) s.range = DEFAULTS.range;
   if (s.range !== 'custom') s.from = s.to = null;
   for (const f of FILTERS) s[f] = p.get(f) || '';
+  s.lock_class = oneOf(p.get('lock_class'), LOCK_CLASSES, s.lock_class);
   s.q = p.get('q') || '';
   s.focus = p.get('focus') || '';
   s.sort = oneOf(p.get('sort'), ['self', 'total', 'name'], s.sort);
@@ -118,11 +122,17 @@ export function kindOf(s) {
   return s.type || s.mode;
 }
 
-/** The active label filters as API parameters. */
+/** The active label filters (and a lock class other than the API's default) as API parameters. */
 export function apiFilters(s, except) {
   const out = {};
   for (const f of FILTERS) if (s[f] && f !== except) out[f] = s[f];
+  if (s.lock_class !== DEFAULTS.lock_class) out.lock_class = s.lock_class;
   return out;
+}
+
+/** Whether the view shows lock waits, so the lock-class choice applies. */
+export function showsLocks(s) {
+  return s.view === 'locks' || (!s.type && s.mode === 'lock' && (s.view === 'flame' || s.view === 'diff'));
 }
 
 /** "in the last 15 minutes" or "between 2024-05-01 12:00 and 13:00". */
