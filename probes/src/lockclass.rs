@@ -23,7 +23,12 @@
 //!
 //! Anything else (barriers, `pthread_once`, `thread::park`, Go's runtime,
 //! a stack cut before any of these) stays [`LockKind::Futex`], "other
-//! futex". Pure logic over names: no I/O, tested without a kernel.
+//! futex". Without glibc's symbol table (Debian's `libc6-dbg`, found by
+//! build id), only its exported names are known: mutex, rwlock and condition
+//! variable waits are still recognised, but `sem_wait` and `pthread_join`
+//! tail-call internal functions (`__new_sem_wait_slow64`,
+//! `__pthread_clockjoin_ex`), so their waits stay "other futex" there.
+//! Pure logic over names: no I/O, tested without a kernel.
 
 use aperture_core::model::{LockKind, StackFrame};
 
@@ -256,6 +261,15 @@ mod tests {
                 LockKind::Join,
             ),
             (&["libc.so.6+0x8a1f0", "pthread_join", "main"], LockKind::Join),
+            // Only libc's .dynsym (no debug file): internal functions have no
+            // name, the exported entry points still decide...
+            (&["", "pthread_mutex_lock", "mutex_site"], LockKind::Mutex),
+            (&["", "pthread_rwlock_rdlock", "rwlock_site"], LockKind::RwLock),
+            (&["", "pthread_cond_wait", "cond_site"], LockKind::CondVar),
+            // ...but sem_wait and pthread_join tail-call their internal slow
+            // paths, so their waits cannot be told apart then.
+            (&["", "", "sem_site"], LockKind::Futex),
+            (&["", "", "join_site"], LockKind::Futex),
             (&["mtx_lock"], LockKind::Mutex),
             (&["cnd_wait"], LockKind::CondVar),
             (&["thrd_join"], LockKind::Join),
