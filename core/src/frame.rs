@@ -25,8 +25,8 @@
 //! rkyv's validator (`access`, never `access_unchecked`).
 //!
 //! Enum fields are validated too: a value this build does not know (a newer
-//! agent's [`LockKind`](crate::model::LockKind), say) rejects the whole
-//! batch. Enums only ever gain values with new numbers, so a newer
+//! agent's [`LockKind`](crate::model::LockKind), say) makes the whole frame
+//! invalid. Enums only ever gain values with new numbers, so a newer
 //! aggregator reads every older agent; aggregators are upgraded first.
 
 use rkyv::rancor;

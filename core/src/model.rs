@@ -337,8 +337,9 @@ impl ProfileBatch {
 /// the wait (`pthread_mutex_lock`, `pthread_cond_wait`, Rust's
 /// `Condvar::wait`...) into mutex, rwlock, condition variable, semaphore or
 /// join, and leaves what it does not recognise as `Futex` ("other futex").
-/// An aggregator older than kinds 5..=9 rejects a batch holding them (its
-/// validator knows only 0..=4): upgrade aggregators before agents.
+/// An aggregator older than kinds 5..=9 refuses a frame holding them as
+/// malformed (its validator knows only 0..=4) and the agent keeps offering
+/// it: upgrade aggregators before agents (docs/deploy.md, "Upgrading").
 #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[rkyv(derive(Debug, PartialEq, Eq))]
 #[repr(u8)]
