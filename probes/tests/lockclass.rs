@@ -90,12 +90,15 @@ fn every_lock_wait_gets_the_class_of_its_call_site() -> anyhow::Result<()> {
         );
         assert!(total > 0, "no futex wait at {site}: {at_site:?}");
         assert!(right * 100 >= total * 99, "{site}: only {right} of {total} ns classified {class:?}: {at_site:?}");
-        // The waits are tens of ms apart in length; thread start-up and
-        // wake-up latency move a share by far less than this.
+        // The waits differ by 50 ms each; thread start-up and wake-up
+        // latency (longer in an emulated guest) add the same few ms to
+        // every wait, moving a share by far less than this.
         assert!(
-            (share - expected).abs() < 0.04,
+            (share - expected).abs() < 0.05,
             "{site}: {share:.3} of the wait time, the program waits {expected:.3}"
         );
     }
+    let by_site: Vec<u64> = SITES.iter().map(|(site, _, _)| site_ns(site)).collect();
+    assert!(by_site.windows(2).all(|w| w[0] < w[1]), "waits grow from mutex to join as in the program: {by_site:?}");
     Ok(())
 }
