@@ -219,7 +219,10 @@ impl Pipeline {
     }
 
     /// Adds drained lock-wait aggregates. Futex waits carry a user stack,
-    /// kernel lock waits a kernel stack.
+    /// kernel lock waits a kernel stack. A futex wait leaves here with its
+    /// class (mutex, rwlock, condition variable, semaphore, join or other
+    /// futex), told by the symbolized frames nearest the wait
+    /// ([`aperture_probes::lock_class`]).
     pub fn handle_lock_stats(&mut self, stats: &[LockStats], now_ns: u64) {
         let time_ns = unix_ns();
         for l in stats {
@@ -230,8 +233,8 @@ impl Pipeline {
             }
             let (kernel, user): (&[u64], &[u64]) = if l.kind.is_kernel() { (&l.stack, &[]) } else { (&[], &l.stack) };
             let stack = self.stacks.stack(&mut *self.symbolizer, l.pid, kernel, user);
-            let record =
-                LockRecord { time_ns, kind: l.kind, count: l.count, wait_ns: l.total_ns, max_wait_ns: l.max_ns };
+            let kind = aperture_probes::lock_class(l.kind, &stack.frames);
+            let record = LockRecord { time_ns, kind, count: l.count, wait_ns: l.total_ns, max_wait_ns: l.max_ns };
             self.batcher.add_lock(now_ns, &resolved.target, stack, record);
             self.stats.rows[1] += 1;
         }
@@ -399,6 +402,55 @@ mod tests {
         assert_eq!(s.captured, [4, 1, 1]);
         assert_eq!((s.perf_lost, s.lock_events_ignored, s.rows), (4, 1, [4, 1, 0, 1]));
         assert_eq!(p.stack_cache().stats().hits, 2);
+    }
+
+    /// Names addresses from a table, so a stack can go through glibc.
+    struct Table(&'static [(u64, &'static str)]);
+
+    impl Symbolize for Table {
+        fn stack(&mut self, _pid: u32, kernel: &[u64], user: &[u64]) -> Stack {
+            let name = |a: &u64| self.0.iter().find(|(k, _)| k == a).map_or("?", |(_, n)| n).to_owned();
+            let k = kernel.iter().map(|a| StackFrame { symbol: name(a), kernel: true, ..Default::default() });
+            let u = user.iter().map(|a| StackFrame { symbol: name(a), ..Default::default() });
+            Stack::new(k.chain(u).collect())
+        }
+    }
+
+    #[test]
+    fn futex_waits_are_classified_and_kernel_lock_waits_keep_their_kind() {
+        let proc = tempfile::tempdir().expect("tempdir");
+        let mut p = pipeline(proc.path(), Selection::default());
+        p.symbolizer = Box::new(Table(&[
+            (1, "__lll_lock_wait"),
+            (2, "pthread_mutex_lock"),
+            (3, "__futex_abstimed_wait_common"),
+            (4, "pthread_cond_wait"),
+            (5, "pool_worker"),
+            (6, "___pthread_barrier_wait"),
+            (7, "mutex_lock"),
+        ]));
+        let wait = |kind, stack: &[u64]| LockStats {
+            pid: 300,
+            comm: "locker".into(),
+            kind,
+            flags: 0,
+            count: 1,
+            total_ns: 10,
+            max_ns: 10,
+            stack: stack.to_vec(),
+        };
+        p.handle_lock_stats(
+            &[
+                wait(LockKind::Futex, &[1, 2, 5]),
+                wait(LockKind::Futex, &[3, 4, 5]),
+                wait(LockKind::Futex, &[3, 6, 5]),
+                // A kernel mutex whose stack has a name like a user lock's.
+                wait(LockKind::KernelMutex, &[7, 2]),
+            ],
+            0,
+        );
+        let kinds: Vec<LockKind> = p.batcher().batch().locks.iter().map(|l| l.kind).collect();
+        assert_eq!(kinds, [LockKind::Mutex, LockKind::CondVar, LockKind::Futex, LockKind::KernelMutex]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use aperture_agent::{Shutdown, run_agent};
-use aperture_core::model::Batch;
+use aperture_core::model::{Batch, LockKind};
 use common::{Program, Server, agent_config, build_program, require_root};
 
 /// Bounded wait for data: several flush intervals, never a pass/fail timing.
@@ -115,6 +115,7 @@ fn lock_mode_futex_waits_arrive_with_their_stack() {
     println!("lock: {target:?} {wait:?} {stack:?}; {report}");
     assert_eq!(target.process, "ap_locker");
     assert!(wait.count > 0 && wait.wait_ns > 0);
+    assert_eq!(wait.kind, LockKind::Mutex, "a wait in pthread_mutex_lock is classified as mutex contention");
 }
 
 #[test]

@@ -30,8 +30,10 @@
 //! `crc32_update` only 200 (so it grows: red in the diff) and
 //! `json_decode` 250 (it shrinks to 60: blue).
 //!
-//! Lock, two minutes ago, 40 ms waited: 30 ms (75 %) in api's `cache_lookup`,
-//! 10 ms in db. Syscall statistics for api and db; slow calls: db's `fsync`
+//! Lock, two minutes ago, 40 ms of contention: 30 ms (75 %) in api's
+//! `cache_lookup` (a mutex), 10 ms in db (a mutex and a kernel mutex); besides,
+//! 200 ms of waiting on a condition variable in api's `pool_idle`, which
+//! shows only with `lock_class=all` (or `waiting`). Syscall statistics for api and db; slow calls: db's `fsync`
 //! 150 ms (75 %) and api's `read` 50 ms.
 
 use std::net::SocketAddr;
@@ -199,7 +201,8 @@ fn api_batch(time_s: u64, current: bool) -> Batch {
             .cpu(0, &format!("{parse};utf8_validate"), 25)
             .cpu(0, &parse, 15)
             .cpu(0, write, 50);
-        b.lock(0, "main;worker_loop;cache_lookup;std::sync::Mutex::lock;futex_wait", LockKind::Futex, 40, 30 * MS);
+        b.lock(0, "main;worker_loop;cache_lookup;std::sync::Mutex::lock;futex_wait", LockKind::Mutex, 40, 30 * MS);
+        b.lock(0, "main;worker_pool;pool_idle;pthread_cond_wait", LockKind::CondVar, 12, 200 * MS);
         b.syscall(0, (0, "read"), 5000, 3, (8_000, 400_000))
             .syscall(0, (1, "write"), 2000, 0, (15_000, 200_000))
             .syscall(0, (202, "futex"), 800, 40, (25_000, 3 * MS))
@@ -220,7 +223,7 @@ fn api_batch(time_s: u64, current: bool) -> Batch {
 fn db_batch(time_s: u64) -> Batch {
     let mut b = BatchBuilder::new("node-b", vec![target(977, "db", "shop", "db-0", "postgres")], time_s);
     b.cpu(0, &format!("{DB};execute_query;btree_search"), 80).cpu(0, &format!("{DB};fsync_wal;k:__x64_sys_fsync"), 20);
-    b.lock(0, &format!("{DB};wal_append;LWLockAcquire;futex_wait"), LockKind::Futex, 6, 6 * MS).lock(
+    b.lock(0, &format!("{DB};wal_append;LWLockAcquire;futex_wait"), LockKind::Mutex, 6, 6 * MS).lock(
         0,
         &format!("{DB};fsync_wal;k:__x64_sys_fsync;k:ext4_sync_file;k:mutex_lock"),
         LockKind::KernelMutex,

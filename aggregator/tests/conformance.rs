@@ -121,7 +121,7 @@ async fn suite(settings: Settings, store_kind: &str) {
     let l = &r.json()["sites"][0];
     assert_eq!(l["function"], "futex_wait");
     assert_eq!(l["stack"], "main;lock_acquire;futex_wait");
-    assert_eq!(l["kind"], "futex");
+    assert_eq!(l["kind"], "mutex");
     assert_eq!(
         (l["count"].as_u64(), l["wait_ns"].as_u64(), l["max_wait_ns"].as_u64()),
         (Some(frames * 2), Some(frames * 1000), Some(700))
@@ -171,6 +171,8 @@ async fn suite(settings: Settings, store_kind: &str) {
     assert!(h["store"]["last_write_unix_s"].as_u64().is_some());
     assert_eq!(h["agents"]["grpc"], 2);
 
+    lock_classes(&handle, acks.clone(), t0, &range).await;
+
     // Bad requests.
     for (path, param) in [
         ("/api/v1/profile?mode=gpu", "mode"),
@@ -183,6 +185,7 @@ async fn suite(settings: Settings, store_kind: &str) {
         ("/api/v1/labels/colour/values", "name"),
         ("/api/v1/profile?mode=cpu&nod=n1", "nod"),
         ("/api/v1/diff?mode=cpu&base_from=100&base_to=50", "base_from"),
+        ("/api/v1/locks?lock_class=spin", "lock_class"),
     ] {
         let r = get(addr, path).await;
         assert_eq!(r.status, 400, "{path}: {}", r.text());
@@ -194,6 +197,76 @@ async fn suite(settings: Settings, store_kind: &str) {
     assert_eq!(get_with(addr, "/healthz", &[("x-big", &big)]).await.status, 431);
 
     handle.shutdown().await.expect("shutdown");
+}
+
+/// Lock waits of every user class and a kernel mutex, besides the data
+/// set's mutex (10 frames x 1000 ns): the lock data shows contention by
+/// default, the rest one `lock_class` away.
+async fn lock_classes(
+    handle: &aperture_aggregator::AggregatorHandle,
+    recorder: std::sync::Arc<common::Acks>,
+    t0: u64,
+    range: &str,
+) {
+    let addr = handle.http_addr();
+    use aperture_core::model::{LockKind, LockWait};
+    let waits = [
+        (LockKind::RwLock, 20_000),
+        (LockKind::KernelMutex, 30_000),
+        (LockKind::CondVar, 40_000),
+        (LockKind::Semaphore, 50_000),
+        (LockKind::Join, 60_000),
+        (LockKind::Futex, 70_000),
+    ];
+    let mut b = batch("n3", t0);
+    b.cpu.clear();
+    b.syscalls.clear();
+    b.slow_calls.clear();
+    b.locks = waits
+        .iter()
+        .map(|&(kind, ns)| LockWait {
+            time_ns: t0 * 1_000_000_000,
+            target: 0,
+            stack: 2,
+            kind,
+            count: 1,
+            wait_ns: ns,
+            max_wait_ns: ns,
+        })
+        .collect();
+    let ingress = handle.ingress();
+    let id = frame_id(3, 1, 1);
+    let taken = tokio::task::spawn_blocking(move || push(&ingress, id, &b)).await.expect("push");
+    assert_eq!(taken, Taken::Queued);
+    tokio::task::spawn_blocking(move || recorder.wait_for(&[id], Duration::from_secs(60))).await.expect("ack");
+
+    let sites = |class: &'static str| {
+        let path = format!("/api/v1/locks?{range}{class}");
+        async move {
+            let r = get(addr, &path).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            let sites = r.json()["sites"].as_array().cloned().unwrap_or_default();
+            sites
+                .iter()
+                .map(|s| (s["kind"].as_str().unwrap_or("").to_owned(), s["wait_ns"].as_u64().unwrap_or(0)))
+                .collect::<Vec<_>>()
+        }
+    };
+    let kinds = |v: &[(String, u64)]| v.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+    assert_eq!(kinds(&sites("").await), ["kernel_mutex", "rwlock", "mutex"], "contention by default");
+    assert_eq!(kinds(&sites("&lock_class=contention").await), ["kernel_mutex", "rwlock", "mutex"]);
+    assert_eq!(kinds(&sites("&lock_class=waiting").await), ["futex", "join", "semaphore", "condvar"]);
+    assert_eq!(sites("&lock_class=condvar").await, [("condvar".to_owned(), 40_000)]);
+    assert_eq!(sites("&lock_class=all").await.len(), 7);
+    let profile = |class: &'static str| {
+        let path = format!("/api/v1/profile?mode=lock&{range}{class}");
+        async move { get(addr, &path).await.json()["root"]["value"].as_u64() }
+    };
+    assert_eq!(profile("").await, Some(10_000 + 20_000 + 30_000));
+    assert_eq!(profile("&lock_class=all").await, Some(280_000));
+    assert_eq!(profile("&lock_class=join,semaphore").await, Some(110_000));
+    let r = get(addr, &format!("/api/v1/labels/node/values?{range}&mode=lock&lock_class=waiting")).await;
+    assert_eq!(r.json()["values"], serde_json::json!(["n3"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,7 +47,7 @@ class App {
    */
   update(patch, { reload = true, replace = false } = {}) {
     const next = { ...this.state, ...patch };
-    if ('mode' in patch || 'type' in patch || 'range' in patch || 'from' in patch || 'tag_value' in patch || st.FILTERS.some((f) => f in patch)) {
+    if ('mode' in patch || 'type' in patch || 'range' in patch || 'from' in patch || 'tag_value' in patch || 'lock_class' in patch || st.FILTERS.some((f) => f in patch)) {
       if (!('focus' in patch)) next.focus = '';
     }
     this.state = next;
@@ -191,6 +191,9 @@ class App {
     for (const b of document.querySelectorAll('[data-mode]')) {
       b.addEventListener('click', () => this.update({ mode: b.dataset.mode, type: '', q: '' }));
     }
+    for (const b of document.querySelectorAll('[data-lock-class]')) {
+      b.addEventListener('click', () => this.update({ lock_class: b.dataset.lockClass }));
+    }
     this.typeSelect = document.getElementById('type-select');
     this.typeSelect.addEventListener('change', () => this.update({ type: this.typeSelect.value, mode: st.DEFAULTS.mode, q: '' }));
     const presets = document.getElementById('presets');
@@ -259,6 +262,8 @@ class App {
     const modeGroup = document.getElementById('mode-group');
     modeGroup.classList.toggle('inactive', !VIEW_USES_MODE[s.view]);
     modeGroup.title = VIEW_USES_MODE[s.view] ? '' : 'This view does not depend on the mode';
+    document.getElementById('lock-class-group').hidden = !st.showsLocks(s);
+    for (const b of document.querySelectorAll('[data-lock-class]')) b.setAttribute('aria-pressed', String(b.dataset.lockClass === s.lock_class));
     for (const b of document.querySelectorAll('#presets button')) b.setAttribute('aria-pressed', String(b.dataset.range === s.range));
     const custom = document.getElementById('custom-range');
     if (s.range === 'custom') {
@@ -285,7 +290,8 @@ class App {
     if (s.tag_key && s.tag_value) active++;
     document.getElementById('clear-filters').hidden = !active;
     const m = fmt.modeOf(st.kindOf(s));
-    const viewTitle = { flame: m.title, diff: `${m.title} diff`, syscalls: 'System calls', locks: 'Lock contention' }[s.view];
+    const lockTitle = { contention: 'Lock contention', waiting: 'Lock waits (waiting)', all: 'Lock waits' }[s.lock_class];
+    const viewTitle = { flame: m.title, diff: `${m.title} diff`, syscalls: 'System calls', locks: lockTitle }[s.view];
     document.title = `${viewTitle} · Aperture`;
   }
 

@@ -13,6 +13,8 @@ export const PRESETS = [
 export const VIEWS = ['flame', 'diff', 'syscalls', 'locks'];
 export const MODES = ['cpu', 'lock', 'syscall'];
 export const FILTERS = ['node', 'namespace', 'pod', 'container', 'process', 'service'];
+/** Which lock waits lock data shows (the API's `lock_class`): contention by default. */
+export const LOCK_CLASSES = ['contention', 'waiting', 'all'];
 
 /** Base of a diff: the range compared against. */
 export const BASES = [
@@ -38,6 +40,7 @@ export const DEFAULTS = Object.freeze({
   service: '',
   tag_key: '', // the tag filter: `tag.<tag_key>=<tag_value>` once both are chosen
   tag_value: '',
+  lock_class: 'contention',
   q: '', // flame-graph search
   focus: '', // zoomed frame: names from the root, ';'-separated
   sort: 'self', // top functions: self | total | name
@@ -71,6 +74,7 @@ export function parse(search) {
   for (const f of FILTERS) s[f] = p.get(f) || '';
   s.tag_key = TAG_KEY.test(p.get('tag_key') || '') ? p.get('tag_key') : '';
   s.tag_value = s.tag_key ? p.get('tag_value') || '' : '';
+  s.lock_class = oneOf(p.get('lock_class'), LOCK_CLASSES, s.lock_class);
   s.q = p.get('q') || '';
   s.focus = p.get('focus') || '';
   s.sort = oneOf(p.get('sort'), ['self', 'total', 'name'], s.sort);
@@ -125,11 +129,15 @@ export function kindOf(s) {
   return s.type || s.mode;
 }
 
-/** The active label filters as API parameters (`except`: one to leave out, `tag` for the tag filter). */
+/**
+ * The active label filters (and a lock class other than the API's default) as API parameters
+ * (`except`: one to leave out, `tag` for the tag filter).
+ */
 export function apiFilters(s, except) {
   const out = {};
   for (const f of FILTERS) if (s[f] && f !== except) out[f] = s[f];
   if (s.tag_key && s.tag_value && except !== 'tag') out[`tag.${s.tag_key}`] = s.tag_value;
+  if (s.lock_class !== DEFAULTS.lock_class) out.lock_class = s.lock_class;
   return out;
 }
 
@@ -138,6 +146,11 @@ export function activeFilters(s) {
   const out = FILTERS.filter((f) => s[f]).map((f) => [f, s[f]]);
   if (s.tag_key && s.tag_value) out.push([s.tag_key, s.tag_value]);
   return out;
+}
+
+/** Whether the view shows lock waits, so the lock-class choice applies. */
+export function showsLocks(s) {
+  return s.view === 'locks' || (!s.type && s.mode === 'lock' && (s.view === 'flame' || s.view === 'diff'));
 }
 
 /** "in the last 15 minutes" or "between 2024-05-01 12:00 and 13:00". */

@@ -7,7 +7,7 @@ import * as fmt from './format.js';
 import { FlameGraph, diffColor } from './flame.js';
 import { SortableTable } from './tables.js';
 import { prepare, diffTree, pathOf } from './tree.js';
-import { apiRange, apiFilters, apiBase, apiWhich, kindOf, rangePhrase, activeFilters, BASES } from './state.js';
+import { apiRange, apiFilters, apiBase, apiWhich, kindOf, rangePhrase, activeFilters, showsLocks, BASES } from './state.js';
 
 /** Shows (or clears, with null) a loading / empty / error message over a panel body. */
 export function showState(host, s) {
@@ -46,6 +46,7 @@ export function emptyState(app, state, what) {
   const actions = [];
   if (filtered) actions.push({ label: 'Clear filters', primary: true, run: () => app.clearFilters() });
   if (state.range !== '7d') actions.push({ label: 'Show the last 7 days', primary: !filtered, run: () => app.update({ range: '7d', from: null, to: null }) });
+  if (showsLocks(state) && state.lock_class !== 'all') actions.push({ label: 'Show all lock waits', run: () => app.update({ lock_class: 'all' }) });
   return {
     kind: 'empty',
     title: `${what} ${filtered ? 'for these filters ' : ''}${phrase}`,
@@ -526,7 +527,7 @@ export class LocksView {
       rowTitle: (r) => `${r.stack.split(';').join(' → ')}\nClick to find it in the lock flame graph`,
       columns: [
         { key: 'stack', label: 'Call site', value: (r) => callSite(r), render: (r) => siteCell(r) },
-        { key: 'kind', label: 'Lock', render: (r) => h('span', { class: `tag ${r.kind === 'futex' ? 'user' : 'kernel'}` }, r.kind.replace('_', ' ')) },
+        { key: 'kind', label: 'Lock', value: (r) => lockLabel(r.kind), render: (r) => h('span', { class: `tag ${r.kind.startsWith('kernel_') ? 'kernel' : 'user'}`, title: LOCK_TITLES[r.kind] || '' }, lockLabel(r.kind)) },
         { key: 'count', label: 'Waits', numeric: true, render: (r) => fmt.count(r.count) },
         { key: 'wait_ns', label: 'Total wait', numeric: true, render: (r) => fmt.duration(r.wait_ns), share: (r) => (this.total ? r.wait_ns / this.total : 0) },
         { key: 'avg', label: 'Mean wait', numeric: true, value: (r) => (r.count ? r.wait_ns / r.count : 0), render: (r) => fmt.duration(r.count ? r.wait_ns / r.count : 0) },
@@ -558,6 +559,21 @@ export class LocksView {
   }
 
   applyLocal() {}
+}
+
+/** How a lock class (the API's `kind`) is shown, and what it means. */
+const LOCK_LABELS = { futex: 'other futex', condvar: 'condition variable', join: 'thread join' };
+const LOCK_TITLES = {
+  mutex: 'A mutex another thread held (pthread_mutex_lock, Rust Mutex…): contention',
+  rwlock: 'A reader-writer lock another thread held: contention',
+  condvar: 'Waiting on a condition variable (pthread_cond_wait, Rust Condvar…): usually idle, not contention',
+  semaphore: 'Waiting on a semaphore (sem_wait): usually idle, not contention',
+  join: 'Waiting for another thread to end (pthread_join)',
+  futex: 'A futex wait of no recognised kind (or from an agent that does not classify waits)',
+};
+
+export function lockLabel(kind) {
+  return LOCK_LABELS[kind] || kind.replace('_', ' ');
 }
 
 /** The frame that called into the lock: the caller of the lock's own frames. */

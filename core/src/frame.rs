@@ -23,6 +23,11 @@
 //! the bytes: the header is checked field by field, the payload length
 //! against both the buffer and a configurable limit, and the archive with
 //! rkyv's validator (`access`, never `access_unchecked`).
+//!
+//! Enum fields are validated too: a value this build does not know (a newer
+//! agent's [`LockKind`](crate::model::LockKind), say) makes the whole frame
+//! invalid. Enums only ever gain values with new numbers, so a newer
+//! aggregator reads every older agent; aggregators are upgraded first.
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
@@ -476,6 +481,33 @@ mod tests {
         assert_eq!(err.reason(), "invalid_archive", "{err}");
     }
 
+    /// The lock kind's byte in an encoded frame of `sample_batch` with `kind`.
+    fn lock_kind_offset(kind: LockKind) -> (FrameBuf, usize) {
+        let mut b = sample_batch();
+        b.locks[0].count = 0x5a5a_5a5a_5a5a_5a5a;
+        b.locks[0].kind = kind;
+        let buf = encode(&b, 1);
+        let count = buf.windows(8).position(|w| w == [0x5a; 8]).expect("count in the archive");
+        // `kind` follows `stack` and precedes `count` (padded to 8).
+        let at = (HEADER_LEN..count).rev().find(|&i| buf[i] == kind as u8).expect("kind byte");
+        (buf, at)
+    }
+
+    #[test]
+    fn every_lock_kind_decodes_and_unknown_ones_are_rejected() {
+        let l = DecodeLimits::default();
+        for k in LockKind::ALL {
+            let (buf, _) = lock_kind_offset(k);
+            let batch = decode(&buf, &l).expect("valid").batch;
+            assert_eq!(batch.locks[0].kind.to_native(), k);
+        }
+        // A kind this build does not know (a newer agent's): the validator
+        // rejects the whole batch rather than misreading it.
+        let (mut buf, at) = lock_kind_offset(LockKind::Join);
+        buf[at] = LockKind::ALL.len() as u8;
+        assert_eq!(decode(&buf, &l).unwrap_err().reason(), "invalid_archive");
+    }
+
     #[test]
     fn misaligned_buffer_is_reported() {
         let buf = encode(&sample_batch(), 1);
@@ -518,7 +550,7 @@ mod tests {
             0..8,
         );
         let locks = proptest::collection::vec(
-            (any::<u64>(), any::<u32>(), 0u8..5, any::<u64>(), any::<u64>()).prop_map(
+            (any::<u64>(), any::<u32>(), 0u8..LockKind::ALL.len() as u8, any::<u64>(), any::<u64>()).prop_map(
                 |(time_ns, stack, kind, count, wait_ns)| LockWait {
                     time_ns,
                     target: 0,

@@ -329,12 +329,23 @@ impl ProfileBatch {
     }
 }
 
-/// Kind of lock a wait was observed on.
+/// Kind of lock a wait was observed on: its class.
+///
+/// The discriminants are part of the wire and storage formats and never
+/// change; new kinds get new numbers. Futex waits leave the kernel as
+/// [`LockKind::Futex`]; the agent then classifies them by the frames nearest
+/// the wait (`pthread_mutex_lock`, `pthread_cond_wait`, Rust's
+/// `Condvar::wait`...) into mutex, rwlock, condition variable, semaphore or
+/// join, and leaves what it does not recognise as `Futex` ("other futex").
+/// An aggregator older than kinds 5..=9 refuses a frame holding them as
+/// malformed (its validator knows only 0..=4) and the agent keeps offering
+/// it: upgrade aggregators before agents (docs/deploy.md, "Upgrading").
 #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[rkyv(derive(Debug, PartialEq, Eq))]
 #[repr(u8)]
 pub enum LockKind {
-    /// A user-space lock that waited in `futex(2)` (pthread, Rust, Go...).
+    /// A user-space futex wait of no recognised class ("other futex"), or
+    /// of any class from an agent that does not classify.
     Futex = 0,
     /// A kernel spinning lock (spinlock, rwlock spinning).
     KernelSpin = 1,
@@ -344,12 +355,44 @@ pub enum LockKind {
     KernelRwsem = 3,
     /// A kernel lock of another or unknown kind.
     KernelOther = 4,
+    /// A user-space mutex (`pthread_mutex_lock`, Rust's `Mutex`, parking_lot's).
+    Mutex = 5,
+    /// A user-space reader-writer lock (`pthread_rwlock_*`, Rust's `RwLock`).
+    RwLock = 6,
+    /// A condition variable wait (`pthread_cond_wait`, Rust's `Condvar`): waiting, not contention.
+    CondVar = 7,
+    /// A semaphore wait (`sem_wait`): waiting, not contention.
+    Semaphore = 8,
+    /// A thread waiting for another to end (`pthread_join`): waiting, not contention.
+    Join = 9,
 }
 
 impl LockKind {
-    /// Every kind, in a fixed order.
-    pub const ALL: [LockKind; 5] =
-        [LockKind::Futex, LockKind::KernelSpin, LockKind::KernelMutex, LockKind::KernelRwsem, LockKind::KernelOther];
+    /// Every kind, in a fixed order (by discriminant).
+    pub const ALL: [LockKind; 10] = [
+        LockKind::Futex,
+        LockKind::KernelSpin,
+        LockKind::KernelMutex,
+        LockKind::KernelRwsem,
+        LockKind::KernelOther,
+        LockKind::Mutex,
+        LockKind::RwLock,
+        LockKind::CondVar,
+        LockKind::Semaphore,
+        LockKind::Join,
+    ];
+
+    /// The kinds that are contention for a lock (user mutexes and rwlocks,
+    /// every kernel lock), as opposed to a thread waiting for work, a
+    /// signal or another thread's end.
+    pub const CONTENTION: [LockKind; 6] = [
+        LockKind::Mutex,
+        LockKind::RwLock,
+        LockKind::KernelSpin,
+        LockKind::KernelMutex,
+        LockKind::KernelRwsem,
+        LockKind::KernelOther,
+    ];
 
     /// The name used in the API and storage.
     pub fn as_str(self) -> &'static str {
@@ -359,7 +402,17 @@ impl LockKind {
             LockKind::KernelMutex => "kernel_mutex",
             LockKind::KernelRwsem => "kernel_rwsem",
             LockKind::KernelOther => "kernel_other",
+            LockKind::Mutex => "mutex",
+            LockKind::RwLock => "rwlock",
+            LockKind::CondVar => "condvar",
+            LockKind::Semaphore => "semaphore",
+            LockKind::Join => "join",
         }
+    }
+
+    /// The kind named `name` (as [`LockKind::as_str`] writes it).
+    pub fn from_name(name: &str) -> Option<LockKind> {
+        LockKind::ALL.into_iter().find(|k| k.as_str() == name)
     }
 
     /// Decodes the `repr(u8)` value.
@@ -369,7 +422,12 @@ impl LockKind {
 
     /// Whether the lock lives in the kernel.
     pub fn is_kernel(self) -> bool {
-        self != LockKind::Futex
+        matches!(self, LockKind::KernelSpin | LockKind::KernelMutex | LockKind::KernelRwsem | LockKind::KernelOther)
+    }
+
+    /// Whether a wait of this kind is contention for a lock (see [`LockKind::CONTENTION`]).
+    pub fn is_contention(self) -> bool {
+        LockKind::CONTENTION.contains(&self)
     }
 }
 
@@ -382,6 +440,11 @@ impl ArchivedLockKind {
             ArchivedLockKind::KernelMutex => LockKind::KernelMutex,
             ArchivedLockKind::KernelRwsem => LockKind::KernelRwsem,
             ArchivedLockKind::KernelOther => LockKind::KernelOther,
+            ArchivedLockKind::Mutex => LockKind::Mutex,
+            ArchivedLockKind::RwLock => LockKind::RwLock,
+            ArchivedLockKind::CondVar => LockKind::CondVar,
+            ArchivedLockKind::Semaphore => LockKind::Semaphore,
+            ArchivedLockKind::Join => LockKind::Join,
         }
     }
 }
@@ -644,6 +707,34 @@ mod tests {
             assert_eq!(Mode::from_u8(m as u8), Some(m));
         }
         assert_eq!(Mode::parse("gpu"), None);
+    }
+
+    #[test]
+    fn lock_kinds_keep_their_numbers_and_names() {
+        // Wire and storage values: a change here breaks older peers and stored rows.
+        let fixed: Vec<(u8, &str)> = LockKind::ALL.iter().map(|k| (*k as u8, k.as_str())).collect();
+        assert_eq!(
+            fixed,
+            [
+                (0, "futex"),
+                (1, "kernel_spin"),
+                (2, "kernel_mutex"),
+                (3, "kernel_rwsem"),
+                (4, "kernel_other"),
+                (5, "mutex"),
+                (6, "rwlock"),
+                (7, "condvar"),
+                (8, "semaphore"),
+                (9, "join"),
+            ]
+        );
+        for k in LockKind::ALL {
+            assert_eq!(LockKind::from_u8(k as u8), Some(k));
+            assert_eq!(LockKind::from_name(k.as_str()), Some(k));
+            assert_eq!(k.is_contention(), k.is_kernel() || matches!(k, LockKind::Mutex | LockKind::RwLock), "{k:?}");
+        }
+        assert_eq!(LockKind::from_u8(10), None);
+        assert_eq!(LockKind::from_name("spin"), None);
     }
 
     #[test]

@@ -110,7 +110,9 @@ const LCB_F_READ: u32 = 1 << 1;
 const LCB_F_WRITE: u32 = 1 << 2;
 const LCB_F_MUTEX: u32 = 1 << 5;
 
-/// Classifies a wait from its aggregate key.
+/// Classifies a wait from its aggregate key, as far as the kernel can:
+/// every user-space wait is a [`LockKind::Futex`] here, which
+/// [`crate::lockclass::lock_class`] then tells apart by its symbolized stack.
 pub fn lock_kind(futex: bool, flags: u32) -> LockKind {
     if futex {
         LockKind::Futex

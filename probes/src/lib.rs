@@ -24,6 +24,8 @@
 //!   cache, memory budget).
 //! - [`Symbolizer`] — raw stacks to [`aperture_core::model::Stack`]
 //!   (marker frames `[truncated]`, `[unknown]` included).
+//! - [`lock_class`] — the class of a futex wait (mutex, rwlock, condition
+//!   variable, semaphore, join or other) from its symbolized stack.
 //! - [`syscall_name`] — x86_64 syscall numbers to names.
 //! - `bench` (with the `bench` feature, which only `aperture-perf` turns
 //!   on) — pieces for the perf harness (BPF run-time stats, reader
@@ -35,6 +37,7 @@ pub mod bench;
 mod drain;
 pub mod features;
 mod loader;
+pub mod lockclass;
 pub mod preflight;
 pub mod reader;
 mod symbolize;
@@ -45,6 +48,7 @@ pub use loader::{
     AttachError, Attachment, Filter, Flavour, LoadError, Modes, ProbeConfig, Probes, SettingsError, UnwindError,
     UnwindMode, UnwindSettings, UnwindStats, object_bytes,
 };
+pub use lockclass::{futex_wait_class, lock_class};
 pub use reader::{
     BatchSink, EventRecord, INITIAL_BATCH_EVENTS, PerfReader, ReaderConfig, ReaderError, ReaderStats, RecordBatch,
 };

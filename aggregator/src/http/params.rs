@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
 
-use aperture_core::model::{Mode, ProfileType};
+use aperture_core::model::{LockKind, Mode, ProfileType};
 
 use crate::store::{LabelFilter, MAX_TAGS, Selector, valid_tag};
 
@@ -100,7 +100,37 @@ pub struct Params {
 }
 
 /// The filter parameters every data route accepts, besides `tag.<key>`.
-pub const FILTERS: [&str; 7] = ["node", "namespace", "pod", "container", "process", "pid", "service"];
+pub const FILTERS: [&str; 8] = ["node", "namespace", "pod", "container", "process", "pid", "service", "lock_class"];
+
+const LOCK_CLASS_EXPECTED: &str = "a comma-separated list of lock classes (mutex, rwlock, condvar, semaphore, join, \
+     futex, kernel_spin, kernel_mutex, kernel_rwsem, kernel_other) or groups (contention, waiting, kernel, all)";
+
+/// The lock kinds a `lock_class` value names: kinds by name, and the
+/// groups `contention` (mutexes, rwlocks and kernel locks: the default),
+/// `waiting` (condition variables, semaphores, joins, other futex waits),
+/// `kernel` and `all` (`None`: no filter).
+pub fn lock_classes(value: &str) -> Result<Option<Vec<LockKind>>, ParamError> {
+    const WAITING: [LockKind; 4] = [LockKind::CondVar, LockKind::Semaphore, LockKind::Join, LockKind::Futex];
+    const KERNEL: [LockKind; 4] =
+        [LockKind::KernelSpin, LockKind::KernelMutex, LockKind::KernelRwsem, LockKind::KernelOther];
+    let mut kinds = Vec::new();
+    for name in value.split(',').map(str::trim) {
+        match name {
+            "all" => return Ok(None),
+            "contention" => kinds.extend(LockKind::CONTENTION),
+            "waiting" => kinds.extend(WAITING),
+            "kernel" => kinds.extend(KERNEL),
+            _ => kinds.push(LockKind::from_name(name).ok_or_else(|| ParamError::Invalid {
+                name: "lock_class",
+                value: value.into(),
+                expected: LOCK_CLASS_EXPECTED,
+            })?),
+        }
+    }
+    kinds.sort_unstable();
+    kinds.dedup();
+    Ok(Some(kinds))
+}
 
 impl Params {
     /// Wraps a parsed query string; `now_s` anchors relative times.
@@ -262,6 +292,7 @@ impl Params {
             });
         }
         tags.sort();
+        let lock_kinds = lock_classes(self.get("lock_class").unwrap_or("contention"))?;
         Ok(LabelFilter {
             node: text("node"),
             namespace: text("namespace"),
@@ -273,6 +304,7 @@ impl Params {
             profile_type: None,
             tags,
             sets: Vec::new(),
+            lock_kinds,
         })
     }
 
@@ -399,6 +431,29 @@ mod tests {
         let e = params(&[("nodee", "x")]).reject_unknown(&["node"]).unwrap_err();
         assert!(e.to_string().contains("`nodee`"));
         assert!(matches!(params(&[]).mode(), Err(ParamError::Missing { name: "mode", .. })));
+    }
+
+    #[test]
+    fn lock_classes_default_to_contention_and_take_names_and_groups() {
+        let kinds = |pairs: &[(&str, &str)]| params(pairs).filter().map(|f| f.lock_kinds);
+        let contention = Some(LockKind::CONTENTION.iter().copied().collect::<std::collections::BTreeSet<_>>());
+        let as_set = |k: Option<Vec<LockKind>>| k.map(|v| v.into_iter().collect::<std::collections::BTreeSet<_>>());
+        assert_eq!(kinds(&[]).map(as_set), Ok(contention.clone()));
+        assert_eq!(kinds(&[("lock_class", "contention")]).map(as_set), Ok(contention));
+        assert_eq!(kinds(&[("lock_class", "all")]), Ok(None));
+        assert_eq!(kinds(&[("lock_class", "mutex,all")]), Ok(None));
+        assert_eq!(
+            kinds(&[("lock_class", "condvar, join,condvar")]),
+            Ok(Some(vec![LockKind::CondVar, LockKind::Join]))
+        );
+        let waiting = kinds(&[("lock_class", "waiting")]).expect("valid").expect("a list");
+        assert_eq!(waiting.len(), 4);
+        assert!(waiting.iter().all(|k| !k.is_contention()), "{waiting:?}");
+        assert_eq!(kinds(&[("lock_class", "kernel")]).map(|k| k.map(|v| v.len())), Ok(Some(4)));
+        for bad in ["spin", "mutex,", "Mutex"] {
+            let e = kinds(&[("lock_class", bad)]).unwrap_err();
+            assert!(e.to_string().contains("`lock_class`") && e.to_string().contains("contention"), "{e}");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use aperture_core::ledger::{RunKey, RunState};
-use aperture_core::model::{Mode, Stack, StackHash};
+use aperture_core::model::{LockKind, Mode, Stack, StackHash};
 use aperture_core::shard::{Flush, RowKind};
 
 /// A boxed future borrowing the store: what every [`Store`] method returns,
@@ -195,6 +195,9 @@ pub struct LabelFilter {
     pub tags: Vec<(String, String)>,
     /// Labels whose value must (or must not) be one of a set.
     pub sets: Vec<SetFilter>,
+    /// Lock rows whose kind is one of these (`None`: every kind); rows of
+    /// other kinds are not affected.
+    pub lock_kinds: Option<Vec<LockKind>>,
 }
 
 /// A label that a [`SetFilter`] tests.
@@ -232,6 +235,18 @@ impl SetLabel {
 }
 
 impl LabelFilter {
+    /// The `detail` values of the lock rows [`LabelFilter::lock_kinds`]
+    /// keeps, as a SQL list (`5, 6`), or `None` when it keeps every kind.
+    /// Numbers from [`LockKind`], never user text; keeping no kind is `256`,
+    /// a value no kind has (`IN ()` is not SQL everywhere).
+    pub fn lock_details_sql(&self) -> Option<String> {
+        let kinds = self.lock_kinds.as_ref()?;
+        if kinds.is_empty() {
+            return Some("256".to_owned());
+        }
+        Some(kinds.iter().map(|k| (*k as u8).to_string()).collect::<Vec<_>>().join(", "))
+    }
+
     /// The string-valued filters as (column, value) pairs, in a fixed order.
     pub fn string_columns(&self) -> Vec<(&'static str, &str)> {
         [

@@ -481,6 +481,10 @@ fn where_clause(kinds: &[RowKind], sel: &Selector) -> (String, Vec<Value>) {
         sql.push_str(" AND pid = ?");
         params.push(Value::Integer(i64::from(pid)));
     }
+    if let Some(details) = sel.filter.lock_details_sql() {
+        // Lock rows keep their kind in `detail`.
+        sql.push_str(&format!(" AND (kind != {} OR detail IN ({details}))", RowKind::Lock as u8));
+    }
     for (key, value) in &sel.filter.tags {
         // See `tags_text`: keys hold no `=` and nothing a newline, so this
         // matches exactly one whole tag.

@@ -111,7 +111,7 @@ fn stack(names: &[&str]) -> Stack {
 ///
 /// per frame:
 /// - cpu: api (pid 100, pod api-1) `main;handle;compute` x3; db (pid 200, pod db-0) `main;handle;read_disk` x2
-/// - lock: api `main;lock_acquire;futex_wait`, 2 waits, 1000 ns, max 700 ns
+/// - lock: api `main;lock_acquire;futex_wait`, a mutex, 2 waits, 1000 ns, max 700 ns
 /// - syscall stats: api `read`, 10 calls, 1 error, 5000 ns, all in bucket 8
 /// - slow call: db `read` at `main;read_disk;sys_read`, 2 ms, failed
 pub fn batch(node: &str, time_s: u64) -> Batch {
@@ -150,7 +150,7 @@ pub fn batch(node: &str, time_s: u64) -> Batch {
             time_ns: t,
             target: 0,
             stack: 2,
-            kind: LockKind::Futex,
+            kind: LockKind::Mutex,
             count: 2,
             wait_ns: 1000,
             max_wait_ns: 700,

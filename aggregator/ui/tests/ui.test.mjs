@@ -417,6 +417,33 @@ await test('the lock table lists call sites with waits and wait time, linked to 
   assert((await frame('cache_lookup')).matched, 'call site highlighted');
 });
 
+await test('lock views show contention by default and idle waiting one click away', async () => {
+  await open('?view=locks');
+  await settled('locks');
+  await page.waitForSelector('#locks-table tbody tr');
+  const pressed = () => page.$eval('[data-lock-class][aria-pressed="true"]', (b) => b.dataset.lockClass);
+  assert((await pressed()) === 'contention', 'contention is the default');
+  const sites = () => page.$$eval('#locks-table tbody tr', (trs) => trs.map((tr) => `${tr.cells[0].textContent.trim()}|${tr.cells[1].textContent.trim()}`));
+  assert(!(await sites()).some((r) => r.startsWith('pool_idle')), `idle waits hidden: ${await sites()}`);
+  await page.click('[data-lock-class="all"]');
+  await settled('locks');
+  await page.waitForFunction(() => document.querySelectorAll('#locks-table tbody tr').length === 4);
+  const all = await sites();
+  assert(all[0].startsWith('pool_idle') && all[0].endsWith('|condition variable'), `idle condvar wait first (200 ms): ${all}`);
+  assert(page.url().includes('lock_class=all'), `class in URL: ${page.url()}`);
+  await shot('11b-locks-all');
+  // The flame graph of lock waits follows the same choice.
+  await page.click('[data-view="flame"]');
+  await page.click('[data-mode="lock"]');
+  await flameLoaded();
+  const drawn = (present) => page.waitForFunction((p) => window.aperture.flame.frames().some((f) => f.name === 'pool_idle') === p, present, { timeout: 15_000 });
+  await drawn(true);
+  await page.click('[data-lock-class="contention"]');
+  await drawn(false);
+  assert((await frame('cache_lookup')).name === 'cache_lookup', 'contention still drawn');
+  assert(!page.url().includes('lock_class'), `the default stays out of the URL: ${page.url()}`);
+});
+
 await test('the diff view colours a known regression red and an improvement blue', async () => {
   await open('?view=diff');
   await settled('diff');

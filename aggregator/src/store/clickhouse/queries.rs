@@ -83,6 +83,10 @@ pub(crate) fn where_clause(kinds: &[RowKind], sel: &Selector) -> Where {
         binds.extend(set.values.iter().cloned());
         sql.push_str(&format!(" AND {}({test})", if set.exclude { "NOT " } else { "" }));
     }
+    if let Some(details) = sel.filter.lock_details_sql() {
+        // Lock rows keep their kind in `detail`.
+        sql.push_str(&format!(" AND (kind != '{}' OR detail IN ({details}))", RowKind::Lock.as_str()));
+    }
     if sel.filter.pid.is_some() {
         sql.push_str(" AND pid = ?");
     }
@@ -363,6 +367,7 @@ pub(crate) async fn retention(client: &Client, database: &str, cutoff_s: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aperture_core::model::LockKind;
 
     #[test]
     fn days_match_clickhouse_partition_ids() {
@@ -382,5 +387,11 @@ mod tests {
         let w = where_clause(&[RowKind::Cpu], &sel);
         assert!(w.sql.contains("pod = ?") && w.sql.contains("pid = ?") && w.sql.contains("kind IN ('cpu')"));
         assert_eq!(w.binds, vec!["p'; DROP".to_owned()]);
+        let mut sel = sel;
+        sel.filter.lock_kinds = Some(vec![LockKind::Mutex, LockKind::KernelSpin]);
+        let w = where_clause(&[RowKind::Lock], &sel);
+        assert!(w.sql.contains("AND (kind != 'lock' OR detail IN (5, 1))"), "{}", w.sql);
+        sel.filter.lock_kinds = Some(Vec::new());
+        assert!(where_clause(&[], &sel).sql.contains("detail IN (256)"), "no kind matches nothing");
     }
 }
