@@ -8,7 +8,9 @@
 //! that does not announce [`Capabilities::LOCK_CLASSES`], a frame holding
 //! lock classes is sent as a copy in which every class reads `Futex`
 //! ([`aperture_core::frame::downgrade_lock_classes`]); the held frame keeps
-//! its classes for the next server.
+//! its classes for the next server. Sending to such a server costs a
+//! validation of each frame and a copy of each frame that holds classes;
+//! sending to a server with the capability costs nothing.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
