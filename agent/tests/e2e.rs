@@ -89,13 +89,35 @@ fn lock_mode_futex_waits_arrive_with_their_stack() {
     if !require_root("lock_mode_futex_waits_arrive_with_their_stack") {
         return;
     }
-    let bin = build_program("ap_locker");
     let server = Server::start(Duration::ZERO);
+    let wait = locker_wait(&server);
+    assert_eq!(wait.kind, LockKind::Mutex, "a wait in pthread_mutex_lock is classified as mutex contention");
+}
+
+#[test]
+fn lock_mode_sends_an_older_aggregator_no_lock_classes() {
+    if !require_root("lock_mode_sends_an_older_aggregator_no_lock_classes") {
+        return;
+    }
+    // An aggregator of the first release: its validator would refuse kinds
+    // 5..=9 and close the session. It gets the same wait as other futex.
+    let server = Server::start_older(Duration::ZERO);
+    let wait = locker_wait(&server);
+    assert_eq!(wait.kind, LockKind::Futex, "a class is sent as other futex to an aggregator without lock classes");
+    for (id, b) in server.recorded.frames.lock().expect("lock").iter() {
+        assert!(b.locks.iter().all(|l| !l.kind.is_futex_class()), "frame {} holds a lock class", id.sequence);
+    }
+}
+
+/// Runs ap_locker under the agent in lock mode and returns its wait in
+/// `hold_lock`, as `server` received it.
+fn locker_wait(server: &Server) -> aperture_core::model::LockWait {
+    let bin = build_program("ap_locker");
     let dir = tempfile::tempdir().expect("tempdir");
     let locker = Program::spawn(&bin, "20");
     let pid = locker.pid();
     let yaml = format!("batch:\n  max_age: 2s\nsyscall:\n  drain_interval: 1s\nfilter:\n  pids: [{pid}]\n");
-    let (shutdown, agent) = start_agent(agent_config(&server, dir.path(), &yaml, "lock"));
+    let (shutdown, agent) = start_agent(agent_config(server, dir.path(), &yaml, "lock"));
     let found = server.wait_for(WAIT, |frames| {
         frames.iter().find_map(|(_, b)| {
             b.locks.iter().find_map(|l| {
@@ -111,11 +133,11 @@ fn lock_mode_futex_waits_arrive_with_their_stack() {
     shutdown.trigger();
     let report = agent.join().expect("agent thread").expect("agent ran");
     let (target, wait, stack) =
-        found.unwrap_or_else(|| panic!("no futex wait of ap_locker at hold_lock: {}", summary(&server)));
+        found.unwrap_or_else(|| panic!("no futex wait of ap_locker at hold_lock: {}", summary(server)));
     println!("lock: {target:?} {wait:?} {stack:?}; {report}");
     assert_eq!(target.process, "ap_locker");
     assert!(wait.count > 0 && wait.wait_ns > 0);
-    assert_eq!(wait.kind, LockKind::Mutex, "a wait in pthread_mutex_lock is classified as mutex contention");
+    wait
 }
 
 #[test]

@@ -27,13 +27,19 @@
 //! Enum fields are validated too: a value this build does not know (a newer
 //! agent's [`LockKind`](crate::model::LockKind), say) makes the whole frame
 //! invalid. Enums only ever gain values with new numbers, so a newer
-//! aggregator reads every older agent; aggregators are upgraded first.
+//! aggregator reads every older agent. The other way round, a value added
+//! after the first release is sent only to an aggregator that announces it
+//! reads it (a capability in the session's welcome, see
+//! `aperture_transport::control`); for the lock classes (kinds 5..=9), the
+//! transport client rewrites a frame for an aggregator that does not with
+//! [`downgrade_lock_classes`], so agents and aggregators are upgraded in any
+//! order.
 
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 use crate::ids::{AgentId, BootId};
-use crate::model::{ArchivedBatch, Batch};
+use crate::model::{ArchivedBatch, ArchivedLockKind, Batch, LockKind};
 
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"APF\x01";
@@ -325,6 +331,43 @@ pub fn decode_unaligned(bytes: &[u8], limits: &DecodeLimits) -> Result<(FrameHea
     Ok((view.header, batch))
 }
 
+// The archived lock kind is the single `repr(u8)` byte that
+// `downgrade_lock_classes` rewrites in place.
+const _: () = assert!(std::mem::size_of::<ArchivedLockKind>() == 1);
+
+/// A copy of `frame` in which every lock wait of a futex class (kinds 5..=9,
+/// [`LockKind::is_futex_class`]) reads [`LockKind::Futex`], for an
+/// aggregator that does not read lock classes; `Ok(None)` when the frame has
+/// none (send it as it is).
+///
+/// The frame is validated first, then the kind bytes are rewritten in place
+/// in the copy: the archive keeps its layout and length (so the credit the
+/// frame costs does not change), and nothing else in it changes. Waits that
+/// differed only by class are not merged; a reader adds them up as it adds
+/// up waits of several batches. `frame` must be aligned like a [`FrameBuf`].
+pub fn downgrade_lock_classes(frame: &[u8], limits: &DecodeLimits) -> Result<Option<FrameBuf>, DecodeError> {
+    let view = decode(frame, limits)?;
+    let base = frame.as_ptr() as usize;
+    let offsets: Vec<usize> = view
+        .batch
+        .locks
+        .iter()
+        .filter(|w| w.kind.to_native().is_futex_class())
+        // The field lies inside `frame` (the view borrows it), so this is
+        // its offset from the frame's start.
+        .map(|w| std::ptr::from_ref(&w.kind) as usize - base)
+        .collect();
+    if offsets.is_empty() {
+        return Ok(None);
+    }
+    let mut out = FrameBuf::with_capacity(frame.len());
+    out.extend_from_slice(frame);
+    for at in offsets {
+        out[at] = LockKind::Futex as u8;
+    }
+    Ok(Some(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +552,33 @@ mod tests {
     }
 
     #[test]
+    fn lock_classes_are_downgraded_to_futex_and_nothing_else_changes() {
+        let l = DecodeLimits::default();
+        let mut b = sample_batch();
+        let template = b.locks[0].clone();
+        b.locks =
+            LockKind::ALL.iter().map(|&kind| LockWait { kind, count: kind as u64 + 1, ..template.clone() }).collect();
+        let buf = encode(&b, 4);
+        let down = downgrade_lock_classes(&buf, &l).expect("valid").expect("has classes");
+        assert_eq!(down.len(), buf.len());
+        let view = decode(&down, &l).expect("still valid");
+        assert_eq!(view.header.id, id(4));
+        let back: Batch = rkyv::deserialize::<Batch, rancor::Error>(view.batch).expect("deserialize");
+        let mut want = b.clone();
+        for w in &mut want.locks {
+            w.kind = w.kind.unclassed();
+        }
+        assert_eq!(back, want);
+        // Only kinds 0..=4 remain: what an aggregator without lock classes reads.
+        assert!(back.locks.iter().all(|w| (w.kind as u8) <= LockKind::KernelOther as u8));
+        assert_eq!(back.locks.iter().filter(|w| w.kind == LockKind::Futex).count(), 6);
+        // A frame without classes is left alone.
+        assert!(downgrade_lock_classes(&encode(&sample_batch(), 1), &l).expect("valid").is_none());
+        // Bytes that are not a frame are an error, not a rewrite.
+        assert!(downgrade_lock_classes(&buf[..HEADER_LEN + 3], &l).is_err());
+    }
+
+    #[test]
     fn misaligned_buffer_is_reported() {
         let buf = encode(&sample_batch(), 1);
         let mut shifted = FrameBuf::new();
@@ -615,6 +685,22 @@ mod tests {
             prop_assert_eq!(view.header.sent_unix_ns, sent);
             let back: Batch = rkyv::deserialize::<Batch, rancor::Error>(view.batch).expect("deserialize");
             prop_assert_eq!(back, b);
+        }
+
+        #[test]
+        fn downgraded_batches_differ_only_in_lock_classes(b in arb_batch()) {
+            let l = DecodeLimits::default();
+            let buf = encode_batch(&b, id(1), 0, &l).expect("encode");
+            let down = downgrade_lock_classes(&buf, &l).expect("valid");
+            let mut want = b.clone();
+            for w in &mut want.locks {
+                w.kind = w.kind.unclassed();
+            }
+            prop_assert_eq!(down.is_some(), want != b);
+            let bytes = down.unwrap_or(buf);
+            let back: Batch = rkyv::deserialize::<Batch, rancor::Error>(decode(&bytes, &l).expect("decode").batch)
+                .expect("deserialize");
+            prop_assert_eq!(back, want);
         }
 
         #[test]

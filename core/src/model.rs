@@ -338,8 +338,12 @@ impl ProfileBatch {
 /// `Condvar::wait`...) into mutex, rwlock, condition variable, semaphore or
 /// join, and leaves what it does not recognise as `Futex` ("other futex").
 /// An aggregator older than kinds 5..=9 refuses a frame holding them as
-/// malformed (its validator knows only 0..=4) and the agent keeps offering
-/// it: upgrade aggregators before agents (docs/deploy.md, "Upgrading").
+/// malformed (its validator knows only 0..=4). So classes are sent only to an
+/// aggregator that announces it reads them (the `lock_classes` capability of
+/// the session's welcome); to any other, the transport sends each class as
+/// [`LockKind::Futex`] ([`LockKind::unclassed`],
+/// [`crate::frame::downgrade_lock_classes`]), and agents and aggregators can
+/// be upgraded in any order (docs/deploy.md, "Upgrading").
 #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[rkyv(derive(Debug, PartialEq, Eq))]
 #[repr(u8)]
@@ -428,6 +432,19 @@ impl LockKind {
     /// Whether a wait of this kind is contention for a lock (see [`LockKind::CONTENTION`]).
     pub fn is_contention(self) -> bool {
         LockKind::CONTENTION.contains(&self)
+    }
+
+    /// Whether this is a class of user-space futex wait (kinds 5..=9): a
+    /// value only aggregators that announce lock classes can read.
+    pub fn is_futex_class(self) -> bool {
+        matches!(self, LockKind::Mutex | LockKind::RwLock | LockKind::CondVar | LockKind::Semaphore | LockKind::Join)
+    }
+
+    /// The kind as an aggregator that does not read lock classes gets it:
+    /// every class becomes [`LockKind::Futex`] (other futex), which is what
+    /// an agent that does not classify would have sent; other kinds stay.
+    pub fn unclassed(self) -> LockKind {
+        if self.is_futex_class() { LockKind::Futex } else { self }
     }
 }
 

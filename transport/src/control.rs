@@ -21,7 +21,7 @@
 //! | kind          | body                                                                          |
 //! |---------------|-------------------------------------------------------------------------------|
 //! | 1 `Hello`     | `protocol u16`, `agent_id [16]`, `boot_id [16]`, `token str16` (raw bytes), `node str16`, `agent_version str16` |
-//! | 2 `Welcome`   | `max_frame_len u32`, `credit_frames u32`, `credit_bytes u64`, `server_version str16` |
+//! | 2 `Welcome`   | `max_frame_len u32`, `credit_frames u32`, `credit_bytes u64`, `server_version str16`, then, only for a client of protocol 2 or later, `capabilities u32` ([`Capabilities`]) |
 //! | 3 `Reject`    | `reason u16` ([`RejectReason`]), `message str16`                              |
 //! | 4 `Ack`       | `count u16`, then `count` inclusive ranges `first u64`, `last u64`            |
 //! | 5 `Credit`    | `frames u32`, `bytes u64` (an increment added to what the client may send)    |
@@ -29,6 +29,23 @@
 //!
 //! A body must be consumed exactly: trailing bytes are an error, so the
 //! encoding has one spelling per message.
+//!
+//! ## Versions and capabilities
+//!
+//! Decoders of protocol 1 (the first release) refuse any byte they do not
+//! expect, and its servers refuse a `Hello` of another protocol. So a field
+//! is never added to a message a peer might not expect:
+//!
+//! - The client offers [`PROTOCOL_VERSION`] (2) in its `Hello`. A server of
+//!   protocol 1 rejects it (`UnsupportedProtocol`; over gRPC the call ends
+//!   with `FAILED_PRECONDITION`); the client then connects again offering
+//!   protocol 1, once, and offers 2 again on the connection after.
+//! - A server answers a `Hello` of protocol 2 with the `capabilities` field,
+//!   and one of protocol 1 without it, so an older agent reads the welcome it
+//!   always did. A client decodes both layouts: a welcome without the field
+//!   announces no capability.
+//! - Capabilities are bits: later additions need neither a new field nor a
+//!   new protocol, and a client ignores bits it does not know.
 
 use std::fmt;
 
@@ -40,8 +57,34 @@ pub const CONTROL_MAGIC: [u8; 4] = *b"APC\x01";
 pub const CONTROL_HEADER_LEN: usize = 8;
 /// Largest control body accepted or produced.
 pub const MAX_CONTROL_BODY: usize = 16 * 1024;
-/// Version of the session protocol spoken by this build (sent in `Hello`).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Newest version of the session protocol spoken by this build (offered in
+/// `Hello`). Version 2 added `Welcome.capabilities`.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest version this build still speaks: it serves clients of it, and
+/// falls back to it when a server rejects [`PROTOCOL_VERSION`].
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// What a server reads beyond protocol 1, announced in its welcome: a set of
+/// bits. A client sends a value added after the first release only to a
+/// server that announces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Capabilities(pub u32);
+
+impl Capabilities {
+    /// No capability: what a server of protocol 1 announces by omission.
+    pub const NONE: Capabilities = Capabilities(0);
+    /// The server reads lock classes ([`aperture_core::model::LockKind`]
+    /// 5..=9: mutex, rwlock, condvar, semaphore, join). To a server without
+    /// it, the client sends every class as `Futex` (other futex).
+    pub const LOCK_CLASSES: Capabilities = Capabilities(1);
+    /// Everything this build reads: what its server announces.
+    pub const SUPPORTED: Capabilities = Capabilities::LOCK_CLASSES;
+
+    /// Whether every bit of `other` is set.
+    pub fn contains(self, other: Capabilities) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
 
 /// Which message a control header announces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,6 +278,17 @@ pub struct Welcome {
     pub credit: Credit,
     /// Server build version, for logs.
     pub server_version: String,
+    /// What the server reads beyond protocol 1; `None` in a welcome of
+    /// protocol 1 (to a client that offered 1, or from a server of 1): no
+    /// capability, and the field is not encoded.
+    pub capabilities: Option<Capabilities>,
+}
+
+impl Welcome {
+    /// The capabilities announced (none when the field is absent).
+    pub fn capabilities(&self) -> Capabilities {
+        self.capabilities.unwrap_or(Capabilities::NONE)
+    }
 }
 
 /// Server → client: the session is refused.
@@ -475,6 +529,8 @@ pub fn decode_body(kind: ControlKind, body: &[u8]) -> Result<Control, ControlErr
             max_frame_len: r.u32()?,
             credit: Credit { frames: r.u32()?, bytes: r.u64()? },
             server_version: r.text16("server_version")?,
+            // Protocol 1 ends here; protocol 2 adds the capabilities.
+            capabilities: if r.pos == body.len() { None } else { Some(Capabilities(r.u32()?)) },
         }),
         ControlKind::Reject => {
             let code = r.u16()?;
@@ -540,6 +596,9 @@ impl Control {
                 out.extend_from_slice(&w.credit.frames.to_le_bytes());
                 out.extend_from_slice(&w.credit.bytes.to_le_bytes());
                 put16(out, "server_version", w.server_version.as_bytes())?;
+                if let Some(c) = w.capabilities {
+                    out.extend_from_slice(&c.0.to_le_bytes());
+                }
             }
             Control::Reject(r) => {
                 out.extend_from_slice(&(r.reason as u16).to_le_bytes());
@@ -637,103 +696,4 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn samples() -> Vec<Control> {
-        vec![
-            Control::Hello(Hello {
-                protocol: PROTOCOL_VERSION,
-                agent_id: AgentId([1; 16]),
-                boot_id: BootId([2; 16]),
-                token: b"s3cret".to_vec(),
-                node: "node-a".into(),
-                agent_version: "0.1.0".into(),
-            }),
-            Control::Welcome(Welcome {
-                max_frame_len: 1 << 20,
-                credit: Credit { frames: 64, bytes: 8 << 20 },
-                server_version: "0.1.0".into(),
-            }),
-            Control::Reject(Reject { reason: RejectReason::WrongToken, message: "no".into() }),
-            Control::Ack(Ack { ranges: vec![SeqRange { first: 1, last: 3 }, SeqRange { first: 7, last: 7 }] }),
-            Control::Ack(Ack::default()),
-            Control::Credit(Credit { frames: 3, bytes: 99 }),
-            Control::Close(Close { reason: CloseReason::Superseded, message: String::new() }),
-        ]
-    }
-
-    #[test]
-    fn every_message_round_trips() {
-        for m in samples() {
-            let bytes = m.to_bytes().expect("encode");
-            assert_eq!(decode(&bytes).expect("decode"), m);
-            // Every strict prefix is truncated, never a different message.
-            for cut in 0..bytes.len() {
-                assert!(decode(&bytes[..cut]).is_err(), "{m:?} cut at {cut}");
-            }
-        }
-    }
-
-    #[test]
-    fn acks_merge_and_split() {
-        let acks = Ack::from_sequences([5, 3, 4, 9, 1, 3]);
-        assert_eq!(acks.len(), 1);
-        assert_eq!(
-            acks[0].ranges,
-            vec![SeqRange { first: 1, last: 1 }, SeqRange { first: 3, last: 5 }, SeqRange { first: 9, last: 9 }]
-        );
-        assert_eq!(acks[0].len(), 5);
-        let many = Ack::from_sequences((0..3000u64).map(|i| i * 2));
-        assert_eq!(many.len(), 3000usize.div_ceil(Ack::MAX_RANGES));
-        for a in &many {
-            let bytes = Control::Ack(a.clone()).to_bytes().expect("fits");
-            assert!(bytes.len() <= CONTROL_HEADER_LEN + MAX_CONTROL_BODY);
-        }
-    }
-
-    #[test]
-    fn malformed_messages_are_typed_errors() {
-        let good = samples()[3].to_bytes().expect("encode");
-        let mut bad = good.clone();
-        bad[0] = b'X';
-        assert!(matches!(decode(&bad), Err(ControlError::BadMagic { .. })));
-        let mut bad = good.clone();
-        bad[4] = 99;
-        assert_eq!(decode(&bad), Err(ControlError::UnknownKind { found: 99 }));
-        let mut bad = good.clone();
-        bad[5] = 1;
-        assert_eq!(decode(&bad), Err(ControlError::ReservedFlags { found: 1 }));
-        let mut bad = good.clone();
-        bad.push(0);
-        assert_eq!(decode(&bad), Err(ControlError::TrailingBytes { extra: 1 }));
-        // Overlapping ack ranges.
-        let overlapping =
-            Control::Ack(Ack { ranges: vec![SeqRange { first: 1, last: 5 }, SeqRange { first: 5, last: 6 }] });
-        assert_eq!(decode(&overlapping.to_bytes().expect("encode")), Err(ControlError::BadRanges));
-        let reversed = Control::Ack(Ack { ranges: vec![SeqRange { first: 5, last: 1 }] });
-        assert_eq!(decode(&reversed.to_bytes().expect("encode")), Err(ControlError::BadRanges));
-        // Oversized body announced in the header.
-        let mut big = CONTROL_MAGIC.to_vec();
-        big.extend_from_slice(&[4, 0, 0xff, 0xff]);
-        assert_eq!(parse_header(&big), Err(ControlError::Oversized { len: 0xffff }));
-        // Unknown reason.
-        let mut rej = samples()[2].to_bytes().expect("encode");
-        rej[8] = 0x77;
-        assert!(matches!(decode(&rej), Err(ControlError::UnknownReason { .. })));
-    }
-
-    #[test]
-    fn hello_debug_hides_the_token() {
-        let Control::Hello(h) = &samples()[0] else { unreachable!() };
-        let shown = format!("{h:?}");
-        assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(shown.contains("token_len: 6"), "{shown}");
-    }
-
-    #[test]
-    fn oversized_fields_are_refused_by_the_encoder() {
-        let ack = Control::Ack(Ack { ranges: vec![SeqRange { first: 0, last: 0 }; Ack::MAX_RANGES + 1] });
-        assert!(matches!(ack.to_bytes(), Err(ControlEncodeError::BodyTooLong { .. })));
-    }
-}
+mod tests;

@@ -61,7 +61,7 @@ pub(super) struct Mirrors {
     kube: [Mirror; 5],
     stacks: [Mirror; 2],
     cpu_ns: u64,
-    transport: [Mirror; 6],
+    transport: [Mirror; 8],
 }
 
 impl Driver {
@@ -267,6 +267,8 @@ impl Driver {
             (&m.frames_dropped, t.session.frames_dropped),
             (&m.bytes_sent, t.session.bytes_sent),
             (&m.reconnects, t.reconnects),
+            (&m.frames_downgraded, t.session.frames_downgraded),
+            (&m.protocol_fallbacks, t.session.protocol_fallbacks),
         ];
         for (i, (counter, v)) in values.into_iter().enumerate() {
             mir.transport[i].sync(counter, v);

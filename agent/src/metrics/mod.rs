@@ -80,6 +80,12 @@ pub struct AgentMetrics {
     pub frames_resent: IntCounter,
     /// Frames dropped, oldest first, because the unacknowledged buffer was full.
     pub frames_dropped: IntCounter,
+    /// Frames sent with their lock classes as other futex, to an aggregator
+    /// that does not read lock classes.
+    pub frames_downgraded: IntCounter,
+    /// Connections on which an older aggregator refused the newest session
+    /// protocol (the next one offered the oldest).
+    pub protocol_fallbacks: IntCounter,
     /// Frame bytes handed to a carrier.
     pub bytes_sent: IntCounter,
     /// Frames waiting for their acknowledgement.
@@ -181,6 +187,16 @@ impl AgentMetrics {
                 &r,
                 "aperture_agent_frames_dropped_total",
                 "Frames dropped because the unacknowledged buffer was full.",
+            ),
+            frames_downgraded: counter(
+                &r,
+                "aperture_agent_frames_downgraded_total",
+                "Frames sent with lock classes as other futex to an aggregator that does not read them.",
+            ),
+            protocol_fallbacks: counter(
+                &r,
+                "aperture_agent_protocol_fallbacks_total",
+                "Connections on which an older aggregator refused the newest session protocol.",
             ),
             bytes_sent: counter(&r, "aperture_agent_sent_bytes_total", "Frame bytes handed to a carrier."),
             unacked_frames: int_gauge(&r, "aperture_agent_unacked_frames", "Frames waiting for acknowledgement."),

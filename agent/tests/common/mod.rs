@@ -85,6 +85,16 @@ pub struct Server {
 
 impl Server {
     pub fn start(ack_delay: Duration) -> Server {
+        Server::start_with(ack_delay, false)
+    }
+
+    /// A server that behaves like the first release: session protocol 1, no
+    /// capabilities (it does not read lock classes).
+    pub fn start_older(ack_delay: Duration) -> Server {
+        Server::start_with(ack_delay, true)
+    }
+
+    fn start_with(ack_delay: Duration, older: bool) -> Server {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
         let dir = tempfile::tempdir().expect("tempdir");
         let recorded = Arc::new(Recorded::default());
@@ -98,6 +108,10 @@ impl Server {
             ..ServerConfig::default()
         };
         config.auth.token = Some("test-token".into());
+        if older {
+            config.limits.max_protocol = 1;
+            config.limits.capabilities = aperture_transport::control::Capabilities::NONE;
+        }
         let handle = runtime.block_on(serve(config, sink)).expect("transport server starts");
         let _ = acker.set(handle.acker());
         let address = format!("127.0.0.1:{}", handle.grpc_addr().expect("grpc addr").port());

@@ -18,7 +18,7 @@ use super::link::{Link, LinkTx};
 use super::quic::QuicConnector;
 use super::shared::Inner;
 use crate::Carrier;
-use crate::control::CloseReason;
+use crate::control::{Capabilities, CloseReason};
 use crate::session::ClientEvent;
 use crate::tls::{self, TlsError, TrustMode};
 
@@ -180,6 +180,9 @@ enum LinkEnd {
     Lost { established: bool },
     /// The server refused the session.
     Rejected,
+    /// The server is older than this client: reconnect at once, offering
+    /// its protocol.
+    OlderServer,
     /// QUIC works again: continue on this link.
     Switch(Link),
     /// Shutdown.
@@ -230,6 +233,10 @@ pub(crate) async fn drive_connections(inner: Arc<Inner>, c: Connectors) {
                     }
                     LinkEnd::Lost { established: true } => backoff.reset(),
                     LinkEnd::Lost { established: false } => {}
+                    LinkEnd::OlderServer => {
+                        backoff.reset();
+                        continue;
+                    }
                     LinkEnd::Rejected => {
                         inner.rejections.fetch_add(1, Relaxed);
                         backoff.saturate();
@@ -308,12 +315,23 @@ async fn run_link(
         };
         for ev in events {
             match ev {
-                ClientEvent::Established { server_version } => {
+                ClientEvent::Established { server_version, protocol, capabilities } => {
                     established = true;
                     inner.established.store(true, Relaxed);
                     inner.sessions.fetch_add(1, Relaxed);
                     let unacked = inner.session().stats().unacked_frames;
-                    tracing::info!(carrier = carrier.as_str(), %server_version, unacked, "connected to the aggregator");
+                    let lock_classes = capabilities.contains(Capabilities::LOCK_CLASSES);
+                    tracing::info!(carrier = carrier.as_str(), %server_version, protocol, lock_classes, unacked, "connected to the aggregator");
+                    if !lock_classes {
+                        tracing::info!(
+                            %server_version,
+                            "the aggregator does not read lock classes; lock waits are sent as other futex until it is upgraded"
+                        );
+                    }
+                }
+                ClientEvent::OlderServer { offered, message } => {
+                    tracing::info!(carrier = carrier.as_str(), offered, %message, "the aggregator is older than this agent; connecting again with its session protocol");
+                    break 'run LinkEnd::OlderServer;
                 }
                 ClientEvent::Rejected(r) => {
                     tracing::error!(carrier = carrier.as_str(), reason = r.reason.as_str(), message = %r.message, "aggregator refused the session; check the auth token");

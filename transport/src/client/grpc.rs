@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 
 use super::connect::{ConnectError, LinkEvent};
-use crate::control::RejectReason;
+use crate::control::{Control, Reject, RejectReason};
 use crate::session::Transmit;
 use crate::wire::grpc::pb::{self, ingest_client::IngestClient};
 use crate::wire::grpc::{request_to_pb, response_from_pb};
@@ -82,6 +82,15 @@ impl GrpcConnector {
                         Err(e) => LinkEvent::Lost(format!("malformed server message: {e}")),
                     },
                     Ok(None) => LinkEvent::Lost("server ended the call".into()),
+                    // How a server rejects the protocol offered in the hello
+                    // (the status of the call, on gRPC): the session decides
+                    // whether to offer an older one.
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                        LinkEvent::Control(Control::Reject(Reject {
+                            reason: RejectReason::UnsupportedProtocol,
+                            message: status.message().to_owned(),
+                        }))
+                    }
                     Err(status) => LinkEvent::Lost(status_error(&status).to_string()),
                 };
                 let last = matches!(ev, LinkEvent::Lost(_));

@@ -10,8 +10,7 @@ use quinn::{ConnectionError, Endpoint};
 use tokio::sync::mpsc;
 
 use super::connect::{ConnectError, LinkEvent};
-use crate::control::MAX_CONTROL_BODY;
-use crate::control::RejectReason;
+use crate::control::{Control, MAX_CONTROL_BODY, Reject, RejectReason};
 use crate::session::Transmit;
 use crate::wire::quic::{ReadError, ReadRules, WireMsg, read_message};
 
@@ -66,7 +65,16 @@ impl QuicConnector {
                         LinkEvent::Lost(format!("malformed server message: {detail}"))
                     }
                     Err(ReadError::End | ReadError::Lost(_)) => {
-                        LinkEvent::Lost(describe_close(&watched.closed().await))
+                        let closed = watched.closed().await;
+                        // A server that rejects the protocol offered closes
+                        // with that code after its `Reject`; should the
+                        // `Reject` be lost with the connection, the code
+                        // still lets the session fall back (a second
+                        // `Reject` is ignored).
+                        if let Some(reject) = protocol_rejection(&closed) {
+                            let _ = tx.send(LinkEvent::Control(Control::Reject(reject))).await;
+                        }
+                        LinkEvent::Lost(describe_close(&closed))
                     }
                 };
                 let last = matches!(ev, LinkEvent::Lost(_));
@@ -77,6 +85,16 @@ impl QuicConnector {
         });
         Ok((QuicTx { send, conn, buf: Vec::with_capacity(256) }, rx))
     }
+}
+
+/// The `Reject` a connection closed as "unsupported protocol" stands for.
+fn protocol_rejection(e: &ConnectionError) -> Option<Reject> {
+    let ConnectionError::ApplicationClosed(c) = e else { return None };
+    let unsupported = u64::from(RejectReason::UnsupportedProtocol as u16);
+    (c.error_code.into_inner() == unsupported).then(|| Reject {
+        reason: RejectReason::UnsupportedProtocol,
+        message: String::from_utf8_lossy(&c.reason).into_owned(),
+    })
 }
 
 /// Says why a connection closed, naming Aperture's application codes.

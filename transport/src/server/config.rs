@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::Carrier;
 use crate::auth::{AuthConfig, AuthConfigError};
+use crate::control::{Capabilities, PROTOCOL_VERSION};
 use crate::tls::{ServerTlsConfig, TlsError};
 
 /// Default port of both carriers.
@@ -43,6 +44,15 @@ pub struct ServerLimits {
     pub credit_bytes: u64,
     /// Delay before a frame the sink refused as busy is offered again, ms.
     pub busy_retry_ms: u64,
+    /// Newest session protocol served ([`PROTOCOL_VERSION`]). Not a
+    /// setting: lowered, with `capabilities`, only to behave like an older
+    /// aggregator (tests of mixed fleets).
+    #[serde(skip)]
+    pub max_protocol: u16,
+    /// Capabilities announced in the welcome ([`Capabilities::SUPPORTED`]).
+    /// Not a setting, like `max_protocol`.
+    #[serde(skip)]
+    pub capabilities: Capabilities,
 }
 
 impl Default for ServerLimits {
@@ -59,6 +69,8 @@ impl Default for ServerLimits {
             credit_frames: 64,
             credit_bytes: 32 << 20,
             busy_retry_ms: 200,
+            max_protocol: PROTOCOL_VERSION,
+            capabilities: Capabilities::SUPPORTED,
         }
     }
 }

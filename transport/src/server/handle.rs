@@ -179,6 +179,8 @@ pub async fn serve(config: ServerConfig, sink: Arc<dyn IngressSink>) -> Result<S
         hello_timeout: Duration::from_millis(l.hello_timeout_ms),
         busy_retry: Duration::from_millis(l.busy_retry_ms),
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
+        max_protocol: l.max_protocol,
+        capabilities: l.capabilities,
     };
     let shared = Arc::new(Shared {
         sink,

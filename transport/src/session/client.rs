@@ -1,14 +1,27 @@
 //! The client end of a session: keep frames until acknowledged, send within
 //! credit, resend what is unacknowledged after a reconnect.
+//!
+//! Frames are encoded once, by the agent, before any server is known, and
+//! are held here until acknowledged, possibly across reconnects to other
+//! aggregators (a rolling upgrade or rollback, a load balancer). So what a
+//! server can read is decided per session, when a frame is sent: to a server
+//! that does not announce [`Capabilities::LOCK_CLASSES`], a frame holding
+//! lock classes is sent as a copy in which every class reads `Futex`
+//! ([`aperture_core::frame::downgrade_lock_classes`]); the held frame keeps
+//! its classes for the next server. Sending to such a server costs a
+//! validation of each frame and a copy of each frame that holds classes;
+//! sending to a server with the capability costs nothing.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aperture_core::frame::{FrameBuf, FrameId};
+use aperture_core::frame::{DecodeLimits, FrameBuf, FrameId, HEADER_LEN, downgrade_lock_classes};
 use aperture_core::ids::{AgentId, BootId};
 
-use crate::control::{Close, CloseReason, Control, Hello, PROTOCOL_VERSION, Reject};
+use crate::control::{
+    Capabilities, Close, CloseReason, Control, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Reject, RejectReason,
+};
 use crate::session::buffer::{PushError, PushReport, UnackedBuffer};
 
 /// Identity and limits of the client end.
@@ -68,6 +81,19 @@ pub enum ClientEvent {
     Established {
         /// The server's version.
         server_version: String,
+        /// The session protocol spoken.
+        protocol: u16,
+        /// What the server announced it reads.
+        capabilities: Capabilities,
+    },
+    /// The server does not speak the protocol offered (a server older than
+    /// this client): the next connection offers [`MIN_PROTOCOL_VERSION`].
+    /// Not a refusal: reconnect at once.
+    OlderServer {
+        /// The protocol offered.
+        offered: u16,
+        /// The server's explanation.
+        message: String,
     },
     /// The server refused the session.
     Rejected(Reject),
@@ -104,6 +130,12 @@ pub struct ClientSessionStats {
     pub bytes_dropped_oversized: u64,
     /// Frame bytes handed to a carrier.
     pub bytes_sent: u64,
+    /// Frames sent with their lock classes as `Futex`, to a server that
+    /// does not read lock classes.
+    pub frames_downgraded: u64,
+    /// Connections on which the server rejected the newest protocol and the
+    /// next one offered the oldest.
+    pub protocol_fallbacks: u64,
     /// Frames held now.
     pub unacked_frames: u64,
     /// Bytes held now.
@@ -133,6 +165,15 @@ pub struct ClientSession {
     credit_bytes: i64,
     /// Largest frame the server of this connection takes (from its welcome).
     server_max_frame_len: usize,
+    /// What the server of this connection reads (from its welcome).
+    server_capabilities: Capabilities,
+    /// Protocol offered on this connection.
+    offered: u16,
+    /// The last server rejected [`PROTOCOL_VERSION`]: offer the oldest on
+    /// the next connection (only that one).
+    fall_back: bool,
+    /// Limits for reading held frames when downgrading them.
+    limits: DecodeLimits,
     outbox: VecDeque<Control>,
     events: VecDeque<ClientEvent>,
     stats: ClientSessionStats,
@@ -142,6 +183,7 @@ impl ClientSession {
     /// A disconnected session with an empty buffer.
     pub fn new(cfg: ClientSessionConfig) -> ClientSession {
         let buffer = UnackedBuffer::new(cfg.agent_id, cfg.boot_id, cfg.buffer_bytes, cfg.max_frame_len);
+        let limits = DecodeLimits { max_payload: cfg.max_frame_len.saturating_sub(HEADER_LEN) };
         ClientSession {
             cfg,
             state: State::Disconnected,
@@ -150,6 +192,10 @@ impl ClientSession {
             credit_frames: 0,
             credit_bytes: 0,
             server_max_frame_len: usize::MAX,
+            server_capabilities: Capabilities::NONE,
+            offered: PROTOCOL_VERSION,
+            fall_back: false,
+            limits,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             stats: ClientSessionStats::default(),
@@ -167,14 +213,21 @@ impl ClientSession {
 
     /// A carrier connection is up: say hello; every held frame will be
     /// (re)sent in order once welcomed.
+    ///
+    /// The hello offers [`PROTOCOL_VERSION`], or [`MIN_PROTOCOL_VERSION`]
+    /// right after a server rejected the newest: an aggregator may have
+    /// been upgraded by the next reconnect, so the fallback lasts one
+    /// connection.
     pub fn handle_connected(&mut self, now: Instant) {
         self.outbox.clear();
         self.cursor = 0;
         self.credit_frames = 0;
         self.credit_bytes = 0;
+        self.server_capabilities = Capabilities::NONE;
+        self.offered = if std::mem::take(&mut self.fall_back) { MIN_PROTOCOL_VERSION } else { PROTOCOL_VERSION };
         self.state = State::AwaitingWelcome { deadline: now + self.cfg.welcome_timeout };
         self.outbox.push_back(Control::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol: self.offered,
             agent_id: self.cfg.agent_id,
             boot_id: self.cfg.boot_id,
             token: self.cfg.token.clone(),
@@ -200,7 +253,20 @@ impl ClientSession {
                 self.credit_frames = w.credit.frames;
                 self.credit_bytes = i64::try_from(w.credit.bytes).unwrap_or(i64::MAX);
                 self.server_max_frame_len = w.max_frame_len as usize;
-                self.events.push_back(ClientEvent::Established { server_version: w.server_version });
+                self.server_capabilities = w.capabilities();
+                self.events.push_back(ClientEvent::Established {
+                    server_version: w.server_version,
+                    protocol: self.offered,
+                    capabilities: self.server_capabilities,
+                });
+            }
+            (State::AwaitingWelcome { .. }, Control::Reject(r))
+                if r.reason == RejectReason::UnsupportedProtocol && self.offered > MIN_PROTOCOL_VERSION =>
+            {
+                self.state = State::Closed;
+                self.fall_back = true;
+                self.stats.protocol_fallbacks += 1;
+                self.events.push_back(ClientEvent::OlderServer { offered: self.offered, message: r.message });
             }
             (State::AwaitingWelcome { .. }, Control::Reject(r)) => {
                 self.state = State::Closed;
@@ -269,7 +335,15 @@ impl ClientSession {
             self.stats.frames_dropped_oversized += frames;
             self.stats.bytes_dropped_oversized += bytes;
         }
-        let (seq, bytes, resend) = self.buffer.next_to_send(self.cursor)?;
+        let (seq, mut bytes, resend) = self.buffer.next_to_send(self.cursor)?;
+        if !self.server_capabilities.contains(Capabilities::LOCK_CLASSES) {
+            // Same length, so the credit it costs is the same. A frame that
+            // does not decode is sent as it is: this is no place to judge it.
+            if let Ok(Some(down)) = downgrade_lock_classes(&bytes, &self.limits) {
+                bytes = Arc::new(down);
+                self.stats.frames_downgraded += 1;
+            }
+        }
         self.cursor = seq + 1;
         self.credit_frames -= 1;
         self.credit_bytes -= bytes.len() as i64;
@@ -300,6 +374,12 @@ impl ClientSession {
     /// Whether a frame is held that this connection has not sent yet.
     pub fn has_unsent(&self) -> bool {
         self.buffer.peek_len(self.cursor).is_some()
+    }
+
+    /// What the server of this session announced it reads (none while not
+    /// established).
+    pub fn server_capabilities(&self) -> Capabilities {
+        self.server_capabilities
     }
 
     /// Credit left: (frames, bytes).

@@ -24,6 +24,12 @@
 //! - **Acknowledgement.** Acks are selective (sequence ranges) because the
 //!   aggregator commits frames out of order. An acked frame is forgotten by
 //!   the client; every other frame is resent, in order, on the next session.
+//! - **Versions.** The client offers the newest protocol; a server serves
+//!   every protocol from the oldest to its own and answers in the one
+//!   offered. A client refused as `UnsupportedProtocol` offers the oldest on
+//!   its next connection only. The welcome of protocol 2 announces
+//!   capabilities, and the client sends a server only values it announced it
+//!   reads (see `client.rs` and [`crate::control`]).
 
 mod buffer;
 mod client;

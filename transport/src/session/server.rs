@@ -9,7 +9,8 @@ use aperture_core::ids::{AgentId, BootId};
 
 use crate::auth::Authenticator;
 use crate::control::{
-    Ack, Close, CloseReason, Control, Credit, Hello, PROTOCOL_VERSION, Reject, RejectReason, Welcome,
+    Ack, Capabilities, Close, CloseReason, Control, Credit, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Reject,
+    RejectReason, Welcome,
 };
 
 /// Limits and policies of server sessions.
@@ -27,6 +28,13 @@ pub struct ServerSessionConfig {
     pub busy_retry: Duration,
     /// Version announced in the welcome.
     pub server_version: String,
+    /// Newest session protocol served ([`PROTOCOL_VERSION`]); a hello
+    /// offering a newer one is rejected as unsupported. Lower only to behave
+    /// like an older server (tests of mixed fleets).
+    pub max_protocol: u16,
+    /// Capabilities announced to clients of protocol 2 or later
+    /// ([`Capabilities::SUPPORTED`]: what this build's frame decoder reads).
+    pub capabilities: Capabilities,
 }
 
 impl Default for ServerSessionConfig {
@@ -38,6 +46,8 @@ impl Default for ServerSessionConfig {
             hello_timeout: Duration::from_secs(10),
             busy_retry: Duration::from_millis(200),
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            max_protocol: PROTOCOL_VERSION,
+            capabilities: Capabilities::SUPPORTED,
         }
     }
 }
@@ -182,10 +192,14 @@ impl ServerSession {
     }
 
     fn accept_hello(&mut self, _now: Instant, hello: Hello, preauthenticated: bool) {
-        let verdict = if hello.protocol != PROTOCOL_VERSION {
+        let max = self.cfg.max_protocol;
+        let verdict = if !(MIN_PROTOCOL_VERSION..=max).contains(&hello.protocol) {
             Err((
                 RejectReason::UnsupportedProtocol,
-                format!("session protocol {} is not supported; this server speaks {PROTOCOL_VERSION}", hello.protocol),
+                format!(
+                    "session protocol {} is not supported; this server speaks {MIN_PROTOCOL_VERSION} to {max}",
+                    hello.protocol
+                ),
             ))
         } else if preauthenticated {
             Ok(())
@@ -214,6 +228,9 @@ impl ServerSession {
                     max_frame_len: self.cfg.max_frame_len,
                     credit: Credit { frames: self.cfg.credit_frames, bytes: self.cfg.credit_bytes },
                     server_version: self.cfg.server_version.clone(),
+                    // A client of protocol 1 refuses any field it does not
+                    // expect: it gets the welcome of protocol 1.
+                    capabilities: (hello.protocol >= 2).then_some(self.cfg.capabilities),
                 }));
                 self.peer = Some(peer.clone());
                 self.events.push_back(ServerEvent::Authenticated(peer));

@@ -68,6 +68,8 @@ struct Link {
     mode: SinkMode,
     /// Every frame sequence that crossed the link, in order.
     wire: Vec<u64>,
+    /// And their bytes.
+    received: Vec<FrameBuf>,
     rejected: Vec<RejectReason>,
     server_closed: Vec<CloseReason>,
 }
@@ -84,6 +86,7 @@ impl Link {
             committed: BTreeSet::new(),
             mode: SinkMode::Queue,
             wire: vec![],
+            received: vec![],
             rejected: vec![],
             server_closed: vec![],
         };
@@ -114,6 +117,7 @@ impl Link {
                         let header = FrameHeader::parse(&bytes, &Default::default()).expect("header");
                         let mut copy = FrameBuf::new();
                         copy.extend_from_slice(&bytes);
+                        self.received.push(copy.clone());
                         self.server.handle_frame(self.now, header, copy);
                     }
                 }
@@ -455,3 +459,6 @@ fn frames_above_the_servers_limit_are_dropped_unsent_and_counted() {
     assert_eq!(link.wire, vec![1, 3]);
     assert_eq!(link.client.stats().frames_dropped_oversized, 1);
 }
+
+#[path = "compat_tests.rs"]
+mod compat;

@@ -9,7 +9,7 @@ pub mod pb {
     tonic::include_proto!("aperture.v1");
 }
 
-use crate::control::{Ack, Close, CloseReason, Control, Credit, Hello, SeqRange, Welcome};
+use crate::control::{Ack, Capabilities, Close, CloseReason, Control, Credit, Hello, SeqRange, Welcome};
 use aperture_core::ids::{AgentId, BootId};
 
 /// A protobuf hello plus the token from the request metadata.
@@ -60,6 +60,7 @@ pub(crate) fn response_to_pb(msg: &Control) -> Option<pb::PushResponse> {
             max_frame_len: w.max_frame_len,
             credit: Some(credit_to_pb(w.credit)),
             server_version: w.server_version.clone(),
+            capabilities: w.capabilities.map(|c| c.0),
         }),
         Control::Ack(a) => Body::Ack(pb::Ack {
             ranges: a.ranges.iter().map(|r| pb::SeqRange { first: r.first, last: r.last }).collect(),
@@ -80,6 +81,7 @@ pub(crate) fn response_from_pb(resp: pb::PushResponse) -> Result<Control, String
             max_frame_len: w.max_frame_len,
             credit: w.credit.map(|c| Credit { frames: c.frames, bytes: c.bytes }).unwrap_or_default(),
             server_version: w.server_version,
+            capabilities: w.capabilities.map(Capabilities),
         }),
         Some(Body::Ack(a)) => {
             let mut ranges: Vec<SeqRange> = Vec::with_capacity(a.ranges.len());
