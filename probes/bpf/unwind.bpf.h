@@ -36,10 +36,12 @@ const volatile __u32 ap_unwind_enabled = 0;
 const volatile __u32 ap_has_task_pt_regs = 0;
 
 /* Rows of one object's table (inner map template: the real inner maps
- * are created by user space, one per object, sized to its rows). */
+ * are created by user space, one per object, sized to its rows).
+ * Memory-mappable, so user space fills a table with one copy instead of a
+ * batch update that costs a copy and a check per row. */
 struct ap_unwind_rows {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);

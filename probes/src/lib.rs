@@ -19,9 +19,10 @@
 //! - [`Probes::drain_syscall_stats`], [`Probes::drain_lock_stats`],
 //!   [`Probes::drop_counts`] — in-kernel aggregates and drop counters.
 //! - [`Probes::unwind_process`], [`Probes::unwind_refresh`],
-//!   [`Probes::unwind_stats`] — the unwind tables the in-kernel walker uses
-//!   for user stacks ([`UnwindSettings`]: tables or frame pointers, disk
-//!   cache, memory budget).
+//!   [`Probes::unwind_stats`], [`Probes::unwind_thread_id`] — the unwind
+//!   tables the in-kernel walker uses for user stacks, kept by a thread of
+//!   their own ([`UnwindSettings`]: tables or frame pointers, disk cache,
+//!   memory budget).
 //! - [`Symbolizer`] — raw stacks to [`aperture_core::model::Stack`]
 //!   (marker frames `[truncated]`, `[unknown]` included).
 //! - [`lock_class`] — the class of a futex wait (mutex, rwlock, condition

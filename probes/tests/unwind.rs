@@ -416,6 +416,34 @@ fn tables_beyond_the_budget_are_evicted_and_counted() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Tables are read, built and loaded by a thread of the probes' own (named,
+/// so the agent accounts its CPU time), and copied into their maps through
+/// a memory mapping rather than row by row.
+#[test]
+fn tables_are_loaded_on_their_own_thread_through_a_mapping() -> anyhow::Result<()> {
+    if !require_root("tables_are_loaded_on_their_own_thread_through_a_mapping") {
+        return Ok(());
+    }
+    let bin = build_c("unwind_chain_thread", "unwind_chain", OMIT, &[]);
+    let mut prog = Program::spawn(&bin, &["0.2"]);
+    let pid = prog.pid();
+    let mut probes = Probes::load(&config(Mode::Cpu, pid, UnwindMode::Tables))?;
+    let tid = probes.unwind_thread_id().expect("the unwind thread runs");
+    let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))?;
+    assert_eq!(comm.trim(), "ap-unwind", "thread {tid} is the unwind thread");
+    assert!(probes.unwind_process(pid)? > 0, "no mapping got a table");
+    let stats = probes.unwind_stats();
+    println!("{stats:?}");
+    assert!(stats.tables > 0);
+    assert_eq!(stats.filled_mapped as usize, stats.tables, "every table copied in through a mapping");
+    assert_eq!(stats.filled_batched, 0);
+    assert!(stats.thread_cpu_ns > 0, "the thread's CPU time is reported");
+    prog.go();
+    assert_eq!(prog.line(), "done");
+    prog.finish();
+    Ok(())
+}
+
 /// Samples inside the vDSO (clock_gettime) keep their callers: the vDSO
 /// gets a table like any object. (Debian's 6.x vDSO also keeps frame
 /// pointers, so on this kernel the fallback alone passes too; the table

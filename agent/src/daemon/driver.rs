@@ -100,7 +100,6 @@ impl Driver {
                 self.pipeline.flush(reason, self.sink.as_mut());
             }
             if now >= next_tick {
-                self.probes.unwind_refresh();
                 self.pipeline.tick(now);
                 self.sync_metrics();
                 self.heartbeat.store(now, Ordering::Relaxed);

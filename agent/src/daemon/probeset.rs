@@ -120,6 +120,11 @@ impl ProbeSet {
         // The reader starts first so no early event is lost.
         let reader = probes.start_reader(&self.reader_config, sink)?;
         self.threads.register(reader.thread_id());
+        // Its thread reads mappings and builds and loads unwind tables:
+        // the agent's work, within its budget.
+        if let Some(tid) = probes.unwind_thread_id() {
+            self.threads.register(tid);
+        }
         probes.attach()?;
         for a in probes.attachments() {
             tracing::info!(mode = %a.mode, program = a.program, point = a.point, flavour = ?a.flavour, "attached");
@@ -158,16 +163,6 @@ impl ProbeSet {
                 Vec::new()
             }),
             None => Vec::new(),
-        }
-    }
-
-    /// Loads unwind tables for processes the walker met without them and
-    /// forgets exited ones (call every tick).
-    pub fn unwind_refresh(&mut self) {
-        if let Some(p) = self.probes.as_mut()
-            && let Err(e) = p.unwind_refresh()
-        {
-            tracing::warn!("refreshing the unwind tables failed: {e}");
         }
     }
 

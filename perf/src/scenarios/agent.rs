@@ -12,11 +12,16 @@
 //! read from this process's reaped-children times: `perf record` does most
 //! of its work when it stops.
 //!
+//! The agents run with the overhead budget off, so they sample at the
+//! configured frequency throughout. Sides `aperture_warm…` start with an
+//! unwind-table disk cache filled in setup; with `APERTURE_BASELINE_BIN`
+//! set, that binary runs as `aperture_baseline…` in the same run.
+//!
 //! Needs root and the release binary (`cargo build --release -p aperture`,
 //! or `APERTURE_BIN`); built on first use when missing.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -50,7 +55,22 @@ pub struct Params {
     /// default batch age against another in the same run.
     #[serde(default)]
     pub compare_batch_max_age: Option<String>,
+    /// Also measure the agent with a warm unwind-table disk cache (filled by
+    /// one agent run in setup, shared by all its runs), as sides
+    /// `aperture_warm-<mode>-<load>`: the steady state of an agent that
+    /// restarts, against a first start (`aperture-…`, a fresh data dir, every
+    /// table built).
+    #[serde(default)]
+    pub compare_warm_cache: bool,
 }
+
+/// The measured agents' configuration (plus `batch.max_age` for the
+/// `aperture_batch…` sides).
+const AGENT_YAML: &str = "transport:\n  insecure_skip_verify: true\nbudget:\n  enabled: false\n";
+
+/// A second `aperture` binary measured in the same run as sides
+/// `aperture_baseline…` (e.g. the build before a change).
+pub const BASELINE_ENV: &str = "APERTURE_BASELINE_BIN";
 
 /// The scenario.
 #[derive(Debug)]
@@ -58,6 +78,8 @@ pub struct AgentScenario {
     params: Params,
     root: PathBuf,
     bin: PathBuf,
+    /// From [`BASELINE_ENV`], snapshotted.
+    baseline: Option<PathBuf>,
     dir: Option<tempfile::TempDir>,
     aggregator: Option<Guarded>,
     ingest_port: u16,
@@ -67,7 +89,16 @@ pub struct AgentScenario {
 impl AgentScenario {
     /// A scenario with these parameters; `root` is the repository.
     pub fn new(params: Params, root: PathBuf) -> AgentScenario {
-        AgentScenario { params, root, bin: PathBuf::new(), dir: None, aggregator: None, ingest_port: 0, runs: 0 }
+        AgentScenario {
+            params,
+            root,
+            bin: PathBuf::new(),
+            baseline: None,
+            dir: None,
+            aggregator: None,
+            ingest_port: 0,
+            runs: 0,
+        }
     }
 }
 
@@ -99,12 +130,74 @@ fn aperture_bpf_ns() -> u64 {
     bench::program_run_stats("ap_").iter().map(|p| p.run_time_ns).sum()
 }
 
+impl AgentScenario {
+    /// Starts `aperture agent` from `bin` in `mode`.
+    fn spawn_agent(
+        &self,
+        bin: &Path,
+        config: &str,
+        mode: &str,
+        data_dir: &Path,
+        metrics_port: u16,
+        log: std::fs::File,
+    ) -> anyhow::Result<Guarded> {
+        let Some(dir) = &self.dir else { bail!("setup did not run") };
+        Guarded::spawn(
+            "aperture agent",
+            Command::new(bin)
+                .arg("agent")
+                .arg("-c")
+                .arg(dir.path().join(config))
+                .args(["--aggregator", &format!("127.0.0.1:{}", self.ingest_port)])
+                .args(["--mode", mode, "--freq", &self.params.frequency_hz.to_string()])
+                .arg("--data-dir")
+                .arg(data_dir)
+                .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+                .env_remove("APERTURE_AUTH_TOKEN")
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+    }
+
+    /// Fills the shared unwind cache of `tool`'s warm sides: one cpu-mode
+    /// agent from `bin` runs as long as a measured side, with the cache
+    /// directory as its data dir's `unwind`.
+    fn fill_cache(&self, tool: &str, bin: &Path) -> anyhow::Result<()> {
+        let Some(dir) = &self.dir else { bail!("setup did not run") };
+        let cache = dir.path().join(format!("unwind-{tool}"));
+        std::fs::create_dir_all(&cache)?;
+        let data_dir = dir.path().join(format!("fill-{tool}"));
+        std::fs::create_dir_all(&data_dir)?;
+        std::os::unix::fs::symlink(&cache, data_dir.join("unwind"))?;
+        let log = std::fs::File::create(dir.path().join(format!("fill-{tool}.log")))?;
+        let port = free_port()?;
+        let mut child = self.spawn_agent(bin, "agent.yaml", "cpu", &data_dir, port, log)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_for("aperture agent", Duration::from_secs(60), || {
+            http(addr, "GET", "/healthz", None, b"", Duration::from_secs(2)).is_ok_and(|r| r.status == 200)
+        })?;
+        std::thread::sleep(Duration::from_secs_f64(self.params.warmup_s + self.params.interval_s));
+        child.check_alive()?;
+        child.stop_with(libc::SIGTERM, Duration::from_secs(15));
+        Ok(())
+    }
+}
+
 impl Scenario for AgentScenario {
     fn sides(&self) -> Vec<String> {
         let mut out = Vec::new();
         for load in &self.params.loads {
             for mode in &self.params.modes {
-                out.push(format!("aperture-{mode}-{load}"));
+                let mut tools = vec!["aperture"];
+                if std::env::var_os(BASELINE_ENV).is_some() {
+                    tools.push("aperture_baseline");
+                }
+                for tool in tools {
+                    out.push(format!("{tool}-{mode}-{load}"));
+                    if self.params.compare_warm_cache {
+                        out.push(format!("{tool}_warm-{mode}-{load}"));
+                    }
+                }
                 if let Some(age) = &self.params.compare_batch_max_age {
                     out.push(format!("aperture_batch{age}-{mode}-{load}"));
                 }
@@ -121,6 +214,12 @@ impl Scenario for AgentScenario {
         }
         let dir = tempfile::Builder::new().prefix("aperture-perf-agent").tempdir()?;
         self.bin = snapshot_binary(&aperture_binary(&self.root)?, dir.path())?;
+        if let Some(base) = std::env::var_os(BASELINE_ENV) {
+            let copy = dir.path().join("aperture-baseline");
+            std::fs::copy(&base, &copy)
+                .with_context(|| format!("copying {BASELINE_ENV}={}", base.to_string_lossy()))?;
+            self.baseline = Some(copy);
+        }
         let (http_port, ingest) = (free_port()?, free_port_pair()?);
         let log = std::fs::File::create(dir.path().join("aggregator.log"))?;
         let mut agg = Guarded::spawn(
@@ -147,17 +246,30 @@ impl Scenario for AgentScenario {
             http(addr, "GET", "/healthz", None, b"", Duration::from_secs(2)).is_ok_and(|r| r.status == 200)
         })?;
         agg.check_alive()?;
-        std::fs::write(dir.path().join("agent.yaml"), "transport:\n  insecure_skip_verify: true\n")?;
+        // The overhead budget is off: it would lower the frequency of an
+        // agent over 1%, and the cost at the configured frequency is what
+        // is measured.
+        std::fs::write(dir.path().join("agent.yaml"), AGENT_YAML)?;
         if let Some(age) = &self.params.compare_batch_max_age {
             std::fs::write(
                 dir.path().join(format!("agent-batch{age}.yaml")),
-                format!("transport:\n  insecure_skip_verify: true\nbatch:\n  max_age: {age}\n"),
+                format!("{AGENT_YAML}batch:\n  max_age: {age}\n"),
             )?;
         }
         bench::enable_bpf_stats(true).context("enabling kernel.bpf_stats_enabled")?;
         self.ingest_port = ingest;
         self.aggregator = Some(agg);
         self.dir = Some(dir);
+        if self.params.compare_warm_cache {
+            let bins: Vec<(&str, PathBuf)> =
+                [("aperture", Some(self.bin.clone())), ("aperture_baseline", self.baseline.clone())]
+                    .into_iter()
+                    .filter_map(|(tool, bin)| Some((tool, bin?)))
+                    .collect();
+            for (tool, bin) in bins {
+                self.fill_cache(tool, &bin)?;
+            }
+        }
         Ok(())
     }
 
@@ -175,28 +287,29 @@ impl Scenario for AgentScenario {
         };
         let log = std::fs::File::create(dir.path().join(format!("{side}.log")))?;
         let metrics_port = free_port()?;
-        // `aperture` with defaults, `aperture_batch10s` with that batch age.
-        let config = match tool.strip_prefix("aperture_batch") {
+        // `aperture` with defaults, `aperture_batch10s` with that batch age;
+        // `…_warm` with the shared unwind cache, `aperture_baseline…` the
+        // other binary.
+        let (base, warm) = match tool.strip_suffix("_warm") {
+            Some(t) => (t, true),
+            None => (tool, false),
+        };
+        let config = match base.strip_prefix("aperture_batch") {
             Some(age) => format!("agent-batch{age}.yaml"),
             None => "agent.yaml".to_owned(),
         };
+        let bin = match base {
+            "aperture_baseline" => self.baseline.clone().with_context(|| format!("{side} needs {BASELINE_ENV}"))?,
+            _ => self.bin.clone(),
+        };
+        let data_dir = dir.path().join(format!("agent-{}", self.runs));
+        if warm {
+            std::fs::create_dir_all(&data_dir)?;
+            std::os::unix::fs::symlink(dir.path().join(format!("unwind-{base}")), data_dir.join("unwind"))?;
+        }
         let mut child = match tool {
             "aperture_batch" => bail!("bad side name {side}"),
-            t if t.starts_with("aperture") => Guarded::spawn(
-                "aperture agent",
-                Command::new(&self.bin)
-                    .arg("agent")
-                    .arg("-c")
-                    .arg(dir.path().join(config))
-                    .args(["--aggregator", &format!("127.0.0.1:{}", self.ingest_port)])
-                    .args(["--mode", mode, "--freq", &p.frequency_hz.to_string()])
-                    .arg("--data-dir")
-                    .arg(dir.path().join(format!("agent-{}", self.runs)))
-                    .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-                    .env_remove("APERTURE_AUTH_TOKEN")
-                    .stdout(Stdio::null())
-                    .stderr(log),
-            )?,
+            t if t.starts_with("aperture") => self.spawn_agent(&bin, &config, mode, &data_dir, metrics_port, log)?,
             "perf" => Guarded::spawn(
                 "perf record",
                 Command::new("perf")
@@ -272,6 +385,7 @@ mod tests {
         assert_eq!(parse_side("aperture-cpu-idle"), Some(("aperture", "cpu", "idle")));
         assert_eq!(parse_side("perf-record-busy"), Some(("perf", "record", "busy")));
         assert_eq!(parse_side("aperture_batch10s-cpu-idle"), Some(("aperture_batch10s", "cpu", "idle")));
+        assert_eq!(parse_side("aperture_baseline_warm-cpu-busy"), Some(("aperture_baseline_warm", "cpu", "busy")));
         assert_eq!(parse_side("nonsense"), None);
     }
 }

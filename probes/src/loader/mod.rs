@@ -352,22 +352,31 @@ impl Probes {
     /// Reads the executable mappings of `pid` and loads the unwind tables
     /// it needs, so its stacks are walked with them from the next sample
     /// on. Returns how many mappings have a table (0 with
-    /// `unwind: frame_pointers`).
+    /// `unwind: frame_pointers`). The work runs on the unwind thread; this
+    /// waits for it.
     pub fn unwind_process(&mut self, pid: u32) -> Result<usize, UnwindError> {
         match &mut self.unwinder {
-            Some(u) => u.add_process(&mut self.objects, pid),
+            Some(u) => u.add_process(pid),
             None => Ok(0),
         }
     }
 
-    /// Loads tables for the processes the walker met without them (new
-    /// processes, exec, dlopen) and forgets exited ones. Call it
-    /// periodically (every few hundred ms).
+    /// Asks the unwind thread to load tables for the processes the walker
+    /// met without them (new processes, exec, dlopen) now. It does so on
+    /// its own every 200 ms, and forgets exited processes every second, so
+    /// calling this is optional; it never blocks.
     pub fn unwind_refresh(&mut self) -> Result<(), UnwindError> {
         match &mut self.unwinder {
-            Some(u) => u.refresh(&mut self.objects),
+            Some(u) => u.poke(),
             None => Ok(()),
         }
+    }
+
+    /// The kernel thread id of the unwind thread, which reads mappings and
+    /// builds and loads the tables (`None` with `unwind: frame_pointers`),
+    /// so its CPU time can be accounted to the agent.
+    pub fn unwind_thread_id(&self) -> Option<u32> {
+        self.unwinder.as_ref().map(|u| u.thread_id()).filter(|&t| t != 0)
     }
 
     /// The unwinder's state and the walker's counters.

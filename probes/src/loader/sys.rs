@@ -1,6 +1,7 @@
 //! The raw `bpf(2)` calls aya 0.14 has no typed API for: storing a perf
 //! event fd in a `PERF_EVENT_ARRAY` map, writing many array entries in one
-//! call (unwind tables), deleting an entry of a map of maps.
+//! call, filling a memory-mappable array through a mapping of it (unwind
+//! tables), deleting an entry of a map of maps.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -146,4 +147,34 @@ pub(crate) fn map_create(
     }
     // SAFETY: a successful BPF_MAP_CREATE returns a new fd we now own.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ret as i32) })
+}
+
+/// Writes `values` at the start of a `BPF_F_MMAPABLE` array of u64 through
+/// a shared mapping of it: one copy, no per-entry system call work.
+/// `values` must not be longer than the array.
+pub(crate) fn mmapped_array_fill(map: BorrowedFd<'_>, values: impl ExactSizeIterator<Item = u64>) -> io::Result<()> {
+    let len = values.len() * 8;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: a new shared read-write mapping of `len` bytes of the map's
+    // values (the kernel refuses one longer than the array); nothing else
+    // in this process refers to it.
+    let at = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.as_raw_fd(), 0)
+    };
+    if at == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `at` is page-aligned (so aligned for u64) and `len` bytes
+    // long, mapped read-write above and unmapped only below.
+    let slots = unsafe { std::slice::from_raw_parts_mut(at.cast::<u64>(), len / 8) };
+    for (slot, v) in slots.iter_mut().zip(values) {
+        *slot = v;
+    }
+    // SAFETY: unmaps exactly the mapping made above; `slots` is not used after.
+    if unsafe { libc::munmap(at, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
