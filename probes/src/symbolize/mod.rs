@@ -18,6 +18,9 @@
 //! - blazesym keeps every file it opened mapped and indexed; at most
 //!   [`SymbolizerLimits::open_files`] stay open, the least recently used is
 //!   evicted from blazesym's cache (its mapping is released).
+//! - Frames in the vDSO are named from its exported functions (`.dynsym`):
+//!   every process maps the kernel's one image, so the agent reads its own
+//!   once ([`aperture_symbolize::vdso::VdsoSymbols`]).
 //! - DWARF is not read by default (file and line stay empty): parsing the
 //!   debug information of large binaries cost more memory and CPU than all
 //!   the rest of the agent, and the function name, which is what profiles
@@ -44,6 +47,7 @@ use std::path::{Path, PathBuf};
 
 use aperture_core::model::{Stack, StackFrame};
 use aperture_symbolize::Bounded;
+use aperture_symbolize::vdso::{VDSO_PATH, VdsoSymbols};
 use blazesym::MaybeDefault;
 use blazesym::symbolize::evict::{self, Evict};
 use blazesym::symbolize::source::{Elf, Kernel, Source};
@@ -319,6 +323,16 @@ impl Symbolizer {
         };
         let module = Path::new(&m.path).file_name().map_or_else(|| m.path.clone(), |n| n.to_string_lossy().into());
         let mut frame = StackFrame { address: addr, module_offset: file_offset, module, ..StackFrame::default() };
+        if m.path == VDSO_PATH {
+            match vdso_symbol(&m, lookup) {
+                Some(name) => {
+                    self.stats.resolved += 1;
+                    frame.symbol = name.to_owned();
+                }
+                None => self.stats.unresolved += 1,
+            }
+            return frame;
+        }
         let id = (span.dev, span.inode);
         let path = if span.inode == 0 { None } else { self.openable_path(pid, &m) };
         let Some(path) = path else {
@@ -489,6 +503,18 @@ impl Symbolizer {
     }
 }
 
+/// The vDSO function at file offset `lookup` of the `[vdso]` mapping `m`.
+/// The kernel maps one image into every 64-bit process, so the agent's own
+/// copy, parsed once, names them all.
+fn vdso_symbol(m: &Mapping, lookup: u64) -> Option<&'static str> {
+    let own = VdsoSymbols::own()?;
+    // A mapping of another length is another image (a 32-bit process's).
+    if m.end - m.start != own.image_len() {
+        return None;
+    }
+    own.at_offset(lookup).map(|s| &*s.name)
+}
+
 /// Whether a kernel symbol is one of Aperture's BPF programs
 /// (`bpf_prog_<tag>_ap_<name>`).
 fn is_own_bpf_frame(symbol: &str) -> bool {
@@ -629,6 +655,33 @@ mod tests {
         let frame = s.stack(pid, &[], &[addr]).frames.remove(0);
         assert_eq!(frame.symbol, "start_thread", "{frame:?}");
         assert!(frame.module.starts_with("libc.so"), "{frame:?}");
+    }
+
+    #[test]
+    fn frames_in_the_vdso_are_named() {
+        let pid = std::process::id();
+        let vdso = read_maps(pid).and_then(|maps| maps.into_iter().find(|m| m.path == VDSO_PATH));
+        let (Some(vdso), Some(own)) = (vdso, VdsoSymbols::own()) else {
+            panic!("this process maps a vDSO and reads it");
+        };
+        let strong = own.symbols().iter().filter(|s| !s.weak && s.size > 4);
+        let count = strong.clone().count() as u64;
+        assert!(count >= 2, "the vDSO exports functions");
+        for with_query in [true, false] {
+            let mut s = Symbolizer::new();
+            if !with_query {
+                s.processes = Processes::new(4).without_procmap_query();
+            }
+            for sym in strong.clone() {
+                // Linked at 0 and mapped from offset 0 (as the kernel does).
+                assert_eq!(own.vaddr(sym.addr - vdso.offset), Some(sym.addr));
+                let addr = vdso.start + sym.addr - vdso.offset + 4;
+                let frame = s.stack(pid, &[], &[addr]).frames.remove(0);
+                assert_eq!(frame.symbol, &*sym.name, "{frame:?}");
+                assert_eq!((frame.module.as_str(), frame.module_offset), (VDSO_PATH, sym.addr + 4));
+            }
+            assert_eq!(s.stats().resolved, count);
+        }
     }
 
     fn unsafe_free_is_root() -> bool {
