@@ -420,6 +420,8 @@ fn tables_beyond_the_budget_are_evicted_and_counted() -> anyhow::Result<()> {
 /// gets a table like any object. (Debian's 6.x vDSO also keeps frame
 /// pointers, so on this kernel the fallback alone passes too; the table
 /// matters for vDSOs built without them and for samples in a prologue.)
+/// Their leaf is named by the vDSO's exported function that glibc calls,
+/// `__vdso_clock_gettime` (its weak alias `clock_gettime` is not chosen).
 #[test]
 fn stacks_through_the_vdso_keep_their_callers() -> anyhow::Result<()> {
     if !require_root("stacks_through_the_vdso_keep_their_callers") {
@@ -438,20 +440,29 @@ fn stacks_through_the_vdso_keep_their_callers() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(100));
     reader.stop()?;
     let mut sym = Symbolizer::new();
-    let (mut in_vdso, mut with_callers) = (0, 0);
+    let (mut in_vdso, mut with_callers, mut named) = (0, 0, 0);
+    let mut unnamed = None;
     for batch in rx.try_iter() {
         for e in batch.events.iter().filter(|e| e.kind == EventKind::Cpu && e.raw.pid == pid) {
             let stack = sym.stack(pid, &[], batch.user_stack(e));
-            if stack.frames.first().is_some_and(|f| f.module.contains("vdso")) {
-                in_vdso += 1;
-                let names: Vec<&str> = stack.frames.iter().map(|f| f.symbol.as_str()).collect();
-                with_callers += usize::from(names.windows(2).any(|w| w == ["vdso_site", "main"]));
+            let Some(leaf) = stack.frames.first().filter(|f| f.module == "[vdso]") else { continue };
+            in_vdso += 1;
+            if leaf.symbol == "__vdso_clock_gettime" {
+                named += 1;
+            } else {
+                unnamed.get_or_insert_with(|| leaf.clone());
             }
+            let names: Vec<&str> = stack.frames.iter().map(|f| f.symbol.as_str()).collect();
+            with_callers += usize::from(names.windows(2).any(|w| w == ["vdso_site", "main"]));
         }
     }
     prog.finish();
-    println!("{in_vdso} samples in the vDSO, {with_callers} with vdso_site <- main");
+    println!(
+        "{in_vdso} samples in the vDSO, {named} with the leaf __vdso_clock_gettime, \
+         {with_callers} with vdso_site <- main; e.g. another leaf: {unnamed:?}"
+    );
     assert!(in_vdso >= 20, "only {in_vdso} samples in the vDSO");
+    assert!(named * 100 >= in_vdso * 95, "{named}/{in_vdso} vDSO leaves named __vdso_clock_gettime: {unnamed:?}");
     assert!(with_callers * 100 >= in_vdso * 95, "{with_callers}/{in_vdso} keep vdso_site <- main");
     Ok(())
 }
