@@ -27,13 +27,21 @@ pub fn own_image() -> io::Result<(ExecMapping, Vec<u8>)> {
         .into_iter()
         .find(|m| m.path == VDSO_PATH)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "this process maps no [vdso]"))?;
-    if m.end - m.start > MAX_IMAGE {
+    let image = read_image("self", m.start, m.end)?;
+    Ok((m, image))
+}
+
+/// The bytes of process `pid`'s (`"self"` or a number) vDSO mapped from
+/// `start` to `end`, through `/proc/<pid>/mem` (another process's needs
+/// ptrace access: root).
+pub fn read_image(pid: &str, start: u64, end: u64) -> io::Result<Vec<u8>> {
+    if end.saturating_sub(start) > MAX_IMAGE {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "a vDSO larger than 1 MiB"));
     }
-    let len = usize::try_from(m.end - m.start).map_err(io::Error::other)?;
+    let len = usize::try_from(end.saturating_sub(start)).map_err(io::Error::other)?;
     let mut image = vec![0u8; len];
-    File::open("/proc/self/mem")?.read_exact_at(&mut image, m.start)?;
-    Ok((m, image))
+    File::open(format!("/proc/{pid}/mem"))?.read_exact_at(&mut image, start)?;
+    Ok(image)
 }
 
 /// Writes this process's vDSO image to `dir/vdso.so` and returns the path.
@@ -72,6 +80,8 @@ impl VdsoSymbol {
 pub struct VdsoSymbols {
     /// Length of the mapping the image was read from.
     image_len: u64,
+    /// xxh3 of the image's bytes.
+    image_hash: u64,
     /// `PT_LOAD` segments: (file offset, file size, virtual address).
     segments: Vec<(u64, u64, u64)>,
     /// Exported functions, sorted by address.
@@ -106,7 +116,8 @@ impl VdsoSymbols {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "the vDSO image exports no function"));
         }
         symbols.sort_by(|a, b| (a.addr, &a.name).cmp(&(b.addr, &b.name)));
-        Ok(VdsoSymbols { image_len: image.len() as u64, segments, symbols })
+        let image_hash = xxhash_rust::xxh3::xxh3_64(image);
+        Ok(VdsoSymbols { image_len: image.len() as u64, image_hash, segments, symbols })
     }
 
     /// This process's vDSO, read and parsed once for the life of the
@@ -128,6 +139,26 @@ impl VdsoSymbols {
     /// another length is another image (a 32-bit process's).
     pub fn image_len(&self) -> u64 {
         self.image_len
+    }
+
+    /// Whether `image` is the image these symbols were read from.
+    pub fn is_image(&self, image: &[u8]) -> bool {
+        image.len() as u64 == self.image_len && xxhash_rust::xxh3::xxh3_64(image) == self.image_hash
+    }
+
+    /// Whether process `pid`'s `[vdso]` mapping from `start` to `end` holds
+    /// the image these symbols were read from. Every 64-bit process of a
+    /// kernel maps the same one; a 32-bit process maps another. When its
+    /// memory cannot be read (it exited, no ptrace access), the length
+    /// decides.
+    pub fn is_image_of(&self, pid: u32, start: u64, end: u64) -> bool {
+        if end.saturating_sub(start) != self.image_len {
+            return false;
+        }
+        match read_image(&pid.to_string(), start, end) {
+            Ok(image) => self.is_image(&image),
+            Err(_) => true,
+        }
     }
 
     /// The exported functions, sorted by address.
@@ -190,6 +221,11 @@ mod tests {
             }
         }
         assert!(syms.at_offset(m.end - m.start + 0x1000).is_none(), "past the image");
+        assert!(syms.is_image_of(std::process::id(), m.start, m.end));
+        let mut other = image.clone();
+        other[0x10] ^= 1;
+        assert!(syms.is_image(&image) && !syms.is_image(&other) && !syms.is_image(&image[..0x1000]));
+        assert!(!syms.is_image_of(std::process::id(), m.start, m.end + 0x1000), "another length");
         // vdso(7): x86_64's vDSO exports __vdso_clock_gettime, with
         // clock_gettime its weak alias; the frame gets the strong name.
         if let Some(alias) = syms.symbols().iter().find(|s| &*s.name == "clock_gettime") {
@@ -203,6 +239,7 @@ mod tests {
         let sym = |name: &str, addr, size, weak| VdsoSymbol { name: name.into(), addr, size, weak };
         let syms = VdsoSymbols {
             image_len: 0x2000,
+            image_hash: 0,
             // Mapped from offset 0x1000 at address 0x3000.
             segments: vec![(0x1000, 0x1000, 0x3000)],
             symbols: vec![
