@@ -14,6 +14,7 @@ use aperture_probes::abi::{EventKind, UnwindStat};
 use aperture_probes::{
     Filter, Modes, ProbeConfig, Probes, ReaderConfig, RecordBatch, Symbolizer, UnwindMode, UnwindSettings,
 };
+use aperture_symbolize::vdso::VdsoSymbols;
 use common::{Program, build_c, build_rust, channel_sink, programs_dir, require_root};
 
 /// No frame pointers anywhere.
@@ -440,17 +441,21 @@ fn stacks_through_the_vdso_keep_their_callers() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(100));
     reader.stop()?;
     let mut sym = Symbolizer::new();
+    let own = VdsoSymbols::own().expect("the test reads its own vDSO");
     let (mut in_vdso, mut with_callers, mut named) = (0, 0, 0);
-    let mut unnamed = None;
+    let mut wrong = Vec::new();
     for batch in rx.try_iter() {
         for e in batch.events.iter().filter(|e| e.kind == EventKind::Cpu && e.raw.pid == pid) {
             let stack = sym.stack(pid, &[], batch.user_stack(e));
             let Some(leaf) = stack.frames.first().filter(|f| f.module == "[vdso]") else { continue };
             in_vdso += 1;
-            if leaf.symbol == "__vdso_clock_gettime" {
-                named += 1;
-            } else {
-                unnamed.get_or_insert_with(|| leaf.clone());
+            named += usize::from(leaf.symbol == "__vdso_clock_gettime");
+            // Inside an exported function: its name. Elsewhere (a helper
+            // that older kernels keep out of line, which .dynsym does not
+            // list): no name rather than a wrong one.
+            let exported = own.at_offset(leaf.module_offset).map_or("", |s| &*s.name);
+            if leaf.symbol != exported {
+                wrong.push((leaf.module_offset, leaf.symbol.clone(), exported));
             }
             let names: Vec<&str> = stack.frames.iter().map(|f| f.symbol.as_str()).collect();
             with_callers += usize::from(names.windows(2).any(|w| w == ["vdso_site", "main"]));
@@ -459,10 +464,13 @@ fn stacks_through_the_vdso_keep_their_callers() -> anyhow::Result<()> {
     prog.finish();
     println!(
         "{in_vdso} samples in the vDSO, {named} with the leaf __vdso_clock_gettime, \
-         {with_callers} with vdso_site <- main; e.g. another leaf: {unnamed:?}"
+         {with_callers} with vdso_site <- main"
     );
     assert!(in_vdso >= 20, "only {in_vdso} samples in the vDSO");
-    assert!(named * 100 >= in_vdso * 95, "{named}/{in_vdso} vDSO leaves named __vdso_clock_gettime: {unnamed:?}");
+    assert!(wrong.is_empty(), "vDSO leaves (offset, name, exported function there): {wrong:?}");
+    // Debian's 5.10 and 6.1 vDSOs keep a helper of it out of line, where
+    // a few percent of the samples fall, unnamed.
+    assert!(named * 100 >= in_vdso * 80, "{named}/{in_vdso} vDSO leaves named __vdso_clock_gettime");
     assert!(with_callers * 100 >= in_vdso * 95, "{with_callers}/{in_vdso} keep vdso_site <- main");
     Ok(())
 }
