@@ -9,7 +9,8 @@
 //! - [`unwind`] — unwind tables built from `.eh_frame`/`.debug_frame` with
 //!   gimli: compact 8-byte rows the in-kernel walker searches, keyed by
 //!   build id and cached on disk.
-//! - [`vdso`] — the vDSO image as a file, so it gets a table like any object.
+//! - [`vdso`] — the vDSO image as a file, so it gets a table like any object,
+//!   and its exported functions, which name the frames in `[vdso]`.
 //!
 //! Nothing here touches BPF: `aperture-probes` loads the tables into the
 //! kernel.

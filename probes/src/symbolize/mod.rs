@@ -18,6 +18,11 @@
 //! - blazesym keeps every file it opened mapped and indexed; at most
 //!   [`SymbolizerLimits::open_files`] stay open, the least recently used is
 //!   evicted from blazesym's cache (its mapping is released).
+//! - Frames in the vDSO are named from its exported functions (`.dynsym`):
+//!   every 64-bit process maps the kernel's one image, so the agent reads
+//!   its own once ([`aperture_symbolize::vdso::VdsoSymbols`]) and checks
+//!   once per process that its `[vdso]` is that image (a 32-bit process's
+//!   is not, and keeps its offsets).
 //! - DWARF is not read by default (file and line stay empty): parsing the
 //!   debug information of large binaries cost more memory and CPU than all
 //!   the rest of the agent, and the function name, which is what profiles
@@ -44,6 +49,7 @@ use std::path::{Path, PathBuf};
 
 use aperture_core::model::{Stack, StackFrame};
 use aperture_symbolize::Bounded;
+use aperture_symbolize::vdso::{VDSO_PATH, VdsoSymbols};
 use blazesym::MaybeDefault;
 use blazesym::symbolize::evict::{self, Evict};
 use blazesym::symbolize::source::{Elf, Kernel, Source};
@@ -146,6 +152,9 @@ pub struct Symbolizer {
     file_paths: Bounded<(u64, u64), PathBuf>,
     /// The separate debug file of each (dev, inode) looked for, if installed.
     debug_files: Bounded<(u64, u64), Option<DebugFile>>,
+    /// Whether the `[vdso]` of each (pid, mapping address) seen is the
+    /// agent's own image.
+    vdso_images: Bounded<(u32, u64), bool>,
     /// Files open in blazesym, least recently used first, with their identity.
     open_files: Vec<(PathBuf, (u64, u64))>,
     /// A file was opened (and its symbol table indexed, touching all of it)
@@ -196,6 +205,7 @@ impl Symbolizer {
             processes: Processes::new(limits.processes),
             file_paths: Bounded::new(limits.processes.max(64) * 4),
             debug_files: Bounded::new(limits.processes.max(64) * 4),
+            vdso_images: Bounded::new(limits.processes.max(64)),
             open_files: Vec::new(),
             opened_since_release: false,
             stats: SymbolizeStats::default(),
@@ -209,7 +219,8 @@ impl Symbolizer {
                 + self.user.evicted()
                 + self.processes.evicted()
                 + self.file_paths.evicted()
-                + self.debug_files.evicted(),
+                + self.debug_files.evicted()
+                + self.vdso_images.evicted(),
             ..self.stats
         }
     }
@@ -319,6 +330,16 @@ impl Symbolizer {
         };
         let module = Path::new(&m.path).file_name().map_or_else(|| m.path.clone(), |n| n.to_string_lossy().into());
         let mut frame = StackFrame { address: addr, module_offset: file_offset, module, ..StackFrame::default() };
+        if m.path == VDSO_PATH {
+            match self.vdso_symbol(pid, &m, lookup) {
+                Some(name) => {
+                    self.stats.resolved += 1;
+                    frame.symbol = name.to_owned();
+                }
+                None => self.stats.unresolved += 1,
+            }
+            return frame;
+        }
         let id = (span.dev, span.inode);
         let path = if span.inode == 0 { None } else { self.openable_path(pid, &m) };
         let Some(path) = path else {
@@ -388,6 +409,20 @@ impl Symbolizer {
         }
         let debug = self.debug_files.get(&id)?.as_ref()?;
         Some((debug.path.clone(), debug.virtual_offset(offset)?))
+    }
+
+    /// The vDSO function at file offset `lookup` of `pid`'s `[vdso]`
+    /// mapping `m`. The kernel maps one image into every 64-bit process,
+    /// so the agent's own, parsed once, names them all; whether a
+    /// process's mapping is that image (not a 32-bit process's) is checked
+    /// once per process and mapping address.
+    fn vdso_symbol(&mut self, pid: u32, m: &Mapping, lookup: u64) -> Option<&'static str> {
+        let own = VdsoSymbols::own()?;
+        let same = self.vdso_images.get_or_insert_with((pid, m.start), || own.is_image_of(pid, m.start, m.end));
+        if !*same {
+            return None;
+        }
+        own.at_offset(lookup).map(|s| &*s.name)
     }
 
     /// Drops this process's page-table references to the pages of the files
@@ -629,6 +664,57 @@ mod tests {
         let frame = s.stack(pid, &[], &[addr]).frames.remove(0);
         assert_eq!(frame.symbol, "start_thread", "{frame:?}");
         assert!(frame.module.starts_with("libc.so"), "{frame:?}");
+    }
+
+    #[test]
+    fn frames_in_the_vdso_are_named() {
+        let pid = std::process::id();
+        let vdso = read_maps(pid).and_then(|maps| maps.into_iter().find(|m| m.path == VDSO_PATH));
+        let (Some(vdso), Some(own)) = (vdso, VdsoSymbols::own()) else {
+            panic!("this process maps a vDSO and reads it");
+        };
+        let strong = own.symbols().iter().filter(|s| !s.weak && s.size > 4);
+        let count = strong.clone().count() as u64;
+        assert!(count >= 2, "the vDSO exports functions");
+        for with_query in [true, false] {
+            let mut s = Symbolizer::new();
+            if !with_query {
+                s.processes = Processes::new(4).without_procmap_query();
+            }
+            for sym in strong.clone() {
+                // Linked at 0 and mapped from offset 0 (as the kernel does).
+                assert_eq!(own.vaddr(sym.addr - vdso.offset), Some(sym.addr));
+                let addr = vdso.start + sym.addr - vdso.offset + 4;
+                let frame = s.stack(pid, &[], &[addr]).frames.remove(0);
+                assert_eq!(frame.symbol, &*sym.name, "{frame:?}");
+                assert_eq!((frame.module.as_str(), frame.module_offset), (VDSO_PATH, sym.addr + 4));
+            }
+            assert_eq!(s.stats().resolved, count);
+        }
+    }
+
+    #[test]
+    fn another_vdso_image_is_not_named_from_the_own() {
+        let own = VdsoSymbols::own().expect("this process reads its vDSO");
+        let sym = own.symbols().iter().find(|s| s.size > 4).expect("the vDSO exports functions");
+        // A mapping called [vdso] of the same length, but other bytes (as
+        // a 32-bit process's vDSO would be).
+        let other = vec![0u8; own.image_len() as usize];
+        let start = other.as_ptr() as u64;
+        let m = Mapping {
+            start,
+            end: start + own.image_len(),
+            offset: 0,
+            dev: 0,
+            inode: 0,
+            path: VDSO_PATH.to_owned(),
+            build_id: Box::default(),
+        };
+        let mut s = Symbolizer::new();
+        assert_eq!(s.vdso_symbol(std::process::id(), &m, sym.addr + 4), None);
+        // Of another length: not even read.
+        let shorter = Mapping { end: start + 0x1000, ..m };
+        assert_eq!(Symbolizer::new().vdso_symbol(std::process::id(), &shorter, sym.addr + 4), None);
     }
 
     fn unsafe_free_is_root() -> bool {
