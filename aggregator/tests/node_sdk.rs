@@ -15,6 +15,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use aperture_aggregator::Aggregator;
+use common::folded;
 use common::http::get;
 
 const TOKEN: &str = "sdk-node-secret";
@@ -82,12 +83,6 @@ fn node(test: &str, dir: &std::path::Path) -> Option<String> {
             None
         }
     }
-}
-
-async fn folded(addr: std::net::SocketAddr, query: &str) -> String {
-    let r = get(addr, &format!("/api/v1/profile?format=folded&from=-10m&{query}")).await;
-    assert_eq!(r.status, 200, "{query}: {}", r.text());
-    r.text()
 }
 
 /// Whether a stack has the caller, then (deeper) the leaf. The SDK names

@@ -64,24 +64,11 @@ server.wait_for_termination()
 "#;
 
 fn python(test: &str) -> Option<String> {
-    let python = std::env::var("APERTURE_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let probe = "import grpc, opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2_grpc";
-    match std::process::Command::new(&python).args(["-c", probe]).output() {
-        Ok(out) if out.status.success() => Some(python),
-        Ok(_) => {
-            aperture_testkit::skip(
-                test,
-                &format!(
-                    "{python} lacks the opentelemetry-proto or grpcio package (pip install opentelemetry-proto grpcio)"
-                ),
-            );
-            None
-        }
-        Err(e) => {
-            aperture_testkit::skip(test, &format!("cannot run {python}: {e}"));
-            None
-        }
-    }
+    common::python_with(
+        test,
+        "import grpc, opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2_grpc",
+        "pip install opentelemetry-proto grpcio",
+    )
 }
 
 type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;

@@ -11,6 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use aperture_aggregator::Aggregator;
+use common::folded;
 use common::http::get;
 
 const TOKEN: &str = "sdk-push-secret";
@@ -47,34 +48,10 @@ pyroscope.shutdown()
 "#;
 
 /// The python to use and whether it has the package; `None` after reporting the skip.
-fn python(test: &str) -> Option<String> {
-    let python = std::env::var("APERTURE_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    match std::process::Command::new(&python).args(["-c", "import pyroscope"]).output() {
-        Ok(out) if out.status.success() => Some(python),
-        Ok(_) => {
-            aperture_testkit::skip(
-                test,
-                &format!("{python} lacks the pyroscope-io package (pip install pyroscope-io)"),
-            );
-            None
-        }
-        Err(e) => {
-            aperture_testkit::skip(test, &format!("cannot run {python}: {e}"));
-            None
-        }
-    }
-}
-
-async fn folded(addr: std::net::SocketAddr, query: &str) -> String {
-    let r = get(addr, &format!("/api/v1/profile?format=folded&from=-10m&{query}")).await;
-    assert_eq!(r.status, 200, "{query}: {}", r.text());
-    r.text()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_pushes_profiles_stored_under_its_service_and_tags() {
     let test = "the_python_sdk_pushes_profiles_stored_under_its_service_and_tags";
-    let Some(python) = python(test) else { return };
+    let Some(python) = common::python_with(test, "import pyroscope", "pip install pyroscope-io") else { return };
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = common::settings(dir.path());
     settings.ingest_token = Some(TOKEN.into());

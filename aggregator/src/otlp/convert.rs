@@ -16,16 +16,7 @@ use aperture_transport::server::otlp::proto::profiles::{Profile, ProfilesDiction
 
 use crate::store::{MAX_TAGS, valid_tag};
 
-/// Why a request cannot be taken.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub(crate) enum ConvertError {
-    /// Malformed: an index outside its table, a bad value.
-    #[error("{0}")]
-    Bad(String),
-    /// Over a limit (labels per series).
-    #[error("{0}")]
-    TooLarge(String),
-}
+pub(crate) use crate::pyroscope::ConvertError;
 
 fn bad(message: impl Into<String>) -> ConvertError {
     ConvertError::Bad(message.into())

@@ -39,7 +39,8 @@ use base64::Engine;
 use subtle::ConstantTimeEq;
 
 use crate::http::state::{AppState, bearer_token, error_response, token_digest};
-use convert::{ConvertError, from_folded, gunzip, parse_name};
+pub(crate) use convert::ConvertError;
+use convert::{from_folded, gunzip, parse_name};
 use pprof::from_pprof;
 
 /// Label values of `aperture_push_requests_total{result}`.

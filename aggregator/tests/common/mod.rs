@@ -235,3 +235,29 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// The Python interpreter of the SDK tests (`APERTURE_TEST_PYTHON`, else
+/// `python3`) if it can run `import_line`; otherwise the test is reported
+/// skipped by name, with `install` as what to do.
+pub fn python_with(test: &str, import_line: &str, install: &str) -> Option<String> {
+    let python = std::env::var("APERTURE_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    match std::process::Command::new(&python).args(["-c", import_line]).output() {
+        Ok(out) if out.status.success() => Some(python),
+        Ok(_) => {
+            aperture_testkit::skip(test, &format!("{python} cannot `{import_line}` ({install})"));
+            None
+        }
+        Err(e) => {
+            aperture_testkit::skip(test, &format!("cannot run {python}: {e}"));
+            None
+        }
+    }
+}
+
+/// The folded profile of the last ten minutes matching `query`, from an
+/// aggregator without a read token.
+pub async fn folded(addr: SocketAddr, query: &str) -> String {
+    let r = http::get(addr, &format!("/api/v1/profile?format=folded&from=-10m&{query}")).await;
+    assert_eq!(r.status, 200, "{query}: {}", r.text());
+    r.text()
+}
