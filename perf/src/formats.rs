@@ -152,18 +152,17 @@ mod pprof {
     }
 }
 
-/// The batch as a pprof CPU profile (`samples`/`count` and
-/// `cpu`/`nanoseconds`, as the Go SDK sends), gzipped: one sample per
-/// (process, stack) with a `pid` label, one location per frame address, one
-/// function per symbol, one mapping per module.
+/// The batch as a pprof CPU profile of sample counts (`samples`/`count`,
+/// period `cpu`/`nanoseconds`), gzipped: one sample per (process, stack)
+/// with a `pid` label, one location per frame address, one function per
+/// symbol, one mapping per module. The Go SDK also sends `cpu`/`nanoseconds`
+/// values, which the aggregator stores as a second profile type: left out,
+/// so that every format stores the same rows.
 pub fn pprof_gzip(batch: &Batch) -> anyhow::Result<Vec<u8>> {
     let (counts, time_ns) = counts(batch);
     let mut s = Strings::new();
     let mut p = pprof::Profile {
-        sample_type: vec![
-            pprof::ValueType { r#type: s.get("samples") as i64, unit: s.get("count") as i64 },
-            pprof::ValueType { r#type: s.get("cpu") as i64, unit: s.get("nanoseconds") as i64 },
-        ],
+        sample_type: vec![pprof::ValueType { r#type: s.get("samples") as i64, unit: s.get("count") as i64 }],
         period_type: Some(pprof::ValueType { r#type: s.get("cpu") as i64, unit: s.get("nanoseconds") as i64 }),
         period: PERIOD_NS,
         time_nanos: time_ns as i64,
@@ -207,7 +206,7 @@ pub fn pprof_gzip(batch: &Batch) -> anyhow::Result<Vec<u8>> {
         let pid = batch.targets.get(target as usize).map(|t| t.pid).unwrap_or(0);
         p.sample.push(pprof::Sample {
             location_id: stacks.get(stack as usize).cloned().unwrap_or_default(),
-            value: vec![n as i64, n as i64 * PERIOD_NS],
+            value: vec![n as i64],
             label: vec![pprof::Label { key: pid_key, str: s.get(&pid.to_string()) as i64 }],
         });
     }

@@ -30,7 +30,7 @@ use serde::Deserialize;
 use crate::formats::{otlp_http_gzip, otlp_request, pprof_gzip, pyroscope_query};
 use crate::harness::{Metric, Scenario};
 use crate::load::{loopback_bytes, synthetic_batch, thread_cpu_seconds};
-use crate::push::{HttpPost, PushLimits, PushOutcome};
+use crate::push::{HttpPost, Measure, PushLimits, PushOutcome};
 
 const TOKEN: &str = "bench-ingest-token";
 
@@ -118,6 +118,62 @@ struct Measured {
     loopback_bytes: u64,
 }
 
+/// Pushes copies of `batch` as `side` into `daemon`, with the push proper
+/// inside `measure`; returns the size of one request's body.
+fn push(
+    side: &str,
+    daemon: &Daemon,
+    batch: &Batch,
+    limits: PushLimits,
+    load_rt: &tokio::runtime::Runtime,
+    measure: Measure,
+) -> anyhow::Result<usize> {
+    let http = daemon.http_addr();
+    match side {
+        "aperture-quic" | "aperture-grpc" => {
+            let grpc = side == "aperture-grpc";
+            let addr = if grpc { daemon.grpc_addr() } else { daemon.quic_addr() };
+            let addr = addr.context("the aggregator has no agent ingress")?;
+            let id = FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([0xb1; 16]), sequence: 1 };
+            let template = encode_batch(batch, id, 0, &DecodeLimits::default())?;
+            crate::push::frames(addr, grpc, TOKEN, &daemon.fingerprint(), &template, limits, measure)?;
+            Ok(template.len())
+        }
+        "pyroscope-ingest" => {
+            let body = Bytes::from(pprof_gzip(batch)?);
+            let len = body.len();
+            let req = HttpPost {
+                path: format!("/ingest?{}", pyroscope_query(batch)),
+                content_type: "application/octet-stream",
+                content_encoding: None,
+                body,
+            };
+            crate::push::http(load_rt, http, TOKEN, &req, limits, measure)?;
+            Ok(len)
+        }
+        "otlp-http" => {
+            let body = Bytes::from(otlp_http_gzip(&otlp_request(batch))?);
+            let len = body.len();
+            let req = HttpPost {
+                path: "/v1development/profiles".into(),
+                content_type: "application/x-protobuf",
+                content_encoding: Some("gzip"),
+                body,
+            };
+            crate::push::http(load_rt, http, TOKEN, &req, limits, measure)?;
+            Ok(len)
+        }
+        "otlp-grpc" => {
+            let request = otlp_request(batch);
+            let addr = daemon.otlp_grpc_addr().context("the aggregator has no OTLP gRPC listener")?;
+            crate::push::otlp_grpc(load_rt, addr, TOKEN, &request, limits, measure)?;
+            // tonic compresses the message as the HTTP side's gzip does.
+            Ok(otlp_http_gzip(&request)?.len())
+        }
+        other => bail!("unknown side {other}; known: {}", SIDES.join(", ")),
+    }
+}
+
 impl Scenario for IngestFormats {
     fn sides(&self) -> Vec<String> {
         match &self.params.sides {
@@ -171,51 +227,9 @@ impl Scenario for IngestFormats {
             };
             Ok(())
         };
-        let http = daemon.http_addr();
-        let (pushed, payload_bytes) = match side {
-            "aperture-quic" | "aperture-grpc" => {
-                let grpc = side == "aperture-grpc";
-                let addr = if grpc { daemon.grpc_addr() } else { daemon.quic_addr() };
-                let addr = addr.context("the aggregator has no agent ingress")?;
-                let id = FrameId { agent_id: AgentId([1; 16]), boot_id: BootId([0xb1; 16]), sequence: 1 };
-                let template = encode_batch(&batch, id, 0, &DecodeLimits::default())?;
-                let len = template.len();
-                let r = crate::push::frames(addr, grpc, TOKEN, &daemon.fingerprint(), &template, limits, &mut measure);
-                (r, len)
-            }
-            "pyroscope-ingest" => {
-                let body = Bytes::from(pprof_gzip(&batch)?);
-                let len = body.len();
-                let req = HttpPost {
-                    path: format!("/ingest?{}", pyroscope_query(&batch)),
-                    content_type: "application/octet-stream",
-                    content_encoding: None,
-                    body,
-                };
-                (crate::push::http(load_rt, http, TOKEN, &req, limits, &mut measure), len)
-            }
-            "otlp-http" => {
-                let body = Bytes::from(otlp_http_gzip(&otlp_request(&batch))?);
-                let len = body.len();
-                let req = HttpPost {
-                    path: "/v1development/profiles".into(),
-                    content_type: "application/x-protobuf",
-                    content_encoding: Some("gzip"),
-                    body,
-                };
-                (crate::push::http(load_rt, http, TOKEN, &req, limits, &mut measure), len)
-            }
-            "otlp-grpc" => {
-                let request = otlp_request(&batch);
-                // tonic compresses the message as the HTTP side's gzip does.
-                let len = otlp_http_gzip(&request)?.len();
-                let addr = daemon.otlp_grpc_addr().context("the aggregator has no OTLP gRPC listener")?;
-                (crate::push::otlp_grpc(load_rt, addr, TOKEN, &request, limits, &mut measure), len)
-            }
-            other => bail!("unknown side {other}; known: {}", SIDES.join(", ")),
-        };
+        let pushed = push(side, &daemon, &batch, limits, load_rt, &mut measure);
         let stopped = agg_rt.block_on(daemon.shutdown()).context("stopping the aggregator");
-        pushed?;
+        let payload_bytes = pushed?;
         stopped?;
         let m = measured;
         if let Some(e) = &m.outcome.first_error {
@@ -252,6 +266,66 @@ mod tests {
         let otlp = otlp_http_gzip(&otlp_request(&b)).expect("gzip");
         assert!(otlp.len() < otlp_request(&b).encoded_len());
         assert!(pyroscope_query(&b).contains("format=pprof"));
+    }
+
+    /// Sums the counts of a folded profile (`frame;frame;... count` lines).
+    fn folded_total(text: &str) -> (u64, usize) {
+        let counts: Vec<u64> = text.lines().filter_map(|l| l.rsplit_once(' ')?.1.parse().ok()).collect();
+        (counts.iter().sum(), counts.len())
+    }
+
+    #[test]
+    fn every_side_commits_the_same_samples_and_stacks() {
+        let agg_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+        let load_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+        let limits = PushLimits {
+            clients: 1,
+            in_flight: 1,
+            duration: Duration::from_secs(30),
+            max_per_client: 1,
+            drain_timeout: Duration::from_secs(30),
+        };
+        let b = batch(800, 100).expect("batch");
+        // Folded profiles name frames by symbol: stacks alike by name are one line.
+        let names: std::collections::HashSet<Vec<&str>> =
+            b.stacks.iter().map(|s| s.frames.iter().map(|f| f.symbol.as_str()).collect()).collect();
+        for side in SIDES {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let daemon = agg_rt.block_on(Daemon::start(&config(dir.path()))).expect("aggregator");
+            let mut outcome = None;
+            let mut measure = |push: &mut dyn FnMut() -> anyhow::Result<PushOutcome>| -> anyhow::Result<()> {
+                outcome = Some(push()?);
+                Ok(())
+            };
+            push(side, &daemon, &b, limits, &load_rt, &mut measure).expect("push");
+            let outcome = outcome.expect("pushed");
+            assert_eq!((outcome.committed, outcome.errors), (1, 0), "{side}: {:?}", outcome.first_error);
+            let get = |path: &str| {
+                let r = crate::sys::http(daemon.http_addr(), "GET", path, Some(TOKEN), b"", Duration::from_secs(10))
+                    .expect("query");
+                assert_eq!(r.status, 200, "{side} {path}: {}", r.text());
+                r.text()
+            };
+            let types: serde_json::Value =
+                serde_json::from_str(&get("/api/v1/labels/type/values?from=-10m")).expect("json");
+            let types: Vec<String> = types["values"]
+                .as_array()
+                .expect("values")
+                .iter()
+                .filter_map(|t| Some(t.as_str()?.to_owned()))
+                .collect();
+            // Every side stores the 800 samples over the same stacks: agents' frames
+            // as the cpu mode, pushes under their CPU sample-count type.
+            let stored: Vec<(String, (u64, usize))> = std::iter::once("mode=cpu".to_owned())
+                .chain(types.iter().map(|t| format!("type={t}")))
+                .map(|q| {
+                    let folded = get(&format!("/api/v1/profile?format=folded&from=-10m&{q}"));
+                    (q, folded_total(&folded))
+                })
+                .collect();
+            assert!(stored.iter().any(|(_, s)| *s == (800, names.len())), "{side}: {stored:?}");
+            agg_rt.block_on(daemon.shutdown()).expect("shutdown");
+        }
     }
 
     #[test]
