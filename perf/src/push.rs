@@ -81,8 +81,9 @@ impl Tally {
     }
 }
 
-/// Calls `measured` around the push proper: it is given a function that
-/// runs the push (connections are already set up) and returns its outcome.
+/// What the caller wraps around the push proper, to read its clocks and
+/// counters before and after: it is given a function that runs the push
+/// (connections already set up) and returns what the clients saw.
 pub type Measure<'a> = &'a mut dyn FnMut(&mut dyn FnMut() -> anyhow::Result<PushOutcome>) -> anyhow::Result<()>;
 
 fn agent_id(i: usize) -> AgentId {
