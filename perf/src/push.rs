@@ -8,7 +8,7 @@
 //! - Aperture agents ([`Client`], QUIC or gRPC), a thread each;
 //! - HTTP/1.1 POSTs (Pyroscope `/ingest`, OTLP/HTTP), one kept-alive
 //!   connection per outstanding request, on a tokio runtime;
-//! - OTLP gRPC `ProfilesService/Export` (tonic, gzip), one channel per
+//! - OTLP gRPC `ProfilesService/Export` (gzip), one HTTP/2 connection per
 //!   client with its requests multiplexed on it.
 
 use std::net::SocketAddr;
@@ -21,8 +21,6 @@ use anyhow::Context;
 use aperture_core::frame::{FrameBuf, FrameId};
 use aperture_core::ids::{AgentId, BootId};
 use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
-use aperture_transport::server::otlp::proto::collector::ExportProfilesServiceRequest;
-use aperture_transport::server::otlp::proto::collector::profiles_service_client::ProfilesServiceClient;
 use aperture_transport::tls::ClientTlsConfig;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -327,48 +325,98 @@ fn drain(
     Ok(tally.outcome())
 }
 
-/// OTLP gRPC exporters (tonic, gzip-compressed requests) call
-/// `ProfilesService/Export` with `request`; `in_flight` calls share each
-/// client's channel.
+/// The gRPC path of OTLP's `ProfilesService/Export`.
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export";
+
+/// A gzip-compressed gRPC message: the compressed flag, the length, the bytes.
+pub fn grpc_message(gzipped: &[u8]) -> anyhow::Result<Bytes> {
+    let len = u32::try_from(gzipped.len()).context("message over 4 GiB")?;
+    let mut m = Vec::with_capacity(5 + gzipped.len());
+    m.push(1);
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(gzipped);
+    Ok(Bytes::from(m))
+}
+
+type Sender2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// One unary gRPC call over HTTP/2; `Err` with the status when refused.
+async fn grpc_call(sender: &mut Sender2, addr: SocketAddr, token: &str, message: &Bytes) -> anyhow::Result<()> {
+    sender.ready().await.context("connection closed")?;
+    let req = hyper::Request::post(format!("http://{addr}{EXPORT_PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-encoding", "gzip")
+        .header("grpc-accept-encoding", "gzip")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(message.clone()))?;
+    let response = sender.send_request(req).await?;
+    let (head, body) = response.into_parts();
+    let collected = body.collect().await?;
+    // A trailers-only answer carries the status in its headers.
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let field = |name: &str| {
+        trailers.get(name).or_else(|| head.headers.get(name)).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+    };
+    let status = field("grpc-status");
+    anyhow::ensure!(
+        head.status.is_success() && status == "0",
+        "HTTP {} grpc-status {status:?}: {}",
+        head.status,
+        field("grpc-message")
+    );
+    Ok(())
+}
+
+/// OTLP gRPC exporters call `ProfilesService/Export` with `message` (see
+/// [`grpc_message`]: the request protobuf, gzipped once); each client has
+/// one HTTP/2 connection with its `in_flight` calls multiplexed on it. The
+/// gRPC framing is written here rather than by a gRPC library: only the
+/// transport crate may use tonic, and a message compressed once keeps the
+/// clients' CPU (on the same machine) out of the aggregator's way.
 pub fn otlp_grpc(
     rt: &tokio::runtime::Runtime,
     addr: SocketAddr,
     token: &str,
-    request: &ExportProfilesServiceRequest,
+    message: &Bytes,
     limits: PushLimits,
     measure: Measure,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(addr.ip().is_loopback(), "refusing to push to {addr}: loopback only");
-    let mut channels = Vec::with_capacity(limits.clients);
+    let mut senders = Vec::with_capacity(limits.clients);
     for _ in 0..limits.clients {
-        let c = rt
-            .block_on(ProfilesServiceClient::connect(format!("http://{addr}")))
-            .with_context(|| format!("connecting to the OTLP gRPC listener {addr}"))?;
-        channels.push(c.send_compressed(tonic::codec::CompressionEncoding::Gzip));
+        let sender = rt.block_on(async {
+            let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+            stream.set_nodelay(true)?;
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+                    .await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            anyhow::Ok(sender)
+        });
+        senders.push(sender.with_context(|| format!("connecting to the OTLP gRPC listener {addr}"))?);
     }
-    let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-        format!("Bearer {token}").parse().context("token as gRPC metadata")?;
     let per_task = limits.max_per_client.div_ceil(limits.in_flight.max(1) as u64);
     let mut push = || -> anyhow::Result<PushOutcome> {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());
         let mut tasks = tokio::task::JoinSet::new();
-        for channel in &channels {
+        for sender in &senders {
             for _ in 0..limits.in_flight.max(1) {
-                let (mut client, stop, tally) = (channel.clone(), Arc::clone(&stop), Arc::clone(&tally));
-                let (request, bearer) = (request.clone(), bearer.clone());
+                let (mut sender, stop, tally) = (sender.clone(), Arc::clone(&stop), Arc::clone(&tally));
+                let (message, token) = (message.clone(), token.to_owned());
                 tasks.spawn_on(
                     async move {
                         let mut sent = 0u64;
                         while !stop.load(Relaxed) && sent < per_task {
                             sent += 1;
-                            let mut r = tonic::Request::new(request.clone());
-                            r.metadata_mut().insert("authorization", bearer.clone());
-                            match client.export(r).await {
-                                Ok(_) => {
+                            match grpc_call(&mut sender, addr, &token, &message).await {
+                                Ok(()) => {
                                     tally.ok.fetch_add(1, Relaxed);
                                 }
-                                Err(status) => tally.error(format!("gRPC {:?}: {}", status.code(), status.message())),
+                                Err(e) => tally.error(format!("{e:#}")),
                             }
                         }
                         tally.finished.fetch_add(1, Relaxed);

@@ -164,11 +164,10 @@ fn push(
             Ok(len)
         }
         "otlp-grpc" => {
-            let request = otlp_request(batch);
+            let gzipped = otlp_http_gzip(&otlp_request(batch))?;
             let addr = daemon.otlp_grpc_addr().context("the aggregator has no OTLP gRPC listener")?;
-            crate::push::otlp_grpc(load_rt, addr, TOKEN, &request, limits, measure)?;
-            // tonic compresses the message as the HTTP side's gzip does.
-            Ok(otlp_http_gzip(&request)?.len())
+            crate::push::otlp_grpc(load_rt, addr, TOKEN, &crate::push::grpc_message(&gzipped)?, limits, measure)?;
+            Ok(gzipped.len())
         }
         other => bail!("unknown side {other}; known: {}", SIDES.join(", ")),
     }
