@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Scenarios: `codec`, `probes`, `ingest`, `writer`, `storage`, `query`,
-//! `freshness`, `agent` (see `perf/README.md` for what each measures and
+//! `freshness`, `agent`, `ingest_formats` (see `perf/README.md` for what each measures and
 //! how). Every comparison runs its sides in the same run, alternating, and
 //! every load generator is bounded in time and count and sends only to
 //! loopback. Scenarios that load BPF programs or start the agent need root;
@@ -16,8 +16,10 @@
 
 mod burn;
 mod clickhouse;
+mod formats;
 mod harness;
 mod load;
+mod push;
 mod scenarios;
 mod stats;
 mod sys;

@@ -4,6 +4,7 @@ mod agent;
 mod codec;
 mod freshness;
 mod ingest;
+mod ingest_formats;
 mod probes;
 mod query;
 mod storage;
@@ -16,7 +17,8 @@ use anyhow::bail;
 use crate::harness::{Scenario, ScenarioFile};
 
 /// Every scenario, in the order `list` shows them.
-pub const NAMES: &[&str] = &["codec", "probes", "ingest", "writer", "storage", "query", "freshness", "agent"];
+pub const NAMES: &[&str] =
+    &["codec", "probes", "ingest", "writer", "storage", "query", "freshness", "agent", "ingest_formats"];
 
 /// Builds the scenario a file describes.
 pub fn build(file: &ScenarioFile, quick: bool, root: &Path) -> anyhow::Result<Box<dyn Scenario>> {
@@ -29,6 +31,7 @@ pub fn build(file: &ScenarioFile, quick: bool, root: &Path) -> anyhow::Result<Bo
         "query" => Box::new(query::Query::new(file.params(quick)?)),
         "freshness" => Box::new(freshness::Freshness::new(file.params(quick)?, root.to_owned())),
         "agent" => Box::new(agent::AgentScenario::new(file.params(quick)?, root.to_owned())),
+        "ingest_formats" => Box::new(ingest_formats::IngestFormats::new(file.params(quick)?)),
         other => bail!("unknown scenario `{other}`; known: {}", NAMES.join(", ")),
     })
 }
