@@ -11,6 +11,7 @@
 //! run (both directions, every process on the machine): an upper bound.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -208,34 +209,17 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
         })
         .context("acker thread")?;
     let addr = server.grpc_addr().context("server has no gRPC address")?;
-    let mut clients = Vec::with_capacity(cfg.agents);
-    for i in 0..cfg.agents {
-        let client_cfg = ClientConfig {
-            aggregator: addr.to_string(),
-            token: Some(TOKEN.into()),
-            tls: ClientTlsConfig {
-                fingerprint: Some(server.fingerprint()),
-                insecure_plaintext: !cfg.grpc_tls,
-                ..Default::default()
-            },
-            carrier: if cfg.carrier == Carrier::Quic { CarrierChoice::Quic } else { CarrierChoice::Grpc },
-            quic_port: server.quic_addr().map(|a| a.port()),
-            ..ClientConfig::default()
-        };
-        let id = AgentIdentity {
-            agent_id: agent_id(i),
-            boot_id: BootId([0xb0; 16]),
-            node: format!("bench-{i}"),
-            agent_version: "bench".into(),
-        };
-        clients.push(Arc::new(Client::start(client_cfg, id).context("starting a bench client")?));
-    }
-    // Let every client connect before measuring (bounded).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while clients.iter().any(|c| !c.stats().established) {
-        anyhow::ensure!(Instant::now() < deadline, "bench clients did not connect within 20 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let carrier = if cfg.carrier == Carrier::Quic { CarrierChoice::Quic } else { CarrierChoice::Grpc };
+    let clients = connect_agents(
+        cfg.agents,
+        addr,
+        server.quic_addr(),
+        carrier,
+        !cfg.grpc_tls,
+        TOKEN,
+        &server.fingerprint(),
+        0xb0,
+    )?;
     let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
     let cpu0 = thread_cpu_seconds("agg-");
     let lo0 = loopback_bytes();
@@ -318,10 +302,54 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
     Ok(LoadReport { ack_latencies, dropped, ..report })
 }
 
-fn agent_id(i: usize) -> AgentId {
+pub(crate) fn agent_id(i: usize) -> AgentId {
     let mut id = AgentId([0xa5; 16]);
     id.0[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
     id
+}
+
+/// Starts `n` simulated agents (ids `agent_id(i)`, boot id `boot` repeated,
+/// nodes `bench-<i>`) pushing to `addr` over `carrier` (QUIC on `quic`'s
+/// port), and waits (at most 20 s) until every one has a session.
+#[allow(clippy::too_many_arguments, reason = "the connection's parts, each needed")]
+pub(crate) fn connect_agents(
+    n: usize,
+    addr: SocketAddr,
+    quic: Option<SocketAddr>,
+    carrier: CarrierChoice,
+    plaintext: bool,
+    token: &str,
+    fingerprint: &str,
+    boot: u8,
+) -> anyhow::Result<Vec<Arc<Client>>> {
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let cfg = ClientConfig {
+            aggregator: addr.to_string(),
+            token: Some(token.into()),
+            tls: ClientTlsConfig {
+                fingerprint: Some(fingerprint.into()),
+                insecure_plaintext: plaintext,
+                ..Default::default()
+            },
+            carrier,
+            quic_port: quic.map(|a| a.port()),
+            ..ClientConfig::default()
+        };
+        let identity = AgentIdentity {
+            agent_id: agent_id(i),
+            boot_id: BootId([boot; 16]),
+            node: format!("bench-{i}"),
+            agent_version: "bench".into(),
+        };
+        clients.push(Arc::new(Client::start(cfg, identity).context("starting a simulated agent")?));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while clients.iter().any(|c| !c.stats().established) {
+        anyhow::ensure!(Instant::now() < deadline, "simulated agents did not connect within 20 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(clients)
 }
 
 #[cfg(test)]

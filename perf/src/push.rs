@@ -19,14 +19,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aperture_core::frame::{FrameBuf, FrameId};
-use aperture_core::ids::{AgentId, BootId};
-use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
-use aperture_transport::tls::ClientTlsConfig;
+use aperture_core::ids::BootId;
+use aperture_transport::client::CarrierChoice;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
-use crate::load::restamp;
+use crate::load::{agent_id, connect_agents, restamp};
 
 /// How long the pushers keep going, and how many each keeps outstanding.
 #[derive(Clone, Copy, Debug)]
@@ -84,12 +83,6 @@ impl Tally {
 /// (connections already set up) and returns what the clients saw.
 pub type Measure<'a> = &'a mut dyn FnMut(&mut dyn FnMut() -> anyhow::Result<PushOutcome>) -> anyhow::Result<()>;
 
-fn agent_id(i: usize) -> AgentId {
-    let mut id = AgentId([0xf0; 16]);
-    id.0[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-    id
-}
-
 /// Aperture agents over QUIC (`grpc` false) or gRPC push copies of
 /// `template`; a frame acknowledged is a frame committed.
 pub fn frames(
@@ -102,33 +95,9 @@ pub fn frames(
     measure: Measure,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(addr.ip().is_loopback(), "refusing to push to {addr}: loopback only");
-    let mut clients = Vec::with_capacity(limits.clients);
-    for i in 0..limits.clients {
-        let cfg = ClientConfig {
-            aggregator: addr.to_string(),
-            token: Some(token.into()),
-            tls: ClientTlsConfig {
-                fingerprint: Some(fingerprint.into()),
-                insecure_plaintext: grpc,
-                ..Default::default()
-            },
-            carrier: if grpc { CarrierChoice::Grpc } else { CarrierChoice::Quic },
-            quic_port: (!grpc).then_some(addr.port()),
-            ..ClientConfig::default()
-        };
-        let identity = AgentIdentity {
-            agent_id: agent_id(i),
-            boot_id: BootId([0xb1; 16]),
-            node: format!("bench-{i}"),
-            agent_version: "perf".into(),
-        };
-        clients.push(Arc::new(Client::start(cfg, identity).context("starting a simulated agent")?));
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while clients.iter().any(|c| !c.stats().established) {
-        anyhow::ensure!(Instant::now() < deadline, "simulated agents did not connect within 20 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let carrier = if grpc { CarrierChoice::Grpc } else { CarrierChoice::Quic };
+    let quic = (!grpc).then_some(addr);
+    let clients = connect_agents(limits.clients, addr, quic, carrier, grpc, token, fingerprint, 0xb1)?;
     let mut push = || -> anyhow::Result<PushOutcome> {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());
