@@ -6,6 +6,7 @@ use regex::{Regex, RegexBuilder};
 
 use super::connect::Failure;
 use crate::http::params::Which;
+use crate::http::params::lock_classes;
 use crate::http::state::AppState;
 use crate::query;
 use crate::store::{LabelFilter, LabelName, Selector, SetFilter, SetLabel, valid_tag};
@@ -137,6 +138,7 @@ pub(super) fn parse_matchers(text: &str) -> Result<Vec<(String, String, String)>
 /// Reads matchers (and a profile type id) into a [`Selection`].
 pub(super) fn selection(selectors: &[String], type_id: &str) -> Result<Selection, Failure> {
     let mut sel = Selection::default();
+    let mut lock_class_given = false;
     if !type_id.is_empty() {
         sel.type_parts.push(("id", Matcher::equal(type_id)));
     }
@@ -160,6 +162,18 @@ pub(super) fn selection(selectors: &[String], type_id: &str) -> Result<Selection
                 continue;
             }
             if name.starts_with("__") {
+                continue;
+            }
+            if name == "lock_class" {
+                // As the REST API's `lock_class`: class names or groups, comma-separated.
+                if op != "=" {
+                    return Err(Failure::bad(format!(
+                        "lock_class{op}{value:?}: lock_class takes `=` with class names or groups \
+                         (contention, waiting, kernel, all), comma-separated"
+                    )));
+                }
+                sel.filter.lock_kinds = lock_classes(&value).map_err(|e| Failure::bad(e.to_string()))?;
+                lock_class_given = true;
                 continue;
             }
             if op != "=" {
@@ -189,6 +203,10 @@ pub(super) fn selection(selectors: &[String], type_id: &str) -> Result<Selection
                 }
             }
         }
+    }
+    if !lock_class_given {
+        // Lock profiles show contention unless asked otherwise, as in the REST API and the UI.
+        sel.filter.lock_kinds = lock_classes("contention").map_err(|e| Failure::bad(e.to_string()))?;
     }
     sel.filter.tags.sort();
     sel.filter.tags.dedup();
@@ -354,4 +372,32 @@ pub(super) fn type_labels(t: &ProfileType) -> Vec<(&'static str, String)> {
         ("__type__", t.sample_type.clone()),
         ("__unit__", t.sample_unit.clone()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use aperture_core::model::LockKind;
+
+    use super::selection;
+
+    fn kinds(selector: &str) -> Option<Vec<LockKind>> {
+        match selection(&[selector.to_owned()], "") {
+            Ok(sel) => sel.filter.lock_kinds,
+            Err(e) => panic!("{selector}: {}", e.1),
+        }
+    }
+
+    #[test]
+    fn lock_classes_default_to_contention_and_follow_a_lock_class_matcher() {
+        let mut contention = LockKind::CONTENTION.to_vec();
+        contention.sort_unstable();
+        assert_eq!(kinds(r#"{service_name="x"}"#), Some(contention));
+        assert_eq!(kinds(r#"{lock_class="all"}"#), None);
+        assert_eq!(kinds(r#"{lock_class="condvar,join"}"#), Some(vec![LockKind::CondVar, LockKind::Join]));
+        for bad in [r#"{lock_class=~"mu.*"}"#, r#"{lock_class="spinning"}"#] {
+            let Err(err) = selection(&[bad.to_owned()], "") else { panic!("{bad} was taken") };
+            assert_eq!(err.0, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+            assert!(err.1.contains("lock_class"), "{bad}: {}", err.1);
+        }
+    }
 }
