@@ -70,20 +70,41 @@ async fn fault_clickhouse_outage() {
     server.pause();
     let mut not_ready = false;
     let mut peak = before;
+    // `buffer.capacity` end to end, from `/metrics`: the accounted buffer
+    // never passes the capacity, and `/readyz` answers 503 while it is at
+    // or above the high-water mark.
+    let mut buffer = BufferTrace::default();
     let until = Instant::now() + Duration::from_secs(20);
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(250)).await;
         peak = peak.max(rss_bytes(pid));
-        if !not_ready {
-            let r = tokio::time::timeout(Duration::from_secs(2), get(agg.http, "/readyz")).await;
-            not_ready = r.is_ok_and(|r| r.status == 503);
-        }
+        let r = tokio::time::timeout(Duration::from_secs(2), get(agg.http, "/readyz")).await;
+        let ready_503 = r.is_ok_and(|r| r.status == 503);
+        not_ready |= ready_503;
+        buffer.sample(&get(agg.http, "/metrics").await.text(), ready_503);
     }
     server.unpause();
     assert!(not_ready, "/readyz never answered 503 while ClickHouse was frozen");
     // The agent produced ~6 MB meanwhile; the aggregator holds at most its
     // 1 MiB buffer of it (plus allocator slack), the rest waits in the agent.
     assert!(peak < before + 48 * 1024 * 1024, "RSS grew from {before} to {peak} bytes during the outage");
+    report(&format!(
+        "fault: clickhouse_outage buffer_peak={} buffer_capacity={} high_water={} \
+         samples_above_high_water={} of {} readyz_503_while_above={} lowest_after_high_water={}",
+        buffer.peak,
+        buffer.capacity,
+        buffer.high_water,
+        buffer.above,
+        buffer.samples,
+        buffer.above_and_503,
+        buffer.lowest_after.unwrap_or(0)
+    ));
+    assert!(buffer.capacity > 0, "the buffer gauges are exported");
+    assert!(buffer.peak <= buffer.capacity, "the accounted buffer passed buffer.capacity: {buffer:?}");
+    assert!(
+        buffer.above > 0 && buffer.above_and_503 > 0,
+        "the buffer reached its high-water mark with /readyz 503: {buffer:?}"
+    );
 
     let sent = agent.finish().await;
     let stored = cpu_total(&agg, t0 - 20, t0 + 400).await / 5;
@@ -94,6 +115,39 @@ async fn fault_clickhouse_outage() {
     let ready = get(agg.http, "/readyz").await;
     assert_eq!(ready.status, 200, "{}", ready.text());
     drop(server);
+}
+
+/// What `/metrics` said of the buffer during an outage.
+#[derive(Debug, Default)]
+struct BufferTrace {
+    samples: u32,
+    peak: u64,
+    capacity: u64,
+    high_water: u64,
+    /// Samples at or above the high-water mark.
+    above: u32,
+    /// ... of which `/readyz`, asked just before, answered 503.
+    above_and_503: u32,
+    /// The lowest level seen once the high-water mark was first reached.
+    lowest_after: Option<u64>,
+}
+
+impl BufferTrace {
+    fn sample(&mut self, metrics: &str, ready_503: bool) {
+        let gauge = |name: &str| crate::common::metric(metrics, name, &[]) as u64;
+        let used = gauge("aperture_buffer_used_bytes");
+        self.capacity = gauge("aperture_buffer_capacity_bytes");
+        self.high_water = gauge("aperture_buffer_high_water_bytes");
+        self.samples += 1;
+        self.peak = self.peak.max(used);
+        if used >= self.high_water && self.high_water > 0 {
+            self.above += 1;
+            self.above_and_503 += u32::from(ready_503);
+        }
+        if self.above > 0 {
+            self.lowest_after = Some(self.lowest_after.map_or(used, |l| l.min(used)));
+        }
+    }
 }
 
 /// SQLite: rows and ledger state commit in one transaction, so after 10
