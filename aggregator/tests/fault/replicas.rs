@@ -45,7 +45,10 @@ async fn fault_two_replicas_clickhouse() {
     {
         let port = if carrier == CarrierChoice::Quic { udp.port } else { tcp.port };
         let config = aperture_transport::client::ClientConfig { carrier, ..client_config(port) };
-        agents.push(Agent::start_with(config, 0xa1 + i as u8, t0, |t| batch("n1", t)));
+        // Each agent under a node name of its own, so that the store can be
+        // asked about each.
+        let node = format!("agent-{i}");
+        agents.push(Agent::start_with(config, 0xa1 + i as u8, t0, move |t| batch(&node, t)));
         // One at a time, so that the Service's round robin alternates.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -63,9 +66,18 @@ async fn fault_two_replicas_clickhouse() {
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     agents.iter().for_each(Agent::stop);
+    let reconnects: Vec<u64> = agents.iter().map(|g| g.client.stats().reconnects).collect();
     let mut sent = 0;
-    for agent in agents {
-        sent += agent.finish().await;
+    let mut per_agent = String::new();
+    for (i, agent) in agents.into_iter().enumerate() {
+        let n = agent.finish().await;
+        sent += n;
+        let path = format!("/api/v1/profile?mode=cpu&from={}&to={}&node=agent-{i}", t0 - 20, t0 + 400);
+        let r = b.get(&path).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let stored = r.json()["root"]["value"].as_u64().unwrap_or(0) / 5;
+        assert!(stored >= n, "agent {i}: {stored} of {n} frames stored");
+        per_agent.push_str(&format!(" agent{i}:reconnects={}:sent={n}:stored={stored}", reconnects[i]));
     }
     let on_b = sessions(scrape(&b, "aperture_transport_sessions_opened_total", &[]).await);
     let already = scrape(&b, "aperture_ingress_frames_total", &["result=\"committed\""]).await as u64;
@@ -76,7 +88,7 @@ async fn fault_two_replicas_clickhouse() {
         "two_replicas_clickhouse",
         &format!(
             " sessions_on_a={on_a} failed_over_to_b={} acked_before_kill={acked_before} \
-             answered_committed_by_b={already} held_for_ledger_check_by_b={checking}",
+             answered_committed_by_b={already} held_for_ledger_check_by_b={checking}{per_agent}",
             on_b - on_b_before
         ),
     );
