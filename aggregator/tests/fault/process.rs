@@ -227,7 +227,13 @@ impl Agent {
 
     /// Stops sending, waits until every frame sent is acknowledged, and
     /// returns how many were sent.
-    pub async fn finish(mut self) -> u64 {
+    pub async fn finish(self) -> u64 {
+        self.finish_with_stats().await.0
+    }
+
+    /// [`Agent::finish`], also returning the client's counters once
+    /// everything was acknowledged.
+    pub async fn finish_with_stats(mut self) -> (u64, aperture_transport::client::ClientStats) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().expect("agent thread");
@@ -243,10 +249,11 @@ impl Agent {
             assert!(Instant::now() < deadline, "not all frames acknowledged: {s:?}, sent {sent}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let stats = self.client.stats();
         if let Ok(client) = Arc::try_unwrap(self.client) {
             assert!(client.shutdown(Duration::from_secs(1)).unacked.is_empty());
         }
-        sent
+        (sent, stats)
     }
 }
 
