@@ -54,6 +54,7 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
         database: ch.database.clone(),
         user: ch.user.clone(),
         password: ch.password.expose().to_owned(),
+        cluster: (!ch.cluster.is_empty()).then(|| ch.cluster.clone()),
         max_query_time: config.limits.http_request_timeout.0,
         ..ClickHouseSettings::new(ch.endpoint.clone())
     });
