@@ -5,7 +5,8 @@
 //! and synthetic agents push to both. Every sample sent is stored exactly
 //! once, rows land on both shards, a query through either aggregator reads
 //! both shards, frames resent to the other aggregator are recognised as
-//! committed, and retention empties both shards.
+//! committed, and retention empties both shards. A database made for one
+//! server is refused in cluster mode.
 
 mod common;
 
@@ -139,5 +140,14 @@ async fn two_aggregators_on_a_two_shard_cluster_store_every_sample_once() {
         let left = number(server, &format!("SELECT count() FROM {DATABASE}.samples_local"));
         assert_eq!(left, 0, "{}: retention reached this shard", server.endpoint());
     }
+
+    // A database made for one server is refused in cluster mode, by name,
+    // rather than written on one shard.
+    let mut single = ClickHouseSettings::new(cluster.servers[0].endpoint());
+    single.database = "single".into();
+    ClickHouseStore::open(&single).await.expect("a database for one server");
+    single.cluster = Some(ClickHouseCluster::NAME.into());
+    let e = ClickHouseStore::open(&single).await.expect_err("refused in cluster mode").to_string();
+    assert!(e.contains("single.schema_migrations is a MergeTree table, not Distributed"), "{e}");
     drop(cluster);
 }

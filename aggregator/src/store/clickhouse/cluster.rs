@@ -146,7 +146,9 @@ impl Cluster<'_> {
 
     /// Creates the `Distributed` table `table` unless it exists with the
     /// columns of its local table; one with other columns (a migration
-    /// changed the local table) is dropped and created again.
+    /// changed the local table) is dropped and created again. A table of
+    /// that name with another engine (a database made for one server) is an
+    /// error naming it.
     pub(crate) async fn ensure_distributed(&self, db: &Client, table: &str, key: &str) -> Result<(), OpenError> {
         let failed = |e: clickhouse::error::Error| OpenError::Migration {
             store: "clickhouse",
@@ -164,6 +166,27 @@ impl Cluster<'_> {
             cols.sort();
             Ok::<_, clickhouse::error::Error>(cols)
         };
+        let engine = db
+            .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
+            .bind(self.database)
+            .bind(table)
+            .fetch_all::<String>()
+            .await
+            .map_err(failed)?;
+        if let Some(engine) = engine.first().filter(|e| *e != "Distributed") {
+            // A database made for one server: its tables would be written
+            // as they are, on one shard, without a word.
+            return Err(OpenError::Migration {
+                store: "clickhouse",
+                version: 0,
+                name: "distributed tables",
+                reason: format!(
+                    "{}.{table} is a {engine} table, not Distributed: the database was created for one server; \
+                     give the cluster a database of its own (clickhouse.database) or unset clickhouse.cluster",
+                    self.database
+                ),
+            });
+        }
         let local = columns(format!("{table}{LOCAL_SUFFIX}")).await.map_err(failed)?;
         let distributed = columns(table.to_owned()).await.map_err(failed)?;
         if distributed == local {
