@@ -7,7 +7,9 @@
 //! - [`service`]: the staged insert and failure classification (retry or reject);
 //! - [`queries`]: the reads behind the API, the ledger and retention.
 //!
-//! Integration tests against a real server live in `tests/clickhouse.rs`.
+//! Integration tests against real servers: `tests/replicas.rs`,
+//! `tests/clickhouse_retries.rs`, `tests/resilience.rs` and, on a cluster of
+//! two shards, `tests/clickhouse_cluster.rs`.
 
 mod cluster;
 mod config;

@@ -7,6 +7,10 @@
 //! on current releases, which rules out `LowCardinality` (experimental
 //! before 19.x) and table `TTL` (19.6+): retention drops daily partitions
 //! instead. Column by column documentation is in `docs/storage.md`.
+//!
+//! On a cluster (`clickhouse.cluster`) the same migrations run rewritten by
+//! [`super::cluster`]; the single-server statements below are sent as they
+//! are when no cluster is set.
 
 use clickhouse::Client;
 
