@@ -5,8 +5,9 @@
 //! and synthetic agents push to both. Every sample sent is stored exactly
 //! once, rows land on both shards, a query through either aggregator reads
 //! both shards, frames resent to the other aggregator are recognised as
-//! committed, and retention empties both shards. A database made for one
-//! server is refused in cluster mode.
+//! committed, a column added to the local tables reaches the Distributed
+//! ones at the next start, and retention empties both shards. A database
+//! made for one server is refused in cluster mode.
 
 mod common;
 
@@ -129,11 +130,22 @@ async fn two_aggregators_on_a_two_shard_cluster_store_every_sample_once() {
     a.shutdown().await.expect("shutdown A");
     b.shutdown().await.expect("shutdown B");
 
-    // Retention drops the old days on every shard.
+    // A later migration that adds a column to a local table: the next start
+    // gives the Distributed tables of every server the new column.
+    let name = ClickHouseCluster::NAME;
+    cluster.servers[0]
+        .query(&format!("ALTER TABLE {DATABASE}.samples_local ON CLUSTER {name} ADD COLUMN later UInt8 DEFAULT 7"))
+        .expect("add a column");
     let mut ch = ClickHouseSettings::new(cluster.servers[1].endpoint());
     ch.database = DATABASE.into();
-    ch.cluster = Some(ClickHouseCluster::NAME.into());
+    ch.cluster = Some(name.into());
     let store = ClickHouseStore::open(&ch).await.expect("open the store again");
+    for server in &cluster.servers {
+        let sql = format!("SELECT sum(later) = 7 * count() FROM {DATABASE}.samples");
+        assert_eq!(number(server, &sql), 1, "{}: the Distributed table has the new column", server.endpoint());
+    }
+
+    // Retention drops the old days on every shard.
     let report = store.apply_retention(t0 + 2 * 86_400).await.expect("retention");
     assert!(report.removed >= 1, "{report:?}");
     for server in &cluster.servers {
