@@ -5,18 +5,21 @@
 //! and synthetic agents push to both. Every sample sent is stored exactly
 //! once, rows land on both shards, a query through either aggregator reads
 //! both shards, frames resent to the other aggregator are recognised as
-//! committed, a column added to the local tables reaches the Distributed
+//! committed, a retried batch is not stored twice, a column added to the local tables reaches the Distributed
 //! ones at the next start, and retention empties both shards. A database
 //! made for one server is refused in cluster mode.
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use aperture_aggregator::store::Store;
 use aperture_aggregator::store::clickhouse::ClickHouseStore;
+use aperture_aggregator::store::{Store, WriteBatch};
 use aperture_aggregator::{Aggregator, ClickHouseSettings};
 use aperture_core::frame::FrameId;
+use aperture_core::model::{Labels, StackHash};
+use aperture_core::shard::{Flush, RowKey, RowKind, RowValue};
 use aperture_testkit::clickhouse::ClickHouseServer;
 use aperture_testkit::clickhouse_cluster::{ClickHouseCluster, start_or_skip};
 use common::{SAMPLES_PER_BATCH, Taken, acks, batch, cpu_total, frame_id, now_s, push};
@@ -129,6 +132,46 @@ async fn two_aggregators_on_a_two_shard_cluster_store_every_sample_once() {
     eprintln!("cluster: sent={} stored={stored} frames={frames}", frames * SAMPLES_PER_BATCH);
     a.shutdown().await.expect("shutdown A");
     b.shutdown().await.expect("shutdown B");
+
+    // A write batch whose first attempt was committed but whose answer was
+    // lost is retried through the other server: the retry finds the rows
+    // by batch id on whichever shard holds them and inserts nothing. The
+    // retried rows differ (count 4, not 3) so that ClickHouse's own
+    // deduplication of identical replicated blocks cannot be what saves it.
+    let cluster_settings = |endpoint: String| ClickHouseSettings {
+        database: DATABASE.into(),
+        cluster: Some(ClickHouseCluster::NAME.into()),
+        ..ClickHouseSettings::new(endpoint)
+    };
+    let first_server = ClickHouseStore::open(&cluster_settings(cluster.servers[0].endpoint())).await.expect("open");
+    let other_server = ClickHouseStore::open(&cluster_settings(cluster.servers[1].endpoint())).await.expect("open");
+    let day = t0 / 86_400 * 86_400;
+    let written = |count: u64| {
+        let rows = (0..20)
+            .map(|i| {
+                let key = RowKey {
+                    window_start_s: day - 100 + i * 10,
+                    kind: RowKind::Cpu,
+                    labels: 0,
+                    stack: StackHash(1000 + i),
+                    detail: 0,
+                };
+                (key, RowValue { count, total_ns: 30, ..RowValue::default() })
+            })
+            .collect();
+        let labels = vec![Labels { node: "retried".into(), ..Labels::default() }];
+        WriteBatch {
+            flushes: vec![Flush { labels, rows, ..Flush::default() }],
+            batch_id: 0x5eed,
+            ..WriteBatch::default()
+        }
+    };
+    first_server.write(&written(3)).await.expect("first attempt");
+    let retry = written(4);
+    retry.rows_sent.store(true, Ordering::Release);
+    other_server.write(&retry).await.expect("retry");
+    let sql = format!("SELECT sum(count) FROM {DATABASE}.samples WHERE node = 'retried'");
+    assert_eq!(number(&cluster.servers[0], &sql), 20 * 3, "the retry inserted nothing again");
 
     // A later migration that adds a column to a local table: the next start
     // gives the Distributed tables of every server the new column.
