@@ -95,6 +95,9 @@ pub struct AggregatorArgs {
     /// ClickHouse HTTP URL (overrides APERTURE_CLICKHOUSE_ENDPOINT).
     #[arg(long)]
     clickhouse_endpoint: Option<String>,
+    /// ClickHouse cluster name: tables ON CLUSTER behind Distributed tables (overrides APERTURE_CLICKHOUSE_CLUSTER).
+    #[arg(long)]
+    clickhouse_cluster: Option<String>,
     /// How long data is kept, e.g. 7d.
     #[arg(long)]
     retention: Option<String>,
@@ -163,6 +166,7 @@ impl AggregatorArgs {
         flag(&mut f, "--pyroscope-listen", "pyroscope.listen", &self.pyroscope_listen);
         flag(&mut f, "--data-dir", "data_dir", &self.data_dir);
         flag(&mut f, "--clickhouse-endpoint", "clickhouse.endpoint", &self.clickhouse_endpoint);
+        flag(&mut f, "--clickhouse-cluster", "clickhouse.cluster", &self.clickhouse_cluster);
         flag(&mut f, "--retention", "retention", &self.retention);
         if self.no_auth {
             f.push(FlagValue::new("--no-auth", "auth.disabled", "true"));

@@ -54,6 +54,7 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
         database: ch.database.clone(),
         user: ch.user.clone(),
         password: ch.password.expose().to_owned(),
+        cluster: (!ch.cluster.is_empty()).then(|| ch.cluster.clone()),
         max_query_time: config.limits.http_request_timeout.0,
         ..ClickHouseSettings::new(ch.endpoint.clone())
     });
@@ -248,6 +249,7 @@ mod tests {
             (ch.endpoint.as_str(), ch.database.as_str(), ch.password.as_str()),
             ("http://ch:8123", "prof", "pw")
         );
+        assert_eq!(ch.cluster, None, "one server unless a cluster is named");
         assert_eq!(s.http_listen.port(), 9090);
         let srv = server_config(&c).expect("server");
         assert_eq!(srv.auth.token.as_deref(), Some("tok"));
@@ -299,6 +301,17 @@ mod tests {
         let o = otlp_config(&c).expect("valid").expect("configured");
         assert_eq!(o.listen.port(), 4317);
         assert_eq!(o.auth.token.as_deref(), Some("push"), "OTLP senders present the ingest token");
+    }
+
+    #[test]
+    fn a_named_clickhouse_cluster_reaches_the_store() {
+        let c = config(&[
+            ("APERTURE_AUTH_TOKEN", "t"),
+            ("APERTURE_CLICKHOUSE_ENDPOINT", "http://ch:8123"),
+            ("APERTURE_CLICKHOUSE_CLUSTER", "fleet"),
+        ]);
+        let ch = settings(&c).expect("settings").clickhouse.expect("clickhouse selected");
+        assert_eq!(ch.cluster.as_deref(), Some("fleet"));
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub struct ClickHouseSettings {
     pub user: String,
     /// Password (`APERTURE_CLICKHOUSE_PASSWORD`, default empty).
     pub password: String,
+    /// Cluster of the servers' `remote_servers` (`APERTURE_CLICKHOUSE_CLUSTER`);
+    /// `None` (the default): one server. See `docs/storage.md`.
+    pub cluster: Option<String>,
     /// Timeout of one insert or query.
     pub request_timeout: Duration,
     /// ClickHouse stops an API query after this long (`max_execution_time`,
@@ -32,6 +35,7 @@ impl ClickHouseSettings {
             database: "aperture".to_owned(),
             user: "default".to_owned(),
             password: String::new(),
+            cluster: None,
             request_timeout: Duration::from_secs(30),
             max_query_time: Duration::from_secs(30),
         }

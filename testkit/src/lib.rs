@@ -12,8 +12,11 @@
 //! - [`clickhouse`]: a throwaway ClickHouse server (the one launcher of the
 //!   workspace: aggregator tests, perf harness, and by hand through the
 //!   `clickhouse-test-server` binary).
+//! - [`clickhouse_cluster`]: ZooKeeper and several ClickHouse servers
+//!   forming a cluster of shards, for the store's cluster mode.
 
 pub mod clickhouse;
+pub mod clickhouse_cluster;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

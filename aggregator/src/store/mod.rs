@@ -170,6 +170,14 @@ pub enum OpenError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The ClickHouse cluster name cannot be used.
+    #[error(
+        "ClickHouse cluster name {name:?} is invalid: use the name of a cluster in the servers' remote_servers (letters, digits and `_`, not starting with a digit)"
+    )]
+    Cluster {
+        /// The name as configured.
+        name: String,
+    },
 }
 
 /// Filters on the labels of stored rows; `None` matches everything.

@@ -200,6 +200,10 @@ pub struct ClickHouse {
     pub user: String,
     /// Password (`APERTURE_CLICKHOUSE_PASSWORD`).
     pub password: Secret,
+    /// Cluster name from the server's `remote_servers` (`APERTURE_CLICKHOUSE_CLUSTER`).
+    /// Empty: one server. Set: every table is created `ON CLUSTER` as a
+    /// replicated local table with a `Distributed` table in front.
+    pub cluster: String,
 }
 
 impl Default for ClickHouse {
@@ -209,6 +213,7 @@ impl Default for ClickHouse {
             database: "aperture".into(),
             user: "default".into(),
             password: Secret::default(),
+            cluster: String::new(),
         }
     }
 }
@@ -292,6 +297,7 @@ impl Layered for AggregatorConfig {
         ("APERTURE_CLICKHOUSE_DATABASE", "clickhouse.database"),
         ("APERTURE_CLICKHOUSE_USER", "clickhouse.user"),
         ("APERTURE_CLICKHOUSE_PASSWORD", "clickhouse.password"),
+        ("APERTURE_CLICKHOUSE_CLUSTER", "clickhouse.cluster"),
         ("APERTURE_BUFFER_CAPACITY", "buffer.capacity"),
         ("APERTURE_DATA_DIR", "data_dir"),
         ("APERTURE_PYROSCOPE_LISTEN", "pyroscope.listen"),
@@ -313,6 +319,7 @@ impl Layered for AggregatorConfig {
             "clickhouse.database" => self.clickhouse.database = value.to_owned(),
             "clickhouse.user" => self.clickhouse.user = value.to_owned(),
             "clickhouse.password" => self.clickhouse.password = Secret(value.to_owned()),
+            "clickhouse.cluster" => self.clickhouse.cluster = value.to_owned(),
             "buffer.capacity" => self.buffer.capacity = value.parse()?,
             "data_dir" => self.data_dir = PathBuf::from(value),
             "listen.grpc" => self.listen.grpc = value.to_owned(),
@@ -419,6 +426,29 @@ impl Layered for AggregatorConfig {
                 format!("invalid database name `{}`: use letters, digits and underscores", ch.database),
             ));
         }
+        if !ch.cluster.is_empty() {
+            let mut chars = ch.cluster.chars();
+            let identifier = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !identifier {
+                return Err((
+                    "clickhouse.cluster".into(),
+                    format!(
+                        "invalid cluster name `{}`: use the name of a cluster in the servers' remote_servers, made of letters, digits and underscores and not starting with a digit, e.g. aperture",
+                        ch.cluster
+                    ),
+                ));
+            }
+            if ch.endpoint.is_empty() {
+                return Err((
+                    "clickhouse.cluster".into(),
+                    format!(
+                        "cluster `{}` is set but clickhouse.endpoint is empty: set APERTURE_CLICKHOUSE_ENDPOINT to a server of the cluster, or unset the cluster",
+                        ch.cluster
+                    ),
+                ));
+            }
+        }
         if !self.tls.grpc && !self.tls.insecure_plaintext {
             return Err((
                 "tls.grpc".into(),
@@ -474,6 +504,22 @@ mod tests {
         assert!(e.contains("auth.read_token") && e.contains("APERTURE_READ_TOKEN"), "{e}");
         let e = load_env(&[("APERTURE_READ_TOKEN", "read")]).unwrap_err();
         assert!(e.contains("auth.ingest_token"), "{e}");
+    }
+
+    #[test]
+    fn a_clickhouse_cluster_name_is_an_identifier_next_to_an_endpoint() {
+        let endpoint = ("APERTURE_CLICKHOUSE_ENDPOINT", "http://ch:8123");
+        let c = load_env(&[("APERTURE_AUTH_TOKEN", "t"), endpoint, ("APERTURE_CLICKHOUSE_CLUSTER", "fleet_2")])
+            .expect("valid");
+        assert_eq!(c.clickhouse.cluster, "fleet_2");
+        assert_eq!(load_env(&[("APERTURE_AUTH_TOKEN", "t")]).expect("valid").clickhouse.cluster, "", "one server");
+        for bad in ["2fleet", "fleet-a", "a b", "x;DROP"] {
+            let e =
+                load_env(&[("APERTURE_AUTH_TOKEN", "t"), endpoint, ("APERTURE_CLICKHOUSE_CLUSTER", bad)]).unwrap_err();
+            assert!(e.contains("`clickhouse.cluster`") && e.contains(bad), "{bad}: {e}");
+        }
+        let e = load_env(&[("APERTURE_AUTH_TOKEN", "t"), ("APERTURE_CLICKHOUSE_CLUSTER", "fleet")]).unwrap_err();
+        assert!(e.contains("`clickhouse.cluster`") && e.contains("clickhouse.endpoint"), "{e}");
     }
 
     #[test]

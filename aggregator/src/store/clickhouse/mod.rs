@@ -1,12 +1,17 @@
 //! The ClickHouse store, split by concern:
 //! - [`config`]: endpoint checks and client construction;
 //! - [`schema`]: versioned, idempotent migrations;
+//! - [`cluster`]: the same schema on a ClickHouse cluster (replicated local
+//!   tables behind `Distributed` ones) when `clickhouse.cluster` is set;
 //! - [`request_builder`]: rows of each table, built from a write batch;
 //! - [`service`]: the staged insert and failure classification (retry or reject);
 //! - [`queries`]: the reads behind the API, the ledger and retention.
 //!
-//! Integration tests against a real server live in `tests/clickhouse.rs`.
+//! Integration tests against real servers: `tests/replicas.rs`,
+//! `tests/clickhouse_retries.rs`, `tests/resilience.rs` and, on a cluster of
+//! two shards, `tests/clickhouse_cluster.rs`.
 
+mod cluster;
 mod config;
 mod ledger;
 mod queries;
@@ -34,6 +39,8 @@ pub struct ClickHouseStore {
     /// The client for API reads: queries stop at `max_execution_time`.
     reads: Client,
     database: String,
+    /// `clickhouse.cluster`; `None`: one server.
+    cluster: Option<String>,
     timeout: Duration,
     undecodable: std::sync::Arc<UndecodableCounts>,
 }
@@ -48,12 +55,13 @@ impl ClickHouseStore {
     /// Connects, creates the database if needed and applies migrations.
     pub async fn open(settings: &ClickHouseSettings) -> Result<ClickHouseStore, OpenError> {
         let (admin, client) = config::clients(settings)?;
-        schema::migrate(&admin, &client, &settings.database).await?;
+        schema::migrate(&admin, &client, &settings.database, settings.cluster.as_deref()).await?;
         let reads = queries::read_client(&client, settings.max_query_time);
         Ok(ClickHouseStore {
             client,
             reads,
             database: settings.database.clone(),
+            cluster: settings.cluster.clone(),
             timeout: settings.request_timeout,
             undecodable: Default::default(),
         })
@@ -135,7 +143,7 @@ impl Store for ClickHouseStore {
 
     fn apply_retention(&self, cutoff_s: u64) -> StoreFuture<'_, Result<RetentionReport, QueryError>> {
         Box::pin(async move {
-            let removed = queries::retention(&self.client, &self.database, cutoff_s).await?;
+            let removed = queries::retention(&self.client, &self.database, self.cluster.as_deref(), cutoff_s).await?;
             Ok(RetentionReport { removed })
         })
     }

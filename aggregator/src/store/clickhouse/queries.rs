@@ -336,12 +336,30 @@ pub(crate) fn yyyymmdd(unix_s: u64) -> u32 {
 }
 
 /// Drops every daily partition of `samples` entirely older than `cutoff_s`
-/// and ledger rows not updated since then. Returns partitions dropped.
-pub(crate) async fn retention(client: &Client, database: &str, cutoff_s: u64) -> Result<u64, QueryError> {
+/// and ledger rows not updated since then. Returns partitions dropped. On a
+/// cluster the partitions of every shard's local table are listed and
+/// dropped `ON CLUSTER` (a `Distributed` table holds none).
+pub(crate) async fn retention(
+    client: &Client,
+    database: &str,
+    cluster: Option<&str>,
+    cutoff_s: u64,
+) -> Result<u64, QueryError> {
     let cutoff_day = yyyymmdd(cutoff_s);
+    let (parts, samples, ledger) = match cluster {
+        None => ("system.parts".to_owned(), "samples".to_owned(), "frame_ledger".to_owned()),
+        // Names checked at start-up: identifiers, safe to format in.
+        Some(c) => (
+            format!("cluster('{c}', system, parts)"),
+            format!("{database}.samples_local ON CLUSTER {c}"),
+            format!("{database}.frame_ledger_local ON CLUSTER {c}"),
+        ),
+    };
+    let local = if cluster.is_some() { "samples_local" } else { "samples" };
     let partitions: Vec<String> = client
-        .query("SELECT DISTINCT partition FROM system.parts WHERE database = ? AND table = 'samples' AND active")
+        .query(&format!("SELECT DISTINCT partition FROM {parts} WHERE database = ? AND table = ? AND active"))
         .bind(database)
+        .bind(local)
         .fetch_all::<String>()
         .await
         .map_err(query_err)?;
@@ -349,13 +367,13 @@ pub(crate) async fn retention(client: &Client, database: &str, cutoff_s: u64) ->
     for p in partitions {
         let Ok(day) = p.trim_matches('\'').parse::<u32>() else { continue };
         if day < cutoff_day {
-            client.query(&format!("ALTER TABLE samples DROP PARTITION {day}")).execute().await.map_err(query_err)?;
+            client.query(&format!("ALTER TABLE {samples} DROP PARTITION {day}")).execute().await.map_err(query_err)?;
             dropped += 1;
         }
     }
     client
         .query(&format!(
-            "ALTER TABLE frame_ledger DELETE WHERE updated < toDateTime({})",
+            "ALTER TABLE {ledger} DELETE WHERE updated < toDateTime({})",
             cutoff_s.min(u64::from(u32::MAX))
         ))
         .execute()

@@ -7,9 +7,14 @@
 //! on current releases, which rules out `LowCardinality` (experimental
 //! before 19.x) and table `TTL` (19.6+): retention drops daily partitions
 //! instead. Column by column documentation is in `docs/storage.md`.
+//!
+//! On a cluster (`clickhouse.cluster`) the same migrations run rewritten by
+//! [`super::cluster`]; the single-server statements below are sent as they
+//! are when no cluster is set.
 
 use clickhouse::Client;
 
+use super::cluster::{Cluster, SHARDING, Step};
 use crate::store::OpenError;
 
 const STORE: &str = "clickhouse";
@@ -84,24 +89,32 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[
     ),
 ];
 
+/// The table recording applied migrations.
+pub(crate) const SCHEMA_MIGRATIONS: &str =
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, applied DateTime)
+         ENGINE = MergeTree ORDER BY version";
+
 fn failed(version: u32, name: &'static str, e: impl std::fmt::Display) -> OpenError {
     OpenError::Migration { store: STORE, version, name, reason: e.to_string() }
 }
 
-/// Creates the database if needed and applies missing migrations.
-pub(crate) async fn migrate(admin: &Client, db: &Client, database: &str) -> Result<(), OpenError> {
+/// Creates the database if needed and applies missing migrations: on one
+/// server, or on every server of `cluster` (see [`super::cluster`]).
+pub(crate) async fn migrate(
+    admin: &Client,
+    db: &Client,
+    database: &str,
+    cluster: Option<&str>,
+) -> Result<(), OpenError> {
+    if let Some(name) = cluster {
+        return migrate_cluster(admin, db, &Cluster { name, database }).await;
+    }
     admin
         .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
         .execute()
         .await
         .map_err(|e| failed(0, "create database", e))?;
-    db.query(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, applied DateTime)
-         ENGINE = MergeTree ORDER BY version",
-    )
-    .execute()
-    .await
-    .map_err(|e| failed(0, "schema_migrations", e))?;
+    db.query(SCHEMA_MIGRATIONS).execute().await.map_err(|e| failed(0, "schema_migrations", e))?;
     let applied: Vec<u32> = db
         .query("SELECT DISTINCT version FROM schema_migrations")
         .fetch_all::<u32>()
@@ -128,11 +141,72 @@ pub(crate) async fn migrate(admin: &Client, db: &Client, database: &str) -> Resu
     Ok(())
 }
 
+/// [`migrate`] on a cluster: the same migrations, each statement rewritten
+/// to act on the replicated local tables of every server, then the
+/// `Distributed` tables made to match them. The ledger of applied versions
+/// is itself a local table behind a `Distributed` one, so every aggregator
+/// on any server of the cluster sees the same versions.
+async fn migrate_cluster(admin: &Client, db: &Client, cluster: &Cluster<'_>) -> Result<(), OpenError> {
+    admin.query(&cluster.create_database()).execute().await.map_err(|e| failed(0, "create database", e))?;
+    let sharding = |table: &str| SHARDING.iter().find(|(t, _)| *t == table).map(|(_, key)| *key);
+    let step = cluster.rewrite(SCHEMA_MIGRATIONS).ok_or_else(|| failed(0, "schema_migrations", "no cluster form"))?;
+    run_step(db, cluster, step).await.map_err(|e| failed(0, "schema_migrations", e))?;
+    let key = sharding("schema_migrations").unwrap_or("version");
+    cluster.ensure_distributed(db, "schema_migrations", key).await?;
+    let applied: Vec<u32> = db
+        .query("SELECT DISTINCT version FROM schema_migrations")
+        .fetch_all::<u32>()
+        .await
+        .map_err(|e| failed(0, "read schema_migrations", e))?;
+    for &(version, name, statements) in MIGRATIONS {
+        if applied.contains(&version) {
+            continue;
+        }
+        for sql in statements {
+            let step = cluster.rewrite(sql).ok_or_else(|| failed(version, name, "no cluster form"))?;
+            run_step(db, cluster, step).await.map_err(|e| failed(version, name, e))?;
+        }
+        db.query("INSERT INTO schema_migrations (version, name, applied) SELECT ?, ?, now()")
+            .bind(version)
+            .bind(name)
+            .execute()
+            .await
+            .map_err(|e| failed(version, name, e))?;
+        tracing::info!(version, name, cluster = cluster.name, "ClickHouse migration applied on the cluster");
+    }
+    for &(table, key) in SHARDING {
+        cluster.ensure_distributed(db, table, key).await?;
+    }
+    Ok(())
+}
+
+async fn run_step(db: &Client, cluster: &Cluster<'_>, step: Step) -> Result<(), clickhouse::error::Error> {
+    match step {
+        Step::Execute(sql) => db.query(&sql).execute().await,
+        Step::AddColumn { table, column } => {
+            let (name, _) = column.split_once(' ').unwrap_or((&column, ""));
+            if_column_missing(db, &table, name, cluster.add_column(&table, &column)).await
+        }
+    }
+}
+
 /// Adds `table.column TYPE...` unless the column exists: idempotent, and
 /// harmless when another aggregator adds it at the same moment.
 async fn add_column(db: &Client, spec: &str) -> Result<(), clickhouse::error::Error> {
     let (qualified, definition) = spec.split_once(' ').unwrap_or((spec, ""));
     let (table, column) = qualified.split_once('.').unwrap_or(("", qualified));
+    if_column_missing(db, table, column, format!("ALTER TABLE {table} ADD COLUMN {column} {definition}")).await
+}
+
+/// Runs `alter` unless `table` on this server has `column`; an error is
+/// fine if the column is there afterwards (another aggregator added it at
+/// the same moment).
+async fn if_column_missing(
+    db: &Client,
+    table: &str,
+    column: &str,
+    alter: String,
+) -> Result<(), clickhouse::error::Error> {
     let exists = || async {
         db.query("SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = ? AND name = ?")
             .bind(table)
@@ -144,7 +218,7 @@ async fn add_column(db: &Client, spec: &str) -> Result<(), clickhouse::error::Er
     if exists().await? {
         return Ok(());
     }
-    match db.query(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}")).execute().await {
+    match db.query(&alter).execute().await {
         Ok(()) => Ok(()),
         // Lost a race with another aggregator: fine if the column is there now.
         Err(e) => {
