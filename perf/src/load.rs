@@ -64,6 +64,12 @@ pub struct LoadReport {
     pub ack_latencies: Vec<Duration>,
     /// Frames the clients dropped.
     pub dropped: u64,
+    /// Per agent, in agent order: frames whose acknowledgement it saw
+    /// within the run (the spread of these is the carrier's fairness).
+    pub acked_per_agent: Vec<u64>,
+    /// Per agent, in agent order: its 99th percentile ack latency within
+    /// the run (`None`: no ack seen).
+    pub ack_p99_per_agent: Vec<Option<Duration>>,
 }
 
 /// A batch shaped like one second of a busy 8-CPU node at 99 Hz: `samples`
@@ -170,9 +176,22 @@ impl IngressSink for BenchSink {
 
 /// Runs one load: starts a server on loopback (its certificate in
 /// `data_dir`), connects `cfg.agents` clients, lets them push copies of
-/// `template` until the duration or the frame bound is reached, and stops
-/// everything.
+/// `template` as fast as acknowledged until the duration or the frame bound
+/// is reached, and stops everything.
 pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyhow::Result<LoadReport> {
+    run_load_paced(cfg, None, template, data_dir)
+}
+
+/// [`run_load`], with every agent sending one frame per `interval` (the
+/// cadence of a real agent's batches) when `interval` is set, still within
+/// `cfg.in_flight` unacknowledged frames. The agents start spread over one
+/// interval, as real agents are.
+pub fn run_load_paced(
+    cfg: &LoadConfig,
+    interval: Option<Duration>,
+    template: &FrameBuf,
+    data_dir: &Path,
+) -> anyhow::Result<LoadReport> {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("agg-rt")
@@ -220,7 +239,7 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
         &server.fingerprint(),
         0xb0,
     )?;
-    let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    let latencies = Arc::new(Mutex::new(vec![Vec::<Duration>::new(); cfg.agents]));
     let cpu0 = thread_cpu_seconds("agg-");
     let lo0 = loopback_bytes();
     let (frames0, bytes0) = (sink.frames.load(Relaxed), sink.bytes.load(Relaxed));
@@ -237,6 +256,9 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
                 let mut acked_seen = client.stats().session.frames_acked;
                 let mut lat = Vec::new();
                 let mut seq = 0u64;
+                let agents = latencies.lock().unwrap_or_else(PoisonError::into_inner).len().max(1);
+                // Spread the agents' first frames over one interval.
+                let mut next_at = interval.map(|d| Instant::now() + d.mul_f64(i as f64 / agents as f64));
                 while !stop.load(Relaxed) {
                     let acked = client.stats().session.frames_acked;
                     let now = Instant::now();
@@ -246,16 +268,21 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
                         }
                     }
                     acked_seen = acked;
-                    if (sent.len() as u64) < in_flight && seq < max_frames {
+                    let due = next_at.is_none_or(|t| now >= t);
+                    if due && (sent.len() as u64) < in_flight && seq < max_frames {
+                        if let (Some(t), Some(d)) = (next_at.as_mut(), interval) {
+                            *t += d;
+                        }
                         seq += 1;
                         let id = FrameId { agent_id: agent_id(i), boot_id: BootId([0xb0; 16]), sequence: seq };
                         client.send(restamp(&template, id, seq)?).context("queueing a frame")?;
                         sent.push_back(Instant::now());
                     } else {
-                        std::thread::sleep(Duration::from_micros(100));
+                        // Paced agents are idle most of the time: poll less.
+                        std::thread::sleep(Duration::from_micros(if interval.is_some() { 1000 } else { 100 }));
                     }
                 }
-                latencies.lock().unwrap_or_else(PoisonError::into_inner).extend(lat);
+                latencies.lock().unwrap_or_else(PoisonError::into_inner)[i] = lat;
                 Ok(())
             })
         })
@@ -272,6 +299,8 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
         loopback_bytes: loopback_bytes() - lo0,
         ack_latencies: Vec::new(),
         dropped: 0,
+        acked_per_agent: Vec::new(),
+        ack_p99_per_agent: Vec::new(),
     };
     stop.store(true, Relaxed);
     let mut first_error = None;
@@ -297,9 +326,20 @@ pub fn run_load(cfg: &LoadConfig, template: &FrameBuf, data_dir: &Path) -> anyho
     if let Some(e) = first_error {
         return Err(e);
     }
-    let mut ack_latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(PoisonError::into_inner));
+    let per_agent = std::mem::take(&mut *latencies.lock().unwrap_or_else(PoisonError::into_inner));
+    let mut acked_per_agent = Vec::with_capacity(per_agent.len());
+    let mut ack_p99_per_agent = Vec::with_capacity(per_agent.len());
+    let mut ack_latencies = Vec::new();
+    for mut lat in per_agent {
+        lat.sort();
+        acked_per_agent.push(lat.len() as u64);
+        // Nearest rank: the smallest latency at or above 99% of the agent's acks.
+        let rank = (lat.len() * 99).div_ceil(100).max(1);
+        ack_p99_per_agent.push(lat.get(rank - 1).copied());
+        ack_latencies.extend(lat);
+    }
     ack_latencies.sort();
-    Ok(LoadReport { ack_latencies, dropped, ..report })
+    Ok(LoadReport { ack_latencies, dropped, acked_per_agent, ack_p99_per_agent, ..report })
 }
 
 pub(crate) fn agent_id(i: usize) -> AgentId {

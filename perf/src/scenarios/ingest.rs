@@ -16,7 +16,7 @@ use aperture_transport::Carrier;
 use serde::Deserialize;
 
 use crate::harness::{Metric, Scenario};
-use crate::load::{LoadConfig, run_load, synthetic_batch};
+use crate::load::{LoadConfig, run_load, run_load_paced, synthetic_batch};
 use crate::stats::percentile;
 
 /// Parameters of the scenario.
@@ -39,6 +39,18 @@ pub struct Params {
     /// as QUIC always is); `false` runs it in plaintext.
     #[serde(default = "default_grpc_tls")]
     pub grpc_tls: bool,
+    /// Agent counts K run paced as well (sides `<carrier>-k<K>-paced`):
+    /// every agent sends one frame per `paced_interval_ms`, the cadence of
+    /// a real agent, so the aggregator is below saturation.
+    #[serde(default)]
+    pub paced_agents: Vec<usize>,
+    /// Interval between two frames of a paced agent, ms.
+    #[serde(default = "default_paced_interval_ms")]
+    pub paced_interval_ms: u64,
+}
+
+fn default_paced_interval_ms() -> u64 {
+    1000
 }
 
 fn default_grpc_tls() -> bool {
@@ -58,8 +70,10 @@ impl Ingest {
     }
 }
 
-/// Parses a side name `quic-k8` into (carrier, K).
+/// Parses a side name `quic-k8` into (carrier, K); `quic-k8-paced` as well
+/// (see [`is_paced`]).
 pub fn parse_side(side: &str) -> Option<(Carrier, usize)> {
+    let side = side.strip_suffix("-paced").unwrap_or(side);
     let (carrier, k) = side.split_once("-k")?;
     let carrier = match carrier {
         "quic" => Carrier::Quic,
@@ -69,9 +83,31 @@ pub fn parse_side(side: &str) -> Option<(Carrier, usize)> {
     Some((carrier, k.parse().ok()?))
 }
 
+/// Whether a side's agents are paced.
+pub fn is_paced(side: &str) -> bool {
+    side.ends_with("-paced")
+}
+
+/// Spread of per-agent counts: (min, median, max, coefficient of variation in %).
+pub fn spread(counts: &[u64]) -> Option<(f64, f64, f64, f64)> {
+    if counts.is_empty() {
+        return None;
+    }
+    let mut v: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    let cv = if mean > 0.0 { var.sqrt() / mean * 100.0 } else { 0.0 };
+    let (min, max) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    Some((min, percentile(&mut v, 50.0), max, cv))
+}
+
 impl Scenario for Ingest {
     fn sides(&self) -> Vec<String> {
-        self.params.agents.iter().flat_map(|k| [format!("quic-k{k}"), format!("grpc-k{k}")]).collect()
+        let p = &self.params;
+        let full = p.agents.iter().flat_map(|k| [format!("quic-k{k}"), format!("grpc-k{k}")]);
+        let paced = p.paced_agents.iter().flat_map(|k| [format!("quic-k{k}-paced"), format!("grpc-k{k}-paced")]);
+        full.chain(paced).collect()
     }
 
     fn run_once(&mut self, side: &str) -> anyhow::Result<Vec<Metric>> {
@@ -90,7 +126,12 @@ impl Scenario for Ingest {
             in_flight: p.in_flight,
             grpc_tls: p.grpc_tls,
         };
-        let r = run_load(&cfg, &template, dir.path()).with_context(|| format!("{agents} agents over {carrier}"))?;
+        let interval = is_paced(side).then(|| Duration::from_millis(p.paced_interval_ms.max(1)));
+        let r = match interval {
+            None => run_load(&cfg, &template, dir.path()),
+            Some(_) => run_load_paced(&cfg, interval, &template, dir.path()),
+        }
+        .with_context(|| format!("{agents} agents over {carrier}"))?;
         anyhow::ensure!(r.frames > 0, "no frame arrived");
         let samples = r.frames as f64 * samples_per_frame;
         let mut lat: Vec<f64> = r.ack_latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
@@ -111,6 +152,24 @@ impl Scenario for Ingest {
             Metric::new("wire_bytes_per_sample", "B", r.loopback_bytes as f64 / 2.0 / samples),
             Metric::new("frames_dropped", "frames", r.dropped as f64),
         ]);
+        // Fairness: how evenly the agents got through (frames acknowledged
+        // within the run, per agent), and the worst agent's ack tail.
+        if let Some((min, median, max, cv)) = spread(&r.acked_per_agent) {
+            out.extend([
+                Metric::new("agent_acked_frames_min", "frames", min),
+                Metric::new("agent_acked_frames_median", "frames", median),
+                Metric::new("agent_acked_frames_max", "frames", max),
+                Metric::new("agent_acked_frames_cv_pct", "%", cv),
+                Metric::new(
+                    "agents_without_ack",
+                    "agents",
+                    r.acked_per_agent.iter().filter(|&&n| n == 0).count() as f64,
+                ),
+            ]);
+        }
+        if let Some(worst) = r.ack_p99_per_agent.iter().flatten().max() {
+            out.push(Metric::new("worst_agent_ack_p99_ms", "ms", worst.as_secs_f64() * 1e3));
+        }
         Ok(out)
     }
 }
@@ -129,10 +188,24 @@ mod tests {
             stacks: 1,
             in_flight: 1,
             grpc_tls: true,
+            paced_agents: vec![64],
+            paced_interval_ms: 1000,
         });
-        assert_eq!(s.sides(), ["quic-k1", "grpc-k1", "quic-k64", "grpc-k64"]);
+        assert_eq!(s.sides(), ["quic-k1", "grpc-k1", "quic-k64", "grpc-k64", "quic-k64-paced", "grpc-k64-paced"]);
+        assert_eq!(parse_side("quic-k64-paced"), Some((Carrier::Quic, 64)));
+        assert!(is_paced("quic-k64-paced") && !is_paced("quic-k64"));
         assert_eq!(parse_side("grpc-k64"), Some((Carrier::Grpc, 64)));
         assert_eq!(parse_side("tcp-k1"), None);
         assert_eq!(parse_side("quic-kx"), None);
+    }
+
+    #[test]
+    fn spread_of_per_agent_counts() {
+        assert_eq!(spread(&[]), None);
+        let (min, median, max, cv) = spread(&[10, 10, 10, 10]).unwrap();
+        assert_eq!((min, median, max, cv), (10.0, 10.0, 10.0, 0.0));
+        let (min, _, max, cv) = spread(&[0, 20]).unwrap();
+        assert_eq!((min, max), (0.0, 20.0));
+        assert!((cv - 100.0).abs() < 1e-9, "{cv}");
     }
 }

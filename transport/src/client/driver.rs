@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use super::config::{CarrierChoice, ClientConfig, StartError};
 use super::connect::{ConnectError, LinkEvent};
 use super::grpc::GrpcConnector;
-use super::link::{Link, LinkTx};
+use super::link::Link;
 use super::quic::QuicConnector;
 use super::shared::Inner;
 use crate::Carrier;
@@ -305,7 +305,7 @@ async fn run_link(
     let mut probe_at = probe.as_ref().map(|p| Instant::now() + p.every);
     let mut probe_task: Option<JoinHandle<Result<Link, ConnectError>>> = None;
     let end = 'run: loop {
-        if let Err(e) = flush(inner, &mut link.tx).await {
+        if let Err(e) = flush(inner, &mut link).await {
             tracing::warn!(carrier = carrier.as_str(), error = %e, "connection to the aggregator lost");
             break 'run LinkEnd::Lost { established };
         }
@@ -359,7 +359,7 @@ async fn run_link(
             () = tokio::time::sleep_until(wake.into()) => inner.session().handle_timeout(Instant::now()),
             _ = stop.changed() => {
                 inner.session().close(Instant::now(), CloseReason::Normal, "agent shutting down");
-                let _ = flush(inner, &mut link.tx).await;
+                let _ = flush(inner, &mut link).await;
                 break 'run LinkEnd::Stopped;
             }
             () = tokio::time::sleep_until(probe_wake.into()), if probe_at.is_some() && probe_task.is_none() => {
@@ -382,7 +382,7 @@ async fn run_link(
                     Ok(Ok(quic)) => {
                         tracing::info!("QUIC is reachable again; moving the session off gRPC");
                         inner.session().close(Instant::now(), CloseReason::Normal, "switching to QUIC");
-                        let _ = flush(inner, &mut link.tx).await;
+                        let _ = flush(inner, &mut link).await;
                         break 'run LinkEnd::Switch(quic);
                     }
                     Ok(Err(e)) => {
@@ -408,11 +408,36 @@ async fn run_link(
 
 /// Sends everything the session has to send now. The session lock is taken
 /// per item and never held across an await.
-async fn flush(inner: &Inner, tx: &mut LinkTx) -> Result<(), String> {
+///
+/// While a write waits (QUIC or HTTP/2 flow control, a full send buffer),
+/// the server's messages are still read and handed to the session: acks
+/// and credit take effect as they arrive, not after the last queued frame
+/// is written. Without this, a client with a deep queue behind a busy
+/// aggregator saw no ack until its whole credit window had been written.
+async fn flush(inner: &Inner, link: &mut Link) -> Result<(), String> {
+    let Link { tx, rx, .. } = link;
+    let mut rx_open = true;
     loop {
         let next = inner.session().poll_transmit(Instant::now());
         let Some(t) = next else { return Ok(()) };
-        tx.send(t).await?;
+        let send = tx.send(t);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut send => {
+                    r?;
+                    break;
+                }
+                ev = rx.recv(), if rx_open => match ev {
+                    Some(LinkEvent::Control(c)) => inner.session().handle_control(Instant::now(), c),
+                    Some(LinkEvent::Lost(why)) => return Err(why),
+                    // The reader is gone; the write will fail or finish,
+                    // and the caller sees the closed channel next.
+                    None => rx_open = false,
+                },
+            }
+        }
     }
 }
 

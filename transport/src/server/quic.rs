@@ -15,7 +15,9 @@ use super::session::{Inbound, Outbound, PREAUTH_MAX_CONTROL, PreAuth, SessionEnd
 use crate::Carrier;
 use crate::control::{CloseReason, Control, RejectReason};
 use crate::tls::{QUIC_ALPN, ServerIdentity};
-use crate::wire::quic::{ReadError, ReadRules, WireMsg, endpoint_config, read_message, transport_config};
+use crate::wire::quic::{
+    ReadError, ReadRules, SERVER_SOCKET_BUFFER, WireMsg, endpoint_config, read_message, transport_config, tune_socket,
+};
 
 /// How long a closing server waits for the client to read its last
 /// messages before closing the connection under it.
@@ -48,6 +50,7 @@ pub(crate) fn endpoint(shared: &Shared, id: &ServerIdentity, addr: SocketAddr) -
     cfg.transport_config(Arc::new(transport));
     let bind = |source| ServeError::Bind { carrier: Carrier::Quic, addr, source };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    tune_socket(&socket, SERVER_SOCKET_BUFFER);
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind(std::io::Error::other("no async runtime found; call serve() inside tokio")))?;
     Endpoint::new(endpoint_config(), Some(cfg), socket, runtime).map_err(bind)

@@ -44,9 +44,50 @@ pub(crate) fn endpoint_config() -> EndpointConfig {
     e
 }
 
+/// UDP socket buffer the server asks for, each direction. The kernel's
+/// default (`net.core.rmem_default`, 208 KiB) holds a few dozen 9 KB
+/// datagrams: many agents sending at once overflow it, every datagram
+/// dropped there is a QUIC loss (a retransmission, a congestion-window cut,
+/// a late ack). The kernel caps the request at `net.core.rmem_max` /
+/// `wmem_max`; [`tune_socket`] logs what it got.
+pub(crate) const SERVER_SOCKET_BUFFER: usize = 16 << 20;
+
+/// UDP socket buffer a client asks for: it receives little (acks, credit,
+/// QUIC acknowledgements) but sends bursts of a frame's datagrams.
+pub(crate) const CLIENT_SOCKET_BUFFER: usize = 2 << 20;
+
+/// Raises the socket's receive and send buffers to `bytes` (as far as the
+/// kernel allows). Failing to is not fatal: the socket works, with more loss
+/// under load, which the log says.
+pub(crate) fn tune_socket(socket: &std::net::UdpSocket, bytes: usize) {
+    let state = match quinn::udp::UdpSocketState::new(socket.into()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot inspect the QUIC UDP socket; its buffers keep the kernel defaults");
+            return;
+        }
+    };
+    if let Err(e) = state.set_recv_buffer_size(socket.into(), bytes) {
+        tracing::warn!(error = %e, bytes, "cannot raise the QUIC UDP receive buffer");
+    }
+    if let Err(e) = state.set_send_buffer_size(socket.into(), bytes) {
+        tracing::warn!(error = %e, bytes, "cannot raise the QUIC UDP send buffer");
+    }
+    // Linux reports twice the usable size (the bookkeeping overhead it adds).
+    let got = state.recv_buffer_size(socket.into()).unwrap_or(0) / 2;
+    if got < bytes / 2 {
+        tracing::info!(
+            requested = bytes,
+            got,
+            "QUIC UDP receive buffer capped by the kernel; raise net.core.rmem_max (sysctl) for many agents per aggregator"
+        );
+    }
+}
+
 /// A client endpoint bound to `bind`, with [`endpoint_config`].
 pub(crate) fn client_endpoint(bind: std::net::SocketAddr) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(bind)?;
+    tune_socket(&socket, CLIENT_SOCKET_BUFFER);
     let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
     quinn::Endpoint::new(endpoint_config(), None, socket, runtime)
 }
