@@ -51,7 +51,10 @@ pub(crate) struct StackRow<'a> {
     pub inserted: u32,
 }
 
-/// A row of `frame_ledger`.
+/// A row of `frame_ledger`: the state of a run if batch `batch_id` is
+/// committed (`watermark`, `above`) and if it is not (`prev_*`); which one
+/// holds is told by the samples stored under `batch_id` (see
+/// [`super::ledger`]).
 #[derive(Debug, Row, Serialize)]
 pub(crate) struct LedgerRow {
     pub agent_id: String,
@@ -60,6 +63,36 @@ pub(crate) struct LedgerRow {
     pub above: Vec<u64>,
     pub updated: u32,
     pub version: u64,
+    /// [`WriteBatch::batch_id`]; 0 in rows written before it was stored.
+    pub batch_id: u64,
+    pub prev_watermark: u64,
+    pub prev_above: Vec<u64>,
+    /// The batch's first and last `window_start` (Unix seconds): bounds the
+    /// look-up of its samples.
+    pub first_window: u32,
+    pub last_window: u32,
+    /// Distinct windows of the batch's samples: all stored means committed.
+    pub windows: u32,
+}
+
+/// The windows a batch's samples cover: first, last, how many distinct.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct WindowSpan {
+    pub first: u32,
+    pub last: u32,
+    pub count: u32,
+}
+
+impl WindowSpan {
+    /// The span of `rows`; all zero without rows.
+    pub(crate) fn of(rows: &[SampleRow<'_>]) -> WindowSpan {
+        let windows: std::collections::BTreeSet<u32> = rows.iter().map(|r| r.window_start).collect();
+        WindowSpan {
+            first: windows.first().copied().unwrap_or(0),
+            last: windows.last().copied().unwrap_or(0),
+            count: u32::try_from(windows.len()).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 fn datetime(s: u64) -> u32 {
@@ -128,20 +161,32 @@ pub(crate) fn stack_rows(batch: &WriteBatch) -> Vec<StackRow<'_>> {
         .collect()
 }
 
-/// The `frame_ledger` rows of a batch. `version` orders the states of one
-/// run: the latest write wins when ReplacingMergeTree merges, and readers
-/// take `argMax(..., version)` in the meantime.
-pub(crate) fn ledger_rows(batch: &WriteBatch, version: u64) -> Vec<LedgerRow> {
+/// The `frame_ledger` rows of a batch whose samples cover `span`.
+/// `version` orders the states of one run: the latest write wins when
+/// ReplacingMergeTree merges, and readers take `argMax(..., version)` in
+/// the meantime. Each row holds the state before the batch too, so the
+/// latest row alone tells the committed state whether or not the batch's
+/// samples made it.
+pub(crate) fn ledger_rows(batch: &WriteBatch, span: WindowSpan, version: u64) -> Vec<LedgerRow> {
     batch
         .runs
         .iter()
-        .map(|((agent, boot), state)| LedgerRow {
-            agent_id: agent.to_hex(),
-            boot_id: boot.to_hex(),
-            watermark: state.watermark,
-            above: state.above.iter().copied().collect(),
-            updated: datetime(batch.now_s),
-            version,
+        .map(|(key, state)| {
+            let before = batch.runs_before.iter().find(|(k, _)| k == key).map(|(_, s)| s);
+            LedgerRow {
+                agent_id: key.0.to_hex(),
+                boot_id: key.1.to_hex(),
+                watermark: state.watermark,
+                above: state.above.iter().copied().collect(),
+                updated: datetime(batch.now_s),
+                version,
+                batch_id: batch.batch_id,
+                prev_watermark: before.map_or(0, |s| s.watermark),
+                prev_above: before.map(|s| s.above.iter().copied().collect()).unwrap_or_default(),
+                first_window: span.first,
+                last_window: span.last,
+                windows: span.count,
+            }
         })
         .collect()
 }
