@@ -84,9 +84,10 @@ pub(crate) struct WindowSpan {
 }
 
 impl WindowSpan {
-    /// The span of `rows`; all zero without rows.
-    pub(crate) fn of(rows: &[SampleRow<'_>]) -> WindowSpan {
-        let windows: std::collections::BTreeSet<u32> = rows.iter().map(|r| r.window_start).collect();
+    /// The span of the samples of `batch`; all zero without rows.
+    pub(crate) fn of(batch: &WriteBatch) -> WindowSpan {
+        let windows: std::collections::BTreeSet<u32> =
+            batch.flushes.iter().flat_map(|f| &f.rows).map(|(key, _)| datetime(key.window_start_s)).collect();
         WindowSpan {
             first: windows.first().copied().unwrap_or(0),
             last: windows.last().copied().unwrap_or(0),
@@ -189,4 +190,42 @@ pub(crate) fn ledger_rows(batch: &WriteBatch, span: WindowSpan, version: u64) ->
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use aperture_core::ids::{AgentId, BootId};
+    use aperture_core::ledger::RunState;
+    use aperture_core::model::{Labels, StackHash};
+    use aperture_core::shard::{Flush, RowKey, RowValue};
+
+    use super::*;
+
+    fn row(window_start_s: u64) -> (RowKey, RowValue) {
+        let key = RowKey { window_start_s, kind: RowKind::Cpu, labels: 0, stack: StackHash(1), detail: 0 };
+        (key, RowValue::default())
+    }
+
+    #[test]
+    fn ledger_rows_carry_the_batch_its_windows_and_the_state_before_it() {
+        let flush = |rows| Flush { labels: vec![Labels::default()], rows, ..Flush::default() };
+        let (r1, r2) = ((AgentId([1; 16]), BootId([1; 16])), (AgentId([2; 16]), BootId([2; 16])));
+        let state = |watermark, above: &[u64]| RunState { watermark, above: above.iter().copied().collect() };
+        let batch = WriteBatch {
+            flushes: vec![flush(vec![row(100), row(110)]), flush(vec![row(100), row(90)])],
+            runs: vec![(r1, state(7, &[9])), (r2, state(3, &[]))],
+            runs_before: vec![(r1, state(4, &[9]))],
+            batch_id: 0x51,
+            ..WriteBatch::default()
+        };
+        let span = WindowSpan::of(&batch);
+        assert_eq!(span, WindowSpan { first: 90, last: 110, count: 3 });
+        let rows = ledger_rows(&batch, span, 5);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].batch_id, rows[0].watermark, rows[0].above.as_slice()), (0x51, 7, &[9][..]));
+        assert_eq!((rows[0].prev_watermark, rows[0].prev_above.as_slice()), (4, &[9][..]));
+        assert_eq!((rows[1].prev_watermark, rows[1].prev_above.len()), (0, 0), "r2 had nothing committed");
+        assert_eq!((rows[1].first_window, rows[1].last_window, rows[1].windows), (90, 110, 3));
+        assert_eq!(WindowSpan::of(&WriteBatch::default()), WindowSpan::default());
+    }
 }

@@ -86,8 +86,7 @@ pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration
         batch.progress.store(1, Ordering::Release);
     }
     if batch.progress.load(Ordering::Acquire) < 2 {
-        let span = WindowSpan::of(&sample_rows(batch)?);
-        let rows = ledger_rows(batch, span, crate::clock::unix_now_ns());
+        let rows = ledger_rows(batch, WindowSpan::of(batch), crate::clock::unix_now_ns());
         insert_all::<super::request_builder::LedgerRow>(client, "frame_ledger", &rows, timeout).await?;
         batch.progress.store(2, Ordering::Release);
     }
