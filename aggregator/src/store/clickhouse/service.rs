@@ -13,8 +13,11 @@
 //! those samples ([`super::ledger`]), so whenever the process dies, the
 //! ledger in the store says "committed" exactly for frames whose samples are
 //! stored: frames resent to a restarted aggregator or to another replica are
-//! neither counted twice nor lost. The ledger insert is idempotent by itself
-//! (ReplacingMergeTree, latest version wins).
+//! neither counted twice nor lost. (Except a batch spanning two days, which
+//! is committed in two parts, and a look-up made while the server is still
+//! committing an insert whose client died: see `docs/storage.md`.) The
+//! ledger insert is idempotent by itself (ReplacingMergeTree, latest
+//! version wins).
 //!
 //! The samples insert is made idempotent by the batch id stored with each
 //! row: a retry after a timeout or a lost answer first asks which windows of
