@@ -4,14 +4,16 @@
 //! record of what is committed).
 //!
 //! A batch's ledger rows are written before its samples (see
-//! [`super::service`]), each with the batch id, the run's state with the
-//! batch committed (`watermark`, `above`) and without it (`prev_watermark`,
-//! `prev_above`). For the latest row of each run the reader asks whether
+//! [`super::service`]), each with the batch id, the run's state without the
+//! batch (`watermark`, `above`) and with it committed (`batch_watermark`,
+//! `batch_above`). For the latest row of each run the reader asks whether
 //! every window of that batch has samples stored under its id, and takes
 //! the one state or the other. A window's rows lie in one partition and are
 //! committed all or nothing, so "every window stored" is "the batch is
 //! committed". Rows from before that column existed (`batch_id` 0) hold the
-//! committed state alone.
+//! committed state alone. An older aggregator reads `watermark` only, the
+//! state without the batch: during a rolling upgrade it may take a batch's
+//! frames again (a duplicate), never skip frames that are not stored.
 
 use std::collections::BTreeMap;
 
@@ -36,8 +38,8 @@ struct LatestRow {
     watermark: u64,
     above: Vec<u64>,
     batch_id: u64,
-    prev_watermark: u64,
-    prev_above: Vec<u64>,
+    batch_watermark: u64,
+    batch_above: Vec<u64>,
     first_window: u32,
     last_window: u32,
     windows: u32,
@@ -74,7 +76,7 @@ async fn load(
 ) -> Result<Vec<(RunKey, RunState)>, QueryError> {
     let sql = format!(
         "SELECT agent_id, boot_id, argMax(watermark, version), argMax(above, version), argMax(batch_id, version),
-                argMax(prev_watermark, version), argMax(prev_above, version), argMax(first_window, version),
+                argMax(batch_watermark, version), argMax(batch_above, version), argMax(first_window, version),
                 argMax(last_window, version), argMax(windows, version)
          FROM frame_ledger WHERE {filter} GROUP BY agent_id, boot_id"
     );
@@ -88,10 +90,12 @@ async fn load(
                 undecodable.ledger_row(STORE, &r.agent_id, &r.boot_id, "agent or boot id is not 32 hex digits");
                 return None;
             };
-            let state = if r.batch_id == 0 || r.windows == 0 || committed.get(&r.batch_id).copied().unwrap_or(false) {
+            let state = if r.batch_id == 0 {
                 RunState { watermark: r.watermark, above: r.above.into_iter().collect() }
+            } else if r.windows == 0 || committed.get(&r.batch_id).copied().unwrap_or(false) {
+                RunState { watermark: r.batch_watermark, above: r.batch_above.into_iter().collect() }
             } else {
-                RunState { watermark: r.prev_watermark, above: r.prev_above.into_iter().collect() }
+                RunState { watermark: r.watermark, above: r.above.into_iter().collect() }
             };
             Some(((agent, boot), state))
         })

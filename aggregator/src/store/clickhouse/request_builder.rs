@@ -51,9 +51,10 @@ pub(crate) struct StackRow<'a> {
     pub inserted: u32,
 }
 
-/// A row of `frame_ledger`: the state of a run if batch `batch_id` is
-/// committed (`watermark`, `above`) and if it is not (`prev_*`); which one
-/// holds is told by the samples stored under `batch_id` (see
+/// A row of `frame_ledger`: the state of a run if batch `batch_id` is not
+/// committed (`watermark`, `above`: what an older aggregator reads, so that
+/// it may take frames twice but never skip one) and if it is (`batch_*`);
+/// which one holds is told by the samples stored under `batch_id` (see
 /// [`super::ledger`]).
 #[derive(Debug, Row, Serialize)]
 pub(crate) struct LedgerRow {
@@ -65,8 +66,8 @@ pub(crate) struct LedgerRow {
     pub version: u64,
     /// [`WriteBatch::batch_id`]; 0 in rows written before it was stored.
     pub batch_id: u64,
-    pub prev_watermark: u64,
-    pub prev_above: Vec<u64>,
+    pub batch_watermark: u64,
+    pub batch_above: Vec<u64>,
     /// The batch's first and last `window_start` (Unix seconds): bounds the
     /// look-up of its samples.
     pub first_window: u32,
@@ -177,13 +178,13 @@ pub(crate) fn ledger_rows(batch: &WriteBatch, span: WindowSpan, version: u64) ->
             LedgerRow {
                 agent_id: key.0.to_hex(),
                 boot_id: key.1.to_hex(),
-                watermark: state.watermark,
-                above: state.above.iter().copied().collect(),
+                watermark: before.map_or(0, |s| s.watermark),
+                above: before.map(|s| s.above.iter().copied().collect()).unwrap_or_default(),
                 updated: datetime(batch.now_s),
                 version,
                 batch_id: batch.batch_id,
-                prev_watermark: before.map_or(0, |s| s.watermark),
-                prev_above: before.map(|s| s.above.iter().copied().collect()).unwrap_or_default(),
+                batch_watermark: state.watermark,
+                batch_above: state.above.iter().copied().collect(),
                 first_window: span.first,
                 last_window: span.last,
                 windows: span.count,
@@ -222,9 +223,9 @@ mod tests {
         assert_eq!(span, WindowSpan { first: 90, last: 110, count: 3 });
         let rows = ledger_rows(&batch, span, 5);
         assert_eq!(rows.len(), 2);
-        assert_eq!((rows[0].batch_id, rows[0].watermark, rows[0].above.as_slice()), (0x51, 7, &[9][..]));
-        assert_eq!((rows[0].prev_watermark, rows[0].prev_above.as_slice()), (4, &[9][..]));
-        assert_eq!((rows[1].prev_watermark, rows[1].prev_above.len()), (0, 0), "r2 had nothing committed");
+        assert_eq!((rows[0].batch_id, rows[0].batch_watermark, rows[0].batch_above.as_slice()), (0x51, 7, &[9][..]));
+        assert_eq!((rows[0].watermark, rows[0].above.as_slice()), (4, &[9][..]));
+        assert_eq!((rows[1].watermark, rows[1].above.len()), (0, 0), "r2 had nothing committed");
         assert_eq!((rows[1].first_window, rows[1].last_window, rows[1].windows), (90, 110, 3));
         assert_eq!(WindowSpan::of(&WriteBatch::default()), WindowSpan::default());
     }

@@ -93,8 +93,8 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[
         // Rows from before (batch_id 0) hold only the committed state.
         &[
             "ADD COLUMN frame_ledger.batch_id UInt64 DEFAULT 0",
-            "ADD COLUMN frame_ledger.prev_watermark UInt64 DEFAULT 0",
-            "ADD COLUMN frame_ledger.prev_above Array(UInt64)",
+            "ADD COLUMN frame_ledger.batch_watermark UInt64 DEFAULT 0",
+            "ADD COLUMN frame_ledger.batch_above Array(UInt64)",
             "ADD COLUMN frame_ledger.first_window UInt32 DEFAULT 0",
             "ADD COLUMN frame_ledger.last_window UInt32 DEFAULT 0",
             "ADD COLUMN frame_ledger.windows UInt32 DEFAULT 0",
