@@ -6,8 +6,8 @@
 //!
 //! Each batch carries the ledger state of the agent runs it touches, so the
 //! store commits rows and "these frames are stored" together (SQLite in one
-//! transaction; ClickHouse in three idempotent steps, see
-//! `docs/storage.md`).
+//! transaction; ClickHouse in three idempotent steps, the ledger state with
+//! the state before the batch ahead of the rows, see `docs/storage.md`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -108,7 +108,7 @@ impl Writer {
                 tracing::error!(rows = invalid, "rows referring to missing label sets dropped and counted");
                 shared.metrics.writer_rows_rejected.with_label_values(&[store_name]).inc_by(invalid as u64);
             }
-            batch.runs = runs_after(&shared, &batch.flushes);
+            (batch.runs_before, batch.runs) = runs_before_and_after(&shared, &batch.flushes);
             batch.now_s = unix_now_s();
             batch.batch_id = rand::random::<u64>() | 1;
         }) else {
@@ -185,21 +185,28 @@ impl Writer {
     }
 }
 
-/// The committed state each run touched by `flushes` will have once they
-/// are committed: the ledger's state plus these frames.
-fn runs_after(shared: &Shared, flushes: &[Flush]) -> Vec<(RunKey, RunState)> {
+/// Committed states of agent runs, sorted by run.
+type Runs = Vec<(RunKey, RunState)>;
+
+/// The committed state of each run touched by `flushes` now (the ledger's
+/// state) and once they are committed (plus these frames).
+fn runs_before_and_after(shared: &Shared, flushes: &[Flush]) -> (Runs, Runs) {
     let frames: Vec<_> = flushes.iter().flat_map(|f| f.frames.iter().copied()).collect();
-    let mut out = Vec::new();
+    let mut before = Vec::new();
+    let mut after = Vec::new();
     for (lane, ids) in shared.group_by_lane(&frames) {
         let keys: HashSet<RunKey> = ids.iter().map(|id| (id.agent_id, id.boot_id)).collect();
-        let mut states = shared.lane(lane).ledger.committed_runs(keys.iter());
-        for (key, state) in &mut states {
+        let states = shared.lane(lane).ledger.committed_runs(keys.iter());
+        for (key, state) in &states {
+            let mut next = state.clone();
             for id in ids.iter().filter(|id| (id.agent_id, id.boot_id) == *key) {
-                state.commit(id.sequence);
+                next.commit(id.sequence);
             }
+            after.push((*key, next));
         }
-        out.extend(states);
+        before.extend(states);
     }
-    out.sort_by_key(|a| a.0);
-    out
+    before.sort_by_key(|a| a.0);
+    after.sort_by_key(|a| a.0);
+    (before, after)
 }

@@ -54,6 +54,11 @@ pub struct WriteBatch {
     pub flushes: Vec<Flush>,
     /// Committed state of each run touched by the flushes, after this batch.
     pub runs: Vec<(RunKey, RunState)>,
+    /// Committed state of the same runs before this batch, in the same
+    /// order, for stores that record a batch's ledger state before its rows
+    /// (ClickHouse): a reader finding the rows absent falls back to it. A
+    /// run missing here had nothing committed.
+    pub runs_before: Vec<(RunKey, RunState)>,
     /// Commit time, Unix seconds (stored with ledger rows for retention).
     pub now_s: u64,
     /// Steps of a multi-step write already done, for stores that cannot

@@ -165,8 +165,8 @@ async fn fault_aggregator_sigkill_sqlite() {
     );
 }
 
-/// ClickHouse: nothing acknowledged is lost; a kill between a batch's
-/// samples insert and its ledger insert may store that batch twice
+/// ClickHouse: nothing acknowledged is lost; a kill between the two daily
+/// parts of a batch spanning midnight UTC may store that batch twice
 /// (`docs/storage.md`), so duplicates are bounded by one writer batch per
 /// kill — here at most the frames of one flush interval (1 s, 200 frames).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,8 @@
 //!   tables behind `Distributed` ones) when `clickhouse.cluster` is set;
 //! - [`request_builder`]: rows of each table, built from a write batch;
 //! - [`service`]: the staged insert and failure classification (retry or reject);
-//! - [`queries`]: the reads behind the API, the ledger and retention.
+//! - [`ledger`]: the committed state of agent runs, as the store records it;
+//! - [`queries`]: the reads behind the API, and retention.
 //!
 //! Integration tests against real servers: `tests/replicas.rs`,
 //! `tests/clickhouse_retries.rs`, `tests/resilience.rs` and, on a cluster of
@@ -78,11 +79,11 @@ impl Store for ClickHouseStore {
     }
 
     fn load_ledger(&self, since_s: u64) -> StoreFuture<'_, Result<Vec<(RunKey, RunState)>, QueryError>> {
-        Box::pin(queries::ledger(&self.client, since_s, &self.undecodable))
+        Box::pin(ledger::since(&self.client, since_s, &self.undecodable))
     }
 
     fn load_runs<'a>(&'a self, keys: &'a [RunKey]) -> StoreFuture<'a, Result<Vec<(RunKey, RunState)>, QueryError>> {
-        Box::pin(ledger::runs(&self.client, keys))
+        Box::pin(ledger::runs(&self.client, keys, &self.undecodable))
     }
 
     fn ping(&self) -> StoreFuture<'_, Result<(), QueryError>> {

@@ -1,11 +1,10 @@
-//! Reads: the aggregate queries behind the API, the ledger, retention.
+//! Reads: the aggregate queries behind the API, retention.
 //!
 //! Label filter values are bound as parameters (the client escapes them);
 //! stack hashes and times are integers formatted into the SQL. API reads run
 //! on a client with `max_execution_time` set (see [`read_client`]), and their
 //! sums saturate at `u64::MAX` rather than wrap (see [`sat_sum`]).
 
-use aperture_core::ids::{AgentId, BootId};
 use aperture_core::model::{Mode, StackHash};
 use aperture_core::shard::RowKind;
 use clickhouse::{Client, Row};
@@ -280,42 +279,6 @@ pub(crate) async fn tag_keys(client: &Client, mode: Option<Mode>, sel: &Selector
     let w = where_clause(kinds, sel);
     let sql = format!("SELECT DISTINCT arrayJoin(tag_keys) AS k FROM samples WHERE {} ORDER BY k", w.sql);
     bound(client, &sql, &w).fetch_all::<String>().await.map_err(query_err)
-}
-
-#[derive(Row, Deserialize)]
-struct LedgerState {
-    agent_id: String,
-    boot_id: String,
-    watermark: u64,
-    above: Vec<u64>,
-}
-
-pub(crate) async fn ledger(
-    client: &Client,
-    since_s: u64,
-    undecodable: &UndecodableCounts,
-) -> Result<Vec<(aperture_core::ledger::RunKey, aperture_core::ledger::RunState)>, QueryError> {
-    let sql = format!(
-        "SELECT agent_id, boot_id, argMax(watermark, version), argMax(above, version) FROM frame_ledger
-         WHERE updated >= toDateTime({}) GROUP BY agent_id, boot_id",
-        since_s.min(u64::from(u32::MAX))
-    );
-    let rows = client.query(&sql).fetch_all::<LedgerState>().await.map_err(query_err)?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|r| {
-            let ids = (r.agent_id.parse::<AgentId>(), r.boot_id.parse::<BootId>());
-            let (Ok(agent), Ok(boot)) = ids else {
-                undecodable.ledger_row(STORE, &r.agent_id, &r.boot_id, "agent or boot id is not 32 hex digits");
-                return None;
-            };
-            let key = (agent, boot);
-            Some((
-                key,
-                aperture_core::ledger::RunState { watermark: r.watermark, above: r.above.into_iter().collect() },
-            ))
-        })
-        .collect())
 }
 
 /// Days since 1970-01-01 to a `YYYYMMDD` number (proleptic Gregorian, UTC),

@@ -51,7 +51,11 @@ pub(crate) struct StackRow<'a> {
     pub inserted: u32,
 }
 
-/// A row of `frame_ledger`.
+/// A row of `frame_ledger`: the state of a run if batch `batch_id` is not
+/// committed (`watermark`, `above`: what an older aggregator reads, so that
+/// it may take frames twice but never skip one) and if it is (`batch_*`);
+/// which one holds is told by the samples stored under `batch_id` (see
+/// [`super::ledger`]).
 #[derive(Debug, Row, Serialize)]
 pub(crate) struct LedgerRow {
     pub agent_id: String,
@@ -60,6 +64,37 @@ pub(crate) struct LedgerRow {
     pub above: Vec<u64>,
     pub updated: u32,
     pub version: u64,
+    /// [`WriteBatch::batch_id`]; 0 in rows written before it was stored.
+    pub batch_id: u64,
+    pub batch_watermark: u64,
+    pub batch_above: Vec<u64>,
+    /// The batch's first and last `window_start` (Unix seconds): bounds the
+    /// look-up of its samples.
+    pub first_window: u32,
+    pub last_window: u32,
+    /// Distinct windows of the batch's samples: all stored means committed.
+    pub windows: u32,
+}
+
+/// The windows a batch's samples cover: first, last, how many distinct.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct WindowSpan {
+    pub first: u32,
+    pub last: u32,
+    pub count: u32,
+}
+
+impl WindowSpan {
+    /// The span of the samples of `batch`; all zero without rows.
+    pub(crate) fn of(batch: &WriteBatch) -> WindowSpan {
+        let windows: std::collections::BTreeSet<u32> =
+            batch.flushes.iter().flat_map(|f| &f.rows).map(|(key, _)| datetime(key.window_start_s)).collect();
+        WindowSpan {
+            first: windows.first().copied().unwrap_or(0),
+            last: windows.last().copied().unwrap_or(0),
+            count: u32::try_from(windows.len()).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 fn datetime(s: u64) -> u32 {
@@ -128,20 +163,70 @@ pub(crate) fn stack_rows(batch: &WriteBatch) -> Vec<StackRow<'_>> {
         .collect()
 }
 
-/// The `frame_ledger` rows of a batch. `version` orders the states of one
-/// run: the latest write wins when ReplacingMergeTree merges, and readers
-/// take `argMax(..., version)` in the meantime.
-pub(crate) fn ledger_rows(batch: &WriteBatch, version: u64) -> Vec<LedgerRow> {
+/// The `frame_ledger` rows of a batch whose samples cover `span`.
+/// `version` orders the states of one run: the latest write wins when
+/// ReplacingMergeTree merges, and readers take `argMax(..., version)` in
+/// the meantime. Each row holds the state before the batch too, so the
+/// latest row alone tells the committed state whether or not the batch's
+/// samples made it.
+pub(crate) fn ledger_rows(batch: &WriteBatch, span: WindowSpan, version: u64) -> Vec<LedgerRow> {
     batch
         .runs
         .iter()
-        .map(|((agent, boot), state)| LedgerRow {
-            agent_id: agent.to_hex(),
-            boot_id: boot.to_hex(),
-            watermark: state.watermark,
-            above: state.above.iter().copied().collect(),
-            updated: datetime(batch.now_s),
-            version,
+        .map(|(key, state)| {
+            let before = batch.runs_before.iter().find(|(k, _)| k == key).map(|(_, s)| s);
+            LedgerRow {
+                agent_id: key.0.to_hex(),
+                boot_id: key.1.to_hex(),
+                watermark: before.map_or(0, |s| s.watermark),
+                above: before.map(|s| s.above.iter().copied().collect()).unwrap_or_default(),
+                updated: datetime(batch.now_s),
+                version,
+                batch_id: batch.batch_id,
+                batch_watermark: state.watermark,
+                batch_above: state.above.iter().copied().collect(),
+                first_window: span.first,
+                last_window: span.last,
+                windows: span.count,
+            }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use aperture_core::ids::{AgentId, BootId};
+    use aperture_core::ledger::RunState;
+    use aperture_core::model::{Labels, StackHash};
+    use aperture_core::shard::{Flush, RowKey, RowValue};
+
+    use super::*;
+
+    fn row(window_start_s: u64) -> (RowKey, RowValue) {
+        let key = RowKey { window_start_s, kind: RowKind::Cpu, labels: 0, stack: StackHash(1), detail: 0 };
+        (key, RowValue::default())
+    }
+
+    #[test]
+    fn ledger_rows_carry_the_batch_its_windows_and_the_state_before_it() {
+        let flush = |rows| Flush { labels: vec![Labels::default()], rows, ..Flush::default() };
+        let (r1, r2) = ((AgentId([1; 16]), BootId([1; 16])), (AgentId([2; 16]), BootId([2; 16])));
+        let state = |watermark, above: &[u64]| RunState { watermark, above: above.iter().copied().collect() };
+        let batch = WriteBatch {
+            flushes: vec![flush(vec![row(100), row(110)]), flush(vec![row(100), row(90)])],
+            runs: vec![(r1, state(7, &[9])), (r2, state(3, &[]))],
+            runs_before: vec![(r1, state(4, &[9]))],
+            batch_id: 0x51,
+            ..WriteBatch::default()
+        };
+        let span = WindowSpan::of(&batch);
+        assert_eq!(span, WindowSpan { first: 90, last: 110, count: 3 });
+        let rows = ledger_rows(&batch, span, 5);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].batch_id, rows[0].batch_watermark, rows[0].batch_above.as_slice()), (0x51, 7, &[9][..]));
+        assert_eq!((rows[0].watermark, rows[0].above.as_slice()), (4, &[9][..]));
+        assert_eq!((rows[1].watermark, rows[1].above.len()), (0, 0), "r2 had nothing committed");
+        assert_eq!((rows[1].first_window, rows[1].last_window, rows[1].windows), (90, 110, 3));
+        assert_eq!(WindowSpan::of(&WriteBatch::default()), WindowSpan::default());
+    }
 }

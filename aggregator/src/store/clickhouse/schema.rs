@@ -87,6 +87,19 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[
             "ADD COLUMN samples.profile_type String DEFAULT ''",
         ],
     ),
+    (
+        4,
+        "frame_ledger rows written ahead of their samples",
+        // Rows from before (batch_id 0) hold only the committed state.
+        &[
+            "ADD COLUMN frame_ledger.batch_id UInt64 DEFAULT 0",
+            "ADD COLUMN frame_ledger.batch_watermark UInt64 DEFAULT 0",
+            "ADD COLUMN frame_ledger.batch_above Array(UInt64)",
+            "ADD COLUMN frame_ledger.first_window UInt32 DEFAULT 0",
+            "ADD COLUMN frame_ledger.last_window UInt32 DEFAULT 0",
+            "ADD COLUMN frame_ledger.windows UInt32 DEFAULT 0",
+        ],
+    ),
 ];
 
 /// The table recording applied migrations.

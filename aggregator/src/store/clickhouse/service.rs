@@ -1,19 +1,28 @@
 //! Executing a write against ClickHouse and deciding what a failure means.
 //!
-//! A batch is three inserts: stacks, then samples, then ledger state.
+//! A batch is three inserts: stacks, then ledger state, then samples.
 //! ClickHouse has no transaction across them, so progress is recorded in
 //! [`WriteBatch::progress`] and a retry of the same batch resumes after the
 //! last insert that succeeded. Stacks go first so that rows never reference
 //! a stack that is missing; re-inserting a stack is harmless
-//! (ReplacingMergeTree keeps one per hash). The samples insert is made
-//! idempotent by the batch id stored with each row: a retry after a timeout
-//! or a lost answer first asks which windows of the batch the server already
-//! holds and inserts only the others ([`stored_windows`]). The ledger goes
-//! last and is idempotent by itself (ReplacingMergeTree, latest version
-//! wins). What remains: if the aggregator dies after the samples insert and
-//! before the ledger insert, the batch is lost from memory with its id, and
-//! frames resent after the restart are counted again. That window is one
-//! insert long and is documented in `docs/storage.md`.
+//! (ReplacingMergeTree keeps one per hash).
+//!
+//! The ledger rows go before the samples and carry the batch id, the state
+//! of each run with the batch committed and without it, and the windows the
+//! batch's samples cover. A reader takes one or the other by looking for
+//! those samples ([`super::ledger`]), so whenever the process dies, the
+//! ledger in the store says "committed" exactly for frames whose samples are
+//! stored: frames resent to a restarted aggregator or to another replica are
+//! neither counted twice nor lost. (Except a batch spanning two days, which
+//! is committed in two parts, and a look-up made while the server is still
+//! committing an insert whose client died: see `docs/storage.md`.) The
+//! ledger insert is idempotent by itself (ReplacingMergeTree, latest
+//! version wins).
+//!
+//! The samples insert is made idempotent by the batch id stored with each
+//! row: a retry after a timeout or a lost answer first asks which windows of
+//! the batch the server already holds and inserts only the others
+//! ([`stored_windows`]).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -21,7 +30,7 @@ use std::time::Duration;
 
 use clickhouse::{Client, Row, RowWrite};
 
-use super::request_builder::{ledger_rows, sample_rows, stack_rows};
+use super::request_builder::{WindowSpan, ledger_rows, sample_rows, stack_rows};
 use crate::store::{WriteBatch, WriteError};
 
 const STORE: &str = "clickhouse";
@@ -80,6 +89,11 @@ pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration
         batch.progress.store(1, Ordering::Release);
     }
     if batch.progress.load(Ordering::Acquire) < 2 {
+        let rows = ledger_rows(batch, WindowSpan::of(batch), crate::clock::unix_now_ns());
+        insert_all::<super::request_builder::LedgerRow>(client, "frame_ledger", &rows, timeout).await?;
+        batch.progress.store(2, Ordering::Release);
+    }
+    if batch.progress.load(Ordering::Acquire) < 3 {
         let mut rows = sample_rows(batch)?;
         if batch.batch_id != 0 && batch.rows_sent.load(Ordering::Acquire) {
             // An earlier attempt may have been committed without its answer
@@ -96,12 +110,6 @@ pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration
         }
         batch.rows_sent.store(true, Ordering::Release);
         insert_all::<super::request_builder::SampleRow<'static>>(client, "samples", &rows, timeout).await?;
-        batch.progress.store(2, Ordering::Release);
-    }
-    if batch.progress.load(Ordering::Acquire) < 3 {
-        let version = crate::clock::unix_now_ns();
-        let rows = ledger_rows(batch, version);
-        insert_all::<super::request_builder::LedgerRow>(client, "frame_ledger", &rows, timeout).await?;
         batch.progress.store(3, Ordering::Release);
     }
     Ok(())
