@@ -294,21 +294,29 @@ pub fn metric_sum(exposition: &str, name: &str) -> f64 {
 }
 
 /// Counters of the aggregator's `/metrics` reported as refusals and drops.
+/// (Busy: refused for lack of room. Not counted: the `checking` answer every
+/// new agent run gets once while the store is asked what it already holds.)
 const REFUSALS: &[&str] = &[
-    "aperture_transport_frames_busy_total",
+    "aperture_ingress_frames_total{result=\"busy\"}",
     "aperture_transport_rejections_total",
     "aperture_transport_preauth_refused_total",
     "aperture_transport_decode_errors_total",
     "aperture_writer_rows_rejected_total",
+    "aperture_ingress_frames_total{result=\"rejected\"}",
 ];
 
-/// Raises this process's open-file limit to its hard limit (children inherit it).
-fn raise_nofile() -> u64 {
+/// Raises this process's open-file limit (children inherit it): to
+/// `wanted` when allowed (root), else to the hard limit. Returns the limit.
+fn raise_nofile(wanted: u64) -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    // SAFETY: getrlimit/setrlimit with valid pointers to an rlimit.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 0;
+        }
+        let raised = libc::rlimit { rlim_cur: wanted.max(lim.rlim_cur), rlim_max: wanted.max(lim.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return raised.rlim_cur;
         }
         lim.rlim_cur = lim.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
@@ -411,9 +419,10 @@ impl Aggregator {
             .unwrap_or_default()
     }
 
-    fn refusals(&self) -> f64 {
+    /// Each of [`REFUSALS`], summed over its label sets.
+    fn refusals(&self) -> Vec<f64> {
         let m = self.metrics();
-        REFUSALS.iter().map(|n| metric_sum(&m, n)).sum()
+        REFUSALS.iter().map(|n| metric_sum(&m, n)).collect()
     }
 }
 
@@ -494,7 +503,7 @@ struct Outcome {
     acked_samples: u64,
     per_agent_acked: Vec<f64>,
     freshness_s: Vec<f64>,
-    refusals: f64,
+    refusals: Vec<f64>,
     client_dropped: u64,
     unacked_after_drain: u64,
     producer_lag_ms: f64,
@@ -514,7 +523,12 @@ impl FleetScenario {
             .map(|s| s.client.stats())
             .fold((0, 0), |(d, u), st| (d + st.session.frames_dropped, u + st.session.unacked_frames as u64));
         (out.client_dropped, out.unacked_after_drain) = s;
-        out.refusals = agg.refusals() - refusals0;
+        let m = agg.metrics();
+        let shown = ["aperture_ingress_frames_total", "aperture_transport_rejections_total"];
+        for line in m.lines().filter(|l| shown.iter().any(|r| l.starts_with(r))) {
+            eprintln!("[fleet] {line}");
+        }
+        out.refusals = agg.refusals().iter().zip(&refusals0).map(|(a, b)| a - b).collect();
         disconnect(sims);
         let mut agg = agg;
         agg.proc.check_alive().context("the aggregator died during the run")?;
@@ -746,8 +760,8 @@ impl Scenario for FleetScenario {
         for side in self.sides() {
             anyhow::ensure!(parse_side(&side).is_some(), "bad side {side}: carriers are quic and grpc");
         }
-        let limit = raise_nofile();
         let most = self.params.agents.iter().copied().max().unwrap_or(0) as u64;
+        let limit = raise_nofile(most * 8 + 4096);
         // Each client holds a socket and its runtime's descriptors; the aggregator one socket per gRPC agent.
         anyhow::ensure!(
             limit >= most * 6 + 1024,
@@ -786,7 +800,12 @@ impl Scenario for FleetScenario {
                 "%",
                 if o.sent_samples > 0 { o.acked_samples as f64 / o.sent_samples as f64 * 100.0 } else { 0.0 },
             ),
-            Metric::new("refusals", "count", o.refusals),
+            Metric::new("busy_answers", "frames", o.refusals.first().copied().unwrap_or(0.0)),
+            Metric::new("sessions_rejected", "sessions", o.refusals.get(1).copied().unwrap_or(0.0)),
+            Metric::new("preauth_refused", "connections", o.refusals.get(2).copied().unwrap_or(0.0)),
+            Metric::new("decode_errors", "frames", o.refusals.get(3).copied().unwrap_or(0.0)),
+            Metric::new("rows_rejected", "rows", o.refusals.get(4).copied().unwrap_or(0.0)),
+            Metric::new("frames_rejected", "frames", o.refusals.get(5).copied().unwrap_or(0.0)),
             Metric::new("client_dropped_frames", "frames", o.client_dropped as f64),
             Metric::new("unacked_after_drain", "frames", o.unacked_after_drain as f64),
             Metric::new("loadgen_cores", "cores", o.loadgen_cpu_s / o.busy_s),
