@@ -92,6 +92,16 @@ pub struct Params {
     pub producer_threads: usize,
     /// The aggregator's `limits.max_connections` (per carrier).
     pub max_connections: usize,
+    /// Each simulated agent's buffer of unacknowledged frames, MiB (the
+    /// agent's default is 64; beyond it the oldest frames are dropped and
+    /// counted). Small, so thousands of agents facing a saturated aggregator
+    /// do not exhaust the load generator's memory.
+    pub client_buffer_mib: usize,
+    /// The aggregator's store: `embedded` (SQLite in its data directory) or
+    /// `clickhouse` (a throwaway clickhouse-server on loopback, a new
+    /// database per side).
+    #[serde(default = "default_store")]
+    pub store: String,
     /// Stop connecting more agents when the machine has less memory available, MiB.
     #[serde(default = "default_min_available")]
     pub min_available_mib: u64,
@@ -99,6 +109,10 @@ pub struct Params {
 
 fn default_carriers() -> Vec<String> {
     vec!["quic".into(), "grpc".into()]
+}
+
+fn default_store() -> String {
+    "embedded".into()
 }
 
 fn default_min_available() -> u64 {
@@ -126,6 +140,7 @@ pub struct FleetScenario {
     pool: Arc<Vec<Stack>>,
     runs: u32,
     fd_limit: u64,
+    clickhouse: Option<crate::clickhouse::ClickHouse>,
 }
 
 impl FleetScenario {
@@ -139,6 +154,7 @@ impl FleetScenario {
             pool: Arc::new(Vec::new()),
             runs: 0,
             fd_limit: u64::MAX,
+            clickhouse: None,
         }
     }
 }
@@ -386,7 +402,13 @@ struct Aggregator {
 }
 
 impl Aggregator {
-    fn start(bin: &Path, dir: &Path, max_connections: usize) -> anyhow::Result<Aggregator> {
+    /// Starts `aperture aggregator`; with `clickhouse` (endpoint, database) on that store.
+    fn start(
+        bin: &Path,
+        dir: &Path,
+        max_connections: usize,
+        clickhouse: Option<(String, String)>,
+    ) -> anyhow::Result<Aggregator> {
         let data = dir.join("data");
         std::fs::create_dir_all(&data)?;
         // The certificate the aggregator will load, made here to learn its fingerprint.
@@ -395,10 +417,15 @@ impl Aggregator {
         std::fs::write(&config, format!("limits:\n  max_connections: {max_connections}\n"))?;
         let (http_port, ingest) = (free_port()?, free_port_pair()?);
         let log = std::fs::File::create(dir.join("aggregator.log"))?;
+        let mut cmd = Command::new(bin);
+        if let Some((endpoint, database)) = clickhouse {
+            cmd.env("APERTURE_CLICKHOUSE_ENDPOINT", endpoint).env("APERTURE_CLICKHOUSE_DATABASE", database);
+        } else {
+            cmd.env_remove("APERTURE_CLICKHOUSE_ENDPOINT");
+        }
         let proc = Guarded::spawn(
             "aperture aggregator",
-            Command::new(bin)
-                .arg("aggregator")
+            cmd.arg("aggregator")
                 .arg("-c")
                 .arg(&config)
                 .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
@@ -407,7 +434,6 @@ impl Aggregator {
                 .arg("--data-dir")
                 .arg(&data)
                 .env("APERTURE_AUTH_TOKEN", TOKEN)
-                .env_remove("APERTURE_CLICKHOUSE_ENDPOINT")
                 .stdout(Stdio::null())
                 .stderr(log),
         )?;
@@ -473,6 +499,7 @@ fn connect(
                     carrier,
                     quic_port: Some(agg.ingest.port()),
                     grpc_port: Some(agg.ingest.port()),
+                    buffer_bytes: p.client_buffer_mib.max(1) << 20,
                     ..ClientConfig::default()
                 };
                 let identity = AgentIdentity {
@@ -535,7 +562,11 @@ struct Outcome {
 impl FleetScenario {
     fn run_side(&self, carrier: CarrierChoice, n: usize, dir: &Path) -> anyhow::Result<Outcome> {
         let p = &self.params;
-        let agg = Aggregator::start(&self.bin, dir, p.max_connections)?;
+        let store = match &self.clickhouse {
+            Some(server) => Some((server.endpoint(), format!("perf_fleet_{}_{}", std::process::id(), self.runs))),
+            None => None,
+        };
+        let agg = Aggregator::start(&self.bin, dir, p.max_connections, store)?;
         let mut out = Outcome { rss0_kib: proc_usage(agg.proc.pid())?.rss_kib, ..Default::default() };
         let refusals0 = agg.refusals();
         let sims = connect(p, n, carrier, &agg, self.fd_limit)?;
@@ -793,6 +824,11 @@ impl Scenario for FleetScenario {
         let dir = tempfile::Builder::new().prefix("aperture-perf-fleet").tempdir()?;
         self.bin = snapshot_binary(&aperture_binary(&self.root)?, dir.path())?;
         self.pool = Arc::new(stack_pool(self.params.pool));
+        match self.params.store.as_str() {
+            "embedded" => {}
+            "clickhouse" => self.clickhouse = Some(crate::clickhouse::start()?),
+            other => bail!("store {other:?}: embedded or clickhouse"),
+        }
         self.dir = Some(dir);
         Ok(())
     }
@@ -862,6 +898,7 @@ impl Scenario for FleetScenario {
     }
 
     fn teardown(&mut self) {
+        self.clickhouse = None;
         self.dir = None;
     }
 }
@@ -890,6 +927,8 @@ mod tests {
             marker_every_ms: 1000,
             producer_threads: 1,
             max_connections: 10_000,
+            client_buffer_mib: 1,
+            store: default_store(),
             min_available_mib: 1,
         }
     }
