@@ -562,10 +562,10 @@ struct Outcome {
 impl FleetScenario {
     fn run_side(&self, carrier: CarrierChoice, n: usize, dir: &Path) -> anyhow::Result<Outcome> {
         let p = &self.params;
-        let store = match &self.clickhouse {
-            Some(server) => Some((server.endpoint(), format!("perf_fleet_{}_{}", std::process::id(), self.runs))),
-            None => None,
-        };
+        let store = self
+            .clickhouse
+            .as_ref()
+            .map(|server| (server.endpoint(), format!("perf_fleet_{}_{}", std::process::id(), self.runs)));
         let agg = Aggregator::start(&self.bin, dir, p.max_connections, store)?;
         let mut out = Outcome { rss0_kib: proc_usage(agg.proc.pid())?.rss_kib, ..Default::default() };
         let refusals0 = agg.refusals();
@@ -575,7 +575,7 @@ impl FleetScenario {
         let s = sims
             .iter()
             .map(|s| s.client.stats())
-            .fold((0, 0), |(d, u), st| (d + st.session.frames_dropped, u + st.session.unacked_frames as u64));
+            .fold((0, 0), |(d, u), st| (d + st.session.frames_dropped, u + st.session.unacked_frames));
         (out.client_dropped, out.unacked_after_drain) = s;
         let m = agg.metrics();
         let shown = ["aperture_ingress_frames_total", "aperture_transport_rejections_total"];
