@@ -418,6 +418,15 @@ impl Aggregator {
         let (http_port, ingest) = (free_port()?, free_port_pair()?);
         let log = std::fs::File::create(dir.join("aggregator.log"))?;
         let mut cmd = Command::new(bin);
+        // SAFETY: prctl(2) only, async-signal-safe, between fork and exec:
+        // the aggregator dies with the harness even when the harness is
+        // killed (out of memory with thousands of simulated agents).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         if let Some((endpoint, database)) = clickhouse {
             cmd.env("APERTURE_CLICKHOUSE_ENDPOINT", endpoint).env("APERTURE_CLICKHOUSE_DATABASE", database);
         } else {
