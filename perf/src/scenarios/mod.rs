@@ -2,6 +2,7 @@
 
 mod agent;
 mod codec;
+mod fleet;
 mod freshness;
 mod ingest;
 mod ingest_formats;
@@ -18,7 +19,7 @@ use crate::harness::{Scenario, ScenarioFile};
 
 /// Every scenario, in the order `list` shows them.
 pub const NAMES: &[&str] =
-    &["codec", "probes", "ingest", "writer", "storage", "query", "freshness", "agent", "ingest_formats"];
+    &["codec", "probes", "ingest", "writer", "storage", "query", "freshness", "agent", "ingest_formats", "fleet"];
 
 /// Builds the scenario a file describes.
 pub fn build(file: &ScenarioFile, quick: bool, root: &Path) -> anyhow::Result<Box<dyn Scenario>> {
@@ -32,6 +33,7 @@ pub fn build(file: &ScenarioFile, quick: bool, root: &Path) -> anyhow::Result<Bo
         "freshness" => Box::new(freshness::Freshness::new(file.params(quick)?, root.to_owned())),
         "agent" => Box::new(agent::AgentScenario::new(file.params(quick)?, root.to_owned())),
         "ingest_formats" => Box::new(ingest_formats::IngestFormats::new(file.params(quick)?)),
+        "fleet" => Box::new(fleet::FleetScenario::new(file.params(quick)?, root.to_owned())),
         other => bail!("unknown scenario `{other}`; known: {}", NAMES.join(", ")),
     })
 }
