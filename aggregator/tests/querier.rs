@@ -20,6 +20,7 @@ const READ: &str = "read-secret";
 const INGEST: &str = "push-secret";
 const CPU: &str = "process_cpu:samples:count:cpu:nanoseconds";
 const AGENT_CPU: &str = "cpu:samples:count:cpu:nanoseconds";
+const AGENT_LOCK: &str = "lock:wait:nanoseconds:lock:count";
 
 // Messages of `types/v1/types.proto` and `querier/v1/querier.proto`, every
 // field the methods served carry, with Pyroscope's field numbers.
@@ -408,6 +409,31 @@ async fn suite(mut settings: Settings) {
         )
         .await;
     assert!(pb.names.contains(&"pod".to_owned()) && !pb.names.contains(&"env".to_owned()), "{:?}", pb.names);
+    assert!(!pb.names.contains(&"lock_class".to_owned()), "CPU profiles have no lock class: {:?}", pb.names);
+    // Lock profiles have a class per wait, listed and valued like any label.
+    let of_lock = format!("{{__profile_type__=\"{AGENT_LOCK}\"}}");
+    let pb: NamesResponse =
+        client.proto("LabelNames", &LabelNamesRequest { matchers: vec![of_lock.clone()], start, end }).await;
+    assert!(pb.names.contains(&"lock_class".to_owned()), "{:?}", pb.names);
+    let v =
+        client.json("LabelNames", json!({ "matchers": [], "start": start.to_string(), "end": end.to_string() })).await;
+    assert!(strings(&v["names"]).contains(&"lock_class".to_owned()), "{v}");
+    let pb: NamesResponse = client
+        .proto("LabelValues", &LabelValuesRequest { name: "lock_class".into(), matchers: vec![of_lock], start, end })
+        .await;
+    assert_eq!(pb.names, ["mutex"]);
+    let pb: NamesResponse = client
+        .proto(
+            "LabelValues",
+            &LabelValuesRequest {
+                name: "lock_class".into(),
+                matchers: vec![format!("{{__profile_type__=\"{AGENT_CPU}\"}}")],
+                start,
+                end,
+            },
+        )
+        .await;
+    assert!(pb.names.is_empty(), "{:?}", pb.names);
 
     // LabelValues: services, tags, types, the agent's labels.
     let v = client

@@ -14,6 +14,7 @@ pub mod config;
 pub mod frame;
 pub mod ids;
 pub mod ledger;
+pub mod lockclass;
 pub mod model;
 pub mod ring;
 pub mod shard;

@@ -43,6 +43,7 @@ pub mod preflight;
 pub mod reader;
 mod symbolize;
 mod syscalls;
+mod threads;
 
 pub use drain::{DrainError, DropCount, LockStats, SLOT_GRACE, SyscallStats, lock_kind};
 pub use loader::{
@@ -55,3 +56,4 @@ pub use reader::{
 };
 pub use symbolize::{SymbolizeStats, Symbolizer, SymbolizerLimits};
 pub use syscalls::syscall_name;
+pub use threads::set_thread_start;

@@ -19,7 +19,7 @@ use std::path::Path;
 /// The oldest kernel Aperture supports.
 pub const MIN_KERNEL: (u32, u32) = (5, 10);
 
-const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS: &str = "/sys/kernel/debug";
 const PARANOID_PATH: &str = "/proc/sys/kernel/perf_event_paranoid";

@@ -133,6 +133,8 @@ pub fn run_agent(config: AgentConfig, shutdown: Shutdown) -> anyhow::Result<Exit
     let threads = AgentThreads::new();
     threads.register_current();
     crate::alloc::use_agent_arena();
+    // The probes' own threads (perf reader, unwind tables) too.
+    aperture_probes::set_thread_start(crate::alloc::use_agent_arena);
     let (on_start, on_stop) = (threads.clone(), threads.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -8,7 +8,9 @@
 //!
 //! Label selectors (`{service_name="x", pod="y"}`) are read with Aperture's
 //! labels: `service_name` is the `service` label, `node`, `namespace`, `pod`,
-//! `container`, `process` and `pid` are the agent's, `__profile_type__`,
+//! `container`, `process` and `pid` are the agent's, `lock_class` is the
+//! class of a lock wait (lock profiles only; listed with every class the
+//! range has, matched with `=` as the REST API's parameter), `__profile_type__`,
 //! `__name__`, `__type__`, `__unit__`, `__period_type__` and
 //! `__period_unit__` name parts of the profile type, and any other name is a
 //! tag. Matchers are `=`, `!=`, `=~` and `!~` (regexes match whole values,

@@ -16,6 +16,7 @@ pub use profile::{DiffEntry, TopEntry, diff, folded, svg, top};
 
 use std::collections::HashMap;
 
+use aperture_core::lockclass::wait_caller;
 use aperture_core::model::{Mode, StackHash, histogram_quantile};
 use serde::Serialize;
 
@@ -157,7 +158,11 @@ pub async fn syscalls(store: &dyn Store, sel: &Selector, limit: usize) -> Result
 /// A contended call site.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LockSite {
-    /// The leaf function of the stack at the wait.
+    /// The function that called into the lock implementation: the first
+    /// frame past the wait entry points of glibc, C11, Rust's std and
+    /// parking_lot ([`aperture_core::lockclass::wait_caller`]); the stack's
+    /// leaf when none of them is recognised near the wait (kernel locks,
+    /// other futex waits).
     pub function: String,
     /// The whole stack, root first, `;`-separated.
     pub stack: String,
@@ -184,7 +189,7 @@ pub async fn locks(store: &dyn Store, sel: &Selector, limit: usize) -> Result<Ve
         .map(|t| {
             let (function, stack) = match by_hash.get(&t.stack) {
                 Some(s) if !s.frames.is_empty() => (
-                    s.frames[0].display_name(),
+                    s.frames[wait_caller(&s.frames).unwrap_or(0)].display_name(),
                     s.frames.iter().rev().map(|f| f.display_name()).collect::<Vec<_>>().join(";"),
                 ),
                 _ => (unknown_stack(t.stack), unknown_stack(t.stack)),
@@ -206,4 +211,63 @@ pub fn sort_label_values(mut values: Vec<String>, numeric: bool) -> Vec<String> 
         values.sort_by_key(|v| v.parse::<u64>().unwrap_or(u64::MAX));
     }
     values
+}
+
+#[cfg(test)]
+mod tests {
+    use aperture_core::model::{Labels, Stack, StackFrame};
+    use aperture_core::shard::{Flush, RowKey, RowValue};
+
+    use super::*;
+    use crate::store::WriteBatch;
+    use crate::store::sqlite::SqliteStore;
+
+    /// The lock table names the function that took the lock, not glibc's
+    /// or std's wait internals at the leaf; stacks with no known wait entry
+    /// point keep their leaf.
+    #[test]
+    fn lock_sites_are_named_by_the_caller_of_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let stack = |names: &[&str]| {
+            Stack::new(names.iter().map(|n| StackFrame { symbol: (*n).into(), ..Default::default() }).collect())
+        };
+        let stacks = [
+            stack(&["__lll_lock_wait", "pthread_mutex_lock", "mutex_site", "run", "start_thread"]),
+            stack(&["<std::sys::sync::mutex::futex::Mutex>::lock_contended", "app::work", "main"]),
+            stack(&["futex_wait", "lock_acquire", "main"]),
+        ];
+        let rows = stacks
+            .iter()
+            .zip([3000u64, 2000, 1000])
+            .map(|(s, ns)| {
+                (
+                    RowKey { window_start_s: 100, kind: RowKind::Lock, labels: 0, stack: s.hash, detail: 0 },
+                    RowValue { count: 1, total_ns: ns, max_ns: ns, name: "mutex".into(), ..Default::default() },
+                )
+            })
+            .collect();
+        let batch = WriteBatch {
+            flushes: vec![Flush {
+                labels: vec![Labels { node: "n".into(), ..Default::default() }],
+                rows,
+                stacks: stacks.to_vec(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(store.write(&batch)).expect("write");
+        let sel = Selector { from_s: 0, to_s: 1000, filter: Default::default() };
+        let sites = rt.block_on(locks(&store, &sel, 10)).expect("locks");
+        let names: Vec<(&str, &str)> = sites.iter().map(|s| (s.function.as_str(), s.stack.as_str())).collect();
+        assert_eq!(
+            names,
+            [
+                ("mutex_site", "start_thread;run;mutex_site;pthread_mutex_lock;__lll_lock_wait"),
+                ("app::work", "main;app::work;<std::sys::sync::mutex::futex::Mutex>::lock_contended"),
+                ("futex_wait", "main;lock_acquire;futex_wait"),
+            ]
+        );
+    }
 }

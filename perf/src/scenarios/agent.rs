@@ -10,7 +10,13 @@
 //! (`kernel.bpf_stats_enabled`) is reported as its own metric, and so is
 //! each process's CPU over its whole life (start-up and shutdown included),
 //! read from this process's reaped-children times: `perf record` does most
-//! of its work when it stops.
+//! of its work when it stops. For the agent, smaps is sampled every 200 ms
+//! for a peak split into BPF map pages mapped into it (unwind tables being
+//! filled: the table budget's part) and the rest, and the CPU of its main
+//! (start-up), `ap-unwind` and pipeline threads is reported.
+//!
+//! The warm-up starts once the agent's pipeline thread exists (its probes
+//! are loaded), not when /healthz first answers.
 //!
 //! The agents run with the overhead budget off, so they sample at the
 //! configured frequency throughout. Sides `aperture_warm…` start with an
@@ -128,6 +134,84 @@ fn agent_frames(addr: SocketAddr) -> anyhow::Result<(f64, f64)> {
 /// Sum of run time (ns) of the BPF programs whose name starts with `ap_`.
 fn aperture_bpf_ns() -> u64 {
     bench::program_run_stats("ap_").iter().map(|p| p.run_time_ns).sum()
+}
+
+/// Peak resident memory of a process seen by sampling its smaps, split into
+/// BPF map pages mapped into it (the agent maps an unwind-table map while it
+/// fills it: the table budget's part) and the rest.
+#[derive(Debug, Default)]
+struct MemoryPeak {
+    total_kib: u64,
+    table_maps_kib: u64,
+    rest_kib: u64,
+}
+
+impl MemoryPeak {
+    /// Samples `/proc/<pid>/smaps` every 200 ms for `d`.
+    fn sample_for(&mut self, pid: u32, d: Duration) {
+        let end = Instant::now() + d;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) {
+                let (total, maps) = smaps_rss_kib(&text);
+                self.total_kib = self.total_kib.max(total);
+                self.table_maps_kib = self.table_maps_kib.max(maps);
+                self.rest_kib = self.rest_kib.max(total - maps);
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(200)));
+        }
+    }
+}
+
+/// (all, BPF maps') resident KiB from the text of `/proc/<pid>/smaps`.
+pub fn smaps_rss_kib(text: &str) -> (u64, u64) {
+    let (mut total, mut maps, mut in_map) = (0u64, 0u64, false);
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("Rss:") {
+            let kib = v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+            total += kib;
+            if in_map {
+                maps += kib;
+            }
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|t| t.contains('-') && t.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        {
+            // A mapping's header: `start-end perms offset dev inode [name]`.
+            in_map = line.contains("bpf-map");
+        }
+    }
+    (total, maps)
+}
+
+/// The name the agent's main thread is reported under (its `comm` is the
+/// binary's file name, which the snapshot copies change).
+const MAIN_THREAD: &str = "(main)";
+
+/// The agent's pipeline thread (`aperture-pipeline`, cut to 15 bytes).
+const PIPELINE_THREAD: &str = "aperture-pipeli";
+
+/// CPU seconds of each thread of `pid` so far, by name; the thread whose id
+/// is the process's is named [`MAIN_THREAD`].
+fn thread_cpu_s(pid: u32) -> Vec<(String, f64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| {
+            let tid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ticks = crate::load::stat_cpu_ticks(&stat)?;
+            let name = if tid == pid {
+                MAIN_THREAD.to_owned()
+            } else {
+                std::fs::read_to_string(e.path().join("comm")).ok()?.trim().to_owned()
+            };
+            Some((name, ticks as f64 / crate::sys::TICKS_PER_SEC))
+        })
+        .collect()
 }
 
 impl AgentScenario {
@@ -326,16 +410,27 @@ impl Scenario for AgentScenario {
                 http(addr, "GET", "/healthz", None, b"", Duration::from_secs(2)).is_ok_and(|r| r.status == 200)
             })
             .with_context(|| format!("see {}", dir.path().join(format!("{side}.log")).display()))?;
+            // /healthz answers before the probes are loaded (the pipeline
+            // has no heartbeat yet); start-up (BPF verification) is over once
+            // the pipeline thread exists. Without this wait a slow start on
+            // a busy machine spilled into the measured interval.
+            let pid = child.pid();
+            wait_for("the agent's pipeline thread", Duration::from_secs(60), || {
+                thread_cpu_s(pid).iter().any(|(name, _)| name == PIPELINE_THREAD)
+            })
+            .with_context(|| format!("see {}", dir.path().join(format!("{side}.log")).display()))?;
         }
-        std::thread::sleep(Duration::from_secs_f64(p.warmup_s));
-        child.check_alive()?;
         let pid = child.pid();
+        let mut memory = MemoryPeak::default();
+        memory.sample_for(pid, Duration::from_secs_f64(p.warmup_s));
+        child.check_alive()?;
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
         let is_agent = tool.starts_with("aperture");
         let frames0 = if is_agent { agent_frames(metrics_addr)? } else { (0.0, 0.0) };
         let (u0, bpf0, t0) = (proc_usage(pid)?, aperture_bpf_ns(), Instant::now());
-        std::thread::sleep(Duration::from_secs_f64(p.interval_s));
+        memory.sample_for(pid, Duration::from_secs_f64(p.interval_s));
         let (u1, bpf1, dt) = (proc_usage(pid)?, aperture_bpf_ns(), t0.elapsed().as_secs_f64());
+        let threads = thread_cpu_s(pid);
         let frames1 = if is_agent { agent_frames(metrics_addr)? } else { (0.0, 0.0) };
         child.check_alive()?;
         // perf writes its file on SIGINT; the agent flushes and exits on SIGTERM.
@@ -352,6 +447,16 @@ impl Scenario for AgentScenario {
             Metric::new("peak_rss_mib", "MiB", u1.hwm_kib as f64 / 1024.0),
         ];
         if is_agent {
+            // VmHWM is one number; the split comes from smaps sampled every
+            // 200 ms (a peak shorter than that can be missed by both parts).
+            out.push(Metric::new("sampled_peak_rss_mib", "MiB", memory.total_kib as f64 / 1024.0));
+            out.push(Metric::new("sampled_peak_table_maps_mib", "MiB", memory.table_maps_kib as f64 / 1024.0));
+            out.push(Metric::new("sampled_peak_rest_mib", "MiB", memory.rest_kib as f64 / 1024.0));
+            // Whole life up to the end of the interval, per thread.
+            let of = |name: &str| threads.iter().filter(|(n, _)| n == name).map(|(_, c)| c).sum::<f64>();
+            out.push(Metric::new("main_thread_cpu_s", "CPU-s", of(MAIN_THREAD)));
+            out.push(Metric::new("unwind_thread_cpu_s", "CPU-s", of("ap-unwind")));
+            out.push(Metric::new("pipeline_thread_cpu_s", "CPU-s", of(PIPELINE_THREAD)));
             out.push(Metric::new("bpf_cpu_pct_of_one_core", "%", bpf1.saturating_sub(bpf0) as f64 / 1e9 / dt * 100.0));
             out.push(Metric::new("frames_per_s", "frames/s", (frames1.0 - frames0.0) / dt));
             out.push(Metric::new("frame_kib_per_s", "KiB/s", (frames1.1 - frames0.1) / 1024.0 / dt));
@@ -378,6 +483,21 @@ mod tests {
                     aperture_agent_frames_built_total_other 7\n";
         assert_eq!(counter(text, "aperture_agent_frames_built_total"), 42.0);
         assert_eq!(counter(text, "aperture_agent_frame_bytes_total"), 0.0);
+    }
+
+    #[test]
+    fn smaps_split_bpf_maps_from_the_rest() {
+        let text = "55f0-55f1 r-xp 00000000 fe:01 123 /usr/bin/aperture\n\
+                    Size:                100 kB\n\
+                    Rss:                  40 kB\n\
+                    7f00-7f10 rw-s 00000000 00:0f 456 anon_inode:bpf-map\n\
+                    Rss:                1024 kB\n\
+                    Pss:                1024 kB\n\
+                    7f20-7f30 rw-p 00000000 00:00 0 \n\
+                    Rss:                   8 kB\n\
+                    VmFlags: rd wr mr mw me ac sd\n";
+        assert_eq!(smaps_rss_kib(text), (1072, 1024));
+        assert_eq!(smaps_rss_kib(""), (0, 0));
     }
 
     #[test]

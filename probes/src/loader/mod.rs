@@ -124,6 +124,9 @@ pub enum AttachError {
         #[source]
         source: ProgramError,
     },
+    /// The kernel's BTF (`/sys/kernel/btf/vmlinux`) could not be read.
+    #[error("reading the kernel's BTF failed: {0}")]
+    Btf(#[source] aya::BtfError),
     /// Listing the online CPUs failed.
     #[error("reading the online CPUs from {path} failed: {source}")]
     Cpus {
@@ -197,7 +200,6 @@ pub struct Probes {
     attachments: Vec<Attachment>,
     /// One cpu-clock perf event per online CPU running `ap_cpu_sample`.
     cpu_events: Vec<OwnedFd>,
-    btf: Btf,
     /// Unwind tables; `None` with `unwind: frame_pointers`.
     unwinder: Option<Unwinder>,
 }
@@ -218,21 +220,27 @@ impl Probes {
         if config.modes.is_empty() {
             return Err(LoadError::NoMode);
         }
-        let btf = Btf::from_sys_fs().map_err(LoadError::Btf)?;
+        // The kernel's BTF must be there (the programs are relocated with
+        // it); said here with the path rather than as a relocation failure.
+        if let Err(error) = std::fs::metadata(crate::preflight::BTF_PATH) {
+            return Err(LoadError::Btf(aya::BtfError::FileError { path: crate::preflight::BTF_PATH.into(), error }));
+        }
         let filter_enabled = u32::from(config.filter.is_some());
         let ignore_tgid = if config.ignore_self { std::process::id() } else { 0 };
         let settings = settings_of(config);
         let unwind_enabled = u32::from(config.unwind.mode == UnwindMode::Tables);
         let has_task_pt_regs = u32::from(kernel_at_least(5, 15));
         let mut objects = Vec::new();
+        // One loader for every mode: creating one parses the kernel's BTF
+        // (vmlinux: ~5 MiB of it, ~20 MiB of memory while parsing and
+        // ~0.1 CPU-s), which it keeps until it is dropped at the end here.
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("ap_filter_enabled", &filter_enabled, true)
+            .override_global("ap_ignore_tgid", &ignore_tgid, true)
+            .override_global("ap_unwind_enabled", &unwind_enabled, true)
+            .override_global("ap_has_task_pt_regs", &has_task_pt_regs, true);
         for mode in config.modes.iter() {
-            let mut loader = EbpfLoader::new();
-            loader
-                .btf(Some(&btf))
-                .override_global("ap_filter_enabled", &filter_enabled, true)
-                .override_global("ap_ignore_tgid", &ignore_tgid, true)
-                .override_global("ap_unwind_enabled", &unwind_enabled, true)
-                .override_global("ap_has_task_pt_regs", &has_task_pt_regs, true);
             let mut ebpf = loader.load(object_bytes(mode)).map_err(|source| LoadError::Object { mode, source })?;
             write_settings(&mut ebpf, settings).map_err(|source| LoadError::Settings { mode, source })?;
             if let Some(filter) = &config.filter {
@@ -244,7 +252,8 @@ impl Probes {
             UnwindMode::Tables => Some(Unwinder::new(&config.unwind, &mut objects).map_err(LoadError::Unwind)?),
             UnwindMode::FramePointers => None,
         };
-        Ok(Probes { objects, config: config.clone(), attachments: Vec::new(), cpu_events: Vec::new(), btf, unwinder })
+        drop(loader);
+        Ok(Probes { objects, config: config.clone(), attachments: Vec::new(), cpu_events: Vec::new(), unwinder })
     }
 
     /// Changes the lock and slow-syscall thresholds of the loaded programs
@@ -298,6 +307,11 @@ impl Probes {
     /// Loads the programs into the kernel and attaches them. On error, what
     /// was attached stays attached until `self` is dropped.
     pub fn attach(&mut self) -> Result<(), AttachError> {
+        // BTF tracepoints (lock and syscall modes) name their point through
+        // the kernel's BTF: parsed for this only, and not kept (it would
+        // hold ~15 MiB for the agent's life).
+        let needs_btf = self.objects.iter().any(|o| matches!(o.mode, Mode::Lock | Mode::Syscall));
+        let btf = if needs_btf { Some(Btf::from_sys_fs().map_err(AttachError::Btf)?) } else { None };
         for i in 0..self.objects.len() {
             let mode = self.objects[i].mode;
             let ebpf = &mut self.objects[i].ebpf;
@@ -317,9 +331,13 @@ impl Probes {
                     {
                         tracing::warn!(error = %e, "futex wait stacks fall back to frame pointers");
                     }
-                    attach_lock(ebpf, &self.btf)?
+                    attach_lock(ebpf, btf.as_ref().ok_or(AttachError::Missing("kernel BTF"))?)?
                 }
-                Mode::Syscall => attach_syscall(ebpf, &self.btf, self.unwinder.is_some())?,
+                Mode::Syscall => attach_syscall(
+                    ebpf,
+                    btf.as_ref().ok_or(AttachError::Missing("kernel BTF"))?,
+                    self.unwinder.is_some(),
+                )?,
             };
             self.attachments.extend(new);
         }

@@ -149,32 +149,51 @@ pub(crate) fn map_create(
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ret as i32) })
 }
 
+/// Bytes of a map mapped at once while it is filled. The pages of a shared
+/// mapping count to this process's resident memory while they are mapped,
+/// so a table is copied a window at a time: the agent's resident memory
+/// grows by at most this much while it fills a table of any size.
+const FILL_WINDOW: usize = 1 << 20;
+
 /// Writes `values` at the start of a `BPF_F_MMAPABLE` array of u64 through
-/// a shared mapping of it: one copy, no per-entry system call work.
-/// `values` must not be longer than the array.
-pub(crate) fn mmapped_array_fill(map: BorrowedFd<'_>, values: impl ExactSizeIterator<Item = u64>) -> io::Result<()> {
-    let len = values.len() * 8;
-    if len == 0 {
-        return Ok(());
-    }
-    // SAFETY: a new shared read-write mapping of `len` bytes of the map's
-    // values (the kernel refuses one longer than the array); nothing else
-    // in this process refers to it.
-    let at = unsafe {
-        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.as_raw_fd(), 0)
-    };
-    if at == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `at` is page-aligned (so aligned for u64) and `len` bytes
-    // long, mapped read-write above and unmapped only below.
-    let slots = unsafe { std::slice::from_raw_parts_mut(at.cast::<u64>(), len / 8) };
-    for (slot, v) in slots.iter_mut().zip(values) {
-        *slot = v;
-    }
-    // SAFETY: unmaps exactly the mapping made above; `slots` is not used after.
-    if unsafe { libc::munmap(at, len) } != 0 {
-        return Err(io::Error::last_os_error());
+/// shared mappings of it, [`FILL_WINDOW`] bytes at a time: one copy, no
+/// per-entry system call work. `values` must not be longer than the array.
+pub(crate) fn mmapped_array_fill(
+    map: BorrowedFd<'_>,
+    mut values: impl ExactSizeIterator<Item = u64>,
+) -> io::Result<()> {
+    let total = values.len() * 8;
+    let mut offset = 0usize;
+    while offset < total {
+        let len = FILL_WINDOW.min(total - offset);
+        // SAFETY: a new shared read-write mapping of `len` bytes of the
+        // map's values from `offset` (a multiple of the page size; the
+        // kernel refuses a range past the array); nothing else in this
+        // process refers to it.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `at` is page-aligned (so aligned for u64) and `len` bytes
+        // long, mapped read-write above and unmapped only below.
+        let slots = unsafe { std::slice::from_raw_parts_mut(at.cast::<u64>(), len / 8) };
+        for (slot, v) in slots.iter_mut().zip(values.by_ref()) {
+            *slot = v;
+        }
+        // SAFETY: unmaps exactly the mapping made above; `slots` is not used after.
+        if unsafe { libc::munmap(at, len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        offset += len;
     }
     Ok(())
 }

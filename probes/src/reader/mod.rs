@@ -256,6 +256,7 @@ impl PerfReader {
         let thread = std::thread::Builder::new()
             .name("ap-perf-reader".into())
             .spawn(move || {
+                crate::threads::started();
                 // SAFETY: gettid has no preconditions.
                 let _ = tid_tx.send(unsafe { libc::gettid() } as u32);
                 read_loop(poll, buffers, collector, flush_interval, &thread_stop)

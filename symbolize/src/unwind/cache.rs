@@ -7,7 +7,7 @@
 //! as little-endian u64s; anything else is ignored and rebuilt.
 
 use std::fs;
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -108,45 +108,63 @@ impl TableCache {
         self.dir.as_ref().map(|d| d.join(format!("{}.unw", key.as_str())))
     }
 
-    /// The cached table of `key`, if a valid one is on disk.
+    /// The cached table of `key`, if a valid one is on disk. Read a block
+    /// at a time straight into rows (no copy of the whole file besides them).
     pub fn read(&self, key: &TableKey) -> Option<Table> {
-        let bytes = fs::read(self.file(key)?).ok()?;
-        decode(&bytes)
+        let file = fs::File::open(self.file(key)?).ok()?;
+        let len = file.metadata().ok()?.len();
+        read_table(io::BufReader::with_capacity(BLOCK, file), len)
     }
 
     /// Stores `table` under `key` (write then rename, so a reader never
-    /// sees half a file).
+    /// sees half a file), a block at a time.
     pub fn write(&self, key: &TableKey, table: &Table) -> io::Result<()> {
         let (Some(dir), Some(path)) = (&self.dir, self.file(key)) else { return Ok(()) };
         fs::create_dir_all(dir)?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        fs::write(&tmp, encode(table))?;
+        let written = fs::File::create(&tmp).and_then(|f| write_table(io::BufWriter::with_capacity(BLOCK, f), table));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         fs::rename(&tmp, &path)
     }
 }
 
-fn encode(table: &Table) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + table.bytes());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(table.rows.len() as u64).to_le_bytes());
+/// Bytes read or written per system call.
+const BLOCK: usize = 64 << 10;
+
+fn write_table(mut out: impl Write, table: &Table) -> io::Result<()> {
+    out.write_all(MAGIC)?;
+    out.write_all(&(table.rows.len() as u64).to_le_bytes())?;
     for r in &table.rows {
-        out.extend_from_slice(&r.to_u64().to_le_bytes());
+        out.write_all(&r.to_u64().to_le_bytes())?;
     }
-    out
+    out.flush()
 }
 
-fn decode(bytes: &[u8]) -> Option<Table> {
-    let (head, body) = bytes.split_at_checked(16)?;
+/// The table in a cache file of `len` bytes; `None` unless it is one.
+fn read_table(mut input: impl Read, len: u64) -> Option<Table> {
+    let mut head = [0u8; 16];
+    input.read_exact(&mut head).ok()?;
     if &head[..8] != MAGIC {
         return None;
     }
     let n = u64::from_le_bytes(head[8..16].try_into().ok()?);
-    if body.len() as u64 != n.checked_mul(8)? {
+    if len.checked_sub(16)? != n.checked_mul(8)? {
         return None;
     }
-    let rows: Vec<Row> =
-        body.chunks_exact(8).map(|c| Row::from_u64(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))).collect();
-    rows.windows(2).all(|w| w[0].pc < w[1].pc).then_some(Table { rows })
+    let mut rows: Vec<Row> = Vec::with_capacity(usize::try_from(n).ok()?);
+    let mut word = [0u8; 8];
+    for _ in 0..n {
+        input.read_exact(&mut word).ok()?;
+        let row = Row::from_u64(u64::from_le_bytes(word));
+        if rows.last().is_some_and(|l| l.pc >= row.pc) {
+            return None;
+        }
+        rows.push(row);
+    }
+    Some(Table { rows })
 }
 
 #[cfg(test)]

@@ -179,7 +179,7 @@ impl Table {
     pub fn build_elf(elf: &ElfFile) -> Result<(Table, BuildStats), BuildError> {
         let text = elf.section(".text").map_or(0, |s| s.addr);
         let got = elf.section(".got").map_or(0, |s| s.addr);
-        let mut raw = Vec::new();
+        let mut raw: Vec<Row> = Vec::new();
         let mut stats = BuildStats::default();
         if let Some(s) = elf.section(".eh_frame").filter(|s| s.size > 0) {
             let data = elf.read(s)?;
@@ -198,17 +198,16 @@ impl Table {
     }
 }
 
-/// A row before compaction: pc may still be too large, `gap` rows (the end
-/// of an FDE) lose to real rows at the same pc.
-struct RawRow {
-    pc: u64,
-    row: Row,
-}
-
+/// Reads every FDE's rows into `out`, unsorted, each FDE followed by a
+/// [`CfaKind::None`] row at its end (which loses to a real row at the same
+/// pc). Rows at or above 4 GiB are left out (their addresses do not fit a
+/// row; the walker finds no row there). Rows are collected in their final
+/// 8-byte form: a large library has millions, and this buffer is the
+/// build's peak memory.
 fn collect<'d, S>(
     section: &S,
     bases: &BaseAddresses,
-    out: &mut Vec<RawRow>,
+    out: &mut Vec<Row>,
     stats: &mut BuildStats,
 ) -> Result<(), BuildError>
 where
@@ -232,10 +231,13 @@ where
         let mut table = fde.rows(section, bases, &mut ctx)?;
         while let Some(r) = table.next_row()? {
             stats.cfi_rows += 1;
+            let Ok(pc) = u32::try_from(r.start_address()) else { continue };
             let row = encode(section, r.cfa(), r.register(X86_64::RBP), r.register(X86_64::RA), stats);
-            out.push(RawRow { pc: r.start_address(), row });
+            out.push(Row { pc, ..row });
         }
-        out.push(RawRow { pc: fde.end_address(), row: Row { kind: CfaKind::None as u8, ..Row::default() } });
+        if let Ok(pc) = u32::try_from(fde.end_address()) {
+            out.push(Row { pc, kind: CfaKind::None as u8, ..Row::default() });
+        }
     }
     Ok(())
 }
@@ -313,30 +315,33 @@ where
 }
 
 /// Sorts, drops gap rows that a real row replaces or that only cover
-/// padding, rejects rows above
-/// 4 GiB (as unsupported ranges: the walker then cuts there) and merges
-/// runs with the same rule.
-fn compact(mut raw: Vec<RawRow>) -> Vec<Row> {
+/// padding, and merges runs with the same rule, in place (no second buffer
+/// the size of the raw rows).
+fn compact(mut raw: Vec<Row>) -> Vec<Row> {
     // At equal pc a real row sorts after the gap row, and the last wins.
-    raw.sort_by_key(|r| (r.pc, r.row.cfa() != CfaKind::None));
-    let mut out: Vec<Row> = Vec::with_capacity(raw.len() / 4);
-    for (i, r) in raw.iter().enumerate() {
-        if raw.get(i + 1).is_some_and(|n| n.pc == r.pc) {
+    raw.sort_by_key(|r| (r.pc, r.cfa() != CfaKind::None));
+    let mut kept = 0usize;
+    for i in 0..raw.len() {
+        let r = raw[i];
+        let next = raw.get(i + 1);
+        if next.is_some_and(|n| n.pc == r.pc) {
             continue;
         }
         // The end of an FDE followed within 16 bytes by the next function
         // is alignment padding no thread executes: no row needed.
-        if r.row.cfa() == CfaKind::None && raw.get(i + 1).is_some_and(|n| n.pc - r.pc < 16) {
+        if r.cfa() == CfaKind::None && next.is_some_and(|n| n.pc - r.pc < 16) {
             continue;
         }
-        let Ok(pc) = u32::try_from(r.pc) else { break };
-        let row = Row { pc, ..r.row };
-        if out.last().is_some_and(|l| l.same_rule(&row)) {
+        if kept > 0 && raw[kept - 1].same_rule(&r) {
             continue;
         }
-        out.push(row);
+        // `kept <= i`: the rows still to be read are not overwritten.
+        raw[kept] = r;
+        kept += 1;
     }
-    out
+    raw.truncate(kept);
+    raw.shrink_to_fit();
+    raw
 }
 
 #[cfg(test)]

@@ -333,6 +333,17 @@ pub(super) async fn values_of(
     sel: &Selector,
 ) -> Result<Vec<String>, Failure> {
     let mode = which.and_then(mode_of);
+    if name == LOCK_CLASS {
+        // Only the agent's lock rows have a class. Every class there is is
+        // listed (not only the contention shown by default), so a picker
+        // offers the rest too.
+        if which.is_some_and(|w| !matches!(w, Which::Mode(Mode::Lock))) {
+            return Ok(Vec::new());
+        }
+        let all = Selector { filter: LabelFilter { lock_kinds: None, ..sel.filter.clone() }, ..sel.clone() };
+        let kinds = state.store.lock_totals(&all).await?.into_iter().map(|t| t.kind).collect();
+        return Ok(query::sort_label_values(kinds, false));
+    }
     let label = match name {
         "service_name" => Some(LabelName::Service),
         n => LabelName::parse(n).filter(|l| *l != LabelName::Service && *l != LabelName::Type),
@@ -360,8 +371,12 @@ pub(super) async fn has_data(state: &AppState, which: &Which, sel: &Selector) ->
     Ok(!query::sort_label_values(state.store.label_values(label, mode, sel).await?, false).is_empty())
 }
 
+/// The label holding a lock wait's class (`mutex`, `condvar`...; lock profiles only).
+pub(super) const LOCK_CLASS: &str = "lock_class";
+
 /// The labels `LabelNames` lists when they have values (besides the type's and the tags).
-pub(super) const LISTED: [&str; 7] = ["service_name", "node", "namespace", "pod", "container", "process", "pid"];
+pub(super) const LISTED: [&str; 8] =
+    ["service_name", "node", "namespace", "pod", "container", "process", "pid", LOCK_CLASS];
 
 pub(super) fn type_labels(t: &ProfileType) -> Vec<(&'static str, String)> {
     vec![

@@ -159,6 +159,7 @@ impl Unwinder {
         let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         let thread_shared = Arc::clone(&shared);
         let spawned = std::thread::Builder::new().name("ap-unwind".into()).spawn(move || {
+            crate::threads::started();
             // SAFETY: gettid has no preconditions.
             let _ = tid_tx.send(unsafe { libc::gettid() } as u32);
             worker.run(rx, &thread_shared);
