@@ -28,25 +28,30 @@
 //! the rest repeat. Samples are merged per (process, stack) as the agent's
 //! batcher does.
 
+mod aggregator;
+mod workload;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use aperture_core::frame::{DecodeLimits, FrameId, encode_batch};
-use aperture_core::ids::{AgentId, BootId};
-use aperture_core::model::{Batch, CpuSample, Stack, StackFrame, Target};
+use aperture_core::ids::BootId;
+use aperture_core::model::Stack;
 use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
-use aperture_transport::tls::{ClientTlsConfig, ServerTlsConfig, format_fingerprint, load_or_create_identity};
+use aperture_transport::tls::ClientTlsConfig;
 use serde::Deserialize;
 
 use crate::harness::{Metric, Scenario};
 use crate::stats::percentile;
-use crate::sys::{Guarded, aperture_binary, free_port, free_port_pair, http, proc_usage, snapshot_binary, wait_for};
+use crate::sys::{aperture_binary, http, proc_usage, snapshot_binary};
+use aggregator::{Aggregator, mem_available_mib, open_fds, raise_nofile, self_cpu_s};
+pub use workload::{NodeGen, stack_pool};
+use workload::{agent_id, node_name, unix_ns};
 
 const TOKEN: &str = "bench-fleet-token";
 const BOOT: BootId = BootId([0xf1; 16]);
@@ -159,217 +164,6 @@ impl FleetScenario {
     }
 }
 
-/// The stack pool: `n` stacks of 12-24 frames, kernel frames at the root,
-/// symbols of a few modules.
-pub fn stack_pool(n: usize) -> Vec<Stack> {
-    (0..n.max(1) as u64)
-        .map(|s| {
-            let depth = 12 + (s % 13) as usize;
-            Stack::new(
-                (0..depth)
-                    .map(|d| StackFrame {
-                        address: 0x5555_0000_0000 + s * 0x1000 + d as u64 * 0x40,
-                        module_offset: s * 0x1000 + d as u64 * 0x40,
-                        symbol: format!("svc{}::module{}::function_{}", s % 11, d % 7, (s * 31 + d as u64) % 97),
-                        module: if d < 2 { "[kernel]".into() } else { format!("svc{}", s % 11) },
-                        kernel: d < 2,
-                        ..Default::default()
-                    })
-                    .collect(),
-            )
-        })
-        .collect()
-}
-
-/// What one simulated node sends: its processes and stacks, renewed a few
-/// percent per frame.
-#[derive(Debug)]
-pub struct NodeGen {
-    agent: usize,
-    batch: Batch,
-    counts: Vec<u32>,
-    frames: u64,
-    new_stacks: u64,
-    samples_per_frame: u64,
-    churn: f64,
-    churn_carry: f64,
-}
-
-impl NodeGen {
-    /// The generator of agent `agent`.
-    pub fn new(agent: usize, p: &Params, pool: &[Stack]) -> NodeGen {
-        let targets = (0..p.processes.max(1))
-            .map(|q| Target {
-                pid: 1000 + q as u32,
-                process: format!("svc{}-worker-{q}", q % 7),
-                namespace: format!("ns-{}", q % 5),
-                pod: format!("svc{}-7d9f8-{agent:05}{q:02}", q % 7),
-                container: if q % 3 == 0 { "sidecar".into() } else { "app".into() },
-            })
-            .collect();
-        let stacks = (0..p.stacks.max(1)).map(|s| pool[(agent * 13 + s * 7) % pool.len()].clone()).collect();
-        let samples_per_frame = u64::from(p.hz) * u64::from(p.cpus) * p.batch_ms / 1000;
-        NodeGen {
-            agent,
-            batch: Batch { node: node_name(agent), targets, stacks, ..Default::default() },
-            counts: vec![0; p.processes.max(1) * p.stacks.max(1)],
-            frames: 0,
-            new_stacks: 0,
-            samples_per_frame,
-            churn: p.stacks as f64 * p.churn_pct / 100.0,
-            churn_carry: 0.0,
-        }
-    }
-
-    /// The next batch, its samples ending at `now_ns` (the newest exactly
-    /// then) over the `batch_ms` before; with `marker`, one more process
-    /// named so holds the newest sample.
-    pub fn next(&mut self, now_ns: u64, batch_ms: u64, pool: &[Stack], marker: Option<&str>) -> &Batch {
-        self.frames += 1;
-        let f = self.frames;
-        // Churn: replace a few stacks by stacks never seen before.
-        self.churn_carry += self.churn;
-        let n = self.batch.stacks.len();
-        while self.churn_carry >= 1.0 {
-            self.churn_carry -= 1.0;
-            self.new_stacks += 1;
-            let slot = (f as usize * 7 + self.new_stacks as usize * 11) % n;
-            let base = &pool[(self.agent * 31 + self.new_stacks as usize * 17) % pool.len()];
-            let mut frames = base.frames.clone();
-            if let Some(leaf) = frames.last_mut() {
-                leaf.address = 0x7f00_0000_0000 + ((self.agent as u64) << 24) + self.new_stacks * 0x10;
-                leaf.symbol = format!("jit::compiled_{}_{}", self.agent, self.new_stacks);
-            }
-            self.batch.stacks[slot] = Stack::new(frames);
-        }
-        // Samples: skewed over stacks (the first few hot), spread over processes.
-        let (procs, stacks) = (self.batch.targets.len(), n);
-        self.counts.iter_mut().for_each(|c| *c = 0);
-        for j in 0..self.samples_per_frame {
-            let h = (j.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ f.wrapping_mul(0xbf58_476d_1ce4_e5b9)) >> 17;
-            let t = (h % procs as u64) as usize;
-            // Half the samples in the first eighth of the stacks.
-            let s = if h & 0x100 == 0 { (h >> 9) as usize % stacks.div_ceil(8) } else { (h >> 9) as usize % stacks };
-            self.counts[t * stacks + s] += 1;
-        }
-        let period = 1_000_000_000 / 99;
-        let span = batch_ms * 1_000_000;
-        self.batch.cpu.clear();
-        for (i, &c) in self.counts.iter().enumerate() {
-            if c > 0 {
-                let back = (i as u64).wrapping_mul(0x2545_f491) % span.max(1);
-                self.batch.cpu.push(CpuSample {
-                    time_ns: now_ns - back.max(1),
-                    target: (i / stacks) as u32,
-                    stack: (i % stacks) as u32,
-                    count: c,
-                    period_ns: period,
-                });
-            }
-        }
-        self.batch.targets.truncate(procs);
-        if let Some(name) = marker {
-            self.batch.targets.push(Target { pid: 999_999, process: name.into(), ..Default::default() });
-            self.batch.cpu.push(CpuSample {
-                time_ns: now_ns,
-                target: procs as u32,
-                stack: 0,
-                count: 1,
-                period_ns: period,
-            });
-        }
-        &self.batch
-    }
-
-    /// Removes the marker process of the last batch, if any.
-    fn unmark(&mut self, procs: usize) {
-        self.batch.targets.truncate(procs);
-    }
-}
-
-fn node_name(agent: usize) -> String {
-    format!("fleet-{agent:05}")
-}
-
-fn agent_id(i: usize) -> AgentId {
-    let mut id = AgentId([0xf1; 16]);
-    id.0[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-    id
-}
-
-fn unix_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
-/// The sum of a counter over all its label sets in a Prometheus text exposition.
-pub fn metric_sum(exposition: &str, name: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let value = match rest.chars().next()? {
-                ' ' => rest,
-                '{' => rest.split_once('}')?.1,
-                _ => return None,
-            };
-            value.split_whitespace().next()?.parse::<f64>().ok()
-        })
-        .sum()
-}
-
-/// Counters of the aggregator's `/metrics` reported as refusals and drops.
-/// (Busy: refused for lack of room. Not counted: the `checking` answer every
-/// new agent run gets once while the store is asked what it already holds.)
-const REFUSALS: &[&str] = &[
-    "aperture_ingress_frames_total{result=\"busy\"}",
-    "aperture_transport_rejections_total",
-    "aperture_transport_preauth_refused_total",
-    "aperture_transport_decode_errors_total",
-    "aperture_writer_rows_rejected_total",
-    "aperture_ingress_frames_total{result=\"rejected\"}",
-];
-
-/// Raises this process's open-file limit (children inherit it): to
-/// `wanted` when allowed (root), else to the hard limit. Returns the limit.
-fn raise_nofile(wanted: u64) -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with valid pointers to an rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        let raised = libc::rlimit { rlim_cur: wanted.max(lim.rlim_cur), rlim_max: wanted.max(lim.rlim_max) };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            return raised.rlim_cur;
-        }
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-    lim.rlim_cur
-}
-
-fn mem_available_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map(|kib| kib / 1024)
-        .unwrap_or(u64::MAX)
-}
-
-fn open_fds() -> u64 {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0)
-}
-
-fn self_cpu_s() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    crate::load::stat_cpu_ticks(&stat).unwrap_or(0) as f64 / crate::sys::TICKS_PER_SEC
-}
-
 /// One simulated agent: its client and what it has sent and seen acknowledged.
 struct Sim {
     client: Client,
@@ -391,87 +185,6 @@ struct SimState {
 #[derive(Default)]
 struct Window {
     open: AtomicBool,
-}
-
-/// The aggregator child process and its addresses.
-struct Aggregator {
-    proc: Guarded,
-    http: SocketAddr,
-    ingest: SocketAddr,
-    fingerprint: String,
-}
-
-impl Aggregator {
-    /// Starts `aperture aggregator`; with `clickhouse` (endpoint, database) on that store.
-    fn start(
-        bin: &Path,
-        dir: &Path,
-        max_connections: usize,
-        clickhouse: Option<(String, String)>,
-    ) -> anyhow::Result<Aggregator> {
-        let data = dir.join("data");
-        std::fs::create_dir_all(&data)?;
-        // The certificate the aggregator will load, made here to learn its fingerprint.
-        let id = load_or_create_identity(&ServerTlsConfig::default(), &data).context("creating the certificate")?;
-        let config = dir.join("aggregator.yaml");
-        std::fs::write(&config, format!("limits:\n  max_connections: {max_connections}\n"))?;
-        let (http_port, ingest) = (free_port()?, free_port_pair()?);
-        let log = std::fs::File::create(dir.join("aggregator.log"))?;
-        let mut cmd = Command::new(bin);
-        // SAFETY: prctl(2) only, async-signal-safe, between fork and exec:
-        // the aggregator dies with the harness even when the harness is
-        // killed (out of memory with thousands of simulated agents).
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        if let Some((endpoint, database)) = clickhouse {
-            cmd.env("APERTURE_CLICKHOUSE_ENDPOINT", endpoint).env("APERTURE_CLICKHOUSE_DATABASE", database);
-        } else {
-            cmd.env_remove("APERTURE_CLICKHOUSE_ENDPOINT");
-        }
-        let proc = Guarded::spawn(
-            "aperture aggregator",
-            cmd.arg("aggregator")
-                .arg("-c")
-                .arg(&config)
-                .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-                .args(["--grpc-listen", &format!("127.0.0.1:{ingest}")])
-                .args(["--quic-listen", &format!("127.0.0.1:{ingest}")])
-                .arg("--data-dir")
-                .arg(&data)
-                .env("APERTURE_AUTH_TOKEN", TOKEN)
-                .stdout(Stdio::null())
-                .stderr(log),
-        )?;
-        let http_addr = SocketAddr::from(([127, 0, 0, 1], http_port));
-        let mut agg = Aggregator {
-            proc,
-            http: http_addr,
-            ingest: SocketAddr::from(([127, 0, 0, 1], ingest)),
-            fingerprint: format_fingerprint(&id.fingerprint),
-        };
-        wait_for("aperture aggregator", Duration::from_secs(30), || {
-            http(http_addr, "GET", "/healthz", None, b"", Duration::from_secs(2)).is_ok_and(|r| r.status == 200)
-        })
-        .with_context(|| format!("see {}", dir.join("aggregator.log").display()))?;
-        agg.proc.check_alive()?;
-        Ok(agg)
-    }
-
-    fn metrics(&self) -> String {
-        http(self.http, "GET", "/metrics", Some(TOKEN), b"", Duration::from_secs(10))
-            .map(|r| r.text())
-            .unwrap_or_default()
-    }
-
-    /// Each of [`REFUSALS`], summed over its label sets.
-    fn refusals(&self) -> Vec<f64> {
-        let m = self.metrics();
-        REFUSALS.iter().map(|n| metric_sum(&m, n)).collect()
-    }
 }
 
 /// Starts the clients gradually (`ramp_per_s`, at most 256 still handshaking),
@@ -914,6 +627,7 @@ impl Scenario for FleetScenario {
 
 #[cfg(test)]
 mod tests {
+    use super::aggregator::metric_sum;
     use super::*;
 
     fn params() -> Params {
