@@ -142,21 +142,31 @@ fn flush(rows: u64, t0: u64) -> Flush {
     Flush { labels: vec![Labels { node: "n1".into(), ..Labels::default() }], rows, ..Flush::default() }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_after_a_lost_answer_does_not_count_twice() {
-    let Some(server) = tokio::task::spawn_blocking(|| {
-        aperture_testkit::clickhouse::start_or_skip("a_retry_after_a_lost_answer_does_not_count_twice")
-    })
-    .await
-    .expect("start server") else {
-        return;
-    };
-    let upstream = SocketAddr::from(([127, 0, 0, 1], server.http_port));
-    let proxy = FaultyProxy::start(upstream);
+/// A test ClickHouse server (or `None`, reported skipped as `test`), a
+/// [`FaultyProxy`] in front of it, and a store on database `database`
+/// reached through the proxy, with the settings it was opened with.
+async fn proxied_store(
+    test: &'static str,
+    database: &str,
+) -> Option<(aperture_testkit::clickhouse::ClickHouseServer, FaultyProxy, ClickHouseSettings, ClickHouseStore)> {
+    let server = tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test))
+        .await
+        .expect("start server")?;
+    let proxy = FaultyProxy::start(SocketAddr::from(([127, 0, 0, 1], server.http_port)));
     let mut settings = ClickHouseSettings::new(format!("http://{}", proxy.addr));
-    settings.database = "retries".into();
+    settings.database = database.into();
     settings.request_timeout = Duration::from_secs(10);
     let store = ClickHouseStore::open(&settings).await.expect("open store");
+    Some((server, proxy, settings, store))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_lost_answer_does_not_count_twice() {
+    let Some((server, proxy, _, store)) =
+        proxied_store("a_retry_after_a_lost_answer_does_not_count_twice", "retries").await
+    else {
+        return;
+    };
 
     let t0 = common::now_s() / 86_400 * 86_400 - 86_400;
     // One batch of rows only (no stacks, no ledger): the samples insert is
@@ -225,20 +235,12 @@ async fn replica_settings(
 /// such and stores nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_committed_before_a_crash_are_committed_for_the_next_reader() {
-    let Some(server) = tokio::task::spawn_blocking(|| {
-        aperture_testkit::clickhouse::start_or_skip(
-            "samples_committed_before_a_crash_are_committed_for_the_next_reader",
-        )
-    })
-    .await
-    .expect("start server") else {
+    let Some((server, proxy, settings, store)) =
+        proxied_store("samples_committed_before_a_crash_are_committed_for_the_next_reader", "crash_after_samples")
+            .await
+    else {
         return;
     };
-    let proxy = FaultyProxy::start(SocketAddr::from(([127, 0, 0, 1], server.http_port)));
-    let mut settings = ClickHouseSettings::new(format!("http://{}", proxy.addr));
-    settings.database = "crash_after_samples".into();
-    settings.request_timeout = Duration::from_secs(10);
-    let store = ClickHouseStore::open(&settings).await.expect("open store");
     let t = common::now_s() / 86_400 * 86_400 - 2 * 86_400;
 
     store.write(&run_batch(0x11, 4, t, 1, 3)).await.expect("first batch");
@@ -283,18 +285,11 @@ async fn samples_committed_before_a_crash_are_committed_for_the_next_reader() {
 /// before the batch id was recorded (batch_id 0) still reads as committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ledger_row_whose_samples_never_landed_readmits_its_frames() {
-    let Some(server) = tokio::task::spawn_blocking(|| {
-        aperture_testkit::clickhouse::start_or_skip("a_ledger_row_whose_samples_never_landed_readmits_its_frames")
-    })
-    .await
-    .expect("start server") else {
+    let Some((server, proxy, settings, store)) =
+        proxied_store("a_ledger_row_whose_samples_never_landed_readmits_its_frames", "crash_before_samples").await
+    else {
         return;
     };
-    let proxy = FaultyProxy::start(SocketAddr::from(([127, 0, 0, 1], server.http_port)));
-    let mut settings = ClickHouseSettings::new(format!("http://{}", proxy.addr));
-    settings.database = "crash_before_samples".into();
-    settings.request_timeout = Duration::from_secs(10);
-    let store = ClickHouseStore::open(&settings).await.expect("open store");
     let t = common::now_s() / 86_400 * 86_400 - 2 * 86_400;
 
     store.write(&run_batch(0x21, 4, t, 1, 3)).await.expect("first batch");
