@@ -47,6 +47,34 @@ fn start_agent(
     (shutdown, std::thread::spawn(move || run_agent(config, flag)))
 }
 
+/// A loopback address with a port free at the time of the call.
+fn free_local_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address")
+}
+
+/// The value of `series` on the agent's `/metrics` once it is above zero
+/// (metrics are mirrored once per second), or the last value seen within
+/// [`WAIT`].
+fn wait_for_metric(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let until = std::time::Instant::now() + WAIT;
+    let mut last = None;
+    while std::time::Instant::now() < until {
+        let mut body = String::new();
+        if let Ok(mut conn) = std::net::TcpStream::connect(addr) {
+            let _ = conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n");
+            let _ = conn.read_to_string(&mut body);
+        }
+        last = body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse::<f64>().ok())).or(last);
+        if last.is_some_and(|n| n > 0.0) {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    last
+}
+
 #[test]
 fn cpu_mode_stack_arrives_with_process_name_and_pid() {
     if !require_root("cpu_mode_stack_arrives_with_process_name_and_pid") {
@@ -56,7 +84,9 @@ fn cpu_mode_stack_arrives_with_process_name_and_pid() {
     let server = Server::start(Duration::ZERO);
     let dir = tempfile::tempdir().expect("tempdir");
     let yaml = "frequency_hz: 99\nbatch:\n  max_age: 2s\nfilter:\n  processes: [ap_burner]\n";
-    let config = agent_config(&server, dir.path(), yaml, "cpu");
+    let mut config = agent_config(&server, dir.path(), yaml, "cpu");
+    let metrics = free_local_addr();
+    config.metrics.listen = metrics.to_string();
     let (shutdown, agent) = start_agent(config);
     let burner = Program::spawn(&bin, "20");
     let pid = burner.pid();
@@ -69,9 +99,14 @@ fn cpu_mode_stack_arrives_with_process_name_and_pid() {
             })
         })
     });
+    // The table walker's counters reach the agent's own /metrics.
+    let walked = wait_for_metric(metrics, "aperture_agent_unwind_stacks_total{outcome=\"walked\"}");
+    let tables = wait_for_metric(metrics, "aperture_agent_unwind_tables");
     shutdown.trigger();
     let report = agent.join().expect("agent thread").expect("agent ran");
     let (target, stack, period) = found.expect("a CPU sample of ap_burner with leaf_burn arrived");
+    assert!(walked.is_some_and(|n| n > 0.0), "stacks walked with tables are counted: {walked:?}");
+    assert!(tables.is_some_and(|n| n > 0.0), "loaded tables are published: {tables:?}");
     println!("cpu: {target:?} {stack:?}; {report}");
     assert_eq!(target.process, "ap_burner");
     let chain: Vec<&str> = stack.iter().map(String::as_str).skip_while(|s| *s != "leaf_burn").take(4).collect();

@@ -20,7 +20,7 @@ use crate::batcher::FlushReason;
 use crate::budget::{BudgetController, CostSource, ThreadCost, own_rss_bytes};
 use crate::clock::monotonic_ns;
 use crate::kube::KubeStats;
-use crate::metrics::{AgentMetrics, Mirror};
+use crate::metrics::{AgentMetrics, Mirror, UnwindMirrors};
 use crate::pipeline::{FrameSink, Pipeline, PipelineStats};
 
 /// How often counters are mirrored into the metrics and housekeeping runs.
@@ -62,6 +62,7 @@ pub(super) struct Mirrors {
     stacks: [Mirror; 2],
     cpu_ns: u64,
     transport: [Mirror; 8],
+    unwind: UnwindMirrors,
 }
 
 impl Driver {
@@ -155,6 +156,7 @@ impl Driver {
             // New programs and reader: their counters start from zero.
             self.mirrors.reader = None;
             self.mirrors.kernel_drops.clear();
+            self.mirrors.unwind = UnwindMirrors::default();
         }
         self.publish_effective();
     }
@@ -248,6 +250,10 @@ impl Driver {
                 mir.kube[i].sync(&m.kube_events.with_label_values(&[kind]), v);
             }
             m.kube_pods.set(k.pods.load(Ordering::Relaxed) as i64);
+        }
+
+        if let Some(u) = self.probes.unwind_stats() {
+            m.sync_unwind(&mut mir.unwind, &u);
         }
 
         let c = self.pipeline.stack_cache().stats();

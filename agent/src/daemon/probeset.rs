@@ -13,7 +13,7 @@ use aperture_core::model::Mode;
 use aperture_core::ring::RingProducer;
 use aperture_probes::{
     BatchSink, DropCount, Filter, LockStats, Modes, PerfReader, ProbeConfig, Probes, ReaderConfig, ReaderStats,
-    RecordBatch, SyscallStats, UnwindMode, UnwindSettings,
+    RecordBatch, SyscallStats, UnwindMode, UnwindSettings, UnwindStats,
 };
 use crossbeam_channel::Receiver;
 
@@ -164,6 +164,12 @@ impl ProbeSet {
             }),
             None => Vec::new(),
         }
+    }
+
+    /// The unwinder's state and the table walker's counters (cumulative
+    /// since the last load); `None` when the probes are not loaded.
+    pub fn unwind_stats(&self) -> Option<UnwindStats> {
+        self.probes.as_ref().map(Probes::unwind_stats)
     }
 
     /// The programs' drop counters (cumulative since the last load).

@@ -8,6 +8,8 @@
 
 mod server;
 
+use aperture_probes::UnwindStats;
+use aperture_probes::abi::UnwindStat;
 use prometheus::{Counter, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 pub use server::{MetricsServer, MetricsServerError, serve};
@@ -126,6 +128,20 @@ pub struct AgentMetrics {
     pub kube_pods: IntGauge,
     /// Kubernetes API activity, by kind.
     pub kube_events: IntCounterVec,
+    /// User stacks seen by the table walker, by outcome.
+    pub unwind_stacks: IntCounterVec,
+    /// User frames the table walker recovered, by how.
+    pub unwind_frames: IntCounterVec,
+    /// Objects the unwinder handled, by result.
+    pub unwind_objects: IntCounterVec,
+    /// Work the unwinder had no room for, by kind.
+    pub unwind_dropped: IntCounterVec,
+    /// Unwind tables loaded.
+    pub unwind_tables: IntGauge,
+    /// Bytes of unwind rows loaded.
+    pub unwind_table_bytes: IntGauge,
+    /// Processes the table walker knows.
+    pub unwind_processes: IntGauge,
 }
 
 impl Default for AgentMetrics {
@@ -262,6 +278,33 @@ impl AgentMetrics {
                 &["outcome"],
             ),
             processes: int_gauge(&r, "aperture_agent_processes", "Processes cached by attribution."),
+            unwind_stacks: counter_vec(
+                &r,
+                "aperture_agent_unwind_stacks_total",
+                "User stacks seen by the table walker, by outcome.",
+                &["outcome"],
+            ),
+            unwind_frames: counter_vec(
+                &r,
+                "aperture_agent_unwind_frames_total",
+                "User frames recovered by the table walker, by how.",
+                &["source"],
+            ),
+            unwind_objects: counter_vec(
+                &r,
+                "aperture_agent_unwind_objects_total",
+                "Objects handled by the unwinder, by result.",
+                &["result"],
+            ),
+            unwind_dropped: counter_vec(
+                &r,
+                "aperture_agent_unwind_dropped_total",
+                "Unwinder work dropped for lack of room, by kind.",
+                &["kind"],
+            ),
+            unwind_tables: int_gauge(&r, "aperture_agent_unwind_tables", "Unwind tables loaded."),
+            unwind_table_bytes: int_gauge(&r, "aperture_agent_unwind_table_bytes", "Bytes of unwind rows loaded."),
+            unwind_processes: int_gauge(&r, "aperture_agent_unwind_processes", "Processes the table walker knows."),
             kube_pods: int_gauge(&r, "aperture_agent_kube_pods", "Pods known on this node."),
             kube_events: counter_vec(
                 &r,
@@ -284,6 +327,60 @@ impl AgentMetrics {
             tracing::warn!("rendering metrics failed: {e}");
         }
         out
+    }
+}
+
+/// Where each of the unwinder's counters goes: a family of
+/// [`AgentMetrics`] and its label value.
+fn unwind_counter(m: &AgentMetrics, stat: UnwindStat) -> IntCounter {
+    match stat {
+        UnwindStat::FramesTable => m.unwind_frames.with_label_values(&["table"]),
+        UnwindStat::FramesFramePointer => m.unwind_frames.with_label_values(&["frame_pointer"]),
+        UnwindStat::Evicted => m.unwind_frames.with_label_values(&["evicted_table"]),
+        UnwindStat::Walked
+        | UnwindStat::NoProcess
+        | UnwindStat::Truncated
+        | UnwindStat::NoMapping
+        | UnwindStat::Unsupported
+        | UnwindStat::ReadFailed
+        | UnwindStat::FramePointerEnded => m.unwind_stacks.with_label_values(&[stat.as_str()]),
+    }
+}
+
+/// The last values of the unwinder's counters, mirrored into
+/// [`AgentMetrics`] by [`AgentMetrics::sync_unwind`].
+#[derive(Debug, Default)]
+pub struct UnwindMirrors {
+    kernel: [Mirror; UnwindStat::ALL.len()],
+    objects: [Mirror; 4],
+    dropped: [Mirror; 2],
+}
+
+impl AgentMetrics {
+    /// Publishes the unwinder's state and adds what its counters moved by
+    /// since the last call (a restarted unwinder starts its mirrors over).
+    pub fn sync_unwind(&self, mirrors: &mut UnwindMirrors, s: &UnwindStats) {
+        for &(stat, n) in &s.kernel {
+            if let Some(mirror) = mirrors.kernel.get_mut(stat as usize) {
+                mirror.sync(&unwind_counter(self, stat), n);
+            }
+        }
+        let objects = [
+            ("built", s.built),
+            ("from_disk", s.from_disk),
+            ("without_table", s.without_table),
+            ("evicted", s.evictions),
+        ];
+        for (i, (result, n)) in objects.into_iter().enumerate() {
+            mirrors.objects[i].sync(&self.unwind_objects.with_label_values(&[result]), n);
+        }
+        let dropped = [("process", s.refused), ("request", s.requests_dropped)];
+        for (i, (kind, n)) in dropped.into_iter().enumerate() {
+            mirrors.dropped[i].sync(&self.unwind_dropped.with_label_values(&[kind]), n);
+        }
+        self.unwind_tables.set(i64::try_from(s.tables).unwrap_or(i64::MAX));
+        self.unwind_table_bytes.set(i64::try_from(s.table_bytes).unwrap_or(i64::MAX));
+        self.unwind_processes.set(i64::try_from(s.processes).unwrap_or(i64::MAX));
     }
 }
 
@@ -326,12 +423,50 @@ mod tests {
         m.budget_cost.with_label_values(&["agent"]).set(0.1);
         m.proc_reads.with_label_values(&["ok"]).inc();
         m.kube_events.with_label_values(&["list"]).inc();
+        m.unwind_stacks.with_label_values(&["walked"]).inc();
+        m.unwind_frames.with_label_values(&["table"]).inc();
+        m.unwind_objects.with_label_values(&["built"]).inc();
+        m.unwind_dropped.with_label_values(&["request"]).inc();
         let families = m.registry.gather();
         assert!(families.len() >= 35, "{}", families.len());
         for f in families {
             let name = f.name();
             assert!(name.starts_with("aperture_agent_"), "{name}");
             assert!(doc.contains(&format!("`{name}`")), "docs/agent-metrics.md lacks `{name}`");
+        }
+    }
+
+    #[test]
+    fn unwinder_counters_reach_their_families_by_reason() {
+        let m = AgentMetrics::new();
+        let mut mirrors = UnwindMirrors::default();
+        let stats = |walked, no_table, frames| UnwindStats {
+            tables: 3,
+            table_bytes: 4096,
+            built: 2,
+            from_disk: 1,
+            requests_dropped: 5,
+            kernel: vec![
+                (UnwindStat::Walked, walked),
+                (UnwindStat::NoProcess, no_table),
+                (UnwindStat::FramesTable, frames),
+            ],
+            ..UnwindStats::default()
+        };
+        m.sync_unwind(&mut mirrors, &stats(10, 2, 80));
+        m.sync_unwind(&mut mirrors, &stats(15, 4, 120));
+        let text = m.render();
+        for line in [
+            "aperture_agent_unwind_stacks_total{outcome=\"walked\"} 15",
+            "aperture_agent_unwind_stacks_total{outcome=\"no_process_table\"} 4",
+            "aperture_agent_unwind_frames_total{source=\"table\"} 120",
+            "aperture_agent_unwind_objects_total{result=\"built\"} 2",
+            "aperture_agent_unwind_objects_total{result=\"from_disk\"} 1",
+            "aperture_agent_unwind_dropped_total{kind=\"request\"} 5",
+            "aperture_agent_unwind_tables 3",
+            "aperture_agent_unwind_table_bytes 4096",
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
         }
     }
 
