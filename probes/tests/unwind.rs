@@ -401,7 +401,12 @@ fn tables_beyond_the_budget_are_evicted_and_counted() -> anyhow::Result<()> {
     // program's it cannot all fit in 200 KB.
     const BUDGET: u64 = 200_000;
     let mut probes = Probes::load(&ProbeConfig {
-        unwind: UnwindSettings { mode: UnwindMode::Tables, cache_dir: None, budget_bytes: BUDGET },
+        unwind: UnwindSettings {
+            mode: UnwindMode::Tables,
+            cache_dir: None,
+            budget_bytes: BUDGET,
+            ..UnwindSettings::default()
+        },
         ..config(Mode::Cpu, pid, UnwindMode::Tables)
     })?;
     probes.unwind_process(pid)?;

@@ -105,6 +105,7 @@ impl ProbeSet {
                     UnwindChoice::FramePointers => UnwindMode::FramePointers,
                 },
                 cache_dir: Some(config.data_dir.join("unwind")),
+                cache_max_bytes: config.unwind_cache_max.0,
                 ..UnwindSettings::default()
             },
         };

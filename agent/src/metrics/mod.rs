@@ -352,7 +352,7 @@ fn unwind_counter(m: &AgentMetrics, stat: UnwindStat) -> IntCounter {
 #[derive(Debug, Default)]
 pub struct UnwindMirrors {
     kernel: [Mirror; UnwindStat::ALL.len()],
-    objects: [Mirror; 4],
+    objects: [Mirror; 5],
     dropped: [Mirror; 2],
 }
 

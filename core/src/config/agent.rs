@@ -46,6 +46,9 @@ pub struct AgentConfig {
     /// How user stacks are walked: `tables` (unwind tables from
     /// `.eh_frame`, frame pointers where there are none) or `frame_pointers`.
     pub unwind: UnwindChoice,
+    /// Bytes of unwind-table files the agent keeps under `data_dir/unwind`
+    /// at most; the least recently used are removed first.
+    pub unwind_cache_max: ByteSize,
 }
 
 impl Default for AgentConfig {
@@ -67,6 +70,7 @@ impl Default for AgentConfig {
             budget: Budget::default(),
             metrics: MetricsSettings::default(),
             unwind: UnwindChoice::Tables,
+            unwind_cache_max: ByteSize::mib(256),
         }
     }
 }
@@ -289,6 +293,7 @@ impl Layered for AgentConfig {
                     _ => return Err(format!("invalid unwind `{value}`: expected tables or frame_pointers")),
                 }
             }
+            "unwind_cache_max" => self.unwind_cache_max = value.parse()?,
             "metrics.listen" => self.metrics.listen = value.to_owned(),
             "transport.carrier" => {
                 self.transport.carrier = match value {
@@ -391,6 +396,10 @@ mod tests {
         let mut c = AgentConfig::default();
         assert!(c.set("unwind", "frame_pointers").is_ok());
         assert_eq!(c.unwind, UnwindChoice::FramePointers);
+        assert_eq!(AgentConfig::default().unwind_cache_max, ByteSize::mib(256));
+        assert!(c.set("unwind_cache_max", "64MiB").is_ok());
+        assert_eq!(c.unwind_cache_max, ByteSize::mib(64));
+        assert!(c.set("unwind_cache_max", "lots").is_err(), "a size is required");
         let err = c.set("unwind", "dwarf").expect_err("rejected");
         assert!(err.contains("tables or frame_pointers"), "{err}");
     }

@@ -54,7 +54,7 @@ mod tests {
     fn unknown_key() {
         assert_eq!(
             agent_err("mode: cpu\nfrequency: 99\n", &[]),
-            "agent.yml:2:1: `frequency`: unknown field `frequency`, expected one of `aggregator`, `auth_token`, `mode`, `frequency_hz`, `node_name`, `data_dir`, `lock`, `syscall`, `batch`, `perf_buffer`, `transport`, `filter`, `budget`, `metrics`, `unwind`"
+            "agent.yml:2:1: `frequency`: unknown field `frequency`, expected one of `aggregator`, `auth_token`, `mode`, `frequency_hz`, `node_name`, `data_dir`, `lock`, `syscall`, `batch`, `perf_buffer`, `transport`, `filter`, `budget`, `metrics`, `unwind`, `unwind_cache_max`"
         );
     }
 

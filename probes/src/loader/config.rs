@@ -92,11 +92,18 @@ pub struct UnwindSettings {
     pub cache_dir: Option<PathBuf>,
     /// Bytes of table rows loaded into the kernel at most.
     pub budget_bytes: u64,
+    /// Bytes of files the disk cache keeps at most (least recently used go first).
+    pub cache_max_bytes: u64,
 }
 
 impl Default for UnwindSettings {
     fn default() -> Self {
-        UnwindSettings { mode: UnwindMode::Tables, cache_dir: None, budget_bytes: 32 << 20 }
+        UnwindSettings {
+            mode: UnwindMode::Tables,
+            cache_dir: None,
+            budget_bytes: 32 << 20,
+            cache_max_bytes: aperture_symbolize::unwind::DEFAULT_CACHE_BYTES,
+        }
     }
 }
 

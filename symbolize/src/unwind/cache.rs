@@ -5,11 +5,18 @@
 //! device, inode, size and modification time (a rebuilt file gets a new
 //! name). A file is a 16-byte header (`APUNW001`, row count) then the rows
 //! as little-endian u64s; anything else is ignored and rebuilt.
+//!
+//! The directory is bounded: after each write, the least recently used
+//! files (by modification time, which a read renews) are removed until the
+//! files fit the limit; the file just written stays.
 
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use super::{BuildError, Row, Table};
 use crate::elf::{ElfFile, build_id_hex};
@@ -66,7 +73,14 @@ pub enum CacheError {
 #[derive(Clone, Debug)]
 pub struct TableCache {
     dir: Option<PathBuf>,
+    /// Bytes of cache files kept at most.
+    max_bytes: u64,
+    /// Files removed to stay within `max_bytes`.
+    removed: Arc<AtomicU64>,
 }
+
+/// The default bound on the cache directory.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 
 /// Where a table came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,9 +92,20 @@ pub enum Origin {
 }
 
 impl TableCache {
-    /// A cache in `dir` (created on first write), or none.
+    /// A cache in `dir` (created on first write), or none, holding at most
+    /// [`DEFAULT_CACHE_BYTES`].
     pub fn new(dir: Option<PathBuf>) -> TableCache {
-        TableCache { dir }
+        TableCache { dir, max_bytes: DEFAULT_CACHE_BYTES, removed: Arc::default() }
+    }
+
+    /// The same cache holding at most `max_bytes` of files.
+    pub fn with_limit(self, max_bytes: u64) -> TableCache {
+        TableCache { max_bytes, ..self }
+    }
+
+    /// Files removed so far to stay within the limit.
+    pub fn removed(&self) -> u64 {
+        self.removed.load(Ordering::Relaxed)
     }
 
     /// The table of the ELF file at `path` (any path that opens it, e.g.
@@ -113,6 +138,9 @@ impl TableCache {
     pub fn read(&self, key: &TableKey) -> Option<Table> {
         let file = fs::File::open(self.file(key)?).ok()?;
         let len = file.metadata().ok()?.len();
+        // Renewed use: the file is among the last to be removed. Without
+        // the right to set the time it is only removed sooner.
+        let _ = file.set_modified(SystemTime::now());
         read_table(io::BufReader::with_capacity(BLOCK, file), len)
     }
 
@@ -127,7 +155,43 @@ impl TableCache {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        fs::rename(&tmp, &path)
+        fs::rename(&tmp, &path)?;
+        self.prune(dir, &path);
+        Ok(())
+    }
+
+    /// Removes the least recently used cache files, except `keep`, until
+    /// the files fit [`TableCache::max_bytes`].
+    fn prune(&self, dir: &Path, keep: &Path) {
+        let Ok(entries) = fs::read_dir(dir) else { return };
+        let mut files: Vec<(SystemTime, u64, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "unw"))
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some((meta.modified().ok()?, meta.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+        if total <= self.max_bytes {
+            return;
+        }
+        files.sort();
+        for (_, len, path) in files {
+            if total <= self.max_bytes {
+                break;
+            }
+            if path == keep {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    total -= len;
+                    self.removed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!(path = %path.display(), error = %e, "could not remove an unwind cache file"),
+            }
+        }
     }
 }
 
@@ -190,5 +254,40 @@ mod tests {
         assert_eq!(cache.read(&key), None, "a truncated file is not a table");
         let (_, rebuilt, origin) = cache.load(&libc).expect("rebuilds");
         assert_eq!((origin, rebuilt), (Origin::Built, built));
+    }
+
+    #[test]
+    fn the_least_recently_used_files_go_when_the_cache_is_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = |n: u32| Table {
+            rows: (0..n).map(|i| Row { pc: i * 16, cfa_offset: 8, rbp_offset: 0, kind: 0 }).collect(),
+        };
+        let file_len = 16 + 8 * 100;
+        // Room for two files of 100 rows, not three.
+        let cache = TableCache::new(Some(dir.path().to_owned())).with_limit(2 * file_len + 10);
+        let key = |k: &str| TableKey(k.to_owned());
+        let old = SystemTime::now() - std::time::Duration::from_secs(600);
+        cache.write(&key("a"), &table(100)).expect("a");
+        cache.write(&key("b"), &table(100)).expect("b");
+        for k in ["a", "b"] {
+            fs::File::options()
+                .write(true)
+                .open(dir.path().join(format!("{k}.unw")))
+                .expect("open")
+                .set_modified(old)
+                .expect("age");
+        }
+        // Reading `a` makes `b` the least recently used.
+        assert!(cache.read(&key("a")).is_some());
+        cache.write(&key("c"), &table(100)).expect("c");
+        assert!(cache.read(&key("b")).is_none(), "the least recently used file was removed");
+        assert!(cache.read(&key("a")).is_some() && cache.read(&key("c")).is_some());
+        assert_eq!(cache.removed(), 1);
+
+        // A file larger than the limit by itself is kept until the next write.
+        let small = TableCache::new(Some(dir.path().to_owned())).with_limit(10);
+        small.write(&key("d"), &table(100)).expect("d");
+        assert!(small.read(&key("d")).is_some(), "the file just written stays");
+        assert_eq!(small.removed(), 2, "both other files (a, c) were removed");
     }
 }

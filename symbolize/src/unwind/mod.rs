@@ -26,7 +26,7 @@ use gimli::{
     UnwindContext, UnwindSection, X86_64,
 };
 
-pub use cache::{CacheError, Origin, TableCache, TableKey};
+pub use cache::{CacheError, DEFAULT_CACHE_BYTES, Origin, TableCache, TableKey};
 
 use crate::elf::{ElfError, ElfFile};
 

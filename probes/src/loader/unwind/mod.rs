@@ -88,6 +88,8 @@ pub struct UnwindStats {
     pub built: u64,
     /// Tables read from the disk cache.
     pub from_disk: u64,
+    /// Disk cache files removed to keep the cache within its bound.
+    pub cache_removed: u64,
     /// Objects without usable CFI (walked by frame pointers).
     pub without_table: u64,
     /// Tables evicted for the budget.

@@ -164,7 +164,7 @@ impl Worker {
         Ok(Worker {
             procs_map,
             objects: handles,
-            cache: TableCache::new(settings.cache_dir.clone()),
+            cache: TableCache::new(settings.cache_dir.clone()).with_limit(settings.cache_max_bytes),
             budget: settings.budget_bytes,
             files: HashMap::new(),
             tables: HashMap::new(),
@@ -218,6 +218,7 @@ impl Worker {
         s.processes = self.procs.values().filter(|p| p.in_kernel).count();
         s.tables = self.tables.len();
         s.table_bytes = self.bytes;
+        s.cache_removed = self.cache.removed();
         s.thread_cpu_ns = thread_cpu_ns();
         *shared.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = s;
     }
