@@ -187,7 +187,9 @@ impl fmt::Display for RejectReason {
 pub enum CloseReason {
     /// Orderly end (client shutdown).
     Normal = 0x0,
-    /// The server is shutting down; reconnect later.
+    /// The server cannot keep the session: it is shutting down, or it is
+    /// overloaded (the message says which). Reconnect later; unacknowledged
+    /// frames are sent again.
     ShuttingDown = 0x1,
     /// The peer broke the protocol (unexpected message, wrong identity in a frame...).
     ProtocolViolation = 0x2,

@@ -180,6 +180,9 @@ enum LinkEnd {
     Lost { established: bool },
     /// The server refused the session.
     Rejected,
+    /// The server closed the session to be left alone for a while (shutting
+    /// down, or overloaded): reconnect with a growing delay.
+    Deferred,
     /// The server is older than this client: reconnect at once, offering
     /// its protocol.
     OlderServer,
@@ -232,7 +235,7 @@ pub(crate) async fn drive_connections(inner: Arc<Inner>, c: Connectors) {
                         continue;
                     }
                     LinkEnd::Lost { established: true } => backoff.reset(),
-                    LinkEnd::Lost { established: false } => {}
+                    LinkEnd::Lost { established: false } | LinkEnd::Deferred => {}
                     LinkEnd::OlderServer => {
                         backoff.reset();
                         continue;
@@ -339,6 +342,9 @@ async fn run_link(
                 }
                 ClientEvent::Closed { reason, by_peer, message } => {
                     tracing::info!(carrier = carrier.as_str(), reason = reason.as_str(), by_peer, %message, "session closed");
+                    if by_peer && reason == CloseReason::ShuttingDown {
+                        break 'run LinkEnd::Deferred;
+                    }
                     break 'run LinkEnd::Lost { established };
                 }
             }

@@ -44,6 +44,11 @@ pub struct ServerLimits {
     pub credit_bytes: u64,
     /// Delay before a frame the sink refused as busy is offered again, ms.
     pub busy_retry_ms: u64,
+    /// Most bytes of frames held, all sessions together, because the sink
+    /// refused them as busy. A session whose busy frame does not fit is
+    /// closed; its client keeps the frame and sends it again after
+    /// reconnecting. At least `max_frame_bytes`.
+    pub parked_bytes: u64,
     /// Newest session protocol served ([`PROTOCOL_VERSION`]). Not a
     /// setting: lowered, with `capabilities`, only to behave like an older
     /// aggregator (tests of mixed fleets).
@@ -69,6 +74,7 @@ impl Default for ServerLimits {
             credit_frames: 64,
             credit_bytes: 32 << 20,
             busy_retry_ms: 200,
+            parked_bytes: 64 << 20,
             max_protocol: PROTOCOL_VERSION,
             capabilities: Capabilities::SUPPORTED,
         }

@@ -172,6 +172,13 @@ pub async fn serve(config: ServerConfig, sink: Arc<dyn IngressSink>) -> Result<S
             reason: format!("must be at least the {HEADER_LEN}-byte header"),
         });
     }
+    if l.parked_bytes < u64::from(l.max_frame_bytes) {
+        return Err(ServeError::Limit {
+            name: "parked_bytes",
+            value: l.parked_bytes,
+            reason: format!("must hold at least one frame of max_frame_bytes ({})", l.max_frame_bytes),
+        });
+    }
     let session_cfg = ServerSessionConfig {
         max_frame_len: l.max_frame_bytes,
         credit_frames: l.credit_frames.max(1),

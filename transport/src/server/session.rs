@@ -164,6 +164,47 @@ impl Registry {
     }
 }
 
+/// The frames one session holds because the sink refused them as busy,
+/// counted against the server's `parked_bytes` until the sink takes them or
+/// the session ends.
+struct ParkedFrames<'a> {
+    shared: &'a Shared,
+    /// Sequence → bytes.
+    held: HashMap<u64, u64>,
+}
+
+impl<'a> ParkedFrames<'a> {
+    fn new(shared: &'a Shared) -> ParkedFrames<'a> {
+        ParkedFrames { shared, held: HashMap::new() }
+    }
+
+    /// Whether the frame may stay parked: it already is, or it fits.
+    fn hold(&mut self, sequence: u64, bytes: u64) -> bool {
+        if self.held.contains_key(&sequence) {
+            return true;
+        }
+        let fits = self.shared.counters.parked.try_add(bytes, self.shared.limits.parked_bytes);
+        if fits {
+            self.held.insert(sequence, bytes);
+        }
+        fits
+    }
+
+    /// The frame left the session's hands.
+    fn release(&mut self, sequence: u64) {
+        if let Some(bytes) = self.held.remove(&sequence) {
+            self.shared.counters.parked.release(bytes);
+        }
+    }
+}
+
+impl Drop for ParkedFrames<'_> {
+    fn drop(&mut self) {
+        let bytes = self.held.values().sum();
+        self.shared.counters.parked.release(bytes);
+    }
+}
+
 /// How a session ended, for the carrier's connection close.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SessionEnd {
@@ -198,6 +239,8 @@ pub(crate) async fn run_session<O: Outbound>(
     let c = &shared.counters;
     let mut peer: Option<Arc<PeerInfo>> = None;
     let mut registration: Option<(RunKey, u64)> = None;
+    let mut parked = ParkedFrames::new(&shared);
+    let mut overloaded = false;
     let mut end = SessionEnd::Peer;
     'run: loop {
         while let Some(ev) = session.poll_event() {
@@ -233,20 +276,40 @@ pub(crate) async fn run_session<O: Outbound>(
                     match shared.sink.admit(rf) {
                         Admission::Queued => {
                             c.frames_queued.fetch_add(1, Relaxed);
+                            parked.release(header.id.sequence);
                             session.handle_admitted(now, &header, false);
                         }
                         Admission::AlreadyCommitted => {
                             c.frames_already_committed.fetch_add(1, Relaxed);
+                            parked.release(header.id.sequence);
                             session.handle_admitted(now, &header, true);
                         }
                         Admission::Busy(rf) => {
                             c.frames_busy.fetch_add(1, Relaxed);
-                            session.handle_busy(now, rf.header, rf.bytes);
+                            if session.is_closed() {
+                                // Dropped with the session: the client still
+                                // holds it unacknowledged.
+                                parked.release(rf.header.id.sequence);
+                            } else if parked.hold(rf.header.id.sequence, rf.bytes.len() as u64) {
+                                session.handle_busy(now, rf.header, rf.bytes);
+                            } else {
+                                c.sessions_overloaded.fetch_add(1, Relaxed);
+                                overloaded = true;
+                                let limit = shared.limits.parked_bytes;
+                                tracing::info!(
+                                    carrier = carrier.as_str(), %addr, parked_bytes = limit,
+                                    "frames awaiting admission fill parked_bytes; closing the session, its agent sends them again after reconnecting"
+                                );
+                                let msg = format!(
+                                    "aggregator overloaded: frames awaiting admission fill its {limit} bytes; reconnect later"
+                                );
+                                session.close(now, CloseReason::ShuttingDown, &msg);
+                            }
                         }
                     }
                 }
                 ServerEvent::Closed { reason, by_peer } => {
-                    c.closed(reason.as_str(), by_peer);
+                    c.closed(if overloaded { "overloaded" } else { reason.as_str() }, by_peer);
                     if !by_peer {
                         end = SessionEnd::Closed(reason, String::new());
                     }

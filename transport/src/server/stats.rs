@@ -50,6 +50,12 @@ pub struct ServerStats {
     pub frame_read_bytes: u64,
     /// The most [`frame_read_bytes`](Self::frame_read_bytes) ever held at once.
     pub frame_read_bytes_peak: u64,
+    /// Bytes of frames held now because the sink refused them as busy.
+    pub parked_bytes: u64,
+    /// The most [`parked_bytes`](Self::parked_bytes) ever held at once.
+    pub parked_bytes_peak: u64,
+    /// Sessions closed because a busy frame did not fit in `parked_bytes`.
+    pub sessions_overloaded: u64,
 }
 
 impl ServerStats {
@@ -81,6 +87,8 @@ pub(crate) struct Counters {
     pub preauth_closed: AtomicU64,
     pub preauth_refused: AtomicU64,
     pub frame_reads: BytesGauge,
+    pub parked: BytesGauge,
+    pub sessions_overloaded: AtomicU64,
     by_reason: Mutex<ByReason>,
 }
 
@@ -137,6 +145,9 @@ impl Counters {
             preauth_refused: self.preauth_refused.load(Relaxed),
             frame_read_bytes: self.frame_reads.now(),
             frame_read_bytes_peak: self.frame_reads.peak(),
+            parked_bytes: self.parked.now(),
+            parked_bytes_peak: self.parked.peak(),
+            sessions_overloaded: self.sessions_overloaded.load(Relaxed),
             ..ServerStats::default()
         };
         self.with(|b| {

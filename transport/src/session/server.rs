@@ -119,6 +119,9 @@ pub struct ServerSession {
     state: State,
     peer: Option<PeerIdentity>,
     accepting: bool,
+    /// The welcome granted no credit because the sink was not accepting:
+    /// the first window is granted once it is.
+    window_owed: bool,
     /// Credit the client still holds.
     window_frames: u32,
     window_bytes: i64,
@@ -143,6 +146,7 @@ impl ServerSession {
             state: State::AwaitingHello { deadline },
             peer: None,
             accepting: true,
+            window_owed: false,
             window_frames: 0,
             window_bytes: 0,
             release_frames: 0,
@@ -222,11 +226,20 @@ impl ServerSession {
                     agent_version: hello.agent_version,
                 };
                 self.state = State::Open;
-                self.window_frames = self.cfg.credit_frames;
-                self.window_bytes = i64::try_from(self.cfg.credit_bytes).unwrap_or(i64::MAX);
+                // A session opened while the sink takes nothing gets no
+                // credit yet: an overloaded server would only have to hold
+                // or refuse what it sent.
+                let credit = if self.accepting {
+                    Credit { frames: self.cfg.credit_frames, bytes: self.cfg.credit_bytes }
+                } else {
+                    self.window_owed = true;
+                    Credit { frames: 0, bytes: 0 }
+                };
+                self.window_frames = credit.frames;
+                self.window_bytes = i64::try_from(credit.bytes).unwrap_or(i64::MAX);
                 self.outbox.push_back(Control::Welcome(Welcome {
                     max_frame_len: self.cfg.max_frame_len,
-                    credit: Credit { frames: self.cfg.credit_frames, bytes: self.cfg.credit_bytes },
+                    credit,
                     server_version: self.cfg.server_version.clone(),
                     // A client of protocol 1 refuses any field it does not
                     // expect: it gets the welcome of protocol 1.
@@ -394,6 +407,10 @@ impl ServerSession {
     }
 
     fn maybe_grant(&mut self) {
+        if self.accepting && self.window_owed {
+            self.window_owed = false;
+            self.grant(Credit { frames: self.cfg.credit_frames, bytes: self.cfg.credit_bytes });
+        }
         if !self.accepting || !self.parked.is_empty() || self.release_frames == 0 {
             return;
         }
@@ -407,10 +424,14 @@ impl ServerSession {
             return;
         }
         let grant = Credit { frames: self.release_frames, bytes: self.release_bytes };
-        self.window_frames = self.window_frames.saturating_add(grant.frames);
-        self.window_bytes = self.window_bytes.saturating_add(i64::try_from(grant.bytes).unwrap_or(i64::MAX));
         self.release_frames = 0;
         self.release_bytes = 0;
+        self.grant(grant);
+    }
+
+    fn grant(&mut self, grant: Credit) {
+        self.window_frames = self.window_frames.saturating_add(grant.frames);
+        self.window_bytes = self.window_bytes.saturating_add(i64::try_from(grant.bytes).unwrap_or(i64::MAX));
         self.outbox.push_back(Control::Credit(grant));
     }
 }

@@ -330,6 +330,7 @@ fn byte_credit_bounds_frames_in_flight() {
 #[test]
 fn withholding_credit_while_not_accepting() {
     let mut link = Link::new(ClientSession::new(client_cfg(1 << 20)), server_cfg(2, 1 << 20));
+    link.pump();
     link.server.set_accepting(link.now, false);
     for seq in 1..=6 {
         link.client.push(frame(seq, 100)).expect("push");
@@ -339,6 +340,22 @@ fn withholding_credit_while_not_accepting() {
     link.server.set_accepting(link.now, true);
     link.pump();
     assert_eq!(link.wire, (1..=6).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_session_opened_while_not_accepting_gets_its_window_once_the_sink_takes_frames() {
+    let mut link = Link::new(ClientSession::new(client_cfg(1 << 20)), server_cfg(2, 1 << 20));
+    link.server.set_accepting(link.now, false);
+    for seq in 1..=6 {
+        link.client.push(frame(seq, 100)).expect("push");
+    }
+    link.pump();
+    assert!(link.wire.is_empty(), "no credit in the welcome: {:?}", link.wire);
+    assert_eq!(link.client.credit(), (0, 0));
+    link.server.set_accepting(link.now, true);
+    link.pump();
+    assert_eq!(link.wire, (1..=6).collect::<Vec<_>>());
+    assert_eq!(link.admitted, (1..=6).collect::<Vec<_>>());
 }
 
 #[test]

@@ -227,6 +227,23 @@ impl BytesGauge {
         Held { gauge: self, n }
     }
 
+    /// Counts `n` more bytes if the total stays within `limit`; the caller
+    /// gives them back with [`release`](Self::release).
+    pub(crate) fn try_add(&self, n: u64, limit: u64) -> bool {
+        match self.now.fetch_update(Relaxed, Relaxed, |now| now.checked_add(n).filter(|t| *t <= limit)) {
+            Ok(before) => {
+                self.peak.fetch_max(before + n, Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Gives back bytes counted by [`try_add`](Self::try_add).
+    pub(crate) fn release(&self, n: u64) {
+        self.now.fetch_sub(n, Relaxed);
+    }
+
     /// Bytes held now.
     pub(crate) fn now(&self) -> u64 {
         self.now.load(Relaxed)
