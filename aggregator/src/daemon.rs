@@ -68,6 +68,7 @@ pub fn server_config(config: &AggregatorConfig) -> anyhow::Result<ServerConfig> 
         max_connections: config.limits.max_connections,
         max_unauthenticated: config.limits.max_unauthenticated,
         idle_timeout_ms: u64::try_from(config.limits.idle_timeout.0.as_millis()).unwrap_or(u64::MAX),
+        parked_bytes: config.limits.max_parked_size.0,
         ..ServerLimits::default()
     };
     Ok(ServerConfig {
@@ -274,9 +275,11 @@ mod tests {
     fn client_limits_reach_the_shards_and_the_transport() {
         let mut c = config(&[("APERTURE_AUTH_TOKEN", "tok")]);
         c.limits.max_unauthenticated = 7;
+        c.limits.max_parked_size = aperture_core::config::ByteSize::mib(9);
         c.limits.max_stack_frames = 200;
         assert_eq!(settings(&c).expect("settings").max_stack_frames, 200);
-        assert_eq!(server_config(&c).expect("server").limits.max_unauthenticated, 7);
+        let limits = server_config(&c).expect("server").limits;
+        assert_eq!((limits.max_unauthenticated, limits.parked_bytes), (7, 9 << 20));
     }
 
     #[test]

@@ -140,6 +140,7 @@ struct TransportCollector {
     decode_errors: IntCounterVec,
     sessions_closed: IntCounterVec,
     unauthenticated: IntGauge,
+    parked_bytes: IntGauge,
     preauth_closed: IntCounter,
     preauth_refused: IntCounter,
     descs: Vec<Desc>,
@@ -183,6 +184,10 @@ impl TransportCollector {
                 "aperture_transport_unauthenticated_connections",
                 "Connections open now that have not authenticated yet (both carriers).",
             )?,
+            parked_bytes: IntGauge::new(
+                "aperture_transport_parked_bytes",
+                "Bytes of frames held now because the pipeline refused them as busy (at most limits.max_parked_size).",
+            )?,
             preauth_closed: counter(
                 "aperture_transport_preauth_closed_total",
                 "Connections that ended before authenticating (refused hello, stalled or malformed handshake, client gone).",
@@ -197,7 +202,7 @@ impl TransportCollector {
         Ok(c)
     }
 
-    fn parts(&self) -> [&dyn Collector; 13] {
+    fn parts(&self) -> [&dyn Collector; 14] {
         [
             &self.sessions_opened,
             &self.frames_received,
@@ -210,6 +215,7 @@ impl TransportCollector {
             &self.decode_errors,
             &self.sessions_closed,
             &self.unauthenticated,
+            &self.parked_bytes,
             &self.preauth_closed,
             &self.preauth_refused,
         ]
@@ -236,6 +242,7 @@ impl Collector for TransportCollector {
             copy_counter(&self.sequence_gaps, s.sequence_gaps);
             copy_counter(&self.frames_acked, s.frames_acked);
             self.unauthenticated.set(i64::try_from(s.unauthenticated_connections).unwrap_or(i64::MAX));
+            self.parked_bytes.set(i64::try_from(s.parked_bytes).unwrap_or(i64::MAX));
             copy_counter(&self.preauth_closed, s.preauth_closed);
             copy_counter(&self.preauth_refused, s.preauth_refused);
             for (vec, by_reason) in [

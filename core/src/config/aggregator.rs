@@ -251,6 +251,10 @@ const MAX_STACK_FRAMES: usize = 16_384;
 pub struct Limits {
     /// Largest frame accepted.
     pub max_frame_size: ByteSize,
+    /// Most bytes of frames held, all agents together, while the pipeline
+    /// is too busy to take them. An agent whose frame does not fit is
+    /// disconnected and sends it again after reconnecting.
+    pub max_parked_size: ByteSize,
     /// Most agent connections at once, per carrier.
     pub max_connections: usize,
     /// A connection with no traffic for this long is closed.
@@ -276,6 +280,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_frame_size: ByteSize::mib(4),
+            max_parked_size: ByteSize::mib(64),
             max_connections: 4096,
             idle_timeout: HumanDuration::secs(60),
             http_request_timeout: HumanDuration::secs(30),
@@ -367,6 +372,15 @@ impl Layered for AggregatorConfig {
         }
         if self.limits.http_max_query_range.0.as_secs() == 0 {
             return Err(("limits.http_max_query_range".into(), "must be at least 1s, e.g. 31d".into()));
+        }
+        if self.limits.max_parked_size.0 < self.limits.max_frame_size.0 {
+            return Err((
+                "limits.max_parked_size".into(),
+                format!(
+                    "must hold at least one frame of limits.max_frame_size ({}), e.g. 64MiB",
+                    self.limits.max_frame_size
+                ),
+            ));
         }
         if self.limits.max_unauthenticated == 0 {
             return Err(("limits.max_unauthenticated".into(), "must be at least 1, e.g. 1024".into()));

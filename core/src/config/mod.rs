@@ -315,6 +315,11 @@ budget:
         assert!(err.contains("`limits.max_stack_frames`: must be between 64 and 16384"), "{err}");
         let err = aggregator_err("auth:\n  disabled: true\nlimits:\n  max_unauthenticated: 0\n", &[]);
         assert!(err.contains("`limits.max_unauthenticated`: must be at least 1"), "{err}");
+        let err = aggregator_err("auth:\n  disabled: true\nlimits:\n  max_parked_size: 1MiB\n", &[]);
+        assert!(
+            err.contains("`limits.max_parked_size`: must hold at least one frame of limits.max_frame_size"),
+            "{err}"
+        );
         let c =
             aggregator("auth:\n  disabled: true\nlimits:\n  max_stack_frames: 4096\n  max_unauthenticated: 64\n", &[])
                 .expect("valid");
