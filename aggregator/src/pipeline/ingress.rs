@@ -14,8 +14,9 @@
 //! Back-pressure: while the pipeline is above its high-water mark, or the
 //! frame would take it past its capacity, or a shard queue is full, `admit`
 //! answers [`Admission::Busy`] and takes nothing; the transport withholds
-//! credit, keeps the frame parked to offer it again, and the agent keeps it
-//! too. Parked frames are memory the aggregator holds, so they are counted
+//! credit, keeps the frame parked to offer it again (within
+//! `limits.max_parked_size` for all sessions together; beyond it the session
+//! is closed), and the agent keeps it too. Parked frames are memory the aggregator holds, so they are counted
 //! in the buffer (see [`super::state::Buffer`]) from the `Busy` answer until
 //! they are offered again, or for at most [`PARKED_TTL`] if their session
 //! ended. Nothing is dropped silently: every outcome is counted in

@@ -8,6 +8,8 @@
 //!   ClickHouse frozen under load, an agent SIGKILLed;
 //! - [`replicas`]: two aggregator replicas on one ClickHouse behind a
 //!   Service-like relay, one SIGKILLed mid-stream;
+//! - [`overload`]: many agents with the store frozen, more frames in
+//!   flight than the aggregator may hold;
 //! - [`hostile`]: stalled unauthenticated connections, HTTP slowloris,
 //!   80k-frame stacks with maximal counts, frames one byte over the limit,
 //!   each with a memory bound derived from the configured limits.
@@ -21,5 +23,6 @@ mod common;
 mod hostile;
 mod kills;
 mod oracle;
+mod overload;
 mod process;
 mod replicas;
