@@ -102,6 +102,25 @@ impl ScenarioFile {
         Ok(file)
     }
 
+    /// Overrides one parameter from the command line (`key=value`, the value
+    /// in YAML: `agents=[5000]`); the description says so, for the report.
+    pub fn set(&mut self, assignment: &str) -> anyhow::Result<()> {
+        let Some((key, value)) = assignment.split_once('=') else {
+            bail!("--set {assignment:?}: expected key=value (value in YAML, e.g. agents=[5000])")
+        };
+        let value: yaml_serde::Value =
+            yaml_serde::from_str(value).with_context(|| format!("--set {key}: {value:?} is not YAML"))?;
+        if self.params.is_null() {
+            self.params = yaml_serde::Value::Mapping(Default::default());
+        }
+        let yaml_serde::Value::Mapping(params) = &mut self.params else {
+            bail!("scenario {}: its params are not a mapping", self.name)
+        };
+        params.insert(yaml_serde::Value::String(key.trim().to_owned()), value);
+        self.description.push_str(&format!(" (Set on the command line: {}.)", assignment.trim()));
+        Ok(())
+    }
+
     /// The parameters in effect, with the quick overrides merged when asked.
     pub fn params<T: serde::de::DeserializeOwned>(&self, quick: bool) -> anyhow::Result<T> {
         let mut p = match &self.params {

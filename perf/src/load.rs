@@ -24,7 +24,7 @@ use aperture_core::model::{Batch, CpuSample, Stack, StackFrame, Target};
 
 use aperture_transport::Carrier;
 use aperture_transport::auth::AuthConfig;
-use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
+use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig, SharedRuntime};
 use aperture_transport::server::{Admission, IngressSink, ReceivedFrame, ServerConfig, serve};
 use aperture_transport::tls::{ClientTlsConfig, ServerTlsConfig};
 
@@ -35,7 +35,7 @@ const TOKEN: &str = "bench-token";
 pub struct LoadConfig {
     /// Carrier every agent uses.
     pub carrier: Carrier,
-    /// Number of agents (one client and one producer thread each).
+    /// Number of agents (one client each).
     pub agents: usize,
     /// How long the agents push.
     pub duration: Duration,
@@ -45,6 +45,25 @@ pub struct LoadConfig {
     pub in_flight: u64,
     /// gRPC with TLS (same certificate as QUIC) instead of plaintext.
     pub grpc_tls: bool,
+    /// Run the agents on a shared runtime, as many agents as one thread
+    /// cannot each have (see [`SharedLoad`]); `None`: each agent is a
+    /// client on its own thread, runtime and UDP socket, as a real agent
+    /// is, with a producer thread of its own.
+    pub shared: Option<SharedLoad>,
+}
+
+/// How a load of many agents shares the load generator's resources. Each
+/// agent keeps its own connection and session; what is shared is the
+/// clients' tokio runtime, the QUIC sockets and the producer threads.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedLoad {
+    /// Worker threads of the clients' runtime (named `loadgen-rt`, so not
+    /// counted as the aggregator's `agg-*`).
+    pub runtime_threads: usize,
+    /// QUIC endpoints (UDP sockets) the agents share, assigned in turn.
+    pub quic_sockets: usize,
+    /// Threads producing frames, each for every P-th agent.
+    pub producer_threads: usize,
 }
 
 /// What one load run measured.
@@ -229,6 +248,21 @@ pub fn run_load_paced(
         .context("acker thread")?;
     let addr = server.grpc_addr().context("server has no gRPC address")?;
     let carrier = if cfg.carrier == Carrier::Quic { CarrierChoice::Quic } else { CarrierChoice::Grpc };
+    let client_rt = match cfg.shared {
+        None => None,
+        Some(s) => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(s.runtime_threads.max(1))
+                .thread_name("loadgen-rt")
+                .enable_all()
+                .build()
+                .context("the clients' runtime")?,
+        ),
+    };
+    let shared = client_rt
+        .as_ref()
+        .zip(cfg.shared)
+        .map(|(rt, s)| SharedRuntime::new(rt.handle().clone()).with_quic_endpoints(s.quic_sockets.max(1)));
     let clients = connect_agents(
         cfg.agents,
         addr,
@@ -238,51 +272,66 @@ pub fn run_load_paced(
         TOKEN,
         &server.fingerprint(),
         0xb0,
+        shared.as_ref(),
     )?;
     let latencies = Arc::new(Mutex::new(vec![Vec::<Duration>::new(); cfg.agents]));
     let cpu0 = thread_cpu_seconds("agg-");
     let lo0 = loopback_bytes();
     let (frames0, bytes0) = (sink.frames.load(Relaxed), sink.bytes.load(Relaxed));
     let started = Instant::now();
-    let producers: Vec<_> = clients
-        .iter()
-        .enumerate()
-        .map(|(i, client)| {
-            let (client, template) = (Arc::clone(client), template.clone());
+    // One producer thread per agent, or every P-th agent per thread.
+    let threads = cfg.shared.map_or(cfg.agents, |s| s.producer_threads.clamp(1, cfg.agents.max(1)));
+    let producers: Vec<_> = (0..threads)
+        .map(|t| {
+            let mine: Vec<(usize, Arc<Client>)> =
+                clients.iter().enumerate().skip(t).step_by(threads).map(|(i, c)| (i, Arc::clone(c))).collect();
+            let template = template.clone();
             let (stop, latencies) = (Arc::clone(&stop), Arc::clone(&latencies));
-            let (in_flight, max_frames) = (cfg.in_flight.max(1), cfg.max_frames_per_agent);
+            let (in_flight, max_frames, agents) = (cfg.in_flight.max(1), cfg.max_frames_per_agent, cfg.agents.max(1));
             std::thread::spawn(move || -> anyhow::Result<()> {
-                let mut sent: VecDeque<Instant> = VecDeque::new();
-                let mut acked_seen = client.stats().session.frames_acked;
-                let mut lat = Vec::new();
-                let mut seq = 0u64;
-                let agents = latencies.lock().unwrap_or_else(PoisonError::into_inner).len().max(1);
-                // Spread the agents' first frames over one interval.
-                let mut next_at = interval.map(|d| Instant::now() + d.mul_f64(i as f64 / agents as f64));
+                let mut state: Vec<Producing> = mine
+                    .iter()
+                    .map(|(i, client)| Producing {
+                        sent: VecDeque::new(),
+                        acked_seen: client.stats().session.frames_acked,
+                        lat: Vec::new(),
+                        seq: 0,
+                        // Spread the agents' first frames over one interval.
+                        next_at: interval.map(|d| Instant::now() + d.mul_f64(*i as f64 / agents as f64)),
+                    })
+                    .collect();
                 while !stop.load(Relaxed) {
-                    let acked = client.stats().session.frames_acked;
-                    let now = Instant::now();
-                    for _ in acked_seen..acked {
-                        if let Some(t) = sent.pop_front() {
-                            lat.push(now - t);
+                    let mut sent_any = false;
+                    for ((i, client), st) in mine.iter().zip(&mut state) {
+                        let acked = client.stats().session.frames_acked;
+                        let now = Instant::now();
+                        for _ in st.acked_seen..acked {
+                            if let Some(t) = st.sent.pop_front() {
+                                st.lat.push(now - t);
+                            }
+                        }
+                        st.acked_seen = acked;
+                        let due = st.next_at.is_none_or(|t| now >= t);
+                        if due && (st.sent.len() as u64) < in_flight && st.seq < max_frames {
+                            if let (Some(t), Some(d)) = (st.next_at.as_mut(), interval) {
+                                *t += d;
+                            }
+                            st.seq += 1;
+                            let id = FrameId { agent_id: agent_id(*i), boot_id: BootId([0xb0; 16]), sequence: st.seq };
+                            client.send(restamp(&template, id, st.seq)?).context("queueing a frame")?;
+                            st.sent.push_back(Instant::now());
+                            sent_any = true;
                         }
                     }
-                    acked_seen = acked;
-                    let due = next_at.is_none_or(|t| now >= t);
-                    if due && (sent.len() as u64) < in_flight && seq < max_frames {
-                        if let (Some(t), Some(d)) = (next_at.as_mut(), interval) {
-                            *t += d;
-                        }
-                        seq += 1;
-                        let id = FrameId { agent_id: agent_id(i), boot_id: BootId([0xb0; 16]), sequence: seq };
-                        client.send(restamp(&template, id, seq)?).context("queueing a frame")?;
-                        sent.push_back(Instant::now());
-                    } else {
+                    if !sent_any {
                         // Paced agents are idle most of the time: poll less.
                         std::thread::sleep(Duration::from_micros(if interval.is_some() { 1000 } else { 100 }));
                     }
                 }
-                latencies.lock().unwrap_or_else(PoisonError::into_inner)[i] = lat;
+                let mut all = latencies.lock().unwrap_or_else(PoisonError::into_inner);
+                for ((i, _), st) in mine.iter().zip(state) {
+                    all[*i] = st.lat;
+                }
                 Ok(())
             })
         })
@@ -312,13 +361,33 @@ pub fn run_load_paced(
         }
     }
     let dropped = clients.iter().map(|c| c.stats().session.frames_dropped).sum();
-    let closing: Vec<_> = clients
+    // Let the frames in flight be acknowledged, then close every client
+    // (in parallel: a QUIC close waits briefly for its stream).
+    let drain_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < drain_until && clients.iter().any(|c| c.stats().session.unacked_frames > 0) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut chunks: Vec<Vec<Client>> = (0..clients.len().min(64)).map(|_| Vec::new()).collect();
+    let lanes = chunks.len().max(1);
+    for (i, c) in clients.into_iter().filter_map(|c| Arc::try_unwrap(c).ok()).enumerate() {
+        chunks[i % lanes].push(c);
+    }
+    let closing: Vec<_> = chunks
         .into_iter()
-        .filter_map(|c| Arc::try_unwrap(c).ok())
-        .map(|c| std::thread::spawn(move || c.shutdown(Duration::from_secs(2))))
+        .map(|chunk| {
+            std::thread::spawn(move || {
+                for c in chunk {
+                    c.shutdown(Duration::ZERO);
+                }
+            })
+        })
         .collect();
     for c in closing {
         let _ = c.join();
+    }
+    drop(shared);
+    if let Some(rt) = client_rt {
+        rt.shutdown_timeout(Duration::from_secs(2));
     }
     ack_stop.store(true, Relaxed);
     let _ = ack_thread.join();
@@ -342,6 +411,16 @@ pub fn run_load_paced(
     Ok(LoadReport { ack_latencies, dropped, acked_per_agent, ack_p99_per_agent, ..report })
 }
 
+/// One agent's side of a producer thread.
+struct Producing {
+    /// Send times of the frames not yet seen acknowledged, oldest first.
+    sent: VecDeque<Instant>,
+    acked_seen: u64,
+    lat: Vec<Duration>,
+    seq: u64,
+    next_at: Option<Instant>,
+}
+
 pub(crate) fn agent_id(i: usize) -> AgentId {
     let mut id = AgentId([0xa5; 16]);
     id.0[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
@@ -350,7 +429,8 @@ pub(crate) fn agent_id(i: usize) -> AgentId {
 
 /// Starts `n` simulated agents (ids `agent_id(i)`, boot id `boot` repeated,
 /// nodes `bench-<i>`) pushing to `addr` over `carrier` (QUIC on `quic`'s
-/// port), and waits (at most 20 s) until every one has a session.
+/// port), each on its own thread or as tasks of `on`, and waits (at most
+/// 20 s, plus 30 ms per agent) until every one has a session.
 #[allow(clippy::too_many_arguments, reason = "the connection's parts, each needed")]
 pub(crate) fn connect_agents(
     n: usize,
@@ -361,6 +441,7 @@ pub(crate) fn connect_agents(
     token: &str,
     fingerprint: &str,
     boot: u8,
+    on: Option<&SharedRuntime>,
 ) -> anyhow::Result<Vec<Arc<Client>>> {
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
@@ -382,11 +463,20 @@ pub(crate) fn connect_agents(
             node: format!("bench-{i}"),
             agent_version: "bench".into(),
         };
-        clients.push(Arc::new(Client::start(cfg, identity).context("starting a simulated agent")?));
+        let client = match on {
+            None => Client::start(cfg, identity),
+            Some(rt) => Client::start_on(cfg, identity, rt),
+        };
+        clients.push(Arc::new(client.context("starting a simulated agent")?));
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let wait = Duration::from_secs(20) + Duration::from_millis(30 * n as u64);
+    let deadline = Instant::now() + wait;
     while clients.iter().any(|c| !c.stats().established) {
-        anyhow::ensure!(Instant::now() < deadline, "simulated agents did not connect within 20 s");
+        let connected = clients.iter().filter(|c| c.stats().established).count();
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {connected} of {n} simulated agents connected within {wait:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(clients)

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! aperture-perf list
-//! aperture-perf run codec [--quick] [--reps N] [--results DIR]
+//! aperture-perf run codec [--quick] [--reps N] [--set KEY=VALUE]... [--results DIR]
 //! ```
 //!
 //! Scenarios: `codec`, `probes`, `ingest`, `writer`, `storage`, `query`,
@@ -52,6 +52,10 @@ enum Command {
         /// Repetitions (default: the scenario's).
         #[arg(long)]
         reps: Option<usize>,
+        /// Override a parameter of the scenario file, `key=value` (YAML), e.g.
+        /// `--set agents=[5000]`; repeatable. Applied before `--quick`'s overrides.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
         /// Directory for the JSON and Markdown results.
         #[arg(long, default_value = "perf/results")]
         results: PathBuf,
@@ -103,8 +107,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { scenario, quick, reps, results } => {
-            let file = harness::ScenarioFile::load(&root, &scenario)?;
+        Command::Run { scenario, quick, reps, set, results } => {
+            let mut file = harness::ScenarioFile::load(&root, &scenario)?;
+            for assignment in &set {
+                file.set(assignment)?;
+            }
             let mut s = scenarios::build(&file, quick, &root)?;
             let reps = reps.unwrap_or(if quick { 1 } else { file.repetitions }).max(1);
             eprintln!("load average before: {}", sys::load_average());

@@ -97,7 +97,7 @@ pub fn frames(
     anyhow::ensure!(addr.ip().is_loopback(), "refusing to push to {addr}: loopback only");
     let carrier = if grpc { CarrierChoice::Grpc } else { CarrierChoice::Quic };
     let quic = (!grpc).then_some(addr);
-    let clients = connect_agents(limits.clients, addr, quic, carrier, grpc, token, fingerprint, 0xb1)?;
+    let clients = connect_agents(limits.clients, addr, quic, carrier, grpc, token, fingerprint, 0xb1, None)?;
     let mut push = || -> anyhow::Result<PushOutcome> {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());

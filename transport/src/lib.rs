@@ -16,7 +16,9 @@
 //! Entry types:
 //! - aggregator side: [`server::serve`] with a [`server::ServerConfig`] and an
 //!   [`server::IngressSink`], returning a [`server::ServerHandle`];
-//! - agent side: [`client::Client::start`] with a [`client::ClientConfig`];
+//! - agent side: [`client::Client::start`] with a [`client::ClientConfig`]
+//!   (a load generator starts many on one [`client::SharedRuntime`] with
+//!   [`client::Client::start_on`]);
 //! - the protocol itself: [`session::ServerSession`], [`session::ClientSession`]
 //!   and the [`control`] message encoding;
 //! - the wire formats: [`wire`] (the QUIC stream framing, and the gRPC

@@ -16,7 +16,7 @@ use aperture_transport::Carrier;
 use serde::Deserialize;
 
 use crate::harness::{Metric, Scenario};
-use crate::load::{LoadConfig, run_load, run_load_paced, synthetic_batch};
+use crate::load::{LoadConfig, SharedLoad, run_load, run_load_paced, synthetic_batch};
 use crate::stats::percentile;
 
 /// Parameters of the scenario.
@@ -47,6 +47,54 @@ pub struct Params {
     /// Interval between two frames of a paced agent, ms.
     #[serde(default = "default_paced_interval_ms")]
     pub paced_interval_ms: u64,
+    /// Carriers (`quic`, `grpc`); default both.
+    #[serde(default = "default_carriers")]
+    pub carriers: Vec<String>,
+    /// Frames unacknowledged over all agents at most: each agent keeps
+    /// `min(in_flight, in_flight_total / K)` (at least one), so K = 1,000
+    /// does not queue gigabytes in the load generator. With the defaults
+    /// (64 and 4,096) K <= 64 keeps 64 each, as before.
+    #[serde(default = "default_in_flight_total")]
+    pub in_flight_total: u64,
+    /// From this many agents on, the agents run as tasks on one shared
+    /// runtime with shared QUIC sockets and `producer_threads` producer
+    /// threads; below it each agent is a client on its own thread, runtime
+    /// and socket with a producer thread of its own, as before.
+    #[serde(default = "default_shared_from")]
+    pub shared_from: usize,
+    /// Worker threads of the shared runtime.
+    #[serde(default = "default_two")]
+    pub runtime_threads: usize,
+    /// QUIC sockets the agents of a shared runtime use, in turn.
+    #[serde(default = "default_quic_sockets")]
+    pub quic_sockets: usize,
+    /// Producer threads for agents on a shared runtime.
+    #[serde(default = "default_producer_threads")]
+    pub producer_threads: usize,
+}
+
+fn default_carriers() -> Vec<String> {
+    vec!["quic".into(), "grpc".into()]
+}
+
+fn default_in_flight_total() -> u64 {
+    4096
+}
+
+fn default_shared_from() -> usize {
+    256
+}
+
+fn default_two() -> usize {
+    2
+}
+
+fn default_quic_sockets() -> usize {
+    16
+}
+
+fn default_producer_threads() -> usize {
+    4
 }
 
 fn default_paced_interval_ms() -> u64 {
@@ -105,8 +153,8 @@ pub fn spread(counts: &[u64]) -> Option<(f64, f64, f64, f64)> {
 impl Scenario for Ingest {
     fn sides(&self) -> Vec<String> {
         let p = &self.params;
-        let full = p.agents.iter().flat_map(|k| [format!("quic-k{k}"), format!("grpc-k{k}")]);
-        let paced = p.paced_agents.iter().flat_map(|k| [format!("quic-k{k}-paced"), format!("grpc-k{k}-paced")]);
+        let full = p.agents.iter().flat_map(|k| p.carriers.iter().map(move |c| format!("{c}-k{k}")));
+        let paced = p.paced_agents.iter().flat_map(|k| p.carriers.iter().map(move |c| format!("{c}-k{k}-paced")));
         full.chain(paced).collect()
     }
 
@@ -123,8 +171,13 @@ impl Scenario for Ingest {
             agents,
             duration: Duration::from_secs(p.seconds),
             max_frames_per_agent: p.max_frames_per_agent,
-            in_flight: p.in_flight,
+            in_flight: p.in_flight.min(p.in_flight_total / agents.max(1) as u64).max(1),
             grpc_tls: p.grpc_tls,
+            shared: (agents >= p.shared_from).then_some(SharedLoad {
+                runtime_threads: p.runtime_threads,
+                quic_sockets: p.quic_sockets,
+                producer_threads: p.producer_threads,
+            }),
         };
         let interval = is_paced(side).then(|| Duration::from_millis(p.paced_interval_ms.max(1)));
         let r = match interval {
@@ -137,7 +190,10 @@ impl Scenario for Ingest {
         let mut lat: Vec<f64> = r.ack_latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
         let cpu = r.server_cpu_s.max(0.01); // one clock tick: never divide by zero
         let acked_pct = lat.len() as f64 / r.frames as f64 * 100.0;
-        let mut out = vec![Metric::new("acked_during_run_pct", "%", acked_pct)];
+        let mut out = vec![
+            Metric::new("acked_during_run_pct", "%", acked_pct),
+            Metric::new("in_flight_per_agent", "frames", cfg.in_flight as f64),
+        ];
         // Without any acknowledgement seen in the run there is no latency to report.
         if !lat.is_empty() {
             out.push(Metric::new("ack_p50_ms", "ms", percentile(&mut lat, 50.0)));
@@ -190,6 +246,12 @@ mod tests {
             grpc_tls: true,
             paced_agents: vec![64],
             paced_interval_ms: 1000,
+            carriers: default_carriers(),
+            in_flight_total: default_in_flight_total(),
+            shared_from: default_shared_from(),
+            runtime_threads: 2,
+            quic_sockets: 16,
+            producer_threads: 4,
         });
         assert_eq!(s.sides(), ["quic-k1", "grpc-k1", "quic-k64", "grpc-k64", "quic-k64-paced", "grpc-k64-paced"]);
         assert_eq!(parse_side("quic-k64-paced"), Some((Carrier::Quic, 64)));

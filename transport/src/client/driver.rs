@@ -16,6 +16,7 @@ use super::connect::{ConnectError, LinkEvent};
 use super::grpc::GrpcConnector;
 use super::link::Link;
 use super::quic::QuicConnector;
+use super::runtime::EndpointPool;
 use super::shared::Inner;
 use crate::Carrier;
 use crate::control::{Capabilities, CloseReason};
@@ -111,14 +112,37 @@ impl Connectors {
     }
 }
 
-/// QUIC client endpoint, rebound when the address family changes.
+/// The QUIC endpoint a client connects from: its own, bound on first use
+/// and rebound when the address family changes (an agent), or one of a
+/// pool many clients share (a load generator), which it never closes.
 #[derive(Default)]
-struct Endpoints {
+pub(crate) struct Endpoints {
     quic: Option<quinn::Endpoint>,
+    shared: Option<(Arc<EndpointPool>, usize)>,
 }
 
 impl Endpoints {
+    /// Slot `slot` of `pool`.
+    pub(crate) fn shared(pool: Arc<EndpointPool>, slot: usize) -> Endpoints {
+        Endpoints { quic: None, shared: Some((pool, slot)) }
+    }
+
     fn for_addr(&mut self, addr: SocketAddr) -> Result<quinn::Endpoint, ConnectError> {
+        let ep = self.existing_or_new(addr)?;
+        if self.shared.is_none() {
+            self.quic = Some(ep.clone());
+        }
+        Ok(ep)
+    }
+
+    /// An endpoint for `addr`'s family without changing this one's own:
+    /// the shared one, its own when it matches, or a fresh one.
+    fn existing_or_new(&self, addr: SocketAddr) -> Result<quinn::Endpoint, ConnectError> {
+        if let Some((pool, slot)) = &self.shared {
+            return pool
+                .endpoint(*slot, addr)
+                .map_err(|e| ConnectError::Unreachable(format!("binding a shared UDP socket: {e}")));
+        }
         if let Some(ep) = &self.quic
             && ep.local_addr().is_ok_and(|l| l.is_ipv6() == addr.is_ipv6())
         {
@@ -127,10 +151,8 @@ impl Endpoints {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
             .parse()
             .map_err(|e| ConnectError::Unreachable(format!("{e}")))?;
-        let ep = crate::wire::quic::client_endpoint(bind)
-            .map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))?;
-        self.quic = Some(ep.clone());
-        Ok(ep)
+        crate::wire::quic::client_endpoint(bind)
+            .map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))
     }
 }
 
@@ -193,9 +215,8 @@ enum LinkEnd {
 }
 
 /// Connects, sends and reconnects until the client stops: the client's
-/// thread runs this on its own runtime.
-pub(crate) async fn drive_connections(inner: Arc<Inner>, c: Connectors) {
-    let mut eps = Endpoints::default();
+/// thread runs this on its own runtime, or a shared runtime as a task.
+pub(crate) async fn drive_connections(inner: Arc<Inner>, c: Connectors, mut eps: Endpoints) {
     let mut stop = inner.stop_now.subscribe();
     let mut backoff = Backoff { min: c.backoff_min, max: c.backoff_max, failures: 0 };
     let mut on_grpc = c.choice == CarrierChoice::Grpc;
@@ -448,16 +469,7 @@ async fn flush(inner: &Inner, link: &mut Link) -> Result<(), String> {
 }
 
 fn probe_endpoint(p: &Probe<'_>, addr: SocketAddr) -> Result<quinn::Endpoint, ConnectError> {
-    // The probe borrows the endpoint cache immutably: reuse a matching
-    // endpoint, or bind a fresh one for this attempt.
-    if let Some(ep) = &p.eps.quic
-        && ep.local_addr().is_ok_and(|l| l.is_ipv6() == addr.is_ipv6())
-    {
-        return Ok(ep.clone());
-    }
-    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-        .parse()
-        .map_err(|e| ConnectError::Unreachable(format!("{e}")))?;
-    crate::wire::quic::client_endpoint(bind)
-        .map_err(|e| ConnectError::Unreachable(format!("binding a UDP socket on {bind}: {e}")))
+    // The probe borrows the endpoints immutably: reuse a matching one, or
+    // bind a fresh one for this attempt.
+    p.eps.existing_or_new(addr)
 }

@@ -10,6 +10,7 @@ use aperture_core::frame::{FrameBuf, FrameId};
 
 use super::config::{AgentIdentity, ClientConfig, StartError};
 use super::driver;
+use super::runtime::SharedRuntime;
 use super::shared::Inner;
 use crate::Carrier;
 use crate::session::{ClientSession, ClientSessionConfig, ClientSessionStats, PushError};
@@ -62,7 +63,17 @@ pub struct ShutdownReport {
 /// The agent's transport client.
 pub struct Client {
     inner: Arc<Inner>,
-    thread: Option<JoinHandle<()>>,
+    runner: Option<Runner>,
+}
+
+/// What runs the connection loop.
+enum Runner {
+    /// Its own thread and runtime (an agent).
+    Thread(JoinHandle<()>),
+    /// A task on a shared runtime; the sender's end is dropped when the
+    /// task ends or the runtime drops it. (In a mutex so that the client
+    /// stays `Sync`.)
+    Task(Mutex<std::sync::mpsc::Receiver<()>>),
 }
 
 impl std::fmt::Debug for Client {
@@ -74,40 +85,38 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// Starts the client on its own runtime thread; it connects in the background.
     pub fn start(config: ClientConfig, identity: AgentIdentity) -> Result<Client, StartError> {
-        let connectors = driver::Connectors::new(&config)?;
-        let token = config.token.clone().unwrap_or_default().into_bytes();
-        let session = ClientSession::new(ClientSessionConfig {
-            agent_id: identity.agent_id,
-            boot_id: identity.boot_id,
-            token,
-            node: identity.node,
-            agent_version: identity.agent_version,
-            buffer_bytes: config.buffer_bytes,
-            max_frame_len: config.max_frame_bytes,
-            welcome_timeout: Duration::from_millis(config.connect_timeout_ms),
-        });
-        let inner = Arc::new(Inner {
-            session: Mutex::new(session),
-            wake: tokio::sync::Notify::new(),
-            stopping: AtomicBool::new(false),
-            stop_now: tokio::sync::watch::Sender::new(false),
-            carrier: AtomicU8::new(0),
-            established: AtomicBool::new(false),
-            sessions: AtomicU64::new(0),
-            connect_failures_quic: AtomicU64::new(0),
-            connect_failures_grpc: AtomicU64::new(0),
-            fallbacks: AtomicU64::new(0),
-            rejections: AtomicU64::new(0),
-            last_connect_error: Mutex::new(None),
-        });
+        let (inner, connectors) = prepare(&config, identity)?;
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(StartError::Runtime)?;
         let driver_inner = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
             .name("aperture-transport".into())
-            .spawn(move || runtime.block_on(driver::drive_connections(driver_inner, connectors)))
+            .spawn(move || {
+                runtime.block_on(driver::drive_connections(driver_inner, connectors, driver::Endpoints::default()))
+            })
             .map_err(StartError::Runtime)?;
-        Ok(Client { inner, thread: Some(thread) })
+        Ok(Client { inner, runner: Some(Runner::Thread(thread)) })
+    }
+
+    /// Starts the client as a task on a runtime shared with other clients
+    /// (a load generator simulating many agents; an agent uses
+    /// [`Client::start`]). It behaves as a client on its own thread: its
+    /// own connection and session. [`Client::shutdown`] and dropping the
+    /// client wait for the task to end, so call them from outside that
+    /// runtime's threads.
+    pub fn start_on(config: ClientConfig, identity: AgentIdentity, on: &SharedRuntime) -> Result<Client, StartError> {
+        let (inner, connectors) = prepare(&config, identity)?;
+        let eps = match &on.endpoints {
+            Some(pool) => driver::Endpoints::shared(Arc::clone(pool), pool.assign()),
+            None => driver::Endpoints::default(),
+        };
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let driver_inner = Arc::clone(&inner);
+        on.handle.spawn(async move {
+            driver::drive_connections(driver_inner, connectors, eps).await;
+            drop(done);
+        });
+        Ok(Client { inner, runner: Some(Runner::Task(Mutex::new(finished))) })
     }
 
     /// Queues a frame for delivery without blocking. When the buffer is full
@@ -156,9 +165,12 @@ impl Client {
         }
         self.inner.stop_now.send_replace(true);
         self.inner.wake.notify_one();
-        if let Some(t) = self.thread.take() {
+        match self.runner.take() {
             // A panicked driver thread has nothing left to report.
-            let _ = t.join();
+            Some(Runner::Thread(t)) => drop(t.join()),
+            // Returns when the task has ended (or was dropped with its runtime).
+            Some(Runner::Task(finished)) => drop(finished.into_inner().unwrap_or_else(|p| p.into_inner()).recv()),
+            None => {}
         }
         let session = self.inner.session();
         ShutdownReport { acked: session.stats().frames_acked, unacked: session.unacked() }
@@ -167,8 +179,39 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if self.runner.is_some() {
             self.stop(Duration::ZERO);
         }
     }
+}
+
+/// The session and connectors of a new client.
+fn prepare(config: &ClientConfig, identity: AgentIdentity) -> Result<(Arc<Inner>, driver::Connectors), StartError> {
+    let connectors = driver::Connectors::new(config)?;
+    let token = config.token.clone().unwrap_or_default().into_bytes();
+    let session = ClientSession::new(ClientSessionConfig {
+        agent_id: identity.agent_id,
+        boot_id: identity.boot_id,
+        token,
+        node: identity.node,
+        agent_version: identity.agent_version,
+        buffer_bytes: config.buffer_bytes,
+        max_frame_len: config.max_frame_bytes,
+        welcome_timeout: Duration::from_millis(config.connect_timeout_ms),
+    });
+    let inner = Arc::new(Inner {
+        session: Mutex::new(session),
+        wake: tokio::sync::Notify::new(),
+        stopping: AtomicBool::new(false),
+        stop_now: tokio::sync::watch::Sender::new(false),
+        carrier: AtomicU8::new(0),
+        established: AtomicBool::new(false),
+        sessions: AtomicU64::new(0),
+        connect_failures_quic: AtomicU64::new(0),
+        connect_failures_grpc: AtomicU64::new(0),
+        fallbacks: AtomicU64::new(0),
+        rejections: AtomicU64::new(0),
+        last_connect_error: Mutex::new(None),
+    });
+    Ok((inner, connectors))
 }

@@ -4,6 +4,10 @@
 //!
 //! [`Client::send`] is non-blocking and callable from any thread: the agent's
 //! hot path is plain threads.
+//!
+//! A load generator simulating many agents starts them with
+//! [`Client::start_on`] on one [`SharedRuntime`] instead (optionally sharing
+//! QUIC endpoints too); each still has its own connection and session.
 
 mod config;
 mod connect;
@@ -12,7 +16,9 @@ mod grpc;
 mod handle;
 mod link;
 mod quic;
+mod runtime;
 mod shared;
 
 pub use config::{AgentIdentity, CarrierChoice, ClientConfig, StartError};
 pub use handle::{Client, ClientStats, SendError, ShutdownReport};
+pub use runtime::SharedRuntime;

@@ -42,7 +42,7 @@ use anyhow::{Context, bail};
 use aperture_core::frame::{DecodeLimits, FrameId, encode_batch};
 use aperture_core::ids::BootId;
 use aperture_core::model::Stack;
-use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig};
+use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientConfig, SharedRuntime};
 use aperture_transport::tls::ClientTlsConfig;
 use serde::Deserialize;
 
@@ -108,8 +108,32 @@ pub struct Params {
     #[serde(default = "default_store")]
     pub store: String,
     /// Stop connecting more agents when the machine has less memory available, MiB.
+    /// While sending, the same bound ends the measured window early.
     #[serde(default = "default_min_available")]
     pub min_available_mib: u64,
+    /// End the measured window early when the aggregator's RSS passes this, MiB
+    /// (an overloaded aggregator must not take the machine down).
+    #[serde(default = "default_max_aggregator_rss")]
+    pub max_aggregator_rss_mib: u64,
+    /// Worker threads of the runtime the simulated agents share.
+    #[serde(default = "default_runtime_threads")]
+    pub runtime_threads: usize,
+    /// QUIC sockets the simulated agents share, assigned in turn (each agent
+    /// still has its own connection and session).
+    #[serde(default = "default_quic_sockets")]
+    pub quic_sockets: usize,
+}
+
+fn default_max_aggregator_rss() -> u64 {
+    8192
+}
+
+fn default_runtime_threads() -> usize {
+    2
+}
+
+fn default_quic_sockets() -> usize {
+    16
 }
 
 fn default_carriers() -> Vec<String> {
@@ -195,6 +219,7 @@ fn connect(
     carrier: CarrierChoice,
     agg: &Aggregator,
     fd_limit: u64,
+    on: &SharedRuntime,
 ) -> anyhow::Result<Vec<Arc<Sim>>> {
     let mut sims: Vec<Arc<Sim>> = Vec::with_capacity(n);
     let step = (p.ramp_per_s / 10).max(1);
@@ -230,7 +255,7 @@ fn connect(
                     node: node_name(i),
                     agent_version: "fleet".into(),
                 };
-                let client = Client::start(cfg, identity).context("starting a simulated agent")?;
+                let client = Client::start_on(cfg, identity, on).context("starting a simulated agent")?;
                 sims.push(Arc::new(Sim { client, state: Mutex::new(SimState::default()) }));
             }
         }
@@ -279,6 +304,11 @@ struct Outcome {
     client_dropped: u64,
     unacked_after_drain: u64,
     producer_lag_ms: f64,
+    loadgen_rss0_kib: u64,
+    loadgen_rss_idle_kib: u64,
+    loadgen_rss_busy_kib: u64,
+    /// Why the window ended early, if it did.
+    cut_short: Option<String>,
 }
 
 impl FleetScenario {
@@ -289,9 +319,22 @@ impl FleetScenario {
             .as_ref()
             .map(|server| (server.endpoint(), format!("perf_fleet_{}_{}", std::process::id(), self.runs)));
         let agg = Aggregator::start(&self.bin, dir, p.max_connections, store)?;
-        let mut out = Outcome { rss0_kib: proc_usage(agg.proc.pid())?.rss_kib, ..Default::default() };
+        // The simulated agents run as tasks of one runtime (named apart
+        // from the aggregator, which is another process anyway).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(p.runtime_threads.max(1))
+            .thread_name("fleet-rt")
+            .enable_all()
+            .build()
+            .context("the simulated agents' runtime")?;
+        let shared = SharedRuntime::new(rt.handle().clone()).with_quic_endpoints(p.quic_sockets.max(1));
+        let mut out = Outcome {
+            rss0_kib: proc_usage(agg.proc.pid())?.rss_kib,
+            loadgen_rss0_kib: proc_usage(std::process::id())?.rss_kib,
+            ..Default::default()
+        };
         let refusals0 = agg.refusals();
-        let sims = connect(p, n, carrier, &agg, self.fd_limit)?;
+        let sims = connect(p, n, carrier, &agg, self.fd_limit, &shared)?;
         out.connected = sims.len();
         let result = self.measure(&agg, &sims, &mut out);
         let s = sims
@@ -306,6 +349,8 @@ impl FleetScenario {
         }
         out.refusals = agg.refusals().iter().zip(&refusals0).map(|(a, b)| a - b).collect();
         disconnect(sims);
+        drop(shared);
+        rt.shutdown_timeout(Duration::from_secs(2));
         let mut agg = agg;
         agg.proc.check_alive().context("the aggregator died during the run")?;
         agg.proc.stop();
@@ -321,6 +366,7 @@ impl FleetScenario {
         std::thread::sleep(Duration::from_secs(p.idle_s));
         let u1 = proc_usage(pid)?;
         (out.idle_cpu_s, out.idle_s, out.rss_idle_kib) = (u1.cpu_s - u0.cpu_s, t0.elapsed().as_secs_f64(), u1.rss_kib);
+        out.loadgen_rss_idle_kib = proc_usage(std::process::id())?.rss_kib;
 
         let stop = Arc::new(AtomicBool::new(false));
         let window = Arc::new(Window::default());
@@ -368,15 +414,21 @@ impl FleetScenario {
             std::thread::Builder::new().name("fleet-fresh".into()).spawn(move || poll_markers(addr, &stop, &markers))?
         };
 
-        std::thread::sleep(Duration::from_secs(p.warmup_s));
+        out.cut_short = guarded_sleep(Duration::from_secs(p.warmup_s), pid, p);
         let (u0, c0, t0) = (proc_usage(pid)?, self_cpu_s(), Instant::now());
         lag_us.store(0, Relaxed);
         window.open.store(true, Relaxed);
-        std::thread::sleep(Duration::from_secs(p.busy_s));
+        if out.cut_short.is_none() {
+            out.cut_short = guarded_sleep(Duration::from_secs(p.busy_s), pid, p);
+        }
         window.open.store(false, Relaxed);
         let (u1, c1) = (proc_usage(pid)?, self_cpu_s());
-        out.busy_s = t0.elapsed().as_secs_f64();
+        out.busy_s = t0.elapsed().as_secs_f64().max(0.01);
         (out.busy_cpu_s, out.loadgen_cpu_s, out.rss_busy_kib) = (u1.cpu_s - u0.cpu_s, c1 - c0, u1.rss_kib);
+        out.loadgen_rss_busy_kib = proc_usage(std::process::id())?.rss_kib;
+        if let Some(why) = &out.cut_short {
+            eprintln!("[fleet] window ended early after {:.1} s: {why}", out.busy_s);
+        }
         out.producer_lag_ms = lag_us.load(Relaxed) as f64 / 1e3;
         // Stop sending; let the acknowledgements of the window's frames arrive.
         stop.store(true, Relaxed);
@@ -401,6 +453,27 @@ impl FleetScenario {
         }
         Ok(())
     }
+}
+
+/// Sleeps `d`, or less when the machine runs low on memory or the
+/// aggregator grows past its bound; returns why it stopped early.
+fn guarded_sleep(d: Duration, pid: u32, p: &Params) -> Option<String> {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        let available = mem_available_mib();
+        if available < p.min_available_mib {
+            return Some(format!(
+                "the machine has {available} MiB available (min_available_mib {})",
+                p.min_available_mib
+            ));
+        }
+        let rss_mib = proc_usage(pid).map(|u| u.rss_kib / 1024).unwrap_or(0);
+        if rss_mib > p.max_aggregator_rss_mib {
+            return Some(format!("aggregator RSS {rss_mib} MiB (max_aggregator_rss_mib {})", p.max_aggregator_rss_mib));
+        }
+        std::thread::sleep(Duration::from_millis(200).min(until.saturating_duration_since(Instant::now())));
+    }
+    None
 }
 
 /// One sweep: frames acknowledged since the last, oldest first.
@@ -591,6 +664,20 @@ impl Scenario for FleetScenario {
             Metric::new("unacked_after_drain", "frames", o.unacked_after_drain as f64),
             Metric::new("loadgen_cores", "cores", o.loadgen_cpu_s / o.busy_s),
             Metric::new("producer_lag_max_ms", "ms", o.producer_lag_ms),
+            Metric::new("window_s", "s", o.busy_s),
+            Metric::new("window_cut_short", "sides", f64::from(u8::from(o.cut_short.is_some()))),
+            Metric::new("loadgen_rss_idle_mib", "MiB", o.loadgen_rss_idle_kib as f64 / 1024.0),
+            Metric::new("loadgen_rss_busy_mib", "MiB", o.loadgen_rss_busy_kib as f64 / 1024.0),
+            Metric::new(
+                "loadgen_rss_per_agent_idle_kib",
+                "KiB",
+                o.loadgen_rss_idle_kib.saturating_sub(o.loadgen_rss0_kib) as f64 / agents,
+            ),
+            Metric::new(
+                "loadgen_rss_per_agent_busy_kib",
+                "KiB",
+                o.loadgen_rss_busy_kib.saturating_sub(o.loadgen_rss0_kib) as f64 / agents,
+            ),
         ];
         if !o.latencies_ms.is_empty() {
             m.push(Metric::new("ack_p50_ms", "ms", percentile(&mut o.latencies_ms, 50.0)));
@@ -653,6 +740,9 @@ mod tests {
             client_buffer_mib: 1,
             store: default_store(),
             min_available_mib: 1,
+            max_aggregator_rss_mib: default_max_aggregator_rss(),
+            runtime_threads: 2,
+            quic_sockets: 4,
         }
     }
 
