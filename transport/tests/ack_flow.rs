@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,19 +46,9 @@ async fn quic_clients_take_acks_while_their_queue_is_being_written() {
         Ok(s) => s,
         Err(e) => panic!("server starts: {e}"),
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let acker = server.acker();
     let acking = {
-        let (sink, stop) = (Arc::clone(&sink), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            while !stop.load(Relaxed) {
-                let ids = std::mem::take(&mut *sink.pending.lock().unwrap());
-                if !ids.is_empty() {
-                    acker.ack(&ids);
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
+        let sink = Arc::clone(&sink);
+        AckLoop::start(server.acker(), move || std::mem::take(&mut *sink.pending.lock().unwrap()))
     };
     let clients: Vec<_> =
         (1..=CLIENTS).map(|boot| start_client(client_config(&server, Carrier::Quic, Some(TOKEN)), boot)).collect();
@@ -99,8 +88,7 @@ async fn quic_clients_take_acks_while_their_queue_is_being_written() {
         vec![true; clients.len()],
         "every client takes acks while its later frames are still being written"
     );
-    stop.store(true, Relaxed);
-    acking.join().unwrap();
+    acking.stop();
     for c in clients {
         tokio::task::block_in_place(|| c.shutdown(Duration::from_secs(2)));
     }

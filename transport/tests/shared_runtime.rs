@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,19 +88,9 @@ fn many_clients_share_one_runtime(carrier: Carrier) {
     let dir = tempfile::tempdir().unwrap();
     let sink = Arc::new(AckingSink::default());
     let server = server_rt.block_on(serve(common::server_config(dir.path()), sink.clone())).expect("server starts");
-    let acker = server.acker();
-    let stop = Arc::new(AtomicBool::new(false));
     let ack_thread = {
-        let (sink, stop) = (Arc::clone(&sink), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            while !stop.load(Relaxed) {
-                let ids = std::mem::take(&mut *sink.pending.lock().unwrap());
-                if !ids.is_empty() {
-                    acker.ack(&ids);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        })
+        let sink = Arc::clone(&sink);
+        common::AckLoop::start(server.acker(), move || std::mem::take(&mut *sink.pending.lock().unwrap()))
     };
 
     let shared = SharedRuntime::new(client_rt.handle().clone()).with_quic_endpoints(2);
@@ -163,8 +152,7 @@ fn many_clients_share_one_runtime(carrier: Carrier) {
     let expected = (CLIENTS / 2) as u64 * FRAMES + (CLIENTS - CLIENTS / 2) as u64 * 2 * FRAMES;
     assert_eq!(admitted.len() as u64, expected, "no frame the clients did not send");
 
-    stop.store(true, Relaxed);
-    ack_thread.join().unwrap();
+    ack_thread.stop();
     server_rt.block_on(server.shutdown(Duration::from_secs(2)));
 }
 

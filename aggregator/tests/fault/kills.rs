@@ -13,7 +13,10 @@ use aperture_transport::client::{AgentIdentity, Client};
 use crate::common::http::get;
 use crate::common::{batch, now_s};
 use crate::oracle::{Conservation, cpu_total, report};
-use crate::process::{Agent, AgentCounts, AgentProcess, Relay, aggregator, aperture_bin, client_config, rss_bytes};
+use crate::process::{
+    Agent, AgentCounts, AgentProcess, Relay, aggregator, aperture_bin, clickhouse_or_skip, client_config, config_args,
+    rss_bytes,
+};
 
 /// SIGKILLs the aggregator `kills` times at fixed, uneven moments and
 /// restarts it while an agent pushes; waits until the agent has every frame
@@ -47,17 +50,10 @@ async fn sigkill_scenario(bin: PathBuf, args: Vec<String>, kills: u32) -> Conser
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_clickhouse_outage() {
     let Some(bin) = aperture_bin("fault_clickhouse_outage") else { return };
-    let Some(server) =
-        tokio::task::spawn_blocking(|| aperture_testkit::clickhouse::start_or_skip("fault_clickhouse_outage"))
-            .await
-            .expect("start server")
-    else {
-        return;
-    };
+    let Some(server) = clickhouse_or_skip("fault_clickhouse_outage").await else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("aggregator.yaml");
-    std::fs::write(&config, "buffer:\n  capacity: 1MiB\n  high_water_percent: 50\n").expect("config");
-    let args = vec!["--config".into(), config.display().to_string(), "--clickhouse-endpoint".into(), server.endpoint()];
+    let mut args = config_args(dir.path(), "buffer:\n  capacity: 1MiB\n  high_water_percent: 50\n");
+    args.extend(["--clickhouse-endpoint".into(), server.endpoint()]);
     let mut agg = aggregator(bin, args, dir.path());
     agg.start();
     agg.wait_healthy().await;

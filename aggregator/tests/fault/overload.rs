@@ -15,7 +15,7 @@ use aperture_transport::client::{AgentIdentity, CarrierChoice, Client, ClientCon
 
 use crate::common::{batch, now_s};
 use crate::oracle::{Conservation, cpu_total, report, scrape};
-use crate::process::{aggregator, aperture_bin, client_config, rss_bytes};
+use crate::process::{aggregator, aperture_bin, clickhouse_or_skip, client_config, config_args, rss_bytes};
 
 const MIB: u64 = 1024 * 1024;
 const AGENTS: u8 = 48;
@@ -57,22 +57,15 @@ fn agent_config(ingest: u16, carrier: CarrierChoice) -> ClientConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_many_agents_store_frozen() {
     let Some(bin) = aperture_bin("fault_many_agents_store_frozen") else { return };
-    let Some(server) =
-        tokio::task::spawn_blocking(|| aperture_testkit::clickhouse::start_or_skip("fault_many_agents_store_frozen"))
-            .await
-            .expect("start server")
-    else {
-        return;
-    };
+    let Some(server) = clickhouse_or_skip("fault_many_agents_store_frozen").await else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("aggregator.yaml");
     let yaml = format!(
         "buffer:\n  capacity: {}MiB\n  high_water_percent: 50\nlimits:\n  max_frame_size: 1MiB\n  max_parked_size: {}MiB\n",
         CAPACITY / MIB,
         PARKED / MIB
     );
-    std::fs::write(&config, yaml).expect("config");
-    let args = vec!["--config".into(), config.display().to_string(), "--clickhouse-endpoint".into(), server.endpoint()];
+    let mut args = config_args(dir.path(), &yaml);
+    args.extend(["--clickhouse-endpoint".into(), server.endpoint()]);
     let mut agg = aggregator(bin, args, dir.path());
     agg.start();
     agg.wait_healthy().await;

@@ -184,6 +184,37 @@ pub fn frame_with(boot: u8, seq: u64, samples: u64) -> FrameBuf {
     encode_batch(&batch, id, seq, &DecodeLimits::default()).expect("encode")
 }
 
+/// Acknowledges, from a thread of its own, the frame ids `take` hands it,
+/// every millisecond or two, until stopped.
+pub struct AckLoop {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AckLoop {
+    pub fn start(acker: Acker, take: impl Fn() -> Vec<FrameId> + Send + 'static) -> AckLoop {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let ids = take();
+                if !ids.is_empty() {
+                    acker.ack(&ids);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        AckLoop { stop, thread: Some(thread) }
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
 /// Waits for `cond`, failing with `what` after a generous deadline (a hang
 /// guard, not a timing assertion).
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
