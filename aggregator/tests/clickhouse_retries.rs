@@ -342,3 +342,31 @@ async fn a_ledger_row_whose_samples_never_landed_readmits_its_frames() {
     b.shutdown().await.expect("shutdown");
     drop(server);
 }
+
+/// A writer dies with its samples insert sent, and ClickHouse commits the
+/// insert a moment after another replica started reading the ledger: the
+/// reader must not take the batch as lost, or that replica would store its
+/// frames a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_landing_just_after_the_ledger_is_read_still_count_as_committed() {
+    const TEST: &str = "samples_landing_just_after_the_ledger_is_read_still_count_as_committed";
+    let Some((server, proxy, settings, store)) = proxied_store(TEST, "late_samples").await else { return };
+    let t = common::now_s() / 86_400 * 86_400 - 2 * 86_400;
+    store.write(&run_batch(0x31, 4, t, 1, 3)).await.expect("first batch");
+    proxy.arm(Fault::LoseRequest, SAMPLES_INSERT);
+    let second = run_batch(0x33, 5, t + 1000, 4, 6);
+    assert!(store.write(&second).await.is_err(), "the samples insert is held back");
+    let direct = ClickHouseSettings { endpoint: server.endpoint(), ..settings.clone() };
+    let replica = ClickHouseStore::open(&direct).await.expect("open replica");
+    let late = ClickHouseStore::open(&direct).await.expect("open late writer");
+    // The held-back insert lands while the replica reads.
+    let landing = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        late.write(&second).await
+    });
+    assert_eq!(committed_watermark(&replica).await, (6, 6), "frames 4 to 6 landed: committed");
+    landing.await.expect("task").expect("the samples land");
+    let stored = server.query("SELECT sum(count) FROM late_samples.samples").expect("query");
+    assert_eq!(stored.trim(), (4 * 3 + 5 * 3).to_string(), "both batches, once");
+    drop(server);
+}

@@ -14,6 +14,13 @@
 //! committed state alone. An older aggregator reads `watermark` only, the
 //! state without the batch: during a rolling upgrade it may take a batch's
 //! frames again (a duplicate), never skip frames that are not stored.
+//!
+//! A writer that dies with its samples insert sent leaves that insert to
+//! ClickHouse, which may commit it a moment after another reader looked.
+//! So a batch whose samples are not all there is taken as not committed
+//! only once its ledger row is [`IN_FLIGHT_S`] old; a younger one is looked
+//! at again when that much time has passed (the reader waits; the frames of
+//! the run stay parked meanwhile).
 
 use std::collections::BTreeMap;
 
@@ -23,6 +30,7 @@ use clickhouse::{Client, Row};
 use serde::Deserialize;
 
 use super::queries::query_err;
+use crate::clock::unix_now_s;
 use crate::store::{QueryError, UndecodableCounts};
 
 const STORE: &str = "clickhouse";
@@ -30,8 +38,12 @@ const STORE: &str = "clickhouse";
 /// Batches checked per samples query.
 const CHECK_CHUNK: usize = 100;
 
+/// Seconds after its ledger row within which a batch's samples insert may
+/// still land, although its writer is gone.
+const IN_FLIGHT_S: u32 = 5;
+
 /// The latest ledger row of a run.
-#[derive(Row, Deserialize)]
+#[derive(Clone, Row, Deserialize)]
 struct LatestRow {
     agent_id: String,
     boot_id: String,
@@ -43,6 +55,8 @@ struct LatestRow {
     first_window: u32,
     last_window: u32,
     windows: u32,
+    /// When the row was written (Unix seconds, the writer's clock).
+    updated: u32,
 }
 
 /// The latest committed state of those of `keys` that have one stored.
@@ -77,11 +91,27 @@ async fn load(
     let sql = format!(
         "SELECT agent_id, boot_id, argMax(watermark, version), argMax(above, version), argMax(batch_id, version),
                 argMax(batch_watermark, version), argMax(batch_above, version), argMax(first_window, version),
-                argMax(last_window, version), argMax(windows, version)
+                argMax(last_window, version), argMax(windows, version), toUInt32(argMax(updated, version))
          FROM frame_ledger WHERE {filter} GROUP BY agent_id, boot_id"
     );
     let rows = client.query(&sql).fetch_all::<LatestRow>().await.map_err(query_err)?;
-    let committed = committed_batches(client, &rows).await?;
+    let mut committed = committed_batches(client, &rows).await?;
+    let now = u32::try_from(unix_now_s()).unwrap_or(u32::MAX);
+    let unsettled: Vec<LatestRow> = rows
+        .iter()
+        .filter(|r| committed.get(&r.batch_id) == Some(&false) && r.updated.saturating_add(IN_FLIGHT_S) > now)
+        .cloned()
+        .collect();
+    if let Some(newest) = unsettled.iter().map(|r| r.updated).max() {
+        let wait = newest.saturating_add(IN_FLIGHT_S).saturating_sub(now).min(IN_FLIGHT_S);
+        tracing::debug!(
+            batches = unsettled.len(),
+            wait_s = wait,
+            "recent batches without all their samples; looking again"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(u64::from(wait))).await;
+        committed.extend(committed_batches(client, &unsettled).await?);
+    }
     Ok(rows
         .into_iter()
         .filter_map(|r| {
