@@ -44,6 +44,7 @@
 mod debug;
 mod maps;
 
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -98,6 +99,9 @@ pub struct SymbolizeStats {
     pub evictions: u64,
     /// Files closed in blazesym because more than `open_files` were open.
     pub files_closed: u64,
+    /// Frames answered from the range of a function already resolved in
+    /// the same file (a new address inside it), without blazesym.
+    pub range_hits: u64,
 }
 
 /// A resolved frame as cached (without the address, which differs between
@@ -133,6 +137,15 @@ impl CachedFrame {
     }
 }
 
+/// What a lookup in an ELF file found.
+struct ElfSymbol {
+    symbol: String,
+    file: String,
+    line: u32,
+    /// Offset of the address looked up into the symbol, and the symbol's size.
+    range: Option<(u64, u64)>,
+}
+
 /// Identity of a code location independent of the process: file + offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct FileOffsetKey {
@@ -157,6 +170,16 @@ pub struct Symbolizer {
     vdso_images: Bounded<(u32, u64), bool>,
     /// Files open in blazesym, least recently used first, with their identity.
     open_files: Vec<(PathBuf, (u64, u64))>,
+    /// The file-offset range of each function resolved, per file: without
+    /// DWARF every address inside a function is the same frame, so a new
+    /// address inside a known function (another call site, another sample
+    /// of a compiler's deep and ever-different stacks) skips blazesym's
+    /// search of the file's symbols and its demangling. (A symbol that
+    /// encloses others, which hand-written assembly can have, would name
+    /// the inner ones' addresses too once it is known.) At most
+    /// `user_frames` ranges; all are dropped at that bound.
+    ranges: HashMap<(u64, u64), BTreeMap<u64, (u64, CachedFrame)>>,
+    ranges_len: usize,
     /// A file was opened (and its symbol table indexed, touching all of it)
     /// since the last [`Symbolizer::release_file_pages`].
     opened_since_release: bool,
@@ -207,6 +230,8 @@ impl Symbolizer {
             debug_files: Bounded::new(limits.processes.max(64) * 4),
             vdso_images: Bounded::new(limits.processes.max(64)),
             open_files: Vec::new(),
+            ranges: HashMap::new(),
+            ranges_len: 0,
             opened_since_release: false,
             stats: SymbolizeStats::default(),
         }
@@ -314,11 +339,38 @@ impl Symbolizer {
                 out.push(f.frame(addr, file_offset, false));
                 continue;
             }
+            if m.inode != 0
+                && let Some(f) = self.range_frame((m.dev, m.inode), lookup)
+            {
+                self.stats.range_hits += 1;
+                out.push(f.frame(addr, file_offset, false));
+                self.user.insert(key, f);
+                continue;
+            }
             let frame = self.resolve_user(pid, addr, m, file_offset, lookup);
             if m.inode != 0 {
                 self.user.insert(key, CachedFrame::of(&frame));
             }
             out.push(frame);
+        }
+    }
+
+    /// The frame of the known function of file `id` whose range holds
+    /// file offset `lookup`.
+    fn range_frame(&self, id: (u64, u64), lookup: u64) -> Option<CachedFrame> {
+        let (_, (end, frame)) = self.ranges.get(&id)?.range(..=lookup).next_back()?;
+        (lookup < *end).then(|| frame.clone())
+    }
+
+    /// Remembers that file offsets `range` of file `id` are `frame`.
+    fn note_range(&mut self, id: (u64, u64), range: (u64, u64), frame: &StackFrame) {
+        if self.ranges_len >= self.limits.user_frames.max(1) {
+            self.ranges.clear();
+            self.ranges_len = 0;
+            self.stats.evictions += 1;
+        }
+        if self.ranges.entry(id).or_default().insert(range.0, (range.1, CachedFrame::of(frame))).is_none() {
+            self.ranges_len += 1;
         }
     }
 
@@ -347,6 +399,15 @@ impl Symbolizer {
             return frame;
         };
         let mut found = self.lookup_elf_at(&path, id, Input::FileOffset(lookup), self.limits.debug_info);
+        // The function's range in file offsets (blazesym gives the lookup's
+        // offset into the symbol and its size); with DWARF, file and line
+        // differ inside a function, so no range is kept.
+        let range = match &found {
+            Some(Ok(f)) if !self.limits.debug_info => {
+                f.range.map(|(into, size)| (lookup.saturating_sub(into), lookup.saturating_sub(into) + size))
+            }
+            _ => None,
+        };
         if found.is_none()
             && !self.limits.debug_info
             && let Some((debug, vaddr)) = self.debug_offset(id, &path, &m.build_id, lookup)
@@ -358,9 +419,16 @@ impl Symbolizer {
             found = self.lookup_elf_at(&debug, (id.0, !id.1), Input::VirtOffset(vaddr), false);
         }
         match found {
-            Some(Ok((symbol, file, line))) => {
+            Some(Ok(f)) => {
                 self.stats.resolved += 1;
-                (frame.symbol, frame.file, frame.line) = (symbol, file, line);
+                (frame.symbol, frame.file, frame.line) = (f.symbol, f.file, f.line);
+                if let Some(range) = range
+                    && range.0 < range.1
+                    && range.0 <= lookup
+                    && lookup < range.1
+                {
+                    self.note_range(id, range, &frame);
+                }
             }
             Some(Err(())) => {
                 // The path no longer opens (the process that lent its
@@ -376,14 +444,13 @@ impl Symbolizer {
     /// Looks `input` up in the ELF file at `path`: `Some(Ok)` with the
     /// symbol, file and line; `None` when the file has no symbol there;
     /// `Some(Err)` when the file cannot be read.
-    #[allow(clippy::type_complexity, reason = "private helper")]
     fn lookup_elf_at(
         &mut self,
         path: &Path,
         id: (u64, u64),
         input: Input<u64>,
         debug_syms: bool,
-    ) -> Option<Result<(String, String, u32), ()>> {
+    ) -> Option<Result<ElfSymbol, ()>> {
         self.note_open(path, id);
         let mut elf = Elf::new(path);
         elf.debug_syms = debug_syms;
@@ -393,7 +460,8 @@ impl Symbolizer {
                     Some(ci) => (ci.to_path().to_string_lossy().into_owned(), ci.line.unwrap_or(0)),
                     None => (String::new(), 0),
                 };
-                Some(Ok((sym.name.into_owned(), file, line)))
+                let range = sym.size.filter(|&n| n > 0).map(|n| (sym.offset as u64, n as u64));
+                Some(Ok(ElfSymbol { symbol: sym.name.into_owned(), file, line, range }))
             }
             Ok(_) => None,
             Err(_) => Some(Err(())),
@@ -557,6 +625,37 @@ mod tests {
     #[inline(never)]
     fn symbolize_me_too() -> u64 {
         std::hint::black_box(8)
+    }
+
+    #[inline(never)]
+    fn symbolize_a_range(n: u64) -> u64 {
+        let mut x = 0u64;
+        for i in 0..n {
+            x = x.wrapping_mul(31).wrapping_add(std::hint::black_box(i));
+        }
+        x
+    }
+
+    #[test]
+    fn addresses_inside_a_resolved_function_are_named_from_its_range() {
+        let mut s = Symbolizer::new();
+        let pid = std::process::id();
+        let start = symbolize_a_range as fn(u64) -> u64 as usize as u64;
+        let first = s.stack(pid, &[], &[start]);
+        assert!(first.frames[0].symbol.contains("symbolize_a_range"), "{:?}", first.frames[0]);
+        let resolved = s.stats().resolved;
+        // A return address inside it (a caller's frame: looked up at -1).
+        let inside = s.stack(pid, &[], &[start, start + 9]);
+        assert!(inside.frames[1].symbol.contains("symbolize_a_range"), "{:?}", inside.frames[1]);
+        assert_eq!(inside.frames[1].module, first.frames[0].module);
+        assert_eq!(inside.frames[1].module_offset, first.frames[0].module_offset + 9);
+        assert_eq!(s.stats().resolved, resolved, "blazesym was asked again for an address of a known function");
+        assert_eq!(s.stats().range_hits, 1);
+        // Another function is not in that range.
+        let other = symbolize_me as fn() -> u64 as usize as u64;
+        let elsewhere = s.stack(pid, &[], &[other]);
+        assert!(elsewhere.frames[0].symbol.contains("symbolize_me"), "{:?}", elsewhere.frames[0]);
+        assert_eq!(s.stats().resolved, resolved + 1);
     }
 
     #[test]
