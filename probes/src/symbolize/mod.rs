@@ -15,6 +15,11 @@
 //!   the paths found for files are bounded ([`SymbolizerLimits`]) and evict
 //!   what was used least recently (two generations: an entry survives a
 //!   rotation only if it was used since the previous one).
+//! - Each resolved function's range of file offsets is kept per file, so a
+//!   new address inside a known function (another call site, another
+//!   sample of a compiler's ever-different stacks) is named without
+//!   blazesym's search of the symbols and its demangling (not with
+//!   `debug_info`, where file and line differ inside a function).
 //! - blazesym keeps every file it opened mapped and indexed; at most
 //!   [`SymbolizerLimits::open_files`] stay open, the least recently used is
 //!   evicted from blazesym's cache (its mapping is released).
