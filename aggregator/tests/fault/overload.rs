@@ -1,9 +1,10 @@
-//! Many agents against an aggregator whose store is frozen: each agent has
-//! more frames in flight than the aggregator may hold, all at once. What the
-//! pipeline refuses as busy is held within `limits.max_parked_size`, agents
-//! beyond it are disconnected and keep their frames, so the aggregator's RSS
-//! stays under a bound that does not grow with the agents' credit; once the
-//! store is back every frame is stored exactly once.
+//! Many agents against an aggregator whose store is frozen, each sending
+//! frames as agents do while their store is down, more in all than the
+//! aggregator may hold. What the pipeline refuses as busy is held within
+//! `limits.max_parked_size`, agents beyond it are disconnected and keep their
+//! frames, so the aggregator's RSS stays under a bound that does not grow
+//! with what the agents send; once the store is back every frame is stored
+//! exactly once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,9 +20,11 @@ use crate::process::{aggregator, aperture_bin, clickhouse_or_skip, client_config
 
 const MIB: u64 = 1024 * 1024;
 const AGENTS: u8 = 48;
-/// Frames each agent sends during the outage: within the session's credit
-/// (64 frames), so without a shared bound the aggregator would hold them all.
+/// Frames each agent sends during the outage, one every [`SEND_EVERY`]:
+/// within the session's credit (64 frames), so without a shared bound the
+/// aggregator would hold them all.
 const FRAMES: u64 = 48;
+const SEND_EVERY: Duration = Duration::from_millis(250);
 /// CPU samples per frame on top of [`batch`]'s: frames of about 100 KB.
 const EXTRA_SAMPLES: u64 = 4_000;
 const PARKED: u64 = 4 * MIB;
@@ -93,25 +96,30 @@ async fn fault_many_agents_store_frozen() {
     let before = rss_bytes(pid);
 
     server.pause();
-    let frame_len = {
-        let frames: Vec<_> = (0..AGENTS)
-            .map(|i| {
-                let c = Arc::clone(&clients[usize::from(i)]);
-                std::thread::spawn(move || {
-                    let mut len = 0;
-                    for seq in 1..=FRAMES {
-                        let id =
-                            FrameId { agent_id: AgentId([0x40 + i; 16]), boot_id: BootId([0x17; 16]), sequence: seq };
-                        let f = encode_batch(&big_batch(t0 + seq), id, 0, &DecodeLimits::default()).expect("encode");
-                        len = f.len() as u64;
-                        c.send(f).expect("send");
-                    }
-                    len
-                })
+    // Every agent sends a frame every 250 ms for 12 s, as agents do while
+    // their store is down: without a shared bound the aggregator would keep
+    // them all.
+    let frame_len = encode_batch(
+        &big_batch(t0),
+        FrameId { agent_id: AgentId([0x40; 16]), boot_id: BootId([0x17; 16]), sequence: 1 },
+        0,
+        &DecodeLimits::default(),
+    )
+    .expect("encode")
+    .len() as u64;
+    let senders: Vec<_> = (0..AGENTS)
+        .map(|i| {
+            let c = Arc::clone(&clients[usize::from(i)]);
+            std::thread::spawn(move || {
+                for seq in 1..=FRAMES {
+                    let id = FrameId { agent_id: AgentId([0x40 + i; 16]), boot_id: BootId([0x17; 16]), sequence: seq };
+                    let f = encode_batch(&big_batch(t0 + seq), id, 0, &DecodeLimits::default()).expect("encode");
+                    c.send(f).expect("send");
+                    std::thread::sleep(SEND_EVERY);
+                }
             })
-            .collect();
-        frames.into_iter().map(|t| t.join().expect("sender")).max().unwrap_or(0)
-    };
+        })
+        .collect();
     let unbounded = u64::from(AGENTS) * FRAMES * frame_len;
     let bound = CAPACITY + PARKED + u64::from(AGENTS) * PER_AGENT + SLACK;
     assert!(unbounded > 2 * bound, "the scenario exceeds the bound without max_parked_size");
@@ -122,6 +130,9 @@ async fn fault_many_agents_store_frozen() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         peak = peak.max(rss_bytes(pid));
         parked_peak = parked_peak.max(scrape(&agg, "aperture_transport_parked_bytes", &[]).await);
+    }
+    for t in senders {
+        t.join().expect("sender");
     }
     let overloaded = scrape(&agg, "aperture_transport_sessions_closed_total", &["reason=\"overloaded\""]).await;
     server.unpause();
