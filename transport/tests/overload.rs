@@ -86,15 +86,12 @@ async fn overload(carrier: Carrier) {
 
     // The sink takes frames again: everything is delivered, once.
     sink.open.store(true, Relaxed);
-    let acker = server.acker();
-    let all_acked = || clients.iter().all(|c| c.stats().session.frames_acked >= FRAMES);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !all_acked() {
-        assert!(tokio::time::Instant::now() < deadline, "frames still unacknowledged");
-        let ids = std::mem::take(&mut *sink.to_ack.lock().unwrap());
-        acker.ack(&ids);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let acking = {
+        let sink = Arc::clone(&sink);
+        AckLoop::start(server.acker(), move || std::mem::take(&mut *sink.to_ack.lock().unwrap()))
+    };
+    eventually("every frame acknowledged", || clients.iter().all(|c| c.stats().session.frames_acked >= FRAMES)).await;
+    acking.stop();
     let mut per_client: HashMap<_, u64> = HashMap::new();
     for id in sink.queued.lock().unwrap().keys() {
         *per_client.entry(id.boot_id).or_default() += 1;
