@@ -120,6 +120,11 @@ pub struct UpArgs {
     /// Agent metrics port on 127.0.0.1 (0 disables).
     #[arg(long, default_value_t = 9091)]
     pub agent_metrics_port: u16,
+    /// Turn the local agent's overhead budget off: sampling frequency and
+    /// lock and syscall thresholds stay as configured however much the
+    /// agent costs (for a short investigation, or a slow machine).
+    #[arg(long)]
+    pub no_budget: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -49,11 +49,14 @@ pub fn aggregator(config: AggregatorConfig) -> ExitCode {
 pub fn up_agent_config(args: &UpArgs) -> Result<AgentConfig, LoadError> {
     let metrics =
         if args.agent_metrics_port == 0 { String::new() } else { format!("127.0.0.1:{}", args.agent_metrics_port) };
-    let flags = [
+    let mut flags = vec![
         FlagValue::new("--data-dir", "data_dir", args.data_dir.join("agent").display().to_string()),
         FlagValue::new("--aggregator", "aggregator", format!("127.0.0.1:{}", args.ingest_port)),
         FlagValue::new("--agent-metrics-port", "metrics.listen", metrics),
     ];
+    if args.no_budget {
+        flags.push(FlagValue::new("--no-budget", "budget.enabled", "false".to_owned()));
+    }
     load_config::<AgentConfig>(None, &flags)
 }
 
@@ -209,7 +212,23 @@ fn runtime_failure(e: &anyhow::Error) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::sign_in_link;
+    use clap::Parser;
+
+    use super::{sign_in_link, up_agent_config};
+    use crate::cli::{Cli, Command};
+
+    fn up_args(args: &[&str]) -> crate::cli::UpArgs {
+        match Cli::try_parse_from([&["aperture", "up"], args].concat()).expect("valid arguments").command {
+            Command::Up(up) => up,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn up_keeps_the_local_agents_budget_unless_told_not_to() {
+        assert!(up_agent_config(&up_args(&[])).expect("loads").budget.enabled);
+        assert!(!up_agent_config(&up_args(&["--no-budget"])).expect("loads").budget.enabled);
+    }
 
     #[test]
     fn the_sign_in_link_carries_the_token_in_the_fragment_percent_encoded() {
