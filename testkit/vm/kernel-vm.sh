@@ -141,12 +141,15 @@ INIT
 chmod +x "$root/init" "$root/job"
 (cd "$root" && find . | cpio -o -H newc 2>/dev/null | gzip -1) >"$root.cpio.gz"
 
+# loglevel=5: the kernel's warnings reach the console with their stack
+# traces; softlockup_panic=1: a CPU stuck in the kernel ends the guest at
+# once (panic=-1 reboots, -no-reboot stops qemu) instead of at the timeout.
 log=$(mktemp)
 set +e
 timeout "${APERTURE_VM_TIMEOUT:-1500}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
 	-smp "${APERTURE_VM_CPUS:-2}" -m "${APERTURE_VM_MEM:-3072}" -nographic -no-reboot \
 	-kernel "$vmlinuz" -initrd "$root.cpio.gz" \
-	-append "console=ttyS0 panic=-1 quiet rdinit=/init" </dev/null |
+	-append "console=ttyS0 panic=-1 loglevel=5 softlockup_panic=1 rdinit=/init" </dev/null |
 	sed -u 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\r//g' | tee "$log"
 qemu=${PIPESTATUS[0]}
 set -e
