@@ -21,25 +21,37 @@ pub const VDSO_PATH: &str = "[vdso]";
 /// A vDSO image larger than this is refused (it is two pages on x86_64).
 const MAX_IMAGE: u64 = 1 << 20;
 
-/// This process's vDSO mapping and its bytes, read through `/proc/self/mem`.
+/// This process's vDSO mapping and its bytes, copied from where it is
+/// mapped in this process (no system call reads it: going through
+/// `/proc/self/mem` would take this process's own address-space lock and
+/// fault the kernel's special mapping in page by page).
 pub fn own_image() -> io::Result<(ExecMapping, Vec<u8>)> {
     let m = exec_mappings(std::process::id())?
         .into_iter()
         .find(|m| m.path == VDSO_PATH)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "this process maps no [vdso]"))?;
-    let image = read_image("self", m.start, m.end)?;
+    let len = image_len(m.start, m.end)?;
+    // SAFETY: `/proc/self/maps` lists `[vdso]` readable at `start..end` of
+    // this process; the kernel maps it before the program starts and never
+    // unmaps it, and nothing writes to it, so the bytes stay valid to read.
+    let image = unsafe { std::slice::from_raw_parts(m.start as *const u8, len) }.to_vec();
     Ok((m, image))
+}
+
+/// The length of a vDSO mapped from `start` to `end`, refusing one larger
+/// than [`MAX_IMAGE`].
+fn image_len(start: u64, end: u64) -> io::Result<usize> {
+    if end.saturating_sub(start) > MAX_IMAGE {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "a vDSO larger than 1 MiB"));
+    }
+    usize::try_from(end.saturating_sub(start)).map_err(io::Error::other)
 }
 
 /// The bytes of process `pid`'s (`"self"` or a number) vDSO mapped from
 /// `start` to `end`, through `/proc/<pid>/mem` (another process's needs
 /// ptrace access: root).
 pub fn read_image(pid: &str, start: u64, end: u64) -> io::Result<Vec<u8>> {
-    if end.saturating_sub(start) > MAX_IMAGE {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "a vDSO larger than 1 MiB"));
-    }
-    let len = usize::try_from(end.saturating_sub(start)).map_err(io::Error::other)?;
-    let mut image = vec![0u8; len];
+    let mut image = vec![0u8; image_len(start, end)?];
     File::open(format!("/proc/{pid}/mem"))?.read_exact_at(&mut image, start)?;
     Ok(image)
 }
@@ -199,6 +211,14 @@ mod tests {
         let (table, stats) = Table::build(&path).expect("the vDSO has .eh_frame");
         println!("vdso: {} FDEs, {} rows", stats.fdes, table.rows.len());
         assert!(stats.fdes > 0 && !table.rows.is_empty());
+    }
+
+    #[test]
+    fn the_own_image_is_the_mapping_as_the_kernel_reads_it() {
+        let (m, image) = own_image().expect("this process maps a vDSO");
+        assert!(image.starts_with(b"\x7fELF"), "the vDSO image is an ELF file");
+        let through_proc = read_image("self", m.start, m.end).expect("/proc/self/mem reads the vDSO");
+        assert!(image == through_proc, "the copy differs from the mapping's bytes");
     }
 
     #[test]
