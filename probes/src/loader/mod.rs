@@ -381,7 +381,7 @@ impl Probes {
 
     /// Asks the unwind thread to load tables for the processes the walker
     /// met without them (new processes, exec, dlopen) now. It does so on
-    /// its own every 200 ms, and forgets exited processes every second, so
+    /// its own every 50 ms, and forgets exited processes every second, so
     /// calling this is optional; it never blocks.
     pub fn unwind_refresh(&mut self) -> Result<(), UnwindError> {
         match &mut self.unwinder {

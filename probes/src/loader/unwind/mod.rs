@@ -13,7 +13,7 @@
 //! of its own, `ap-unwind` ([`worker`]), so the thread that drains events
 //! never waits for it. That thread polls the walker's `ap_unwind_missing`
 //! map (processes met without an entry, or at an address outside their
-//! known mappings) a few times a second and forgets exited processes.
+//! known mappings) every 50 ms and forgets exited processes.
 //! The caller talks to it through a bounded queue that never blocks:
 //! [`Unwinder::poke`] asks for a poll now, [`Unwinder::add_process`] (an
 //! explicit request, which waits for its answer) adds one process; requests

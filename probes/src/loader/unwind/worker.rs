@@ -40,8 +40,10 @@ const BPF_MAP_TYPE_HASH: u32 = 1;
 /// process, so this costs 8 MiB of kernel memory. Processes beyond it are
 /// walked with frame pointers and counted (`AP_UNW_NO_PROC`).
 const MAX_PROCESSES: u32 = 1024;
-/// How often the walker's requests are taken.
-const POLL_EVERY: Duration = Duration::from_millis(200);
+/// How often the walker's requests are taken: a new process is walked by
+/// frame pointers until then, so short-lived ones want this short. A poll
+/// that finds nothing costs one map lookup per loaded object.
+const POLL_EVERY: Duration = Duration::from_millis(50);
 /// How often exited processes are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// A process's mappings are re-read at most this often on the walker's
