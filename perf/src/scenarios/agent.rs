@@ -4,7 +4,9 @@
 //! warm-up, and its CPU time (`/proc/<pid>/stat` utime + stime, as % of one
 //! core) and memory (`/proc/<pid>/status` VmRSS and VmHWM) are read over the
 //! interval. The peer is `perf record -F <hz> -a -g` writing to a file over
-//! an interval of the same length. Each side runs on an idle machine and
+//! an interval of the same length (and, with `compare_perf_dwarf`, `perf
+//! record --call-graph dwarf`, which copies each sampled stack to its file
+//! and unwinds it later; the bytes each perf wrote are reported). Each side runs on an idle machine and
 //! under a busy load (a CPU burner plus a syscall loop, one per core of the
 //! two). The kernel-side cost of Aperture's BPF programs over the interval
 //! (`kernel.bpf_stats_enabled`) is reported as its own metric, and so is
@@ -68,6 +70,11 @@ pub struct Params {
     /// table built).
     #[serde(default)]
     pub compare_warm_cache: bool,
+    /// Also measure `perf record -F <hz> -a --call-graph dwarf` as side
+    /// `perf_dwarf-record-<load>`: the peer that unwinds without frame
+    /// pointers, as Aperture's tables do, by copying stacks to a file.
+    #[serde(default)]
+    pub compare_perf_dwarf: bool,
 }
 
 /// The measured agents' configuration (plus `batch.max_age` for the
@@ -287,6 +294,9 @@ impl Scenario for AgentScenario {
                 }
             }
             out.push(format!("perf-record-{load}"));
+            if self.params.compare_perf_dwarf {
+                out.push(format!("perf_dwarf-record-{load}"));
+            }
         }
         out
     }
@@ -391,17 +401,24 @@ impl Scenario for AgentScenario {
             std::fs::create_dir_all(&data_dir)?;
             std::os::unix::fs::symlink(dir.path().join(format!("unwind-{base}")), data_dir.join("unwind"))?;
         }
+        let perf_data = dir.path().join(format!("{side}-{}.data", self.runs));
+        let started = Instant::now();
         let mut child = match tool {
             "aperture_batch" => bail!("bad side name {side}"),
             t if t.starts_with("aperture") => self.spawn_agent(&bin, &config, mode, &data_dir, metrics_port, log)?,
-            "perf" => Guarded::spawn(
-                "perf record",
-                Command::new("perf")
-                    .args(["record", "-F", &p.frequency_hz.to_string(), "-a", "-g", "-o"])
-                    .arg(dir.path().join("perf.data"))
-                    .stdout(Stdio::null())
-                    .stderr(log),
-            )?,
+            "perf" | "perf_dwarf" => {
+                let call_graph: &[&str] = if tool == "perf" { &["-g"] } else { &["--call-graph", "dwarf"] };
+                Guarded::spawn(
+                    "perf record",
+                    Command::new("perf")
+                        .args(["record", "-F", &p.frequency_hz.to_string(), "-a"])
+                        .args(call_graph)
+                        .arg("-o")
+                        .arg(&perf_data)
+                        .stdout(Stdio::null())
+                        .stderr(log),
+                )?
+            }
             other => bail!("unknown tool {other}"),
         };
         if tool.starts_with("aperture") {
@@ -434,12 +451,13 @@ impl Scenario for AgentScenario {
         let frames1 = if is_agent { agent_frames(metrics_addr)? } else { (0.0, 0.0) };
         child.check_alive()?;
         // perf writes its file on SIGINT; the agent flushes and exits on SIGTERM.
-        let signal = if tool == "perf" { libc::SIGINT } else { libc::SIGTERM };
+        let signal = if tool.starts_with("perf") { libc::SIGINT } else { libc::SIGTERM };
         let c0 = reaped_children_cpu_s();
         child.stop_with(signal, Duration::from_secs(15));
         // Whole life: start-up, warm-up, interval and shutdown (perf record
         // does most of its work when it stops: it writes build ids then).
         let lifetime_cpu_s = reaped_children_cpu_s() - c0;
+        let lifetime_s = started.elapsed().as_secs_f64();
         let mut out = vec![
             Metric::new("cpu_pct_of_one_core", "%", (u1.cpu_s - u0.cpu_s) / dt * 100.0),
             Metric::new("lifetime_cpu_s", "CPU-s", lifetime_cpu_s),
@@ -460,6 +478,11 @@ impl Scenario for AgentScenario {
             out.push(Metric::new("bpf_cpu_pct_of_one_core", "%", bpf1.saturating_sub(bpf0) as f64 / 1e9 / dt * 100.0));
             out.push(Metric::new("frames_per_s", "frames/s", (frames1.0 - frames0.0) / dt));
             out.push(Metric::new("frame_kib_per_s", "KiB/s", (frames1.1 - frames0.1) / 1024.0 / dt));
+        } else {
+            // What perf wrote over its whole life, per second of it.
+            let bytes = std::fs::metadata(&perf_data).map(|m| m.len()).unwrap_or(0);
+            let _ = std::fs::remove_file(&perf_data);
+            out.push(Metric::new("written_kib_per_s", "KiB/s", bytes as f64 / 1024.0 / lifetime_s));
         }
         Ok(out)
     }
@@ -504,6 +527,7 @@ mod tests {
     fn sides_split_into_tool_mode_and_load() {
         assert_eq!(parse_side("aperture-cpu-idle"), Some(("aperture", "cpu", "idle")));
         assert_eq!(parse_side("perf-record-busy"), Some(("perf", "record", "busy")));
+        assert_eq!(parse_side("perf_dwarf-record-idle"), Some(("perf_dwarf", "record", "idle")));
         assert_eq!(parse_side("aperture_batch10s-cpu-idle"), Some(("aperture_batch10s", "cpu", "idle")));
         assert_eq!(parse_side("aperture_baseline_warm-cpu-busy"), Some(("aperture_baseline_warm", "cpu", "busy")));
         assert_eq!(parse_side("nonsense"), None);
