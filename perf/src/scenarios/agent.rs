@@ -6,9 +6,9 @@
 //! interval. The peer is `perf record -F <hz> -a -g` writing to a file over
 //! an interval of the same length (and, with `compare_perf_dwarf`, `perf
 //! record --call-graph dwarf`, which copies each sampled stack to its file
-//! and unwinds it later; the bytes each perf wrote are reported). Each side runs on an idle machine and
-//! under a busy load (a CPU burner plus a syscall loop, one per core of the
-//! two). The kernel-side cost of Aperture's BPF programs over the interval
+//! and unwinds it later; the bytes each perf wrote are reported). Each side
+//! runs on an idle machine and under a busy load (a CPU burner plus a
+//! syscall loop, one per core of the two). The kernel-side cost of Aperture's BPF programs over the interval
 //! (`kernel.bpf_stats_enabled`) is reported as its own metric, and so is
 //! each process's CPU over its whole life (start-up and shutdown included),
 //! read from this process's reaped-children times: `perf record` does most
