@@ -7,15 +7,16 @@
 //! an interval of the same length (and, with `compare_perf_dwarf`, `perf
 //! record --call-graph dwarf`, which copies each sampled stack to its file
 //! and unwinds it later; the bytes each perf wrote are reported). Each side
-//! runs on an idle machine and under a busy load (a CPU burner plus a
-//! syscall loop, one per core of the two). The kernel-side cost of Aperture's BPF programs over the interval
-//! (`kernel.bpf_stats_enabled`) is reported as its own metric, and so is
-//! each process's CPU over its whole life (start-up and shutdown included),
-//! read from this process's reaped-children times: `perf record` does most
-//! of its work when it stops. For the agent, smaps is sampled every 200 ms
-//! for a peak split into BPF map pages mapped into it (unwind tables being
-//! filled: the table budget's part) and the rest, and the CPU of its main
-//! (start-up), `ap-unwind` and pipeline threads is reported.
+//! runs on an idle machine and under a busy load (a CPU burner plus a syscall
+//! loop, one per core of the two). The kernel-side cost of Aperture's BPF
+//! programs over the interval (`kernel.bpf_stats_enabled`) is reported as its
+//! own metric, and so is each process's CPU over its whole life (start-up and
+//! shutdown included), read from this process's reaped-children times: `perf
+//! record` does most of its work when it stops. For the agent, smaps is
+//! sampled every 200 ms for a peak split into BPF map pages mapped into it
+//! (unwind tables being filled: the table budget's part) and the rest, and
+//! the CPU of its main (start-up), `ap-unwind` and pipeline threads is
+//! reported.
 //!
 //! The warm-up starts once the agent's pipeline thread exists (its probes
 //! are loaded), not when /healthz first answers.
