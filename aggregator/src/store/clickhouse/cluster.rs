@@ -68,6 +68,23 @@ pub(crate) enum Step {
         /// `name TYPE [DEFAULT ...]`.
         column: String,
     },
+    /// Rebuild `samples` on the summing engine ([`super::rebuild`]).
+    RebuildSamples,
+}
+
+/// `s` after an opening parenthesis, split at its closing one: what is
+/// inside, and what follows it.
+fn split_at_closing(s: &str) -> Option<(&str, &str)> {
+    let mut depth = 0usize;
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' if depth == 0 => return Some((&s[..i], &s[i + 1..])),
+            ')' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// A cluster and the database the store uses on it.
@@ -80,7 +97,7 @@ pub(crate) struct Cluster<'a> {
 }
 
 impl Cluster<'_> {
-    fn local(&self, table: &str) -> String {
+    pub(crate) fn local(&self, table: &str) -> String {
         format!("{}.{table}{LOCAL_SUFFIX}", self.database)
     }
 
@@ -95,24 +112,12 @@ impl Cluster<'_> {
     /// statement of another shape (a unit test keeps every migration
     /// rewritable).
     pub(crate) fn rewrite(&self, sql: &str) -> Option<Step> {
+        if sql == super::rebuild::REBUILD_SAMPLES {
+            return Some(Step::RebuildSamples);
+        }
         if let Some(rest) = sql.strip_prefix("CREATE TABLE IF NOT EXISTS ") {
-            let (table, rest) = rest.split_once(' ')?;
-            let (columns, engine) = rest.split_once(" ENGINE = ")?;
-            let name_len = engine.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(engine.len());
-            let (engine_name, after) = engine.split_at(name_len);
-            let path = format!("'/clickhouse/tables/{{shard}}/{}/{table}', '{{replica}}'", self.database);
-            let (args, tail) = match after.strip_prefix('(') {
-                Some(inner) => {
-                    let (args, tail) = inner.split_once(')')?;
-                    (format!("{path}, {args}"), tail)
-                }
-                None => (path, after),
-            };
-            return Some(Step::Execute(format!(
-                "CREATE TABLE IF NOT EXISTS {} ON CLUSTER {} {columns} ENGINE = Replicated{engine_name}({args}){tail}",
-                self.local(table),
-                self.name
-            )));
+            let (table, _) = rest.split_once(' ')?;
+            return self.create_local(sql, table).map(Step::Execute);
         }
         if let Some(rest) = sql.strip_prefix("ALTER TABLE ") {
             let (table, rest) = rest.split_once(' ')?;
@@ -127,6 +132,30 @@ impl Cluster<'_> {
             });
         }
         None
+    }
+
+    /// The single-server `CREATE TABLE IF NOT EXISTS t ...` statement `sql`
+    /// as the replicated local table `t_local` of every server, replicated
+    /// under the ZooKeeper path `/clickhouse/tables/{shard}/<database>/<path>`.
+    pub(crate) fn create_local(&self, sql: &str, path: &str) -> Option<String> {
+        let rest = sql.strip_prefix("CREATE TABLE IF NOT EXISTS ")?;
+        let (table, rest) = rest.split_once(' ')?;
+        let (columns, engine) = rest.split_once(" ENGINE = ")?;
+        let name_len = engine.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(engine.len());
+        let (engine_name, after) = engine.split_at(name_len);
+        let replication = format!("'/clickhouse/tables/{{shard}}/{}/{path}', '{{replica}}'", self.database);
+        let (args, tail) = match after.strip_prefix('(') {
+            Some(inner) => {
+                let (args, tail) = split_at_closing(inner)?;
+                (format!("{replication}, {args}"), tail)
+            }
+            None => (replication, after),
+        };
+        Some(format!(
+            "CREATE TABLE IF NOT EXISTS {} ON CLUSTER {} {columns} ENGINE = Replicated{engine_name}({args}){tail}",
+            self.local(table),
+            self.name
+        ))
     }
 
     /// `ALTER TABLE` adding `column` to the local `table` on every server.

@@ -1,6 +1,7 @@
 //! The ClickHouse store, split by concern:
 //! - [`config`]: endpoint checks and client construction;
 //! - [`schema`]: versioned, idempotent migrations;
+//! - [`rebuild`]: the migration that moved `samples` to a summing engine;
 //! - [`cluster`]: the same schema on a ClickHouse cluster (replicated local
 //!   tables behind `Distributed` ones) when `clickhouse.cluster` is set;
 //! - [`request_builder`]: rows of each table, built from a write batch;
@@ -16,6 +17,7 @@ mod cluster;
 mod config;
 mod ledger;
 mod queries;
+mod rebuild;
 mod request_builder;
 pub(crate) mod schema;
 mod service;

@@ -10,6 +10,7 @@ use aperture_core::shard::RowKind;
 use clickhouse::{Client, Row};
 use serde::Deserialize;
 
+use super::request_builder::BATCH_MARKER_KIND;
 use crate::store::{
     LabelName, LockTotal, QueryError, Selector, SetLabel, StackTotal, SyscallTotal, UndecodableCounts, mode_kinds,
 };
@@ -50,7 +51,9 @@ pub(crate) fn where_clause(kinds: &[RowKind], sel: &Selector) -> Where {
         sel.from_s.min(u64::from(u32::MAX)),
         sel.to_s.min(u64::from(u32::MAX))
     );
-    if !kinds.is_empty() {
+    if kinds.is_empty() {
+        sql.push_str(&format!(" AND kind != '{BATCH_MARKER_KIND}'"));
+    } else {
         let names: Vec<String> = kinds.iter().map(|k| format!("'{}'", k.as_str())).collect();
         sql.push_str(&format!(" AND kind IN ({})", names.join(", ")));
     }

@@ -106,9 +106,24 @@ fn kind_enum(kind: RowKind) -> i8 {
     kind as u8 as i8
 }
 
-/// The `samples` rows of a batch.
+/// `kind` of a batch's marker rows (`'batch'` in the `Enum8`): store
+/// bookkeeping, never a profile row. Read by no query of the API.
+pub(crate) const BATCH_MARKER_KIND: &str = "batch";
+const BATCH_MARKER_ENUM: i8 = 5;
+
+/// The `samples` rows of a batch, then one marker row per window they
+/// cover.
+///
+/// `samples` sums the rows of one key (`SummingMergeTree`), so after a
+/// merge a row keeps the `batch_id` of just one of the batches it sums.
+/// The marker of batch B in window W is a row of its own key
+/// (`kind = 'batch'`, `stack_hash` = B), inserted with B's rows and never
+/// merged with another: "rows tagged B are stored in W" stays exactly
+/// "B's insert was committed in W", which the retry and ledger checks ask.
+/// `count` is 1 because the engine drops rows whose summed columns are all
+/// zero.
 pub(crate) fn sample_rows(batch: &WriteBatch) -> Result<Vec<SampleRow<'_>>, WriteError> {
-    let mut out = Vec::with_capacity(batch.row_count());
+    let mut out = Vec::with_capacity(batch.row_count() + 2);
     for flush in &batch.flushes {
         for (key, value) in &flush.rows {
             let labels = flush.labels.get(key.labels as usize).ok_or_else(|| WriteError::Rejected {
@@ -140,7 +155,37 @@ pub(crate) fn sample_rows(batch: &WriteBatch) -> Result<Vec<SampleRow<'_>>, Writ
             });
         }
     }
+    if batch.batch_id != 0 {
+        let windows: std::collections::BTreeSet<u32> = out.iter().map(|r| r.window_start).collect();
+        out.extend(windows.into_iter().map(|window_start| batch_marker(window_start, batch.batch_id)));
+    }
     Ok(out)
+}
+
+fn batch_marker(window_start: u32, batch_id: u64) -> SampleRow<'static> {
+    SampleRow {
+        window_start,
+        kind: BATCH_MARKER_ENUM,
+        node: "",
+        namespace: "",
+        pod: "",
+        container: "",
+        process: "",
+        pid: 0,
+        stack_hash: batch_id,
+        detail: 0,
+        name: "",
+        count: 1,
+        total_ns: 0,
+        errors: 0,
+        max_ns: 0,
+        histogram: &[],
+        batch_id,
+        service: "",
+        tag_keys: Vec::new(),
+        tag_values: Vec::new(),
+        profile_type: "",
+    }
 }
 
 /// The `stacks` rows of a batch.

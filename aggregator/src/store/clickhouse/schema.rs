@@ -15,6 +15,7 @@
 use clickhouse::Client;
 
 use super::cluster::{Cluster, SHARDING, Step};
+use super::rebuild::{REBUILD_SAMPLES, rebuild_samples};
 use crate::store::OpenError;
 
 const STORE: &str = "clickhouse";
@@ -100,6 +101,12 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &[&str])] = &[
             "ADD COLUMN frame_ledger.windows UInt32 DEFAULT 0",
         ],
     ),
+    (
+        5,
+        "samples: rows of one key summed (SummingMergeTree)",
+        // Creates the new table, copies the rows over: see `rebuild`.
+        &[REBUILD_SAMPLES],
+    ),
 ];
 
 /// The table recording applied migrations.
@@ -138,10 +145,12 @@ pub(crate) async fn migrate(
             continue;
         }
         for sql in statements {
-            match sql.strip_prefix("ADD COLUMN ") {
-                Some(column) => add_column(db, column).await.map_err(|e| failed(version, name, e))?,
-                None => db.query(sql).execute().await.map_err(|e| failed(version, name, e))?,
-            }
+            let done = match sql.strip_prefix("ADD COLUMN ") {
+                Some(column) => add_column(db, column).await,
+                None if *sql == REBUILD_SAMPLES => rebuild_samples(db, database, None).await,
+                None => db.query(sql).execute().await,
+            };
+            done.map_err(|e| failed(version, name, e))?;
         }
         db.query("INSERT INTO schema_migrations (version, name, applied) SELECT ?, ?, now()")
             .bind(version)
@@ -200,6 +209,7 @@ async fn run_step(db: &Client, cluster: &Cluster<'_>, step: Step) -> Result<(), 
             let (name, _) = column.split_once(' ').unwrap_or((&column, ""));
             if_column_missing(db, &table, name, cluster.add_column(&table, &column)).await
         }
+        Step::RebuildSamples => rebuild_samples(db, cluster.database, Some(cluster)).await,
     }
 }
 

@@ -1,0 +1,171 @@
+//! `samples` on ClickHouse sums the rows of one key (`SummingMergeTree`):
+//! CPU rows of different write batches become one, lock rows keep their
+//! longest wait, the retry check still finds every batch after a merge,
+//! and a database made before the summing table is rebuilt with its rows.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use aperture_aggregator::ClickHouseSettings;
+use aperture_aggregator::store::clickhouse::ClickHouseStore;
+use aperture_aggregator::store::{LabelFilter, LabelName, Selector, Store, WriteBatch};
+use aperture_core::model::{Labels, StackHash};
+use aperture_core::shard::{Flush, RowKey, RowKind, RowValue};
+use aperture_testkit::clickhouse::ClickHouseServer;
+
+const KEYS: u64 = 10;
+
+/// One CPU row (count 3) for each of [`KEYS`] stacks in the window `t`,
+/// and with `wait_ns` one lock row (a wait that long) for each too.
+fn batch(batch_id: u64, t: u64, wait_ns: Option<u64>) -> WriteBatch {
+    let mut rows = Vec::new();
+    for i in 0..KEYS {
+        let key = |kind| RowKey { window_start_s: t, kind, labels: 0, stack: StackHash(100 + i), detail: 0 };
+        rows.push((key(RowKind::Cpu), RowValue { count: 3, total_ns: 30, ..RowValue::default() }));
+        if let Some(ns) = wait_ns {
+            let lock = RowValue { count: 1, total_ns: ns, max_ns: ns, name: "futex".into(), ..RowValue::default() };
+            rows.push((key(RowKind::Lock), lock));
+        }
+    }
+    let labels = vec![Labels { node: "n1".into(), ..Labels::default() }];
+    WriteBatch {
+        flushes: vec![Flush { labels, rows, ..Flush::default() }],
+        batch_id,
+        now_s: t,
+        ..WriteBatch::default()
+    }
+}
+
+fn number(server: &ClickHouseServer, sql: &str) -> u64 {
+    let v = server.query(sql).expect("query");
+    v.trim().parse().unwrap_or_else(|_| panic!("{sql}: {v:?}"))
+}
+
+async fn open(server: &ClickHouseServer, database: &str) -> ClickHouseStore {
+    let mut settings = ClickHouseSettings::new(server.endpoint());
+    settings.database = database.into();
+    ClickHouseStore::open(&settings).await.expect("open store")
+}
+
+fn window(from_s: u64, to_s: u64) -> Selector {
+    Selector { from_s, to_s, filter: LabelFilter::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_one_key_are_summed_and_every_batch_is_still_found_by_its_id() {
+    let test = "rows_of_one_key_are_summed_and_every_batch_is_still_found_by_its_id";
+    let Some(server) = tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test))
+        .await
+        .expect("start server")
+    else {
+        return;
+    };
+    let store = open(&server, "summed").await;
+    let t = common::now_s() / 10 * 10 - 3_600;
+    let (a, b) = (batch(0xa1, t, Some(5_000)), batch(0xb1, t, Some(9_000)));
+    store.write(&a).await.expect("batch a");
+    store.write(&b).await.expect("batch b");
+    server.query("OPTIMIZE TABLE summed.samples FINAL").expect("merge");
+
+    let rows = |kind: &str| number(&server, &format!("SELECT count() FROM summed.samples WHERE kind = '{kind}'"));
+    assert_eq!(rows("cpu"), KEYS, "the CPU rows of the two batches are one row per key");
+    assert_eq!(rows("lock"), 2 * KEYS, "lock rows of different batches stay apart");
+
+    let sel = window(t, t + 10);
+    let cpu = store.stack_totals(RowKind::Cpu, &sel).await.expect("cpu totals");
+    assert_eq!(cpu.len() as u64, KEYS);
+    assert!(cpu.iter().all(|s| (s.count, s.total_ns) == (6, 60)), "{cpu:?}");
+    let locks = store.lock_totals(&sel).await.expect("lock totals");
+    assert!(locks.iter().all(|l| (l.count, l.total_ns, l.max_ns) == (2, 14_000, 9_000)), "{locks:?}");
+    let nodes = store.label_values(LabelName::Node, None, &sel).await.expect("nodes");
+    assert_eq!(nodes, vec!["n1".to_owned()], "the batches' marker rows are no one's labels");
+
+    // Batches of CPU rows alone: a merged row keeps the batch id of one of
+    // them; both retries must still find their batch committed.
+    store.write(&batch(0xc1, t + 10, None)).await.expect("batch c");
+    store.write(&batch(0xd1, t + 10, None)).await.expect("batch d");
+    server.query("OPTIMIZE TABLE summed.samples FINAL").expect("merge");
+    for id in [0xc1, 0xd1] {
+        // The retry of a batch whose answer was lost: rows sent, no answer.
+        let retried = batch(id, t + 10, None);
+        retried.rows_sent.store(true, Ordering::Release);
+        store.write(&retried).await.expect("retry");
+    }
+    let sel = window(t + 10, t + 20);
+    let cpu = store.stack_totals(RowKind::Cpu, &sel).await.expect("cpu totals");
+    assert!(cpu.iter().all(|s| s.count == 6), "a retry inserted its rows again: {cpu:?}");
+}
+
+/// `samples` as migrations 1 to 4 left it: a plain `MergeTree`.
+const OLD_SAMPLES: &str = "CREATE TABLE {t} (
+    window_start DateTime,
+    kind Enum8('cpu' = 0, 'lock' = 1, 'syscall' = 2, 'slow_call' = 3, 'profile' = 4),
+    node String, namespace String, pod String, container String, process String, pid UInt32,
+    stack_hash UInt64, detail UInt32, name String,
+    count UInt64, total_ns UInt64, errors UInt64, max_ns UInt64, histogram Array(UInt64),
+    batch_id UInt64 DEFAULT 0, service String DEFAULT '',
+    tag_keys Array(String), tag_values Array(String), profile_type String DEFAULT ''
+) ENGINE = MergeTree PARTITION BY toYYYYMMDD(window_start)
+ORDER BY (kind, window_start, node, namespace, pod, process, stack_hash)";
+
+/// `rows` CPU rows of count 2, node `node`, every 10 minutes from `t` (so
+/// over more than one day when there are enough).
+fn old_rows(table: &str, node: &str, t: u64, rows: u64) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|i| format!("({}, 'cpu', '{node}', {}, 2, 20, {})", t + i * 600, 100 + i % 7, 1 + 2 * i))
+        .collect();
+    format!(
+        "INSERT INTO {table} (window_start, kind, node, stack_hash, count, total_ns, batch_id) VALUES {}",
+        values.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_before_the_summing_table_keeps_its_rows() {
+    let test = "a_database_from_before_the_summing_table_keeps_its_rows";
+    let Some(server) = tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test))
+        .await
+        .expect("start server")
+    else {
+        return;
+    };
+    let now = common::now_s();
+    let t = now / 86_400 * 86_400 - 2 * 86_400;
+    server.query("CREATE DATABASE old").expect("database");
+    server.query(&OLD_SAMPLES.replace("{t}", "old.samples")).expect("old samples");
+    server.query(&old_rows("old.samples", "before", t, 250)).expect("rows");
+    // The copy of an aggregator that died an hour ago is taken over; one
+    // that was renamed a minute ago belongs to an aggregator still copying.
+    let abandoned = format!("old.samples_before_summing_{}_0000dead", now - 3 * 3_600);
+    let busy = format!("old.samples_before_summing_{}_0000beef", now - 60);
+    for (table, node) in [(&abandoned, "abandoned"), (&busy, "busy")] {
+        server.query(&OLD_SAMPLES.replace("{t}", table)).expect("leftover");
+        server.query(&old_rows(table, node, t, 50)).expect("leftover rows");
+    }
+
+    let store = open(&server, "old").await;
+    let engine = server.query("SELECT engine FROM system.tables WHERE database = 'old' AND name = 'samples'");
+    assert_eq!(engine.expect("engine").trim(), "SummingMergeTree");
+    let sum = |node: &str| number(&server, &format!("SELECT sum(count) FROM old.samples WHERE node = '{node}'"));
+    assert_eq!(sum("before"), 500, "every row of the old table, over its two days");
+    assert_eq!(sum("abandoned"), 100, "the abandoned copy was finished");
+    assert_eq!(sum("busy"), 0, "a copy in progress elsewhere is left to its aggregator");
+    let left = |pattern: &str| {
+        number(&server, &format!("SELECT count() FROM system.tables WHERE database = 'old' AND name LIKE '{pattern}'"))
+    };
+    assert_eq!(left("samples_before_summing_%"), 1, "only the busy copy is left");
+    assert_eq!(left("%0000beef"), 1);
+
+    let sel = window(t, now);
+    let cpu = store.stack_totals(RowKind::Cpu, &sel).await.expect("cpu totals");
+    assert_eq!(cpu.iter().map(|s| s.count).sum::<u64>(), 600, "the API reads the copied rows");
+    // New writes land in the summing table; opening again changes nothing.
+    store.write(&batch(0xc1, now / 10 * 10, Some(1_000))).await.expect("write");
+    drop(store);
+    let _again = open(&server, "old").await;
+    assert_eq!(sum("before"), 500);
+    assert_eq!(sum("n1"), 3 * KEYS + KEYS, "the new batch: CPU and lock rows");
+    let versions = number(&server, "SELECT count() FROM old.schema_migrations WHERE version = 5");
+    assert!(versions >= 1, "migration 5 is recorded");
+}
