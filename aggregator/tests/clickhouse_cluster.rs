@@ -5,8 +5,10 @@
 //! and synthetic agents push to both. Every sample sent is stored exactly
 //! once, rows land on both shards, a query through either aggregator reads
 //! both shards, frames resent to the other aggregator are recognised as
-//! committed, a retried batch is not stored twice, a column added to the local tables reaches the Distributed
-//! ones at the next start, and retention empties both shards. A database
+//! committed, a retried batch is not stored twice, a column added to the
+//! local tables reaches the Distributed ones at the next start, the rows of a
+//! `samples` table from before the summing engine are copied over, and
+//! retention empties both shards. A database
 //! made for one server is refused in cluster mode.
 
 mod common;
@@ -179,6 +181,24 @@ async fn two_aggregators_on_a_two_shard_cluster_store_every_sample_once() {
     cluster.servers[0]
         .query(&format!("ALTER TABLE {DATABASE}.samples_local ON CLUSTER {name} ADD COLUMN later UInt8 DEFAULT 7"))
         .expect("add a column");
+    // A `samples` table from before the summing engine, its rows on both
+    // shards over two days: the next start copies them in the background.
+    let old = "samples_before_summing_0_0000c0de";
+    cluster.servers[0]
+        .query(&format!(
+            "CREATE TABLE {DATABASE}.{old}_local ON CLUSTER {name} AS {DATABASE}.samples_local \
+             ENGINE = ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{DATABASE}/{old}', '{{replica}}') \
+             PARTITION BY toYYYYMMDD(window_start) ORDER BY (kind, window_start, stack_hash)"
+        ))
+        .expect("an old table");
+    for (i, server) in cluster.servers.iter().enumerate() {
+        let insert = format!(
+            "INSERT INTO {DATABASE}.{old}_local (window_start, kind, node, stack_hash, count, batch_id) \
+             SELECT toDateTime({t0} - 86400 + number * 1200), 'cpu', 'old', number % 5, 2, 2 * number + 1 \
+             FROM system.numbers LIMIT {i}00, 100"
+        );
+        server.query(&insert).expect("old rows");
+    }
     let mut ch = ClickHouseSettings::new(cluster.servers[1].endpoint());
     ch.database = DATABASE.into();
     ch.cluster = Some(name.into());
@@ -186,6 +206,24 @@ async fn two_aggregators_on_a_two_shard_cluster_store_every_sample_once() {
     for server in &cluster.servers {
         let sql = format!("SELECT sum(later) = 7 * count() FROM {DATABASE}.samples");
         assert_eq!(number(server, &sql), 1, "{}: the Distributed table has the new column", server.endpoint());
+    }
+    let old_left = || {
+        let sql = format!(
+            "SELECT count() FROM system.tables WHERE database = '{DATABASE}' AND startsWith(name, 'samples_before')"
+        );
+        cluster.servers.iter().map(|s| number(s, &sql)).sum::<u64>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while old_left() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the old table was not copied within a minute");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let copied = |table: &str, server: &ClickHouseServer| {
+        number(server, &format!("SELECT sum(count) FROM {DATABASE}.{table} WHERE node = 'old'"))
+    };
+    assert_eq!(copied("samples", &cluster.servers[0]), 400, "every old row, once, through the Distributed table");
+    for server in &cluster.servers {
+        assert!(copied("samples_local", server) > 0, "{}: no old rows copied to this shard", server.endpoint());
     }
 
     // Retention drops the old days on every shard.

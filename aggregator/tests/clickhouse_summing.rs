@@ -37,6 +37,15 @@ fn batch(batch_id: u64, t: u64, wait_ns: Option<u64>) -> WriteBatch {
     }
 }
 
+/// Polls `done` every 100 ms for up to a minute.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within a minute");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn number(server: &ClickHouseServer, sql: &str) -> u64 {
     let v = server.query(sql).expect("query");
     v.trim().parse().unwrap_or_else(|_| panic!("{sql}: {v:?}"))
@@ -148,14 +157,16 @@ async fn a_database_from_before_the_summing_table_keeps_its_rows() {
     let engine = server.query("SELECT engine FROM system.tables WHERE database = 'old' AND name = 'samples'");
     assert_eq!(engine.expect("engine").trim(), "SummingMergeTree");
     let sum = |node: &str| number(&server, &format!("SELECT sum(count) FROM old.samples WHERE node = '{node}'"));
-    assert_eq!(sum("before"), 500, "every row of the old table, over its two days");
-    assert_eq!(sum("abandoned"), 100, "the abandoned copy was finished");
-    assert_eq!(sum("busy"), 0, "a copy in progress elsewhere is left to its aggregator");
     let left = |pattern: &str| {
         number(&server, &format!("SELECT count() FROM system.tables WHERE database = 'old' AND name LIKE '{pattern}'"))
     };
-    assert_eq!(left("samples_before_summing_%"), 1, "only the busy copy is left");
-    assert_eq!(left("%0000beef"), 1);
+    // The rows are copied in the background, once only the busy copy is left.
+    wait_until("the old tables copied", || left("samples_before_summing_%") == 1);
+    assert_eq!(left("%0000beef"), 1, "a copy in progress elsewhere is left to its aggregator");
+    assert_eq!(left("samples_copy_%"), 0, "no staging table is left");
+    assert_eq!(sum("before"), 500, "every row of the old table, over its two days");
+    assert_eq!(sum("abandoned"), 100, "the abandoned copy was finished");
+    assert_eq!(sum("busy"), 0);
 
     let sel = window(t, now);
     let cpu = store.stack_totals(RowKind::Cpu, &sel).await.expect("cpu totals");
@@ -168,4 +179,47 @@ async fn a_database_from_before_the_summing_table_keeps_its_rows() {
     assert_eq!(sum("n1"), 3 * KEYS + KEYS, "the new batch: CPU and lock rows");
     let versions = number(&server, "SELECT count() FROM old.schema_migrations WHERE version = 5");
     assert!(versions >= 1, "migration 5 is recorded");
+}
+
+/// The marker of day `day` of old table `id`, as the copy computes it.
+fn day_marker(id: u32, day: u32) -> u64 {
+    ((u64::from(id) << 32) | u64::from(day)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_stopped_after_a_day_was_attached_does_not_store_it_twice() {
+    let test = "a_copy_stopped_after_a_day_was_attached_does_not_store_it_twice";
+    let Some(server) = tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test))
+        .await
+        .expect("start server")
+    else {
+        return;
+    };
+    drop(open(&server, "resumed").await);
+    let now = common::now_s();
+    let t = now / 86_400 * 86_400 - 2 * 86_400;
+    // An old table left by a copier that stopped between attaching the
+    // first day (rows and marker are in `samples`) and dropping it.
+    let old = format!("resumed.samples_before_summing_{}_0000a77a", now - 2 * 3_600);
+    server.query(&OLD_SAMPLES.replace("{t}", &old)).expect("old table");
+    server.query(&old_rows(&old, "stopped", t, 200)).expect("old rows");
+    let first_day = number(&server, &format!("SELECT min(toYYYYMMDD(window_start)) FROM {old}"));
+    let day = u32::try_from(first_day).expect("day");
+    server
+        .query(&format!("INSERT INTO resumed.samples SELECT * FROM {old} WHERE toYYYYMMDD(window_start) = {day}"))
+        .expect("the attached day");
+    let marker = day_marker(0xa77a, day);
+    server
+        .query(&format!(
+            "INSERT INTO resumed.samples (window_start, kind, stack_hash, count, batch_id) \
+             SELECT min(window_start), 'batch', {marker}, 1, {marker} FROM {old} WHERE toYYYYMMDD(window_start) = {day}"
+        ))
+        .expect("its marker");
+
+    let _store = open(&server, "resumed").await;
+    let left =
+        || number(&server, "SELECT count() FROM system.tables WHERE database = 'resumed' AND name LIKE 'samples_%'");
+    wait_until("the old table copied", || left() == 0);
+    let sum = number(&server, "SELECT sum(count) FROM resumed.samples WHERE node = 'stopped'");
+    assert_eq!(sum, 400, "each of the 200 rows once: the attached day was not copied again");
 }

@@ -1,7 +1,8 @@
 //! The ClickHouse store, split by concern:
 //! - [`config`]: endpoint checks and client construction;
 //! - [`schema`]: versioned, idempotent migrations;
-//! - [`rebuild`]: the migration that moved `samples` to a summing engine;
+//! - [`rebuild`]: the migration that moved `samples` to a summing engine,
+//!   and [`backfill`], which copies the older rows over in the background;
 //! - [`cluster`]: the same schema on a ClickHouse cluster (replicated local
 //!   tables behind `Distributed` ones) when `clickhouse.cluster` is set;
 //! - [`request_builder`]: rows of each table, built from a write batch;
@@ -13,6 +14,7 @@
 //! `tests/clickhouse_retries.rs`, `tests/resilience.rs` and, on a cluster of
 //! two shards, `tests/clickhouse_cluster.rs`.
 
+mod backfill;
 mod cluster;
 mod config;
 mod ledger;
@@ -59,6 +61,7 @@ impl ClickHouseStore {
     pub async fn open(settings: &ClickHouseSettings) -> Result<ClickHouseStore, OpenError> {
         let (admin, client) = config::clients(settings)?;
         schema::migrate(&admin, &client, &settings.database, settings.cluster.as_deref()).await?;
+        backfill::spawn(client.clone(), settings.database.clone(), settings.cluster.clone());
         let reads = queries::read_client(&client, settings.max_query_time);
         Ok(ClickHouseStore {
             client,

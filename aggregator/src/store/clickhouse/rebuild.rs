@@ -19,26 +19,15 @@
 //! which a merge can take away; each batch therefore stores marker rows
 //! that are never merged (see [`super::request_builder::sample_rows`]).
 //!
-//! The rebuild, on one server or on every server of a cluster:
-//! 1. the old table is renamed `samples_before_summing_<random>` (on a
-//!    cluster its local tables `..._local`, with a `Distributed` table over
-//!    them for the copy); when two aggregators start at once, one rename
-//!    wins and the other finds the table gone;
-//! 2. the new `samples` is created (on a cluster, replicated under a ZooKeeper
-//!    path of its own, since the renamed table keeps the old one);
-//! 3. the aggregator whose rename won copies the old table one day
-//!    (partition) at a time: `INSERT ... SELECT` of the day, the day
-//!    dropped from the old table, then the old table renamed again with the
-//!    time in its name, as a sign of life; at the end it is dropped;
-//! 4. an old table not renamed for [`ABANDONED_AFTER_S`] was left by an
-//!    aggregator that stopped while copying: the next aggregator to start
-//!    claims it by renaming it (one rename wins) and copies the days left.
-//!    A day whose insert completed but which was not yet dropped when the
-//!    copier stopped is copied twice (the log names each day as its copy
-//!    starts).
-//!
-//! Inserts of aggregators that are still running an older version fail
-//! while the table is missing (between steps 1 and 2) and are retried.
+//! The migration itself only swaps the tables, on one server or on every
+//! server of a cluster: the old table is renamed
+//! `samples_before_summing_0_<id>` (when two aggregators start at once, one
+//! rename wins and the other finds the table gone) and the new `samples` is
+//! created (on a cluster replicated under a ZooKeeper path of its own, since
+//! the renamed table keeps the old one). Its rows are then copied in the
+//! background while the aggregator serves ([`super::backfill`]).
+//! Inserts of aggregators still running an older version fail while the
+//! table is missing, between the two statements, and are retried.
 
 use clickhouse::Client;
 
@@ -78,36 +67,56 @@ pub(crate) const CREATE_SAMPLES: &str = "CREATE TABLE IF NOT EXISTS samples (
                   if(kind IN ('cpu', 'profile'), 0, batch_id))";
 
 /// Every column of `samples`, old and new alike.
-const COLUMNS: &str = "window_start, kind, node, namespace, pod, container, process, pid, stack_hash, detail, name, \
+pub(crate) const COLUMNS: &str = "window_start, kind, node, namespace, pod, container, process, pid, stack_hash, detail, name, \
                        count, total_ns, errors, max_ns, histogram, batch_id, service, tag_keys, tag_values, profile_type";
 
 /// Name prefix of old tables waiting to be copied.
-const OLD_PREFIX: &str = "samples_before_summing_";
+pub(crate) const OLD_PREFIX: &str = "samples_before_summing_";
 
-/// Where the rebuild runs: one server, or every server of a cluster.
-struct Target<'a> {
-    database: &'a str,
-    cluster: Option<&'a Cluster<'a>>,
+/// An old `samples` table, by its name `<prefix><claimed_at>_<id>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct OldTable {
+    /// When its copier last renamed it (Unix seconds); 0 until one claims it.
+    pub claimed_at: u64,
+    /// Fixed for the table's life: names its copies of each day.
+    pub id: u32,
+}
+
+impl OldTable {
+    pub(crate) fn name(&self) -> String {
+        format!("{OLD_PREFIX}{}_{:08x}", self.claimed_at, self.id)
+    }
+
+    pub(crate) fn parse(name: &str) -> Option<OldTable> {
+        let (at, id) = name.strip_prefix(OLD_PREFIX)?.split_once('_')?;
+        Some(OldTable { claimed_at: at.parse().ok()?, id: u32::from_str_radix(id, 16).ok()? })
+    }
+}
+
+/// Where the tables are: one server, or every server of a cluster.
+pub(crate) struct Target<'a> {
+    pub database: &'a str,
+    pub cluster: Option<&'a Cluster<'a>>,
 }
 
 impl Target<'_> {
     /// The table holding the rows of `table` (its local table on a cluster).
-    fn storage(&self, table: &str) -> String {
+    pub(crate) fn storage(&self, table: &str) -> String {
         match self.cluster {
             Some(_) => format!("{table}{LOCAL_SUFFIX}"),
             None => table.to_owned(),
         }
     }
 
-    fn on_cluster(&self) -> String {
+    pub(crate) fn on_cluster(&self) -> String {
         self.cluster.map(|c| format!(" ON CLUSTER {}", c.name)).unwrap_or_default()
     }
 
-    fn qualified(&self, table: &str) -> String {
+    pub(crate) fn qualified(&self, table: &str) -> String {
         format!("{}.{table}", self.database)
     }
 
-    fn rename(&self, from: &str, to: &str) -> String {
+    pub(crate) fn rename(&self, from: &str, to: &str) -> String {
         format!(
             "RENAME TABLE {} TO {}{}",
             self.qualified(&self.storage(from)),
@@ -116,49 +125,40 @@ impl Target<'_> {
         )
     }
 
-    fn drop(&self, table: &str) -> String {
+    pub(crate) fn drop(&self, table: &str) -> String {
         format!("DROP TABLE IF EXISTS {}{}", self.qualified(table), self.on_cluster())
     }
 
     /// On a cluster, the `Distributed` table `name` over the local tables
     /// `name_local` of every shard, to read them all; on one server the
     /// table itself is read.
-    async fn create_reader(&self, db: &Client, name: &str) -> Result<(), clickhouse::error::Error> {
+    pub(crate) async fn create_reader(&self, db: &Client, name: &str) -> Result<(), clickhouse::error::Error> {
         match self.cluster {
             Some(c) => db.query(&c.create_distributed(name, "intHash64(batch_id)")).execute().await,
             None => Ok(()),
         }
     }
 
-    async fn drop_reader(&self, db: &Client, name: &str) -> Result<(), clickhouse::error::Error> {
+    pub(crate) async fn drop_reader(&self, db: &Client, name: &str) -> Result<(), clickhouse::error::Error> {
         match self.cluster {
             Some(_) => db.query(&self.drop(name)).execute().await,
             None => Ok(()),
         }
     }
 
-    fn create_samples(&self) -> Option<String> {
+    /// Creates `table` with the columns and engine of the summing
+    /// `samples` (on a cluster, its local tables, replicated under a path
+    /// of their own: a renamed table keeps its path).
+    pub(crate) fn create_like_samples(&self, table: &str) -> Result<String, clickhouse::error::Error> {
+        let sql = CREATE_SAMPLES.replacen("samples", table, 1);
         match self.cluster {
-            // The renamed old table keeps the replication path `samples`.
-            Some(c) => c.create_local(CREATE_SAMPLES, &format!("samples_{:016x}", rand::random::<u64>())),
-            None => Some(CREATE_SAMPLES.to_owned()),
+            Some(c) => c
+                .create_local(&sql, &format!("{table}_{:016x}", rand::random::<u64>()))
+                .ok_or_else(|| clickhouse::error::Error::Custom(format!("{table}: no cluster form"))),
+            None => Ok(sql),
         }
     }
 }
-
-/// A name for an old table, claimed now: `<prefix><unix seconds>_<random>`.
-fn fresh_old_name() -> String {
-    format!("{OLD_PREFIX}{}_{:08x}", crate::clock::unix_now_s(), rand::random::<u32>())
-}
-
-/// When the old table `name` was last claimed (Unix seconds).
-fn claimed_at(name: &str) -> Option<u64> {
-    name.strip_prefix(OLD_PREFIX)?.split('_').next()?.parse().ok()
-}
-
-/// An old table whose copier has not renamed it for this long is taken to
-/// be abandoned (its aggregator died); a copier renames it after every day.
-const ABANDONED_AFTER_S: u64 = 3600;
 
 /// The engine of `table` in `database`, `None` if there is no such table.
 async fn engine_of(db: &Client, database: &str, table: &str) -> Result<Option<String>, clickhouse::error::Error> {
@@ -175,7 +175,7 @@ fn is_summing(engine: Option<&str>) -> bool {
     engine.is_some_and(|e| e.ends_with("SummingMergeTree"))
 }
 
-/// Runs the rebuild (see the module docs); harmless to run again.
+/// Swaps the tables (see the module docs); harmless to run again.
 pub(crate) async fn rebuild_samples(
     db: &Client,
     database: &str,
@@ -183,90 +183,20 @@ pub(crate) async fn rebuild_samples(
 ) -> Result<(), clickhouse::error::Error> {
     let t = Target { database, cluster };
     let storage = t.storage("samples");
-    let mut mine = None;
     if !is_summing(engine_of(db, database, &storage).await?.as_deref()) {
-        let name = fresh_old_name();
-        match db.query(&t.rename("samples", &name)).execute().await {
-            Ok(()) => mine = Some(name),
-            Err(e) => {
-                // Another aggregator renamed it first (and copies it): fine
-                // once it is gone.
-                let engine = engine_of(db, database, &storage).await?;
-                if engine.is_some() && !is_summing(engine.as_deref()) {
-                    return Err(e);
-                }
+        let old = OldTable { claimed_at: 0, id: rand::random() };
+        if let Err(e) = db.query(&t.rename("samples", &old.name())).execute().await {
+            // Another aggregator renamed it first: fine once it is gone.
+            let engine = engine_of(db, database, &storage).await?;
+            if engine.is_some() && !is_summing(engine.as_deref()) {
+                return Err(e);
             }
         }
     }
-    let create = t.create_samples().ok_or_else(|| clickhouse::error::Error::Custom("no cluster form".into()))?;
-    db.query(&create).execute().await?;
+    db.query(&t.create_like_samples("samples")?).execute().await?;
     if let Some(c) = cluster {
         let key = super::cluster::SHARDING.iter().find(|(t, _)| *t == "samples").map_or("rand()", |(_, k)| *k);
         c.ensure_distributed(db, "samples", key).await.map_err(|e| clickhouse::error::Error::Custom(e.to_string()))?;
     }
-    if let Some(name) = mine {
-        copy_old(db, &t, name).await?;
-    }
-    let now = crate::clock::unix_now_s();
-    for old in old_tables(db, &t).await? {
-        if claimed_at(&old).is_some_and(|at| at.saturating_add(ABANDONED_AFTER_S) <= now) {
-            let name = fresh_old_name();
-            if let Err(e) = db.query(&t.rename(&old, &name)).execute().await {
-                tracing::info!(table = old, error = %e, "an abandoned old samples table was taken by another aggregator");
-                continue;
-            }
-            tracing::warn!(table = old, "resuming the copy of an old samples table left by an aggregator that stopped");
-            t.drop_reader(db, &old).await?;
-            copy_old(db, &t, name).await?;
-        } else {
-            tracing::info!(table = old, "an old samples table is being copied by another aggregator");
-        }
-    }
-    Ok(())
-}
-
-/// Old tables left to copy (by the name their rows are read through).
-async fn old_tables(db: &Client, t: &Target<'_>) -> Result<Vec<String>, clickhouse::error::Error> {
-    let names = db
-        .query("SELECT name FROM system.tables WHERE database = ? AND startsWith(name, ?) ORDER BY name")
-        .bind(t.database)
-        .bind(OLD_PREFIX)
-        .fetch_all::<String>()
-        .await?;
-    let suffix = t.storage("");
-    Ok(names.into_iter().filter_map(|n| n.strip_suffix(suffix.as_str()).map(str::to_owned)).collect())
-}
-
-/// Copies the old table `name`, claimed by this aggregator, into `samples`
-/// a day at a time, renaming it after every day (a sign of life to other
-/// aggregators); stops if another aggregator took it over meanwhile.
-async fn copy_old(db: &Client, t: &Target<'_>, mut name: String) -> Result<(), clickhouse::error::Error> {
-    t.create_reader(db, &name).await?;
-    let days = db
-        .query(&format!("SELECT DISTINCT toYYYYMMDD(window_start) AS day FROM {} ORDER BY day", t.qualified(&name)))
-        .fetch_all::<u32>()
-        .await?;
-    for day in days {
-        tracing::info!(day, table = %name, "copying a day of samples into the summing table");
-        let insert = format!(
-            "INSERT INTO {} ({COLUMNS}) SELECT {COLUMNS} FROM {} WHERE toYYYYMMDD(window_start) = {day}",
-            t.qualified("samples"),
-            t.qualified(&name)
-        );
-        db.query(&insert).execute().await?;
-        let storage = t.qualified(&t.storage(&name));
-        db.query(&format!("ALTER TABLE {storage}{} DROP PARTITION {day}", t.on_cluster())).execute().await?;
-        let next = fresh_old_name();
-        if let Err(e) = db.query(&t.rename(&name, &next)).execute().await {
-            tracing::warn!(table = %name, error = %e, "an old samples table was taken over by another aggregator");
-            return Ok(());
-        }
-        t.drop_reader(db, &name).await?;
-        t.create_reader(db, &next).await?;
-        name = next;
-    }
-    t.drop_reader(db, &name).await?;
-    db.query(&t.drop(&t.storage(&name))).execute().await?;
-    tracing::info!(table = %name, "old samples table copied and dropped");
     Ok(())
 }

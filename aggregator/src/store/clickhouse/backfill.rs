@@ -1,0 +1,177 @@
+//! Copying the rows of `samples` tables from before migration 5 (see
+//! [`super::rebuild`]) into the summing `samples`, in the background while
+//! the aggregator serves. Until a day is copied, queries do not see it.
+//!
+//! An old table is copied by one aggregator at a time. It claims the table
+//! by renaming it with the time in its name (of two renames of one name,
+//! one wins), and renames it again after every day it copies, as a sign of
+//! life. A table not renamed for [`ABANDONED_AFTER_S`] was left by an
+//! aggregator that stopped, and is claimed by the next one that looks
+//! (every aggregator looks at start and every [`LOOK_AGAIN`] while old
+//! tables are left).
+//!
+//! Each day (partition) is copied exactly once, even if the copier stops at
+//! any point:
+//! 1. its rows are copied into a staging table of the summing form
+//!    (`INSERT ... SELECT`), with one marker row naming the old table and
+//!    the day (a `batch` row, never merged with another, see
+//!    [`super::request_builder::sample_rows`]);
+//! 2. the staging partition is attached to `samples` (`ATTACH PARTITION
+//!    ... FROM`: all its parts at once, so the marker lands with the rows);
+//! 3. the day is dropped from the old table, and the staging table dropped.
+//!
+//! A copier that finds the day's marker in `samples` knows step 2 was done,
+//! and only finishes step 3.
+//!
+//! On a cluster the old tables' rows are read through a `Distributed` table
+//! over their local tables, and the days dropped `ON CLUSTER`; ClickHouse
+//! 18.16 runs no `ATTACH PARTITION ... FROM` `ON CLUSTER`, so there the day's
+//! rows are inserted straight into `samples` and the marker after them. A
+//! copier that stops within that insert, or between it and the marker,
+//! leaves rows that its successor copies again: part of that day is then
+//! stored twice.
+
+use std::time::Duration;
+
+use clickhouse::Client;
+
+use super::cluster::Cluster;
+use super::rebuild::{COLUMNS, OLD_PREFIX, OldTable, Target};
+use crate::clock::unix_now_s;
+
+/// An old table its copier has not renamed for this long is taken over.
+pub(crate) const ABANDONED_AFTER_S: u64 = 3600;
+
+/// How often an aggregator looks again while old tables are left.
+const LOOK_AGAIN: Duration = Duration::from_secs(600);
+
+/// Starts the copy in the background, on the current tokio runtime; it
+/// ends once no old table is left.
+pub(crate) fn spawn(db: Client, database: String, cluster: Option<String>) {
+    tokio::spawn(async move {
+        loop {
+            let c = cluster.as_deref().map(|name| Cluster { name, database: &database });
+            let t = Target { database: &database, cluster: c.as_ref() };
+            match copy_claimable(&db, &t).await {
+                Ok(0) => return,
+                Ok(left) => tracing::info!(left, "old samples tables left to copy; looking again later"),
+                Err(e) => tracing::warn!(error = %e, "copying old samples rows failed; trying again later"),
+            }
+            tokio::time::sleep(LOOK_AGAIN).await;
+        }
+    });
+}
+
+/// Copies every old table no other aggregator is copying; returns how many
+/// old tables are left.
+pub(crate) async fn copy_claimable(db: &Client, t: &Target<'_>) -> Result<usize, clickhouse::error::Error> {
+    for old in old_tables(db, t).await? {
+        let now = unix_now_s();
+        if old.claimed_at.saturating_add(ABANDONED_AFTER_S) > now {
+            continue;
+        }
+        let mine = OldTable { claimed_at: now, ..old };
+        if let Err(e) = db.query(&t.rename(&old.name(), &mine.name())).execute().await {
+            tracing::info!(table = old.name(), error = %e, "another aggregator took an old samples table to copy");
+            continue;
+        }
+        if old.claimed_at != 0 {
+            tracing::warn!(
+                table = old.name(),
+                "taking over the copy of an old samples table from a stopped aggregator"
+            );
+        }
+        t.drop_reader(db, &old.name()).await?;
+        copy_table(db, t, mine).await?;
+    }
+    Ok(old_tables(db, t).await?.len())
+}
+
+/// The old tables of the database.
+async fn old_tables(db: &Client, t: &Target<'_>) -> Result<Vec<OldTable>, clickhouse::error::Error> {
+    let names = db
+        .query("SELECT name FROM system.tables WHERE database = ? AND startsWith(name, ?) ORDER BY name")
+        .bind(t.database)
+        .bind(OLD_PREFIX)
+        .fetch_all::<String>()
+        .await?;
+    let suffix = t.storage("");
+    Ok(names.iter().filter_map(|n| n.strip_suffix(suffix.as_str())).filter_map(OldTable::parse).collect())
+}
+
+/// Copies the claimed old table `old` day by day, renaming it after each;
+/// stops if another aggregator took it over meanwhile.
+async fn copy_table(db: &Client, t: &Target<'_>, mut old: OldTable) -> Result<(), clickhouse::error::Error> {
+    t.create_reader(db, &old.name()).await?;
+    let sql = format!("SELECT DISTINCT toYYYYMMDD(window_start) AS day FROM {} ORDER BY day", t.qualified(&old.name()));
+    let days = db.query(&sql).fetch_all::<u32>().await?;
+    for day in days {
+        copy_day(db, t, old, day).await?;
+        let next = OldTable { claimed_at: unix_now_s(), ..old };
+        if next == old {
+            continue; // Renamed within this second.
+        }
+        if let Err(e) = db.query(&t.rename(&old.name(), &next.name())).execute().await {
+            tracing::warn!(table = old.name(), error = %e, "an old samples table was taken over by another aggregator");
+            return Ok(());
+        }
+        t.drop_reader(db, &old.name()).await?;
+        t.create_reader(db, &next.name()).await?;
+        old = next;
+    }
+    t.drop_reader(db, &old.name()).await?;
+    db.query(&t.drop(&t.storage(&old.name()))).execute().await?;
+    tracing::info!(table = old.name(), "old samples table copied and dropped");
+    Ok(())
+}
+
+/// The marker of day `day` of the old table `id`: odd, like batch ids.
+pub(crate) fn day_marker(id: u32, day: u32) -> u64 {
+    ((u64::from(id) << 32) | u64::from(day)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+/// Copies one day of `old` (see the module docs).
+async fn copy_day(db: &Client, t: &Target<'_>, old: OldTable, day: u32) -> Result<(), clickhouse::error::Error> {
+    let source = t.qualified(&old.name());
+    let marker = day_marker(old.id, day);
+    // The day's first window: where the marker goes (in the day's partition).
+    let sql = format!("SELECT toUInt32(min(window_start)) FROM {source} WHERE toYYYYMMDD(window_start) = {day}");
+    let window = db.query(&sql).fetch_one::<u32>().await?;
+    let sql = format!(
+        "SELECT count() FROM {} WHERE kind = 'batch' AND window_start = toDateTime({window}) AND stack_hash = {marker}",
+        t.qualified("samples")
+    );
+    let staging = format!("samples_copy_{:08x}_{day}", old.id);
+    if db.query(&sql).fetch_one::<u64>().await? == 0 {
+        tracing::info!(day, table = old.name(), "copying a day of samples into the summing table");
+        let mark = |into: &str| {
+            format!(
+                "INSERT INTO {into} (window_start, kind, stack_hash, count, batch_id) \
+                 VALUES (toDateTime({window}), 'batch', {marker}, 1, {marker})"
+            )
+        };
+        let copy = |into: &str| {
+            format!(
+                "INSERT INTO {into} ({COLUMNS}) SELECT {COLUMNS} FROM {source} WHERE toYYYYMMDD(window_start) = {day}"
+            )
+        };
+        if t.cluster.is_some() {
+            // 18.16 runs no `ATTACH PARTITION ... FROM` `ON CLUSTER`: the
+            // rows go straight in, then the marker (see the module docs).
+            db.query(&copy(&t.qualified("samples"))).execute().await?;
+            db.query(&mark(&t.qualified("samples"))).execute().await?;
+        } else {
+            db.query(&t.drop(&staging)).execute().await?;
+            db.query(&t.create_like_samples(&staging)?).execute().await?;
+            db.query(&copy(&staging)).execute().await?;
+            db.query(&mark(&staging)).execute().await?;
+            db.query(&format!("ALTER TABLE samples ATTACH PARTITION {day} FROM {staging}")).execute().await?;
+        }
+    }
+    let storage = t.qualified(&t.storage(&old.name()));
+    db.query(&format!("ALTER TABLE {storage}{} DROP PARTITION {day}", t.on_cluster())).execute().await?;
+    match t.cluster {
+        Some(_) => Ok(()),
+        None => db.query(&t.drop(&staging)).execute().await,
+    }
+}
