@@ -16,25 +16,25 @@ use aperture_testkit::clickhouse::ClickHouseServer;
 
 const KEYS: u64 = 10;
 
-/// One CPU row (count 3) for each of [`KEYS`] stacks in the window `t`,
-/// and with `wait_ns` one lock row (a wait that long) for each too.
-fn batch(batch_id: u64, t: u64, wait_ns: Option<u64>) -> WriteBatch {
-    let mut rows = Vec::new();
-    for i in 0..KEYS {
-        let key = |kind| RowKey { window_start_s: t, kind, labels: 0, stack: StackHash(100 + i), detail: 0 };
-        rows.push((key(RowKind::Cpu), RowValue { count: 3, total_ns: 30, ..RowValue::default() }));
-        if let Some(ns) = wait_ns {
-            let lock = RowValue { count: 1, total_ns: ns, max_ns: ns, name: "futex".into(), ..RowValue::default() };
-            rows.push((key(RowKind::Lock), lock));
+/// A write batch of one flush per wait in `waits` (one flush if there are
+/// none), each holding one CPU row (count 3) for each of [`KEYS`] stacks in
+/// the window `t` and, with a wait, one lock row (a wait that long) for each.
+fn batch(batch_id: u64, t: u64, waits: &[u64]) -> WriteBatch {
+    let flush = |wait_ns: Option<u64>| {
+        let mut rows = Vec::new();
+        for i in 0..KEYS {
+            let key = |kind| RowKey { window_start_s: t, kind, labels: 0, stack: StackHash(100 + i), detail: 0 };
+            rows.push((key(RowKind::Cpu), RowValue { count: 3, total_ns: 30, ..RowValue::default() }));
+            if let Some(ns) = wait_ns {
+                let lock = RowValue { count: 1, total_ns: ns, max_ns: ns, name: "futex".into(), ..RowValue::default() };
+                rows.push((key(RowKind::Lock), lock));
+            }
         }
-    }
-    let labels = vec![Labels { node: "n1".into(), ..Labels::default() }];
-    WriteBatch {
-        flushes: vec![Flush { labels, rows, ..Flush::default() }],
-        batch_id,
-        now_s: t,
-        ..WriteBatch::default()
-    }
+        let labels = vec![Labels { node: "n1".into(), ..Labels::default() }];
+        Flush { labels, rows, ..Flush::default() }
+    };
+    let flushes = if waits.is_empty() { vec![flush(None)] } else { waits.iter().map(|&w| flush(Some(w))).collect() };
+    WriteBatch { flushes, batch_id, now_s: t, ..WriteBatch::default() }
 }
 
 /// Polls `done` every 100 ms for up to a minute.
@@ -72,32 +72,33 @@ async fn rows_of_one_key_are_summed_and_every_batch_is_still_found_by_its_id() {
     };
     let store = open(&server, "summed").await;
     let t = common::now_s() / 10 * 10 - 3_600;
-    let (a, b) = (batch(0xa1, t, Some(5_000)), batch(0xb1, t, Some(9_000)));
+    // Batch a's two flushes repeat each key; its longest wait is in the second.
+    let (a, b) = (batch(0xa1, t, &[5_000, 9_000]), batch(0xb1, t, &[1_000]));
     store.write(&a).await.expect("batch a");
     store.write(&b).await.expect("batch b");
     server.query("OPTIMIZE TABLE summed.samples FINAL").expect("merge");
 
     let rows = |kind: &str| number(&server, &format!("SELECT count() FROM summed.samples WHERE kind = '{kind}'"));
     assert_eq!(rows("cpu"), KEYS, "the CPU rows of the two batches are one row per key");
-    assert_eq!(rows("lock"), 2 * KEYS, "lock rows of different batches stay apart");
+    assert_eq!(rows("lock"), 2 * KEYS, "lock rows of different batches stay apart, of one batch are one");
 
     let sel = window(t, t + 10);
     let cpu = store.stack_totals(RowKind::Cpu, &sel).await.expect("cpu totals");
     assert_eq!(cpu.len() as u64, KEYS);
-    assert!(cpu.iter().all(|s| (s.count, s.total_ns) == (6, 60)), "{cpu:?}");
+    assert!(cpu.iter().all(|s| (s.count, s.total_ns) == (9, 90)), "{cpu:?}");
     let locks = store.lock_totals(&sel).await.expect("lock totals");
-    assert!(locks.iter().all(|l| (l.count, l.total_ns, l.max_ns) == (2, 14_000, 9_000)), "{locks:?}");
+    assert!(locks.iter().all(|l| (l.count, l.total_ns, l.max_ns) == (3, 15_000, 9_000)), "{locks:?}");
     let nodes = store.label_values(LabelName::Node, None, &sel).await.expect("nodes");
     assert_eq!(nodes, vec!["n1".to_owned()], "the batches' marker rows are no one's labels");
 
     // Batches of CPU rows alone: a merged row keeps the batch id of one of
     // them; both retries must still find their batch committed.
-    store.write(&batch(0xc1, t + 10, None)).await.expect("batch c");
-    store.write(&batch(0xd1, t + 10, None)).await.expect("batch d");
+    store.write(&batch(0xc1, t + 10, &[])).await.expect("batch c");
+    store.write(&batch(0xd1, t + 10, &[])).await.expect("batch d");
     server.query("OPTIMIZE TABLE summed.samples FINAL").expect("merge");
     for id in [0xc1, 0xd1] {
         // The retry of a batch whose answer was lost: rows sent, no answer.
-        let retried = batch(id, t + 10, None);
+        let retried = batch(id, t + 10, &[]);
         retried.rows_sent.store(true, Ordering::Release);
         store.write(&retried).await.expect("retry");
     }
@@ -117,6 +118,13 @@ const OLD_SAMPLES: &str = "CREATE TABLE {t} (
     tag_keys Array(String), tag_values Array(String), profile_type String DEFAULT ''
 ) ENGINE = MergeTree PARTITION BY toYYYYMMDD(window_start)
 ORDER BY (kind, window_start, node, namespace, pod, process, stack_hash)";
+
+/// `frame_ledger` as migrations 1 to 4 left it.
+const OLD_LEDGER: &str = "CREATE TABLE old.frame_ledger (
+    agent_id String, boot_id String, watermark UInt64, above Array(UInt64), updated DateTime, version UInt64,
+    batch_id UInt64 DEFAULT 0, batch_watermark UInt64 DEFAULT 0, batch_above Array(UInt64),
+    first_window UInt32 DEFAULT 0, last_window UInt32 DEFAULT 0, windows UInt32 DEFAULT 0
+) ENGINE = ReplacingMergeTree(version) ORDER BY (agent_id, boot_id)";
 
 /// `rows` CPU rows of count 2, node `node`, every 10 minutes from `t` (so
 /// over more than one day when there are enough).
@@ -144,9 +152,28 @@ async fn a_database_from_before_the_summing_table_keeps_its_rows() {
     server.query("CREATE DATABASE old").expect("database");
     server.query(&OLD_SAMPLES.replace("{t}", "old.samples")).expect("old samples");
     server.query(&old_rows("old.samples", "before", t, 250)).expect("rows");
-    // The copy of an aggregator that died an hour ago is taken over; one
+    // Two lock rows of one key and batch (as several flushes of one batch
+    // wrote them), the longer wait second.
+    server
+        .query(&format!(
+            "INSERT INTO old.samples (window_start, kind, node, stack_hash, count, total_ns, max_ns) \
+             VALUES ({w}, 'lock', 'locks', 7, 1, 5000, 5000), ({w}, 'lock', 'locks', 7, 1, 9000, 9000)",
+            w = t + 3_600
+        ))
+        .expect("lock rows");
+    // The ledger's last batch of one agent run is old row 100 (batch 201):
+    // it must read as committed from the start, before its day is copied.
+    server.query(OLD_LEDGER).expect("old ledger");
+    let w = t + 100 * 600;
+    let run = "07070707070707070707070707070707";
+    server
+        .query(&format!(
+            "INSERT INTO old.frame_ledger VALUES ('{run}', '{run}', 3, [], {now}, 1, 201, 9, [], {w}, {w}, 1)"
+        ))
+        .expect("ledger row");
+    // The copy of an aggregator that died seven hours ago is taken over; one
     // that was renamed a minute ago belongs to an aggregator still copying.
-    let abandoned = format!("old.samples_before_summing_{}_0000dead", now - 3 * 3_600);
+    let abandoned = format!("old.samples_before_summing_{}_0000dead", now - 7 * 3_600);
     let busy = format!("old.samples_before_summing_{}_0000beef", now - 60);
     for (table, node) in [(&abandoned, "abandoned"), (&busy, "busy")] {
         server.query(&OLD_SAMPLES.replace("{t}", table)).expect("leftover");
@@ -154,6 +181,11 @@ async fn a_database_from_before_the_summing_table_keeps_its_rows() {
     }
 
     let store = open(&server, "old").await;
+    let marker = number(&server, "SELECT count() FROM old.samples WHERE kind = 'batch' AND stack_hash = 201");
+    assert_eq!(marker, 1, "the ledger's last batch is marked in the new table");
+    let runs = store.load_ledger(t).await.expect("ledger");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].1.watermark, 9, "the run's last batch reads as committed");
     let engine = server.query("SELECT engine FROM system.tables WHERE database = 'old' AND name = 'samples'");
     assert_eq!(engine.expect("engine").trim(), "SummingMergeTree");
     let sum = |node: &str| number(&server, &format!("SELECT sum(count) FROM old.samples WHERE node = '{node}'"));
@@ -167,12 +199,15 @@ async fn a_database_from_before_the_summing_table_keeps_its_rows() {
     assert_eq!(sum("before"), 500, "every row of the old table, over its two days");
     assert_eq!(sum("abandoned"), 100, "the abandoned copy was finished");
     assert_eq!(sum("busy"), 0);
+    server.query("OPTIMIZE TABLE old.samples FINAL").expect("merge");
+    let locks = server.query("SELECT sum(count), max(max_ns) FROM old.samples WHERE node = 'locks'").expect("locks");
+    assert_eq!(locks.trim(), "2\t9000", "the old lock rows of one key keep their longest wait");
 
     let sel = window(t, now);
     let cpu = store.stack_totals(RowKind::Cpu, &sel).await.expect("cpu totals");
     assert_eq!(cpu.iter().map(|s| s.count).sum::<u64>(), 600, "the API reads the copied rows");
     // New writes land in the summing table; opening again changes nothing.
-    store.write(&batch(0xc1, now / 10 * 10, Some(1_000))).await.expect("write");
+    store.write(&batch(0xc1, now / 10 * 10, &[1_000])).await.expect("write");
     drop(store);
     let _again = open(&server, "old").await;
     assert_eq!(sum("before"), 500);
@@ -200,7 +235,7 @@ async fn a_copy_stopped_after_a_day_was_attached_does_not_store_it_twice() {
     let t = now / 86_400 * 86_400 - 2 * 86_400;
     // An old table left by a copier that stopped between attaching the
     // first day (rows and marker are in `samples`) and dropping it.
-    let old = format!("resumed.samples_before_summing_{}_0000a77a", now - 2 * 3_600);
+    let old = format!("resumed.samples_before_summing_{}_0000a77a", now - 7 * 3_600);
     server.query(&OLD_SAMPLES.replace("{t}", &old)).expect("old table");
     server.query(&old_rows(&old, "stopped", t, 200)).expect("old rows");
     let first_day = number(&server, &format!("SELECT min(toYYYYMMDD(window_start)) FROM {old}"));

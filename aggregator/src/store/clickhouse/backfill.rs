@@ -40,7 +40,7 @@ use super::rebuild::{COLUMNS, OLD_PREFIX, OldTable, Target};
 use crate::clock::unix_now_s;
 
 /// An old table its copier has not renamed for this long is taken over.
-pub(crate) const ABANDONED_AFTER_S: u64 = 3600;
+pub(crate) const ABANDONED_AFTER_S: u64 = 6 * 3600;
 
 /// How often an aggregator looks again while old tables are left.
 const LOOK_AGAIN: Duration = Duration::from_secs(600);
@@ -99,14 +99,21 @@ async fn old_tables(db: &Client, t: &Target<'_>) -> Result<Vec<OldTable>, clickh
     Ok(names.iter().filter_map(|n| n.strip_suffix(suffix.as_str())).filter_map(OldTable::parse).collect())
 }
 
-/// Copies the claimed old table `old` day by day, renaming it after each;
-/// stops if another aggregator took it over meanwhile.
+/// Copies the claimed old table `old` day by day, the newest first (what
+/// people look at), renaming it after each; stops if another aggregator
+/// took it over meanwhile.
 async fn copy_table(db: &Client, t: &Target<'_>, mut old: OldTable) -> Result<(), clickhouse::error::Error> {
+    // A statement running longer than this would let another aggregator
+    // take the table over while it runs.
+    let db = &db.clone().with_setting("max_execution_time", MAX_STATEMENT_S.to_string());
     t.create_reader(db, &old.name()).await?;
-    let sql = format!("SELECT DISTINCT toYYYYMMDD(window_start) AS day FROM {} ORDER BY day", t.qualified(&old.name()));
+    let sql =
+        format!("SELECT DISTINCT toYYYYMMDD(window_start) AS day FROM {} ORDER BY day DESC", t.qualified(&old.name()));
     let days = db.query(&sql).fetch_all::<u32>().await?;
     for day in days {
-        copy_day(db, t, old, day).await?;
+        if !copy_day(db, t, old, day).await? {
+            return Ok(());
+        }
         let next = OldTable { claimed_at: unix_now_s(), ..old };
         if next == old {
             continue; // Renamed within this second.
@@ -121,57 +128,97 @@ async fn copy_table(db: &Client, t: &Target<'_>, mut old: OldTable) -> Result<()
     }
     t.drop_reader(db, &old.name()).await?;
     db.query(&t.drop(&t.storage(&old.name()))).execute().await?;
+    if t.cluster.is_none() {
+        // Staging tables of copiers that stopped.
+        let sql = "SELECT name FROM system.tables WHERE database = ? AND startsWith(name, ?)";
+        let prefix = format!("samples_copy_{:08x}_", old.id);
+        for name in db.query(sql).bind(t.database).bind(&prefix).fetch_all::<String>().await? {
+            db.query(&t.drop(&name)).execute().await?;
+        }
+    }
     tracing::info!(table = old.name(), "old samples table copied and dropped");
     Ok(())
 }
+
+/// Longest a statement of the copy may run, seconds: well below
+/// [`ABANDONED_AFTER_S`].
+const MAX_STATEMENT_S: u64 = ABANDONED_AFTER_S * 5 / 6;
 
 /// The marker of day `day` of the old table `id`: odd, like batch ids.
 pub(crate) fn day_marker(id: u32, day: u32) -> u64 {
     ((u64::from(id) << 32) | u64::from(day)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
 }
 
-/// Copies one day of `old` (see the module docs).
-async fn copy_day(db: &Client, t: &Target<'_>, old: OldTable, day: u32) -> Result<(), clickhouse::error::Error> {
+/// The statement copying rows of `source` matching `filter` into `into`.
+/// `cpu` and `profile` rows go as they are (the summing engine adds them
+/// up); the others are first merged per key of the summing table: the old
+/// table may hold several rows of one key and batch, whose `max_ns` and
+/// `histogram` the engine would take from one row only.
+fn copy_statements(into: &str, source: &str, filter: &str) -> [String; 2] {
+    let keys = "window_start, kind, node, namespace, pod, container, process, pid, stack_hash, detail, name, \
+                service, tag_keys, tag_values, profile_type";
+    [
+        format!(
+            "INSERT INTO {into} ({COLUMNS}) SELECT {COLUMNS} FROM {source} WHERE {filter} AND kind IN ('cpu', 'profile')"
+        ),
+        format!(
+            "INSERT INTO {into} ({keys}, count, total_ns, errors, max_ns, histogram, batch_id) \
+             SELECT {keys}, sum(count), sum(total_ns), sum(errors), max(max_ns), sumForEach(histogram), any(batch_id) \
+             FROM {source} WHERE {filter} AND kind NOT IN ('cpu', 'profile') GROUP BY {keys}, batch_id"
+        ),
+    ]
+}
+
+/// Copies one day of `old` (see the module docs); `false` if another
+/// aggregator took the table over meanwhile.
+async fn copy_day(db: &Client, t: &Target<'_>, old: OldTable, day: u32) -> Result<bool, clickhouse::error::Error> {
     let source = t.qualified(&old.name());
     let marker = day_marker(old.id, day);
     // The day's first window: where the marker goes (in the day's partition).
     let sql = format!("SELECT toUInt32(min(window_start)) FROM {source} WHERE toYYYYMMDD(window_start) = {day}");
     let window = db.query(&sql).fetch_one::<u32>().await?;
-    let sql = format!(
+    let attached = format!(
         "SELECT count() FROM {} WHERE kind = 'batch' AND window_start = toDateTime({window}) AND stack_hash = {marker}",
         t.qualified("samples")
     );
-    let staging = format!("samples_copy_{:08x}_{day}", old.id);
-    if db.query(&sql).fetch_one::<u64>().await? == 0 {
+    if db.query(&attached).fetch_one::<u64>().await? == 0 {
         tracing::info!(day, table = old.name(), "copying a day of samples into the summing table");
+        let filter = format!("toYYYYMMDD(window_start) = {day}");
         let mark = |into: &str| {
             format!(
                 "INSERT INTO {into} (window_start, kind, stack_hash, count, batch_id) \
                  VALUES (toDateTime({window}), 'batch', {marker}, 1, {marker})"
             )
         };
-        let copy = |into: &str| {
-            format!(
-                "INSERT INTO {into} ({COLUMNS}) SELECT {COLUMNS} FROM {source} WHERE toYYYYMMDD(window_start) = {day}"
-            )
-        };
         if t.cluster.is_some() {
             // 18.16 runs no `ATTACH PARTITION ... FROM` `ON CLUSTER`: the
             // rows go straight in, then the marker (see the module docs).
-            db.query(&copy(&t.qualified("samples"))).execute().await?;
-            db.query(&mark(&t.qualified("samples"))).execute().await?;
+            let samples = t.qualified("samples");
+            for sql in copy_statements(&samples, &source, &filter) {
+                db.query(&sql).execute().await?;
+            }
+            db.query(&mark(&samples)).execute().await?;
         } else {
+            let staging = format!("samples_copy_{:08x}_{}_{day}", old.id, old.claimed_at);
             db.query(&t.drop(&staging)).execute().await?;
             db.query(&t.create_like_samples(&staging)?).execute().await?;
-            db.query(&copy(&staging)).execute().await?;
+            for sql in copy_statements(&staging, &source, &filter) {
+                db.query(&sql).execute().await?;
+            }
             db.query(&mark(&staging)).execute().await?;
+            // Still this aggregator's table, and the day not attached by
+            // another that took it over while the rows were copied?
+            let still_mine = format!("EXISTS TABLE {source}");
+            if db.query(&still_mine).fetch_one::<u8>().await? == 0 || db.query(&attached).fetch_one::<u64>().await? > 0
+            {
+                db.query(&t.drop(&staging)).execute().await?;
+                return Ok(false);
+            }
             db.query(&format!("ALTER TABLE samples ATTACH PARTITION {day} FROM {staging}")).execute().await?;
+            db.query(&t.drop(&staging)).execute().await?;
         }
     }
     let storage = t.qualified(&t.storage(&old.name()));
     db.query(&format!("ALTER TABLE {storage}{} DROP PARTITION {day}", t.on_cluster())).execute().await?;
-    match t.cluster {
-        Some(_) => Ok(()),
-        None => db.query(&t.drop(&staging)).execute().await,
-    }
+    Ok(true)
 }

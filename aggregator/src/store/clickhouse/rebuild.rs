@@ -24,7 +24,9 @@
 //! `samples_before_summing_0_<id>` (when two aggregators start at once, one
 //! rename wins and the other finds the table gone) and the new `samples` is
 //! created (on a cluster replicated under a ZooKeeper path of its own, since
-//! the renamed table keeps the old one). Its rows are then copied in the
+//! the renamed table keeps the old one). The batches the frame ledger names
+//! last get their markers in the new table at once, so that the ledger's
+//! look-ups at start find them committed; the rows are then copied in the
 //! background while the aggregator serves ([`super::backfill`]).
 //! Inserts of aggregators still running an older version fail while the
 //! table is missing, between the two statements, and are retried.
@@ -183,14 +185,27 @@ pub(crate) async fn rebuild_samples(
 ) -> Result<(), clickhouse::error::Error> {
     let t = Target { database, cluster };
     let storage = t.storage("samples");
+    let mut renamed = None;
     if !is_summing(engine_of(db, database, &storage).await?.as_deref()) {
         let old = OldTable { claimed_at: 0, id: rand::random() };
-        if let Err(e) = db.query(&t.rename("samples", &old.name())).execute().await {
-            // Another aggregator renamed it first: fine once it is gone.
-            let engine = engine_of(db, database, &storage).await?;
-            if engine.is_some() && !is_summing(engine.as_deref()) {
-                return Err(e);
+        match db.query(&t.rename("samples", &old.name())).execute().await {
+            Ok(()) => renamed = Some(old),
+            Err(e) => {
+                // Another aggregator renamed it first: fine once it is gone.
+                let engine = engine_of(db, database, &storage).await?;
+                if engine.is_some() && !is_summing(engine.as_deref()) {
+                    return Err(e);
+                }
             }
+        }
+    }
+    if let Some(old) = renamed
+        && is_summing(engine_of(db, database, &t.storage(&old.name())).await?.as_deref())
+    {
+        // Between the look and the rename another aggregator made the new
+        // table: put it back (if that fails, it is copied like an old one).
+        if db.query(&t.rename(&old.name(), "samples")).execute().await.is_ok() {
+            renamed = None;
         }
     }
     db.query(&t.create_like_samples("samples")?).execute().await?;
@@ -198,5 +213,31 @@ pub(crate) async fn rebuild_samples(
         let key = super::cluster::SHARDING.iter().find(|(t, _)| *t == "samples").map_or("rand()", |(_, k)| *k);
         c.ensure_distributed(db, "samples", key).await.map_err(|e| clickhouse::error::Error::Custom(e.to_string()))?;
     }
+    if let Some(old) = renamed {
+        mark_last_batches(db, &t, &old.name()).await?;
+    }
     Ok(())
+}
+
+/// Stores in `samples` the markers of the batches the ledger names last
+/// for each agent run (see [`super::ledger`]) whose rows are in the old
+/// table `old`: the ledger's look-ups ask for them as soon as the
+/// aggregator starts, long before the backfill copies their days. The rows
+/// themselves follow with the copy.
+async fn mark_last_batches(db: &Client, t: &Target<'_>, old: &str) -> Result<(), clickhouse::error::Error> {
+    if engine_of(db, t.database, "frame_ledger").await?.is_none() {
+        return Ok(()); // A new database on a cluster: no ledger read yet.
+    }
+    t.create_reader(db, old).await?;
+    let sql = format!(
+        "INSERT INTO {samples} (window_start, kind, stack_hash, count, batch_id)
+         SELECT window_start, 'batch', batch_id, 1, batch_id FROM {old}
+         WHERE batch_id != 0 AND batch_id GLOBAL IN
+             (SELECT argMax(batch_id, version) FROM {ledger} GROUP BY agent_id, boot_id)
+         GROUP BY window_start, batch_id",
+        samples = t.qualified("samples"),
+        old = t.qualified(old),
+        ledger = t.qualified("frame_ledger"),
+    );
+    db.query(&sql).execute().await
 }

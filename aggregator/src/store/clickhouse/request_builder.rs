@@ -2,7 +2,10 @@
 //! tables of [`super::schema`] column by column, in order (rows are sent as
 //! `RowBinary` without validation, so order and types must match exactly).
 
-use aperture_core::shard::RowKind;
+use std::collections::HashMap;
+
+use aperture_core::model::Labels;
+use aperture_core::shard::{RowKind, RowValue};
 use clickhouse::Row;
 use serde::Serialize;
 
@@ -27,7 +30,7 @@ pub(crate) struct SampleRow<'a> {
     pub total_ns: u64,
     pub errors: u64,
     pub max_ns: u64,
-    pub histogram: &'a [u64],
+    pub histogram: std::borrow::Cow<'a, [u64]>,
     /// [`WriteBatch::batch_id`].
     pub batch_id: u64,
     pub service: &'a str,
@@ -122,14 +125,25 @@ const BATCH_MARKER_ENUM: i8 = 5;
 /// "B's insert was committed in W", which the retry and ledger checks ask.
 /// `count` is 1 because the engine drops rows whose summed columns are all
 /// zero.
+///
+/// Rows of one key from several flushes of the batch are merged here
+/// (the engine keeps lock and syscall rows of one batch apart, but would
+/// take `max_ns` and `histogram` of rows with the same key from one row).
 pub(crate) fn sample_rows(batch: &WriteBatch) -> Result<Vec<SampleRow<'_>>, WriteError> {
-    let mut out = Vec::with_capacity(batch.row_count() + 2);
+    let mut out: Vec<SampleRow<'_>> = Vec::with_capacity(batch.row_count() + 2);
+    let mut seen: HashMap<(u64, RowKind, &Labels, u64, u32, &str), usize> = HashMap::new();
     for flush in &batch.flushes {
         for (key, value) in &flush.rows {
             let labels = flush.labels.get(key.labels as usize).ok_or_else(|| WriteError::Rejected {
                 store: "clickhouse",
                 reason: format!("row refers to label set {} of {}", key.labels, flush.labels.len()),
             })?;
+            let id = (key.window_start_s, key.kind, labels, key.stack.0, key.detail, value.name.as_str());
+            if let Some(&i) = seen.get(&id) {
+                merge_into(&mut out[i], value);
+                continue;
+            }
+            seen.insert(id, out.len());
             out.push(SampleRow {
                 window_start: datetime(key.window_start_s),
                 kind: kind_enum(key.kind),
@@ -146,7 +160,7 @@ pub(crate) fn sample_rows(batch: &WriteBatch) -> Result<Vec<SampleRow<'_>>, Writ
                 total_ns: value.total_ns,
                 errors: value.errors,
                 max_ns: value.max_ns,
-                histogram: &value.histogram,
+                histogram: std::borrow::Cow::Borrowed(&value.histogram),
                 batch_id: batch.batch_id,
                 service: &labels.service,
                 tag_keys: labels.tags.iter().map(|(k, _)| k.as_str()).collect(),
@@ -160,6 +174,23 @@ pub(crate) fn sample_rows(batch: &WriteBatch) -> Result<Vec<SampleRow<'_>>, Writ
         out.extend(windows.into_iter().map(|window_start| batch_marker(window_start, batch.batch_id)));
     }
     Ok(out)
+}
+
+/// Adds `value` to `row`, as the shards merge rows of one key.
+fn merge_into(row: &mut SampleRow<'_>, value: &RowValue) {
+    row.count = row.count.saturating_add(value.count);
+    row.total_ns = row.total_ns.saturating_add(value.total_ns);
+    row.errors = row.errors.saturating_add(value.errors);
+    row.max_ns = row.max_ns.max(value.max_ns);
+    if !value.histogram.is_empty() {
+        let histogram = row.histogram.to_mut();
+        if histogram.len() < value.histogram.len() {
+            histogram.resize(value.histogram.len(), 0);
+        }
+        for (acc, v) in histogram.iter_mut().zip(&value.histogram) {
+            *acc = acc.saturating_add(*v);
+        }
+    }
 }
 
 fn batch_marker(window_start: u32, batch_id: u64) -> SampleRow<'static> {
@@ -179,7 +210,7 @@ fn batch_marker(window_start: u32, batch_id: u64) -> SampleRow<'static> {
         total_ns: 0,
         errors: 0,
         max_ns: 0,
-        histogram: &[],
+        histogram: std::borrow::Cow::Borrowed(&[]),
         batch_id,
         service: "",
         tag_keys: Vec::new(),
