@@ -51,6 +51,12 @@ fn number(server: &ClickHouseServer, sql: &str) -> u64 {
     v.trim().parse().unwrap_or_else(|_| panic!("{sql}: {v:?}"))
 }
 
+/// A ClickHouse server of the test's own, or `None` (reported skipped by
+/// `test`'s name).
+async fn server(test: &'static str) -> Option<ClickHouseServer> {
+    tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test)).await.expect("start server")
+}
+
 async fn open(server: &ClickHouseServer, database: &str) -> ClickHouseStore {
     let mut settings = ClickHouseSettings::new(server.endpoint());
     settings.database = database.into();
@@ -63,11 +69,7 @@ fn window(from_s: u64, to_s: u64) -> Selector {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_of_one_key_are_summed_and_every_batch_is_still_found_by_its_id() {
-    let test = "rows_of_one_key_are_summed_and_every_batch_is_still_found_by_its_id";
-    let Some(server) = tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test))
-        .await
-        .expect("start server")
-    else {
+    let Some(server) = server("rows_of_one_key_are_summed_and_every_batch_is_still_found_by_its_id").await else {
         return;
     };
     let store = open(&server, "summed").await;
@@ -140,11 +142,7 @@ fn old_rows(table: &str, node: &str, t: u64, rows: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_from_before_the_summing_table_keeps_its_rows() {
-    let test = "a_database_from_before_the_summing_table_keeps_its_rows";
-    let Some(server) = tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test))
-        .await
-        .expect("start server")
-    else {
+    let Some(server) = server("a_database_from_before_the_summing_table_keeps_its_rows").await else {
         return;
     };
     let now = common::now_s();
@@ -223,11 +221,7 @@ fn day_marker(id: u32, day: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_stopped_after_a_day_was_attached_does_not_store_it_twice() {
-    let test = "a_copy_stopped_after_a_day_was_attached_does_not_store_it_twice";
-    let Some(server) = tokio::task::spawn_blocking(move || aperture_testkit::clickhouse::start_or_skip(test))
-        .await
-        .expect("start server")
-    else {
+    let Some(server) = server("a_copy_stopped_after_a_day_was_attached_does_not_store_it_twice").await else {
         return;
     };
     drop(open(&server, "resumed").await);

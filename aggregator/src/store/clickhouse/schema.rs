@@ -185,7 +185,10 @@ async fn migrate_cluster(admin: &Client, db: &Client, cluster: &Cluster<'_>) -> 
             continue;
         }
         for sql in statements {
-            let step = cluster.rewrite(sql).ok_or_else(|| failed(version, name, "no cluster form"))?;
+            let step = match *sql {
+                REBUILD_SAMPLES => Step::RebuildSamples,
+                _ => cluster.rewrite(sql).ok_or_else(|| failed(version, name, "no cluster form"))?,
+            };
             run_step(db, cluster, step).await.map_err(|e| failed(version, name, e))?;
         }
         db.query("INSERT INTO schema_migrations (version, name, applied) SELECT ?, ?, now()")
