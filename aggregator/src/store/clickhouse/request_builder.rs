@@ -126,9 +126,10 @@ const BATCH_MARKER_ENUM: i8 = 5;
 /// `count` is 1 because the engine drops rows whose summed columns are all
 /// zero.
 ///
-/// Rows of one key from several flushes of the batch are merged here
-/// (the engine keeps lock and syscall rows of one batch apart, but would
-/// take `max_ns` and `histogram` of rows with the same key from one row).
+/// Lock, syscall and slow-call rows of one key from several flushes of the
+/// batch are merged here: the engine keeps their rows of different batches
+/// apart, but would take `max_ns` and `histogram` of rows of one key and
+/// batch from one row.
 pub(crate) fn sample_rows(batch: &WriteBatch) -> Result<Vec<SampleRow<'_>>, WriteError> {
     let mut out: Vec<SampleRow<'_>> = Vec::with_capacity(batch.row_count() + 2);
     let mut seen: HashMap<(u64, RowKind, &Labels, u64, u32, &str), usize> = HashMap::new();
@@ -138,12 +139,15 @@ pub(crate) fn sample_rows(batch: &WriteBatch) -> Result<Vec<SampleRow<'_>>, Writ
                 store: "clickhouse",
                 reason: format!("row refers to label set {} of {}", key.labels, flush.labels.len()),
             })?;
-            let id = (key.window_start_s, key.kind, labels, key.stack.0, key.detail, value.name.as_str());
-            if let Some(&i) = seen.get(&id) {
-                merge_into(&mut out[i], value);
-                continue;
+            if !matches!(key.kind, RowKind::Cpu | RowKind::Profile) {
+                // CPU and profile rows the engine sums as they should be.
+                let id = (key.window_start_s, key.kind, labels, key.stack.0, key.detail, value.name.as_str());
+                if let Some(&i) = seen.get(&id) {
+                    merge_into(&mut out[i], value);
+                    continue;
+                }
+                seen.insert(id, out.len());
             }
-            seen.insert(id, out.len());
             out.push(SampleRow {
                 window_start: datetime(key.window_start_s),
                 kind: kind_enum(key.kind),
