@@ -203,8 +203,9 @@ async fn profile_types_services_and_tags_clickhouse() {
 }
 
 /// A database created before profile types (migrations 1 and 2 only, with
-/// an agent row in it) is migrated on start: its rows read as before and
-/// pushed rows can be written next to them.
+/// an agent row in it) is migrated on start: its rows read as before (once
+/// copied into the summing table) and pushed rows can be written next to
+/// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clickhouse_database_from_before_profile_types_is_migrated_in_place() {
     let test = "a_clickhouse_database_from_before_profile_types_is_migrated_in_place";
@@ -255,7 +256,16 @@ async fn a_clickhouse_database_from_before_profile_types_is_migrated_in_place() 
     let handle = Aggregator::start(settings).await.expect("start on the old database");
     let addr = handle.http_addr();
     let range = format!("from={}&to={}", t0 - 60, t0 + 60);
-    assert_eq!(get(addr, &format!("/api/v1/profile?mode=cpu&format=folded&{range}")).await.text(), "main;old_work 4\n");
+    // The old rows reach the new `samples` table in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let folded = get(addr, &format!("/api/v1/profile?mode=cpu&format=folded&{range}")).await.text();
+        if folded == "main;old_work 4\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the old rows were not readable within a minute: {folded:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     handle.store().write(&pushed(window)).await.expect("write pushed rows after the migration");
     assert_eq!(
         get(addr, &format!("/api/v1/profile?type={GOROUTINES}&format=folded&{range}")).await.text(),

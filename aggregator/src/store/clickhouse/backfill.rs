@@ -16,12 +16,15 @@
 //!    (`INSERT ... SELECT`), with one marker row naming the old table and
 //!    the day (a `batch` row, never merged with another, see
 //!    [`super::request_builder::sample_rows`]);
-//! 2. the staging partition is attached to `samples` (`ATTACH PARTITION
-//!    ... FROM`: all its parts at once, so the marker lands with the rows);
-//! 3. the day is dropped from the old table, and the staging table dropped.
+//! 2. if the old table is still this copier's and the day's marker is not
+//!    in `samples` yet, the staging partition is attached to `samples`
+//!    (`ATTACH PARTITION ... FROM`: all its parts at once, so the marker
+//!    lands with the rows), and the staging table dropped;
+//! 3. the day is dropped from the old table.
 //!
 //! A copier that finds the day's marker in `samples` knows step 2 was done,
-//! and only finishes step 3.
+//! and only does step 3. Staging tables left by copiers that stopped are
+//! dropped with their old table.
 //!
 //! On a cluster the old tables' rows are read through a `Distributed` table
 //! over their local tables, and the days dropped `ON CLUSTER`; ClickHouse
