@@ -176,7 +176,7 @@ async fn a_retry_after_a_lost_answer_does_not_count_twice() {
     let batch = WriteBatch { flushes: vec![f], now_s: t0, batch_id: 0x5eed, ..WriteBatch::default() };
     let expected = 20 * 3;
 
-    proxy.arm(Fault::LoseAnswer, "");
+    proxy.arm(Fault::LoseAnswer, SAMPLES_INSERT);
     let first = store.write(&batch).await;
     assert!(first.as_ref().is_err_and(|e| e.is_retryable()), "the lost answer is a retryable failure: {first:?}");
     assert!(proxy.fired(), "the proxy dropped an answer");

@@ -48,6 +48,16 @@ pub(crate) const ABANDONED_AFTER_S: u64 = 6 * 3600;
 /// How often an aggregator looks again while old tables are left.
 const LOOK_AGAIN: Duration = Duration::from_secs(600);
 
+/// Whether old tables are left to copy.
+pub(crate) async fn pending(
+    db: &Client,
+    database: &str,
+    cluster: Option<&str>,
+) -> Result<bool, clickhouse::error::Error> {
+    let c = cluster.map(|name| Cluster { name, database });
+    Ok(!old_tables(db, &Target { database, cluster: c.as_ref() }).await?.is_empty())
+}
+
 /// Starts the copy in the background, on the current tokio runtime; it
 /// ends once no old table is left.
 pub(crate) fn spawn(db: Client, database: String, cluster: Option<String>) {

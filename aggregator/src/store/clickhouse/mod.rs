@@ -61,7 +61,18 @@ impl ClickHouseStore {
     pub async fn open(settings: &ClickHouseSettings) -> Result<ClickHouseStore, OpenError> {
         let (admin, client) = config::clients(settings)?;
         schema::migrate(&admin, &client, &settings.database, settings.cluster.as_deref()).await?;
-        backfill::spawn(client.clone(), settings.database.clone(), settings.cluster.clone());
+        let old_rows =
+            backfill::pending(&client, &settings.database, settings.cluster.as_deref()).await.map_err(|e| {
+                OpenError::Migration {
+                    store: "clickhouse",
+                    version: 5,
+                    name: "old samples tables",
+                    reason: e.to_string(),
+                }
+            })?;
+        if old_rows {
+            backfill::spawn(client.clone(), settings.database.clone(), settings.cluster.clone());
+        }
         let reads = queries::read_client(&client, settings.max_query_time);
         Ok(ClickHouseStore {
             client,
