@@ -11,8 +11,9 @@
 //! - [`queries`]: the reads behind the API, and retention.
 //!
 //! Integration tests against real servers: `tests/replicas.rs`,
-//! `tests/clickhouse_retries.rs`, `tests/resilience.rs` and, on a cluster of
-//! two shards, `tests/clickhouse_cluster.rs`.
+//! `tests/clickhouse_retries.rs`, `tests/resilience.rs`,
+//! `tests/clickhouse_summing.rs` (the summing table and the upgrade to it)
+//! and, on a cluster of two shards, `tests/clickhouse_cluster.rs`.
 
 mod backfill;
 mod cluster;

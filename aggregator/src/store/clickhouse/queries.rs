@@ -26,7 +26,9 @@ pub(crate) fn read_client(client: &Client, timeout: std::time::Duration) -> Clie
 
 /// `sum(column)` of a `UInt64` column, saturating at `u64::MAX`: ClickHouse's
 /// `sum` of `UInt64` wraps around, so the exact sum is kept unless a second
-/// sum, in `Float64`, reaches 2^64 (works on every server version).
+/// sum, in `Float64`, reaches 2^64 (works on every server version). Rows
+/// the summing engine has already merged hold their own sum, which wraps
+/// past 2^64 (see `docs/storage.md`).
 fn sat_sum(column: &str) -> String {
     format!("if(sum(toFloat64({column})) >= {SAT_F64}, {max}, sum({column}))", max = u64::MAX)
 }
