@@ -184,6 +184,9 @@ async fn two_aggregators_on_a_two_shard_cluster_store_every_sample_once() {
     // A `samples` table from before the summing engine, its rows on both
     // shards over two days: the next start copies them in the background.
     let old = "samples_before_summing_0_0000c0de";
+    // From yesterday noon to today 21:20 UTC: two days, both before the
+    // retention cutoff below whatever the time of day.
+    let noon = t0 / 86_400 * 86_400 - 43_200;
     cluster.servers[0]
         .query(&format!(
             "CREATE TABLE {DATABASE}.{old}_local ON CLUSTER {name} AS {DATABASE}.samples_local \
@@ -194,7 +197,7 @@ async fn two_aggregators_on_a_two_shard_cluster_store_every_sample_once() {
     for (i, server) in cluster.servers.iter().enumerate() {
         let insert = format!(
             "INSERT INTO {DATABASE}.{old}_local (window_start, kind, node, stack_hash, count, batch_id) \
-             SELECT toDateTime({t0} - 86400 + number * 1200), 'cpu', 'old', number % 5, 2, 2 * number + 1 \
+             SELECT toDateTime({noon} + number * 600), 'cpu', 'old', number % 5, 2, 2 * number + 1 \
              FROM system.numbers LIMIT {i}00, 100"
         );
         server.query(&insert).expect("old rows");
