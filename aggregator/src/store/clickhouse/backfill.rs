@@ -43,7 +43,7 @@ use super::rebuild::{COLUMNS, OLD_PREFIX, OldTable, Target};
 use crate::clock::unix_now_s;
 
 /// An old table its copier has not renamed for this long is taken over.
-pub(crate) const ABANDONED_AFTER_S: u64 = 6 * 3600;
+const ABANDONED_AFTER_S: u64 = 6 * 3600;
 
 /// How often an aggregator looks again while old tables are left.
 const LOOK_AGAIN: Duration = Duration::from_secs(600);
@@ -158,7 +158,7 @@ async fn copy_table(db: &Client, t: &Target<'_>, mut old: OldTable) -> Result<()
 const MAX_STATEMENT_S: u64 = ABANDONED_AFTER_S * 5 / 6;
 
 /// The marker of day `day` of the old table `id`: odd, like batch ids.
-pub(crate) fn day_marker(id: u32, day: u32) -> u64 {
+fn day_marker(id: u32, day: u32) -> u64 {
     ((u64::from(id) << 32) | u64::from(day)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
 }
 

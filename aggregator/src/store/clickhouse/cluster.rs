@@ -42,10 +42,19 @@ pub(crate) const LOCAL_SUFFIX: &str = "_local";
 /// The `Distributed` tables and their sharding keys (see the module docs).
 pub(crate) const SHARDING: &[(&str, &str)] = &[
     ("schema_migrations", "version"),
-    ("samples", "intHash64(batch_id)"),
+    ("samples", SAMPLES_SHARDING),
     ("stacks", "hash"),
     ("frame_ledger", "cityHash64(agent_id, boot_id)"),
 ];
+
+/// The sharding key of `samples` (and of the old tables the upgrade to the
+/// summing engine copies from).
+pub(crate) const SAMPLES_SHARDING: &str = "intHash64(batch_id)";
+
+/// The sharding key of the `Distributed` table `table`.
+pub(crate) fn sharding_key(table: &str) -> Option<&'static str> {
+    SHARDING.iter().find(|(t, _)| *t == table).map(|(_, key)| *key)
+}
 
 /// Whether `name` can be a cluster name in SQL as it is: letters, digits
 /// and `_`, not starting with a digit.
@@ -97,7 +106,7 @@ pub(crate) struct Cluster<'a> {
 }
 
 impl Cluster<'_> {
-    pub(crate) fn local(&self, table: &str) -> String {
+    fn local(&self, table: &str) -> String {
         format!("{}.{table}{LOCAL_SUFFIX}", self.database)
     }
 

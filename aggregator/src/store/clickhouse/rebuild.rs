@@ -33,7 +33,7 @@
 
 use clickhouse::Client;
 
-use super::cluster::{Cluster, LOCAL_SUFFIX};
+use super::cluster::{Cluster, LOCAL_SUFFIX, SAMPLES_SHARDING};
 
 /// The migration statement that stands for this rebuild.
 pub(crate) const REBUILD_SAMPLES: &str = "REBUILD TABLE samples";
@@ -136,7 +136,8 @@ impl Target<'_> {
     /// table itself is read.
     pub(crate) async fn create_reader(&self, db: &Client, name: &str) -> Result<(), clickhouse::error::Error> {
         match self.cluster {
-            Some(c) => db.query(&c.create_distributed(name, "intHash64(batch_id)")).execute().await,
+            // Old `samples` tables were sharded as `samples` is.
+            Some(c) => db.query(&c.create_distributed(name, SAMPLES_SHARDING)).execute().await,
             None => Ok(()),
         }
     }
@@ -210,8 +211,9 @@ pub(crate) async fn rebuild_samples(
     }
     db.query(&t.create_like_samples("samples")?).execute().await?;
     if let Some(c) = cluster {
-        let key = super::cluster::SHARDING.iter().find(|(t, _)| *t == "samples").map_or("rand()", |(_, k)| *k);
-        c.ensure_distributed(db, "samples", key).await.map_err(|e| clickhouse::error::Error::Custom(e.to_string()))?;
+        c.ensure_distributed(db, "samples", SAMPLES_SHARDING)
+            .await
+            .map_err(|e| clickhouse::error::Error::Custom(e.to_string()))?;
     }
     if let Some(old) = renamed {
         mark_last_batches(db, &t, &old.name()).await?;

@@ -14,7 +14,7 @@
 
 use clickhouse::Client;
 
-use super::cluster::{Cluster, SHARDING, Step};
+use super::cluster::{Cluster, SHARDING, Step, sharding_key};
 use super::rebuild::{REBUILD_SAMPLES, rebuild_samples};
 use crate::store::OpenError;
 
@@ -170,10 +170,9 @@ pub(crate) async fn migrate(
 /// on any server of the cluster sees the same versions.
 async fn migrate_cluster(admin: &Client, db: &Client, cluster: &Cluster<'_>) -> Result<(), OpenError> {
     admin.query(&cluster.create_database()).execute().await.map_err(|e| failed(0, "create database", e))?;
-    let sharding = |table: &str| SHARDING.iter().find(|(t, _)| *t == table).map(|(_, key)| *key);
     let step = cluster.rewrite(SCHEMA_MIGRATIONS).ok_or_else(|| failed(0, "schema_migrations", "no cluster form"))?;
     run_step(db, cluster, step).await.map_err(|e| failed(0, "schema_migrations", e))?;
-    let key = sharding("schema_migrations").unwrap_or("version");
+    let key = sharding_key("schema_migrations").unwrap_or("version");
     cluster.ensure_distributed(db, "schema_migrations", key).await?;
     let applied: Vec<u32> = db
         .query("SELECT DISTINCT version FROM schema_migrations")
