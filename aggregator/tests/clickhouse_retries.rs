@@ -34,6 +34,9 @@ enum Fault {
     /// Close the connection instead of passing the request on: the server
     /// never sees it.
     LoseRequest,
+    /// Pass the request on only once [`FaultyProxy::release`] is called: a
+    /// server frozen with the request in its socket, or slow to take it.
+    Hold,
 }
 
 /// A TCP proxy in front of ClickHouse that, when armed, applies a [`Fault`]
@@ -42,6 +45,9 @@ enum Fault {
 struct FaultyProxy {
     addr: SocketAddr,
     armed: Arc<Mutex<Option<(Fault, &'static str)>>>,
+    released: Arc<AtomicBool>,
+    /// Set once the server answered the request a [`Fault::Hold`] held.
+    held_answered: Arc<AtomicBool>,
 }
 
 impl FaultyProxy {
@@ -49,19 +55,32 @@ impl FaultyProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let armed: Arc<Mutex<Option<(Fault, &'static str)>>> = Arc::default();
-        let shared = Arc::clone(&armed);
+        let released = Arc::new(AtomicBool::new(false));
+        let held_answered = Arc::new(AtomicBool::new(false));
+        let (shared, release, answered) = (Arc::clone(&armed), Arc::clone(&released), Arc::clone(&held_answered));
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
                 let Ok(server) = TcpStream::connect(upstream) else { continue };
                 let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
-                let lose_answer = Arc::new(AtomicBool::new(false));
-                let (armed, lose) = (Arc::clone(&shared), Arc::clone(&lose_answer));
-                std::thread::spawn(move || requests(c2, s2, &armed, &lose));
-                std::thread::spawn(move || answers(server, client, &lose_answer));
+                let faults = Arc::new(ConnectionFaults::default());
+                let (armed, release, mine) = (Arc::clone(&shared), Arc::clone(&release), Arc::clone(&faults));
+                std::thread::spawn(move || requests(c2, s2, &armed, &mine, &release));
+                let answered = Arc::clone(&answered);
+                std::thread::spawn(move || answers(server, client, &faults, &answered));
             }
         });
-        FaultyProxy { addr, armed }
+        FaultyProxy { addr, armed, released, held_answered }
+    }
+
+    /// Passes on the request a [`Fault::Hold`] holds.
+    fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the server answered the request a [`Fault::Hold`] held.
+    fn held_answered(&self) -> bool {
+        self.held_answered.load(Ordering::SeqCst)
     }
 
     /// Applies `fault` to the next request whose head contains `pattern`
@@ -76,8 +95,23 @@ impl FaultyProxy {
     }
 }
 
+/// What the faults did to one proxied connection.
+#[derive(Default)]
+struct ConnectionFaults {
+    /// Drop the next answer ([`Fault::LoseAnswer`]).
+    lose: AtomicBool,
+    /// A request of this connection was held ([`Fault::Hold`]).
+    held: AtomicBool,
+}
+
 /// Copies requests from `client` to `server`, applying the armed fault.
-fn requests(mut client: TcpStream, mut server: TcpStream, armed: &Mutex<Option<(Fault, &str)>>, lose: &AtomicBool) {
+fn requests(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    armed: &Mutex<Option<(Fault, &str)>>,
+    faults: &ConnectionFaults,
+    released: &AtomicBool,
+) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = match client.read(&mut buf) {
@@ -95,7 +129,15 @@ fn requests(mut client: TcpStream, mut server: TcpStream, armed: &Mutex<Option<(
                 let _ = server.shutdown(Shutdown::Both);
                 return;
             }
-            Some(Fault::LoseAnswer) => lose.store(true, Ordering::SeqCst),
+            Some(Fault::LoseAnswer) => faults.lose.store(true, Ordering::SeqCst),
+            // What the client sends meanwhile, its end included, waits in
+            // the socket and follows.
+            Some(Fault::Hold) => {
+                faults.held.store(true, Ordering::SeqCst);
+                while !released.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             None => {}
         }
         if server.write_all(&buf[..n]).is_err() {
@@ -105,16 +147,21 @@ fn requests(mut client: TcpStream, mut server: TcpStream, armed: &Mutex<Option<(
     let _ = server.shutdown(Shutdown::Write);
 }
 
-/// Copies answers from `server` to `client`; with `lose` set, the first
-/// bytes read are dropped instead and both connections are closed.
-fn answers(mut server: TcpStream, mut client: TcpStream, lose: &AtomicBool) {
+/// Copies answers from `server` to `client`. With `faults.lose` set, the
+/// first bytes read are dropped instead and both connections are closed;
+/// with `faults.held` set, the first bytes read answer the held request
+/// (HTTP/1.1: one request at a time), and `held_answered` is set.
+fn answers(mut server: TcpStream, mut client: TcpStream, faults: &ConnectionFaults, held_answered: &AtomicBool) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = match server.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if lose.swap(false, Ordering::SeqCst) {
+        if faults.held.load(Ordering::SeqCst) {
+            held_answered.store(true, Ordering::SeqCst);
+        }
+        if faults.lose.swap(false, Ordering::SeqCst) {
             let _ = client.shutdown(Shutdown::Both);
             let _ = server.shutdown(Shutdown::Both);
             return;
@@ -188,6 +235,51 @@ async fn a_retry_after_a_lost_answer_does_not_count_twice() {
 
     store.write(&batch).await.expect("retry");
     assert_eq!(stored(), expected.to_string(), "the retry must not insert the rows again");
+    drop(server);
+}
+
+/// A samples insert that reaches the server only after its attempt timed
+/// out and the writer tried again (a server frozen with the request in its
+/// socket, then resumed): the writer waits for that insert's own answer
+/// rather than sending the rows beside it, and they are stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_answered_after_its_timeout_is_not_sent_again_beside_it() {
+    const TEST: &str = "an_insert_answered_after_its_timeout_is_not_sent_again_beside_it";
+    let Some((server, proxy, settings, _)) = proxied_store(TEST, "late_answer").await else { return };
+    let quick = ClickHouseSettings { request_timeout: Duration::from_secs(1), ..settings };
+    let store = ClickHouseStore::open(&quick).await.expect("open store");
+    let t0 = common::now_s() / 86_400 * 86_400 - 86_400;
+    let batch = WriteBatch { flushes: vec![flush(20, t0)], now_s: t0, batch_id: 0x7a1e, ..WriteBatch::default() };
+
+    proxy.arm(Fault::Hold, SAMPLES_INSERT);
+    let first = store.write(&batch).await;
+    assert!(first.as_ref().is_err_and(|e| e.is_retryable()), "the insert timed out: {first:?}");
+    assert!(proxy.fired(), "the proxy holds the insert");
+    // The server has none of the rows yet: a check by batch id finds none.
+    let second = store.write(&batch).await;
+    assert!(
+        second.as_ref().is_err_and(|e| e.to_string().contains("no answer yet")),
+        "the retry waits for the first insert's answer: {second:?}"
+    );
+    proxy.release();
+    let mut written = store.write(&batch).await;
+    for _ in 0..200 {
+        if written.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        written = store.write(&batch).await;
+    }
+    written.expect("the batch is written once the held insert is answered");
+    for _ in 0..200 {
+        if proxy.held_answered() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(proxy.held_answered(), "the server answered the held insert");
+    let stored = server.query("SELECT sum(count) FROM late_answer.samples WHERE kind != 'batch'").expect("query");
+    assert_eq!(stored.trim(), (20 * 3).to_string(), "the rows are stored once");
     drop(server);
 }
 

@@ -73,6 +73,31 @@ pub struct WriteBatch {
     /// Set once a rows insert of this batch may have reached the store, so
     /// a retry checks [`WriteBatch::batch_id`] before inserting again.
     pub rows_sent: std::sync::atomic::AtomicBool,
+    /// A rows insert of this batch that timed out and still waits for its
+    /// answer (ClickHouse): a retry waits for that answer instead of
+    /// sending the rows again beside it.
+    pub unanswered: Unanswered,
+}
+
+/// A rows insert whose attempt timed out before the store answered, kept
+/// open and awaited. Its answer is the only exact word on whether it was
+/// committed: a store that was frozen or slow commits it when it resumes,
+/// so sending the rows again meanwhile, even after a check that found none
+/// of them, could store them twice.
+#[derive(Debug, Default)]
+pub struct Unanswered(std::sync::Mutex<Option<Pending>>);
+
+/// When an unanswered insert was sent, and the task waiting for its answer.
+type Pending = (std::time::Instant, tokio::task::JoinHandle<Result<(), WriteError>>);
+
+impl Unanswered {
+    pub(crate) fn put(&self, sent: std::time::Instant, answer: tokio::task::JoinHandle<Result<(), WriteError>>) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((sent, answer));
+    }
+
+    pub(crate) fn take(&self) -> Option<Pending> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
 }
 
 impl WriteBatch {

@@ -20,17 +20,24 @@
 //! version wins).
 //!
 //! The samples insert is made idempotent by the batch id stored with each
-//! row: a retry after a timeout or a lost answer first asks which windows of
-//! the batch the server already holds and inserts only the others
-//! ([`stored_windows`]).
+//! row: a retry after a lost answer first asks which windows of the batch
+//! the server already holds and inserts only the others
+//! ([`stored_windows`]). That check is exact only once the earlier attempt
+//! can no longer commit, so an attempt that times out is not dropped: its
+//! connection stays open and its answer is awaited ([`insert_samples`]),
+//! and the batch is not sent again until that answer came, or the
+//! connection failed, or [`ANSWER_WAIT_LIMIT`] passed. A server frozen
+//! with the request in its socket commits it when it resumes, and the
+//! answer says so.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use clickhouse::insert::Insert;
 use clickhouse::{Client, Row, RowWrite};
 
-use super::request_builder::{WindowSpan, ledger_rows, sample_rows, stack_rows};
+use super::request_builder::{LedgerRow, SampleRow, StackRow, WindowSpan, ledger_rows, sample_rows, stack_rows};
 use crate::store::{WriteBatch, WriteError};
 
 const STORE: &str = "clickhouse";
@@ -65,35 +72,56 @@ pub(crate) fn server_code(text: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-async fn insert_all<T: Row + RowWrite>(
+/// Starts an insert into `table` and writes `rows` into it; `None` when
+/// there are none. Every send must finish within `timeout`: a body cut
+/// short is never committed.
+async fn start_insert<T: Row + RowWrite>(
+    client: &Client,
+    table: &str,
+    rows: &[T::Value<'_>],
+    timeout: Duration,
+) -> Result<Option<Insert<T>>, WriteError> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut insert = client.insert::<T>(table).await.map_err(classify)?.with_timeouts(Some(timeout), None);
+    for row in rows {
+        insert.write(row).await.map_err(classify)?;
+    }
+    Ok(Some(insert))
+}
+
+/// Inserts `rows` into a table where inserting them twice is harmless.
+async fn insert_all<T: Row + RowWrite + 'static>(
     client: &Client,
     table: &str,
     rows: &[T::Value<'_>],
     timeout: Duration,
 ) -> Result<(), WriteError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut insert = client.insert::<T>(table).await.map_err(classify)?.with_timeouts(Some(timeout), Some(timeout));
-    for row in rows {
-        insert.write(row).await.map_err(classify)?;
-    }
-    insert.end().await.map_err(classify)
+    let Some(insert) = start_insert::<T>(client, table, rows, timeout).await? else { return Ok(()) };
+    tokio::time::timeout(timeout, insert.end())
+        .await
+        .map_err(|_| unavailable(format!("no answer to the {table} insert within {timeout:?}")))?
+        .map_err(classify)
 }
 
 /// Runs the inserts of `batch` not yet done.
 pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration) -> Result<(), WriteError> {
     if batch.progress.load(Ordering::Acquire) < 1 {
         let rows = stack_rows(batch);
-        insert_all::<super::request_builder::StackRow<'static>>(client, "stacks", &rows, timeout).await?;
+        insert_all::<StackRow<'static>>(client, "stacks", &rows, timeout).await?;
         batch.progress.store(1, Ordering::Release);
     }
     if batch.progress.load(Ordering::Acquire) < 2 {
         let rows = ledger_rows(batch, WindowSpan::of(batch), crate::clock::unix_now_ns());
-        insert_all::<super::request_builder::LedgerRow>(client, "frame_ledger", &rows, timeout).await?;
+        insert_all::<LedgerRow>(client, "frame_ledger", &rows, timeout).await?;
         batch.progress.store(2, Ordering::Release);
     }
     if batch.progress.load(Ordering::Acquire) < 3 {
+        if earlier_attempt_committed(batch).await? {
+            batch.progress.store(3, Ordering::Release);
+            return Ok(());
+        }
         let mut rows = sample_rows(batch)?;
         if batch.batch_id != 0 && batch.rows_sent.load(Ordering::Acquire) {
             // An earlier attempt may have been committed without its answer
@@ -109,10 +137,92 @@ pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration
             rows.retain(|r| !stored.contains(&r.window_start));
         }
         batch.rows_sent.store(true, Ordering::Release);
-        insert_all::<super::request_builder::SampleRow<'static>>(client, "samples", &rows, timeout).await?;
+        insert_samples(client, batch, &rows, timeout).await?;
         batch.progress.store(3, Ordering::Release);
     }
     Ok(())
+}
+
+/// How long a samples insert that timed out is waited for before the
+/// writer stops waiting and goes by the batch-id check alone. Longer than
+/// Linux takes to give up on a connection whose data is not acknowledged
+/// (about 15 minutes with the default `tcp_retries2`), so a connection
+/// still alive is given up only when the server holds a request it does
+/// not answer.
+const ANSWER_WAIT_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+/// Inserts the samples. An answer not back within `timeout` is still
+/// awaited, on the same connection, by a task of its own kept in the batch
+/// ([`earlier_attempt_committed`] reads it on the next try): a server that
+/// was frozen, or slow to commit, commits the rows when it resumes, and
+/// only that answer says so exactly.
+async fn insert_samples(
+    client: &Client,
+    batch: &WriteBatch,
+    rows: &[SampleRow<'_>],
+    timeout: Duration,
+) -> Result<(), WriteError> {
+    let Some(insert) = start_insert::<SampleRow<'static>>(client, "samples", rows, timeout).await? else {
+        return Ok(());
+    };
+    let sent = Instant::now();
+    let mut answer = tokio::spawn(async move { insert.end().await.map_err(classify) });
+    match tokio::time::timeout(timeout, &mut answer).await {
+        Ok(joined) => joined.unwrap_or_else(|e| Err(unavailable(format!("the samples insert's task ended: {e}")))),
+        Err(_) => {
+            batch.unanswered.put(sent, answer);
+            Err(unavailable(format!(
+                "no answer to the samples insert within {timeout:?}; its answer is awaited before the batch is sent again"
+            )))
+        }
+    }
+}
+
+/// Whether an earlier samples insert of `batch`, left waiting for its answer
+/// by [`insert_samples`], was committed. `Ok(false)` when there was none, or
+/// it failed or was given up on: whatever of it was stored is then found by
+/// the batch-id check. An error while it still waits.
+async fn earlier_attempt_committed(batch: &WriteBatch) -> Result<bool, WriteError> {
+    let Some((sent, answer)) = batch.unanswered.take() else { return Ok(false) };
+    let waited = sent.elapsed();
+    if !answer.is_finished() {
+        if waited < ANSWER_WAIT_LIMIT {
+            batch.unanswered.put(sent, answer);
+            return Err(unavailable(format!(
+                "the samples insert sent {}s ago has no answer yet; the batch is sent again only once it has one",
+                waited.as_secs()
+            )));
+        }
+        answer.abort();
+        tracing::warn!(
+            batch_id = batch.batch_id,
+            waited_s = waited.as_secs(),
+            "gave up waiting for the answer to a samples insert; retrying after checking its batch id"
+        );
+        return Ok(false);
+    }
+    match answer.await {
+        Ok(Ok(())) => {
+            tracing::info!(
+                batch_id = batch.batch_id,
+                waited_s = waited.as_secs(),
+                "a samples insert that timed out was committed"
+            );
+            Ok(true)
+        }
+        Ok(Err(e)) => {
+            tracing::info!(batch_id = batch.batch_id, error = %e, "a samples insert that timed out failed; retrying after checking its batch id");
+            Ok(false)
+        }
+        Err(e) => {
+            tracing::warn!(batch_id = batch.batch_id, error = %e, "the task awaiting a samples insert ended; retrying after checking its batch id");
+            Ok(false)
+        }
+    }
+}
+
+fn unavailable(reason: String) -> WriteError {
+    WriteError::Unavailable { store: STORE, reason }
 }
 
 /// The windows of `rows` for which rows tagged `batch_id` are stored.
@@ -124,7 +234,7 @@ pub(crate) async fn write(client: &Client, batch: &WriteBatch, timeout: Duration
 async fn stored_windows(
     client: &Client,
     batch_id: u64,
-    rows: &[super::request_builder::SampleRow<'_>],
+    rows: &[SampleRow<'_>],
     timeout: Duration,
 ) -> Result<HashSet<u32>, WriteError> {
     let (Some(from), Some(to)) = (rows.iter().map(|r| r.window_start).min(), rows.iter().map(|r| r.window_start).max())
@@ -137,10 +247,7 @@ async fn stored_windows(
     );
     let windows = tokio::time::timeout(timeout, client.query(&sql).fetch_all::<u32>())
         .await
-        .map_err(|_| WriteError::Unavailable {
-            store: STORE,
-            reason: format!("no answer within {timeout:?} to the check of a retried batch"),
-        })?
+        .map_err(|_| unavailable(format!("no answer within {timeout:?} to the check of a retried batch")))?
         .map_err(classify)?;
     Ok(windows.into_iter().collect())
 }
