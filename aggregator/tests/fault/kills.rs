@@ -107,6 +107,10 @@ async fn fault_clickhouse_outage() {
     let c = Conservation { sent, stored, restarts: 0 };
     c.report("clickhouse_outage");
     report(&format!("fault: clickhouse_outage rss_before={before} rss_peak={peak}"));
+    // How the writer's retries went, for a failure to be read from CI.
+    for line in agg.log_lines(&["insert", "retried batch"]) {
+        report(&format!("fault: clickhouse_outage log: {line}"));
+    }
     assert_eq!((c.lost(), c.duplicated()), (0, 0));
     let ready = get(agg.http, "/readyz").await;
     assert_eq!(ready.status, 200, "{}", ready.text());

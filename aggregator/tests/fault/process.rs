@@ -80,6 +80,16 @@ impl AggregatorProcess {
         self.child = Some(cmd.spawn().expect("spawn aperture aggregator"));
     }
 
+    /// Lines of every start's log that contain one of `needles`.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        (1..=self.starts)
+            .filter_map(|n| std::fs::read_to_string(self.dir.join(format!("aggregator-{n}.log"))).ok())
+            .flat_map(|log| {
+                log.lines().filter(|l| needles.iter().any(|n| l.contains(n))).map(str::to_owned).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("running")
