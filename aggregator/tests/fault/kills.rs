@@ -108,7 +108,7 @@ async fn fault_clickhouse_outage() {
     c.report("clickhouse_outage");
     report(&format!("fault: clickhouse_outage rss_before={before} rss_peak={peak}"));
     // How the writer's retries went, for a failure to be read from CI.
-    for line in agg.log_lines(&["insert", "retried batch"]) {
+    for line in agg.log_lines(&["write failed", "samples insert", "retried batch"]) {
         report(&format!("fault: clickhouse_outage log: {line}"));
     }
     assert_eq!((c.lost(), c.duplicated()), (0, 0));

@@ -71,7 +71,7 @@ impl AggregatorProcess {
             .env_remove("APERTURE_INGEST_TOKEN")
             .env_remove("APERTURE_READ_TOKEN")
             .env_remove("APERTURE_CLICKHOUSE_ENDPOINT")
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
             .stderr(log);
         match &self.token {
             Some(token) => cmd.env("APERTURE_AUTH_TOKEN", token),
