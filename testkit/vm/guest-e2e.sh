@@ -44,7 +44,10 @@ fail=0
 wait_for "top?mode=cpu" leaf_burn 150 && echo "e2e: cpu: leaf_burn is in the top functions" || fail=1
 (echo g; sleep 900) | "$programs/syscall_count" 20000 >/dev/null &
 syscalls=$!
-(echo g; sleep 900) | "$programs/mutex_contend" >/dev/null &
+# Contends for tens of seconds (4 threads, 1 ms each per round): a new
+# process is walked by frame pointers until the agent has read its mappings,
+# which a slow guest can take longer than the default 100 rounds last.
+(echo g; sleep 900) | "$programs/mutex_contend" 5000 >/dev/null &
 mutex=$!
 wait_for "syscalls?pid=$syscalls" getppid 90 && echo "e2e: syscall: getppid is counted" || fail=1
 wait_for "locks?pid=$mutex" contend_worker 90 && echo "e2e: lock: the contending thread has waits" || fail=1

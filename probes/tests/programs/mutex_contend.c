@@ -1,7 +1,8 @@
 /* THREADS threads contend one pthread mutex, each holding it for HOLD_US
- * per round. Every thread measures the time it spends in
- * pthread_mutex_lock; the total (ns) is printed as "wait_ns <n>".
- * Waits for a byte on stdin before starting. */
+ * per round, for ROUNDS rounds or the number given as the first argument.
+ * Every thread measures the time it spends in pthread_mutex_lock; the total
+ * (ns) is printed as "wait_ns <n>". Waits for a byte on stdin before
+ * starting. */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +15,7 @@
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned long long total_wait_ns;
+static int rounds = ROUNDS;
 
 static unsigned long long now_ns(void)
 {
@@ -36,7 +38,7 @@ __attribute__((noinline)) void *contend_worker(void *arg)
 {
 	(void)arg;
 	unsigned long long mine = 0;
-	for (int i = 0; i < ROUNDS; i++) {
+	for (int i = 0; i < rounds; i++) {
 		mine += lock_site();
 		struct timespec hold = { 0, HOLD_US * 1000 };
 		nanosleep(&hold, NULL);
@@ -46,10 +48,12 @@ __attribute__((noinline)) void *contend_worker(void *arg)
 	return NULL;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	pthread_t t[THREADS];
 	char go;
+	if (argc > 1 && (rounds = atoi(argv[1])) <= 0)
+		return 2;
 	if (read(0, &go, 1) != 1)
 		return 1;
 	for (int i = 0; i < THREADS; i++)
