@@ -114,6 +114,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let mut s = scenarios::build(&file, quick, &root)?;
             let reps = reps.unwrap_or(if quick { 1 } else { file.repetitions }).max(1);
+            if cfg!(debug_assertions) {
+                eprintln!("this is a debug build: its timings say nothing of Aperture's speed (build with --release)");
+            }
             eprintln!("load average before: {}", sys::load_average());
             let report = harness::run_scenario(&file, s.as_mut(), reps, &root)?;
             eprintln!("load average after: {}", sys::load_average());
