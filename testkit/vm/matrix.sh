@@ -16,19 +16,23 @@ export CARGO_TERM_COLOR=never
 
 target=$(cargo metadata --format-version 1 --no-deps --locked | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 echo "== building the probes' kernel tests and the aperture binary"
-mapfile -t tests < <(cargo test --locked -p aperture-probes --tests --no-run --message-format=json 2>/dev/null |
+# Built with the whole workspace's features, as `cargo test --workspace` builds
+# them: selecting one package would resolve its dependencies' features anew
+# and build a second copy of most of them.
+mapfile -t tests < <(cargo test --locked --workspace --tests --no-run --message-format=json 2>/dev/null |
 	python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+    if (m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]
+            and m["manifest_path"].endswith("/probes/Cargo.toml")):
         print(m["executable"])')
 expected=$(ls probes/tests/*.rs | wc -l)
 if [ ${#tests[@]} -ne "$expected" ]; then
 	echo "matrix: cargo listed ${#tests[@]} probes test binaries, probes/tests has $expected" >&2
 	exit 1
 fi
-cargo build --locked --bin aperture
+cargo build --locked --workspace --bin aperture
 aperture=$target/debug/aperture
 programs=$target/tmp/programs
 
@@ -37,7 +41,7 @@ programs=$target/tmp/programs
 # CI has just run every test: APERTURE_MATRIX_REUSE_PROGRAMS=1 skips this.
 if [ "${APERTURE_MATRIX_REUSE_PROGRAMS:-}" = 1 ] && [ -d "$programs" ]; then
 	echo "== reusing the C test programs built by the host's test run"
-elif ! cargo test --locked -p aperture-probes --tests -- --test-threads=1 >/dev/null 2>&1; then
+elif ! (cd probes && for t in "${tests[@]}"; do "$t" --test-threads=1 || exit 1; done) >/dev/null 2>&1; then
 	echo "matrix: the probes' tests failed on the host too; booting the guests anyway"
 fi
 [ -d "$programs" ] || { echo "matrix: no test programs under $programs" >&2; exit 1; }

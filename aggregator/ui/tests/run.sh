@@ -28,7 +28,7 @@ echo "== npm ci"
 (cd "$here" && npm ci --no-audit --no-fund --loglevel=error) || fail "npm ci failed"
 
 echo "== building the fixture aggregator"
-fixture="$(cd "$root" && cargo build --locked -p aperture-aggregator --example ui_fixture --message-format=json-render-diagnostics \
+fixture="$(cd "$root" && cargo build --locked --workspace --example ui_fixture --message-format=json-render-diagnostics \
   | sed -n 's/.*"executable":"\([^"]*ui_fixture\)".*/\1/p' | tail -n 1)" || fail "building the ui_fixture example failed"
 [ -x "$fixture" ] || fail "the ui_fixture example did not build"
 
