@@ -16,9 +16,10 @@ export CARGO_TERM_COLOR=never
 
 target=$(cargo metadata --format-version 1 --no-deps --locked | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 echo "== building the probes' kernel tests and the aperture binary"
-# Built with the whole workspace's features, as `cargo test --workspace` builds
-# them: selecting one package would resolve its dependencies' features anew
-# and build a second copy of most of them.
+# Built with the whole workspace's features, as CI's `cargo build --workspace
+# --all-targets` and `cargo test --workspace` build them: selecting one package
+# or one binary would resolve the dependencies' features anew (without the
+# dev-dependencies' ones) and build a second copy of many of them.
 mapfile -t tests < <(cargo test --locked --workspace --tests --no-run --message-format=json 2>/dev/null |
 	python3 -c '
 import json, sys
@@ -32,7 +33,7 @@ if [ ${#tests[@]} -ne "$expected" ]; then
 	echo "matrix: cargo listed ${#tests[@]} probes test binaries, probes/tests has $expected" >&2
 	exit 1
 fi
-cargo build --locked --workspace --bin aperture
+cargo build --locked --workspace --all-targets
 aperture=$target/debug/aperture
 programs=$target/tmp/programs
 
