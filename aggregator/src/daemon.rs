@@ -56,6 +56,7 @@ pub fn settings(config: &AggregatorConfig) -> anyhow::Result<Settings> {
         password: ch.password.expose().to_owned(),
         cluster: (!ch.cluster.is_empty()).then(|| ch.cluster.clone()),
         max_query_time: config.limits.http_request_timeout.0,
+        request_timeout: ch.request_timeout.0,
         ..ClickHouseSettings::new(ch.endpoint.clone())
     });
     Ok(s)

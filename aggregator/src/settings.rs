@@ -20,7 +20,7 @@ pub struct ClickHouseSettings {
     /// Cluster of the servers' `remote_servers` (`APERTURE_CLICKHOUSE_CLUSTER`);
     /// `None` (the default): one server. See `docs/storage.md`.
     pub cluster: Option<String>,
-    /// Timeout of one insert or query.
+    /// Timeout of one write request (`clickhouse.request_timeout`, default 30 s).
     pub request_timeout: Duration,
     /// ClickHouse stops an API query after this long (`max_execution_time`,
     /// whole seconds): the HTTP request timeout.

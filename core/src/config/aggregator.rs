@@ -2,6 +2,7 @@
 //! var are listed in `docs/configuration.md`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -204,6 +205,9 @@ pub struct ClickHouse {
     /// Empty: one server. Set: every table is created `ON CLUSTER` as a
     /// replicated local table with a `Distributed` table in front.
     pub cluster: String,
+    /// Time one request to ClickHouse may take (30s): a write past it is
+    /// retried, and a samples insert past it has its own answer awaited first.
+    pub request_timeout: HumanDuration,
 }
 
 impl Default for ClickHouse {
@@ -214,6 +218,7 @@ impl Default for ClickHouse {
             user: "default".into(),
             password: Secret::default(),
             cluster: String::new(),
+            request_timeout: HumanDuration::secs(30),
         }
     }
 }
@@ -440,6 +445,16 @@ impl Layered for AggregatorConfig {
                 format!("invalid database name `{}`: use letters, digits and underscores", ch.database),
             ));
         }
+        let timeout = ch.request_timeout.0;
+        if timeout < Duration::from_secs(1) || timeout > Duration::from_secs(600) {
+            return Err((
+                "clickhouse.request_timeout".into(),
+                format!(
+                    "{} is out of range: use 1s to 10m, e.g. 30s (longer than the server takes to commit a large insert under load)",
+                    ch.request_timeout
+                ),
+            ));
+        }
         if !ch.cluster.is_empty() {
             let mut chars = ch.cluster.chars();
             let identifier = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
@@ -534,6 +549,24 @@ mod tests {
         }
         let e = load_env(&[("APERTURE_AUTH_TOKEN", "t"), ("APERTURE_CLICKHOUSE_CLUSTER", "fleet")]).unwrap_err();
         assert!(e.contains("`clickhouse.cluster`") && e.contains("clickhouse.endpoint"), "{e}");
+    }
+
+    #[test]
+    fn a_clickhouse_request_timeout_is_read_from_the_file_and_kept_in_range() {
+        let file = |timeout: &str| {
+            let yaml =
+                format!("auth:\n  token: t\nclickhouse:\n  endpoint: http://ch:8123\n  request_timeout: {timeout}\n");
+            load::<AggregatorConfig>(Some(("aggregator.yaml", &yaml)), &|_| None, &[]).map_err(|e| e.to_string())
+        };
+        assert_eq!(file("2m").expect("valid").clickhouse.request_timeout.0, Duration::from_secs(120));
+        assert_eq!(
+            load_env(&[("APERTURE_AUTH_TOKEN", "t")]).expect("valid").clickhouse.request_timeout.0,
+            Duration::from_secs(30)
+        );
+        for bad in ["0s", "500ms", "11m"] {
+            let e = file(bad).unwrap_err();
+            assert!(e.contains("`clickhouse.request_timeout`") && e.contains("1s to 10m"), "{bad}: {e}");
+        }
     }
 
     #[test]
