@@ -469,7 +469,15 @@ fn stacks_through_the_vdso_keep_their_callers() -> anyhow::Result<()> {
     let bin = build_c("unwind_chain_vdso", "unwind_chain", OMIT, &[]);
     let mut prog = Program::spawn(&bin, &["1", "vdso"]);
     let pid = prog.pid();
-    let mut probes = Probes::load(&config(Mode::Cpu, pid, UnwindMode::Tables))?;
+    // The image goes to one place in the cache directory, and what earlier
+    // agents left there, a directory per run, is removed.
+    let cache = tempfile::tempdir()?;
+    let left_by_an_earlier_run = cache.path().join("vdso-4242");
+    std::fs::create_dir(&left_by_an_earlier_run)?;
+    std::fs::write(left_by_an_earlier_run.join("vdso.so"), b"an old image")?;
+    let mut probe_config = config(Mode::Cpu, pid, UnwindMode::Tables);
+    probe_config.unwind.cache_dir = Some(cache.path().to_owned());
+    let mut probes = Probes::load(&probe_config)?;
     probes.unwind_process(pid)?;
     let (sink, rx) = channel_sink();
     let reader = probes.start_reader(&reader_config(), sink)?;
@@ -510,6 +518,8 @@ fn stacks_through_the_vdso_keep_their_callers() -> anyhow::Result<()> {
     // a few percent of the samples fall, unnamed.
     assert!(named * 100 >= in_vdso * 80, "{named}/{in_vdso} vDSO leaves named __vdso_clock_gettime");
     assert!(with_callers * 100 >= in_vdso * 95, "{with_callers}/{in_vdso} keep vdso_site <- main");
+    assert!(cache.path().join("vdso/vdso.so").is_file(), "no vDSO image under the cache directory's vdso/");
+    assert!(!left_by_an_earlier_run.exists(), "an earlier run's vdso-<pid> directory is still there");
     Ok(())
 }
 

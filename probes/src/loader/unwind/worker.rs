@@ -117,6 +117,25 @@ pub(super) struct Worker {
     cache_dir: Option<PathBuf>,
     /// The vDSO image file, once looked for.
     vdso: Option<Option<PathBuf>>,
+    /// Without a cache directory, the temporary one holding the vDSO image,
+    /// removed with the worker.
+    vdso_temp: Option<tempfile::TempDir>,
+}
+
+/// Removes the `vdso-<pid>` directories that earlier agents left in the
+/// cache directory, one per run.
+fn remove_per_process_vdso_dirs(cache_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let per_process = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("vdso-"))
+            .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if per_process && let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            tracing::debug!(path = %entry.path().display(), error = %e, "could not remove an old vDSO image");
+        }
+    }
 }
 
 /// A new handle on the map `data` (a duplicated fd).
@@ -178,6 +197,7 @@ impl Worker {
             stats: UnwindStats::default(),
             cache_dir: settings.cache_dir.clone(),
             vdso: None,
+            vdso_temp: None,
         })
     }
 
@@ -380,14 +400,16 @@ impl Worker {
         Some((t.slot, t.rows, bias))
     }
 
-    /// This kernel's vDSO image as a file (written once, under the cache
-    /// directory or the temporary one); `None` when it cannot be read.
+    /// This kernel's vDSO image as a file (written once per worker); `None`
+    /// when it cannot be read. Under the cache directory every run of the
+    /// agent rewrites the same file (atomically: one kernel, one image), so
+    /// restarts leave nothing behind; without one it goes to a temporary
+    /// directory of the worker's own.
     fn vdso_image(&mut self) -> Option<PathBuf> {
         if self.vdso.is_none() {
-            let dir =
-                self.cache_dir.clone().unwrap_or_else(std::env::temp_dir).join(format!("vdso-{}", std::process::id()));
+            let dumped = self.vdso_dir().and_then(|dir| aperture_symbolize::vdso::dump_own(&dir));
             self.vdso = Some(
-                aperture_symbolize::vdso::dump_own(&dir)
+                dumped
                     .map_err(|e| {
                         tracing::debug!(error = %e, "no vDSO image; its frames are walked by frame pointers");
                     })
@@ -395,6 +417,17 @@ impl Worker {
             );
         }
         self.vdso.clone().flatten()
+    }
+
+    fn vdso_dir(&mut self) -> io::Result<PathBuf> {
+        if let Some(dir) = &self.cache_dir {
+            remove_per_process_vdso_dirs(dir);
+            return Ok(dir.join("vdso"));
+        }
+        let temp = tempfile::Builder::new().prefix("aperture-vdso-").tempdir()?;
+        let dir = temp.path().to_owned();
+        self.vdso_temp = Some(temp);
+        Ok(dir)
     }
 
     /// Creates the inner map of a table and stores it in every object.
