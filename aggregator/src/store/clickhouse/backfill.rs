@@ -40,6 +40,7 @@ use clickhouse::Client;
 
 use super::cluster::Cluster;
 use super::rebuild::{COLUMNS, OLD_PREFIX, OldTable, Target};
+use super::system::read_system_tables;
 use crate::clock::unix_now_s;
 
 /// An old table its copier has not renamed for this long is taken over.
@@ -102,12 +103,8 @@ pub(crate) async fn copy_claimable(db: &Client, t: &Target<'_>) -> Result<usize,
 
 /// The old tables of the database.
 async fn old_tables(db: &Client, t: &Target<'_>) -> Result<Vec<OldTable>, clickhouse::error::Error> {
-    let names = db
-        .query("SELECT name FROM system.tables WHERE database = ? AND startsWith(name, ?) ORDER BY name")
-        .bind(t.database)
-        .bind(OLD_PREFIX)
-        .fetch_all::<String>()
-        .await?;
+    let sql = "SELECT name FROM system.tables WHERE database = ? AND startsWith(name, ?) ORDER BY name";
+    let names = read_system_tables(db, sql, t.database, OLD_PREFIX).await?;
     let suffix = t.storage("");
     Ok(names.iter().filter_map(|n| n.strip_suffix(suffix.as_str())).filter_map(OldTable::parse).collect())
 }
@@ -145,7 +142,7 @@ async fn copy_table(db: &Client, t: &Target<'_>, mut old: OldTable) -> Result<()
         // Staging tables of copiers that stopped.
         let sql = "SELECT name FROM system.tables WHERE database = ? AND startsWith(name, ?)";
         let prefix = format!("samples_copy_{:08x}_", old.id);
-        for name in db.query(sql).bind(t.database).bind(&prefix).fetch_all::<String>().await? {
+        for name in read_system_tables(db, sql, t.database, &prefix).await? {
             db.query(&t.drop(&name)).execute().await?;
         }
     }

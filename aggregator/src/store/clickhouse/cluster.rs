@@ -34,6 +34,7 @@
 
 use clickhouse::Client;
 
+use super::system::engine_of;
 use crate::store::OpenError;
 
 /// Suffix of the replicated tables behind the `Distributed` ones.
@@ -201,14 +202,8 @@ impl Cluster<'_> {
             cols.sort();
             Ok::<_, clickhouse::error::Error>(cols)
         };
-        let engine = db
-            .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
-            .bind(self.database)
-            .bind(table)
-            .fetch_all::<String>()
-            .await
-            .map_err(failed)?;
-        if let Some(engine) = engine.first().filter(|e| *e != "Distributed") {
+        let engine = engine_of(db, self.database, table).await.map_err(failed)?;
+        if let Some(engine) = engine.filter(|e| e != "Distributed") {
             // A database made for one server: its tables would be written
             // as they are, on one shard, without a word.
             return Err(OpenError::Migration {

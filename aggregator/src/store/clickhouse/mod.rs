@@ -24,6 +24,7 @@ mod rebuild;
 mod request_builder;
 pub(crate) mod schema;
 mod service;
+mod system;
 
 use std::time::Duration;
 

@@ -34,6 +34,7 @@
 use clickhouse::Client;
 
 use super::cluster::{Cluster, LOCAL_SUFFIX, SAMPLES_SHARDING};
+use super::system::engine_of;
 
 /// The migration statement that stands for this rebuild.
 pub(crate) const REBUILD_SAMPLES: &str = "REBUILD TABLE samples";
@@ -161,17 +162,6 @@ impl Target<'_> {
             None => Ok(sql),
         }
     }
-}
-
-/// The engine of `table` in `database`, `None` if there is no such table.
-async fn engine_of(db: &Client, database: &str, table: &str) -> Result<Option<String>, clickhouse::error::Error> {
-    let engines = db
-        .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
-        .bind(database)
-        .bind(table)
-        .fetch_all::<String>()
-        .await?;
-    Ok(engines.into_iter().next())
 }
 
 fn is_summing(engine: Option<&str>) -> bool {
