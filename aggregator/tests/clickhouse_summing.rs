@@ -5,7 +5,8 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use aperture_aggregator::ClickHouseSettings;
 use aperture_aggregator::store::clickhouse::ClickHouseStore;
@@ -251,4 +252,49 @@ async fn a_copy_stopped_after_a_day_was_attached_does_not_store_it_twice() {
     wait_until("the old table copied", || left() == 0);
     let sum = number(&server, "SELECT sum(count) FROM resumed.samples WHERE node = 'stopped'");
     assert_eq!(sum, 400, "each of the 200 rows once: the attached day was not copied again");
+}
+
+/// Aggregators look for old tables while another renames and drops tables
+/// of the same database, as a copy does with old tables. ClickHouse 18.16
+/// now and then fails a read of `system.tables` meanwhile (`UNKNOWN_TABLE`);
+/// opening the store must still succeed every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_opens_while_another_aggregator_renames_and_drops_tables() {
+    const TEST: &str = "the_store_opens_while_another_aggregator_renames_and_drops_tables";
+    let Some(server) = server(TEST).await else { return };
+    let server = Arc::new(server);
+    drop(open(&server, "churning").await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let changes = Arc::new(AtomicU64::new(0));
+    let churn = {
+        let (server, stop, changes) = (server.clone(), stop.clone(), changes.clone());
+        std::thread::spawn(move || -> std::io::Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                let n = changes.load(Ordering::Relaxed);
+                server.query(&format!(
+                    "CREATE TABLE churning.churn_{n} (d Date, x UInt8) ENGINE = MergeTree(d, x, 8192)"
+                ))?;
+                server.query(&format!("RENAME TABLE churning.churn_{n} TO churning.churned_{n}"))?;
+                server.query(&format!("DROP TABLE churning.churned_{n}"))?;
+                changes.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    let mut settings = ClickHouseSettings::new(server.endpoint());
+    settings.database = "churning".into();
+    let (mut opened, mut failed) = (0, Vec::new());
+    while opened < 600 || changes.load(Ordering::Relaxed) < 400 {
+        match ClickHouseStore::open(&settings).await {
+            Ok(_) => opened += 1,
+            Err(e) => {
+                failed.push(e.to_string());
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.join().expect("the churning thread").expect("tables created, renamed and dropped");
+    println!("{opened} opens during {} table changes", changes.load(Ordering::Relaxed));
+    assert!(failed.is_empty(), "opening the store failed after {opened} opens: {failed:?}");
 }
