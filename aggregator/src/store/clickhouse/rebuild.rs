@@ -34,7 +34,7 @@
 use clickhouse::Client;
 
 use super::cluster::{Cluster, LOCAL_SUFFIX, SAMPLES_SHARDING};
-use super::system::engine_of;
+use super::system::{again_if_moved, engine_of};
 
 /// The migration statement that stands for this rebuild.
 pub(crate) const REBUILD_SAMPLES: &str = "REBUILD TABLE samples";
@@ -231,5 +231,7 @@ async fn mark_last_batches(db: &Client, t: &Target<'_>, old: &str) -> Result<(),
         old = t.qualified(old),
         ledger = t.qualified("frame_ledger"),
     );
-    db.query(&sql).execute().await
+    // Another aggregator starting at once may hold the new table renamed
+    // for a moment (see `rebuild_samples`).
+    again_if_moved(|| db.query(&sql).execute()).await
 }
