@@ -107,7 +107,10 @@ impl AggregatorProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("aperture aggregator exited ({status}); see {}", self.dir.display());
+                let log = std::fs::read_to_string(self.dir.join(format!("aggregator-{}.log", self.starts)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("aperture aggregator exited ({status}); the end of its log:\n{}", tail.join("\n"));
             }
             // `get` panics on a refused connection: look first.
             if std::net::TcpStream::connect_timeout(&self.http, Duration::from_secs(1)).is_ok()
