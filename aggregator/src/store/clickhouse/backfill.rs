@@ -39,7 +39,7 @@ use std::time::Duration;
 use clickhouse::Client;
 
 use super::cluster::Cluster;
-use super::rebuild::{COLUMNS, OLD_PREFIX, OldTable, Target};
+use super::rebuild::{COLUMNS, OldTable, Target, old_tables};
 use super::system::read_system_tables;
 use crate::clock::unix_now_s;
 
@@ -99,14 +99,6 @@ pub(crate) async fn copy_claimable(db: &Client, t: &Target<'_>) -> Result<usize,
         copy_table(db, t, mine).await?;
     }
     Ok(old_tables(db, t).await?.len())
-}
-
-/// The old tables of the database.
-async fn old_tables(db: &Client, t: &Target<'_>) -> Result<Vec<OldTable>, clickhouse::error::Error> {
-    let sql = "SELECT name FROM system.tables WHERE database = ? AND startsWith(name, ?) ORDER BY name";
-    let names = read_system_tables(db, sql, t.database, OLD_PREFIX).await?;
-    let suffix = t.storage("");
-    Ok(names.iter().filter_map(|n| n.strip_suffix(suffix.as_str())).filter_map(OldTable::parse).collect())
 }
 
 /// Copies the claimed old table `old` day by day, the newest first (what

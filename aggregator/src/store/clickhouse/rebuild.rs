@@ -34,7 +34,8 @@
 use clickhouse::Client;
 
 use super::cluster::{Cluster, LOCAL_SUFFIX, SAMPLES_SHARDING};
-use super::system::{again_if_moved, engine_of};
+use super::service::server_code;
+use super::system::{again_if_moved, engine_of, read_system_tables};
 
 /// The migration statement that stands for this rebuild.
 pub(crate) const REBUILD_SAMPLES: &str = "REBUILD TABLE samples";
@@ -206,7 +207,7 @@ pub(crate) async fn rebuild_samples(
             .map_err(|e| clickhouse::error::Error::Custom(e.to_string()))?;
     }
     if let Some(old) = renamed {
-        mark_last_batches(db, &t, &old.name()).await?;
+        mark_last_batches(db, &t, old).await?;
     }
     Ok(())
 }
@@ -216,22 +217,46 @@ pub(crate) async fn rebuild_samples(
 /// table `old`: the ledger's look-ups ask for them as soon as the
 /// aggregator starts, long before the backfill copies their days. The rows
 /// themselves follow with the copy.
-async fn mark_last_batches(db: &Client, t: &Target<'_>, old: &str) -> Result<(), clickhouse::error::Error> {
+async fn mark_last_batches(db: &Client, t: &Target<'_>, old: OldTable) -> Result<(), clickhouse::error::Error> {
     if engine_of(db, t.database, "frame_ledger").await?.is_none() {
         return Ok(()); // A new database on a cluster: no ledger read yet.
     }
-    t.create_reader(db, old).await?;
-    let sql = format!(
-        "INSERT INTO {samples} (window_start, kind, stack_hash, count, batch_id)
-         SELECT window_start, 'batch', batch_id, 1, batch_id FROM {old}
-         WHERE batch_id != 0 AND batch_id GLOBAL IN
-             (SELECT argMax(batch_id, version) FROM {ledger} GROUP BY agent_id, boot_id)
-         GROUP BY window_start, batch_id",
-        samples = t.qualified("samples"),
-        old = t.qualified(old),
-        ledger = t.qualified("frame_ledger"),
-    );
-    // Another aggregator starting at once may hold the new table renamed
-    // for a moment (see `rebuild_samples`).
-    again_if_moved(|| db.query(&sql).execute()).await
+    let mut name = old.name();
+    for _ in 0..5 {
+        t.create_reader(db, &name).await?;
+        let sql = format!(
+            "INSERT INTO {samples} (window_start, kind, stack_hash, count, batch_id)
+             SELECT window_start, 'batch', batch_id, 1, batch_id FROM {old}
+             WHERE batch_id != 0 AND batch_id GLOBAL IN
+                 (SELECT argMax(batch_id, version) FROM {ledger} GROUP BY agent_id, boot_id)
+             GROUP BY window_start, batch_id",
+            samples = t.qualified("samples"),
+            old = t.qualified(&name),
+            ledger = t.qualified("frame_ledger"),
+        );
+        // Another aggregator starting at once may hold the new table
+        // renamed for a moment (see `rebuild_samples`).
+        match again_if_moved(|| db.query(&sql).execute()).await {
+            Err(clickhouse::error::Error::BadResponse(text)) if server_code(&text) == Some(60) => {
+                // Or its copy claimed the old table, renaming it: read it
+                // under its new name. Gone altogether, it was copied, and
+                // its rows carry their batch ids in `samples`.
+                t.drop_reader(db, &name).await?;
+                match old_tables(db, t).await?.into_iter().find(|o| o.id == old.id) {
+                    Some(now) => name = now.name(),
+                    None => return Ok(()),
+                }
+            }
+            done => return done,
+        }
+    }
+    Err(clickhouse::error::Error::Custom(format!("the old samples table {name} kept being renamed")))
+}
+
+/// The old tables of the database.
+pub(crate) async fn old_tables(db: &Client, t: &Target<'_>) -> Result<Vec<OldTable>, clickhouse::error::Error> {
+    let sql = "SELECT name FROM system.tables WHERE database = ? AND startsWith(name, ?) ORDER BY name";
+    let names = read_system_tables(db, sql, t.database, OLD_PREFIX).await?;
+    let suffix = t.storage("");
+    Ok(names.iter().filter_map(|n| n.strip_suffix(suffix.as_str())).filter_map(OldTable::parse).collect())
 }
