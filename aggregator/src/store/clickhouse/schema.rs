@@ -16,6 +16,7 @@ use clickhouse::Client;
 
 use super::cluster::{Cluster, SHARDING, Step, sharding_key};
 use super::rebuild::{REBUILD_SAMPLES, rebuild_samples};
+use super::system::again_if_moved;
 use crate::store::OpenError;
 
 const STORE: &str = "clickhouse";
@@ -145,10 +146,12 @@ pub(crate) async fn migrate(
             continue;
         }
         for sql in statements {
+            // An aggregator starting at the same moment may be a migration
+            // ahead, with `samples` renamed for an instant (migration 5).
             let done = match sql.strip_prefix("ADD COLUMN ") {
-                Some(column) => add_column(db, column).await,
+                Some(column) => again_if_moved(|| add_column(db, column)).await,
                 None if *sql == REBUILD_SAMPLES => rebuild_samples(db, database, None).await,
-                None => db.query(sql).execute().await,
+                None => again_if_moved(|| db.query(sql).execute()).await,
             };
             done.map_err(|e| failed(version, name, e))?;
         }
@@ -206,10 +209,10 @@ async fn migrate_cluster(admin: &Client, db: &Client, cluster: &Cluster<'_>) -> 
 
 async fn run_step(db: &Client, cluster: &Cluster<'_>, step: Step) -> Result<(), clickhouse::error::Error> {
     match step {
-        Step::Execute(sql) => db.query(&sql).execute().await,
+        Step::Execute(sql) => again_if_moved(|| db.query(&sql).execute()).await,
         Step::AddColumn { table, column } => {
             let (name, _) = column.split_once(' ').unwrap_or((&column, ""));
-            if_column_missing(db, &table, name, cluster.add_column(&table, &column)).await
+            again_if_moved(|| if_column_missing(db, &table, name, cluster.add_column(&table, &column))).await
         }
         Step::RebuildSamples => rebuild_samples(db, cluster.database, Some(cluster)).await,
     }
