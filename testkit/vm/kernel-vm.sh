@@ -146,12 +146,16 @@ chmod +x "$root/init" "$root/job"
 # once (panic=-1 reboots, -no-reboot stops qemu) instead of at the timeout,
 # after every CPU's backtrace (softlockup_all_cpu_backtrace=1) and every
 # task's state (panic_print=1), so the log shows what it was stuck on.
+# watchdog_thresh=60: "stuck" means 120 s. An emulated guest on a busy host
+# can spend 20 s and more servicing its own timer interrupts (both CPUs
+# seen in hrtimer_interrupt on the way back to user space) and recover; a
+# lockup that lasts still stops the guest long before the timeout.
 log=$(mktemp)
 set +e
 timeout "${APERTURE_VM_TIMEOUT:-1500}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
 	-smp "${APERTURE_VM_CPUS:-2}" -m "${APERTURE_VM_MEM:-3072}" -nographic -no-reboot \
 	-kernel "$vmlinuz" -initrd "$root.cpio.gz" \
-	-append "console=ttyS0 panic=-1 loglevel=5 softlockup_panic=1 softlockup_all_cpu_backtrace=1 panic_print=1 rdinit=/init" </dev/null |
+	-append "console=ttyS0 panic=-1 loglevel=5 softlockup_panic=1 watchdog_thresh=60 softlockup_all_cpu_backtrace=1 panic_print=1 rdinit=/init" </dev/null |
 	sed -u 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\r//g' | tee "$log"
 qemu=${PIPESTATUS[0]}
 set -e
